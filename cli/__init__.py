@@ -1,0 +1,1 @@
+"""The ``gradprobe`` command line (installed as ``gradprobe.cli``)."""

@@ -1,0 +1,154 @@
+"""``gradprobe``: run, analyze, rules (typer).
+
+Exit codes: 0 no finding at or above ``--fail-on``; 1 there are; 2 bad input or usage, with
+one line on stderr and no traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from gradprobe._version import __version__
+
+app = typer.Typer(
+    name="gradprobe",
+    help="Diagnostic gradient-health profiler for PyTorch training: records what the gradients did and names the cause when a run goes wrong.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class ReportFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+    html = "html"
+
+
+class RulesFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+class FailOn(str, enum.Enum):
+    error = "error"
+    warning = "warning"
+    never = "never"
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    """Prints one line on stderr and exits (no traceback)."""
+    sys.stderr.write(f"gradprobe: {message}\n")
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradprobe {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """gradprobe: why did my training run go wrong, and what should I change?"""
+
+
+def write_output(text: str, output: Optional[str], *, stream: object = None) -> None:
+    if output:
+        try:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror or exc}")
+    else:
+        (stream or sys.stdout).write(text)  # type: ignore[attr-defined]
+        (stream or sys.stdout).flush()  # type: ignore[attr-defined]
+
+
+def render_report(report: object, fmt: str, *, color: bool = False) -> str:
+    from gradprobe.render import render
+
+    if fmt == "text":
+        return render(report, "text", color=color)  # type: ignore[arg-type]
+    return render(report, fmt)  # type: ignore[arg-type]
+
+
+@app.command()
+def analyze(
+    path: str = typer.Argument(..., help="A gradprobe run directory, a TensorBoard log directory or event file, a Hugging Face trainer_state.json, or a Lightning metrics.csv."),
+    format: ReportFormat = typer.Option(ReportFormat.text, "--format", "-f", help="Report format."),
+    fail_on: FailOn = typer.Option(FailOn.error, "--fail-on", help="Exit 1 if a finding is at or above this severity."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the report to FILE instead of stdout."),
+) -> None:
+    """Analyze a saved run and explain what went wrong."""
+    from gradprobe.engine import analyze as run_analysis
+    from gradprobe.runlog import LogError
+
+    try:
+        report = run_analysis(path)
+    except LogError as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else "not a readable log")
+    except RecursionError:
+        fail(f"{path}: log too deeply nested to read")
+    except MemoryError:
+        fail(f"{path}: log too large to read in memory")
+    except Exception as exc:  # noqa: BLE001 - bad input must never show a traceback
+        fail(f"{path}: cannot analyze ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+    color = output is None and format == ReportFormat.text and sys.stdout.isatty()
+    try:
+        text = render_report(report, format.value, color=color)
+    except Exception as exc:  # noqa: BLE001
+        fail(f"cannot render the report ({type(exc).__name__}: {exc})")
+    write_output(text, output)
+    raise typer.Exit(1 if report.fails(fail_on.value) else 0)
+
+
+@app.command()
+def rules(
+    rule: Optional[str] = typer.Argument(None, help="A rule code (GP201) or slug (overclipping); omit for the catalog."),
+    format: RulesFormat = typer.Option(RulesFormat.text, "--format", "-f", help="Output format."),
+) -> None:
+    """The rule catalog, or one rule's full explanation."""
+    from gradprobe.rules.catalog import catalog_json, catalog_markdown, catalog_text, rule_json, rule_markdown, rule_text
+    from gradprobe.rules.base import get_rule
+
+    if rule is None:
+        if format == RulesFormat.json:
+            typer.echo(json.dumps(catalog_json(), indent=2))
+        elif format == RulesFormat.markdown:
+            typer.echo(catalog_markdown())
+        else:
+            typer.echo(catalog_text())
+        return
+    cls = get_rule(rule)
+    if cls is None:
+        fail(f"unknown rule {rule!r} (see `gradprobe rules`)")
+    if format == RulesFormat.json:
+        typer.echo(json.dumps(rule_json(cls), indent=2))
+    elif format == RulesFormat.markdown:
+        typer.echo(rule_markdown(cls))
+    else:
+        typer.echo(rule_text(cls))
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("gradprobe: interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

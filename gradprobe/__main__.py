@@ -1,0 +1,3 @@
+from gradprobe.cli.app import main
+
+main()

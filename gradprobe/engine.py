@@ -1,0 +1,146 @@
+"""The rule engine: RunLog -> Report.
+
+Every registered rule whose required signals the log has runs on a shared
+:class:`~gradprobe.analysis.RunContext`; the others are listed as skipped with the signals
+they lacked. A rule that crashes is skipped with the error (a bug in one rule never hides
+the others, and ``analyze`` never shows a traceback). Symptoms are linked to their causes
+(``caused_by``) and root causes are listed first; hyperparameter recommendations are merged
+into ``suggested_hyperparameters`` with one value per name, the root cause's winning.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from gradprobe.analysis import RunContext
+from gradprobe.report import SEVERITY_RANK, Finding, Report, SkippedRule
+from gradprobe.rules.base import registry
+from gradprobe.runlog import RunLog
+
+
+def analyze(source: Any) -> Report:
+    """Analyzes a path (any supported log) or a :class:`RunLog`."""
+    if isinstance(source, RunLog):
+        return analyze_runlog(source)
+    from gradprobe.readers import load
+
+    return analyze_runlog(load(os.fspath(source)))
+
+
+def analyze_runlog(log: RunLog) -> Report:
+    ctx = RunContext(log)
+    findings: list[Finding] = []
+    skipped: list[SkippedRule] = []
+    for cls in registry():
+        missing = [s for s in cls.requires if s not in ctx.signals]
+        if missing:
+            skipped.append(SkippedRule(cls.slug, cls.code, "needs " + ", ".join(missing) + " (not in this log)"))
+            continue
+        try:
+            out = cls().check(ctx)
+        except Exception as exc:  # noqa: BLE001 - one broken rule never hides the others
+            skipped.append(SkippedRule(cls.slug, cls.code, f"rule error: {type(exc).__name__}: {exc}"[:300]))
+            continue
+        findings.extend(out or [])
+    _link_causes(findings)
+    findings = _order(findings)
+    suggested = _merge_hyperparameters(findings)
+    source = dict(log.source)
+    source.setdefault("path", "<memory>")
+    source.setdefault("kind", "gradprobe")
+    source["steps"] = int(len(log.steps))
+    return Report(
+        source=source,
+        summary=summarize(ctx),
+        findings=findings,
+        suggested_hyperparameters=suggested,
+        skipped_rules=skipped,
+        runlog=log,
+    )
+
+
+def _link_causes(findings: list[Finding]) -> None:
+    present = {f.rule: f for f in findings}
+    by_slug = {cls.slug: cls for cls in registry()}
+    for f in findings:
+        cls = by_slug.get(f.rule)
+        if cls is None:
+            continue
+        for cause in cls.causes:
+            c = present.get(cause)
+            if c is None or c is f or cause in f.caused_by:
+                continue
+            # a cause must not start after its symptom
+            if c.first_step is not None and f.first_step is not None and c.first_step > f.first_step:
+                continue
+            f.caused_by.append(cause)
+    # no cycles: a finding cannot be both cause and symptom of the same other finding
+    for f in findings:
+        for cause in list(f.caused_by):
+            c = present.get(cause)
+            if c is not None and f.rule in c.caused_by:
+                # keep the link from the earlier (or more severe) one
+                later = f if (f.first_step or 0) >= (c.first_step or 0) else c
+                earlier = c if later is f else f
+                if earlier.rule in later.caused_by and later.rule in earlier.caused_by:
+                    earlier.caused_by.remove(later.rule)
+
+
+def _order(findings: list[Finding]) -> list[Finding]:
+    """Root causes first; then by severity, first step, code."""
+    by_rule = {f.rule: f for f in findings}
+
+    def depth(f: Finding, seen: frozenset[str] = frozenset()) -> int:
+        if not f.caused_by or f.rule in seen:
+            return 0
+        return 1 + max((depth(by_rule[c], seen | {f.rule}) for c in f.caused_by if c in by_rule), default=-1)
+
+    def key(f: Finding) -> tuple[Any, ...]:
+        fs = f.first_step if f.first_step is not None else 1 << 62
+        return (depth(f), SEVERITY_RANK[f.severity], fs, f.code)
+
+    return sorted(findings, key=key)
+
+
+def _merge_hyperparameters(findings: list[Finding]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for f in findings:
+        if f.severity == "info":
+            continue
+        for rec in f.recommendations:
+            if rec.kind != "hyperparameter" or rec.name is None or rec.suggested is None:
+                continue
+            if rec.name not in merged:
+                merged[rec.name] = rec.suggested
+                source[rec.name] = f.rule
+            elif merged[rec.name] != rec.suggested:
+                rec.reason += f" (superseded by {source[rec.name]}: {rec.name}={merged[rec.name]})"
+    return merged
+
+
+def summarize(ctx: RunContext) -> dict[str, Any]:
+    amp = ctx.amp_dtype
+    sc = ctx.scaler
+    out: dict[str, Any] = {
+        "optimizer": ctx.optimizer_class,
+        "lr": ctx.lr0,
+        "max_norm": ctx.max_norm,
+        "amp": amp,
+        "recurrent": [
+            {"module": r.get("module"), "hidden_size": r.get("hidden_size"), "lookback": r.get("lookback")}
+            for r in ctx.recurrent
+        ],
+    }
+    if sc is not None:
+        out["scaler"] = {k: sc.get(k) for k in ("init_scale", "growth_factor", "backoff_factor", "growth_interval")}
+    if ctx.n:
+        loss = ctx.loss
+        fin = loss[np.isfinite(loss)]
+        out["final_loss"] = float(fin[-1]) if fin.size else None
+    if ctx.log.meta.get("world_size", 1) and int(ctx.log.meta.get("world_size", 1) or 1) > 1:
+        out["world_size"] = int(ctx.log.meta["world_size"])
+    return out

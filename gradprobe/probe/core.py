@@ -1,0 +1,1350 @@
+"""The recorder: ``gradprobe.watch(...)`` returns a :class:`Probe`.
+
+The probe watches models, optimizers and GradScalers through PyTorch's public hooks
+(per-module or global forward hooks, per-optimizer or global step hooks) and the few
+patches of :mod:`gradprobe.probe.patches`, and records one row per step (SPEC §4).
+
+A *step* is one ``scaler.update()`` when a GradScaler is in use, else one
+``optimizer.step()`` of every watched optimizer; see :mod:`gradprobe.probe.step` for how
+several optimizers, LBFGS closures, gradient accumulation and abandoned iterations (a
+``continue`` after looking at the gradients) are delimited.
+
+Nothing here reads a device value: measurements are device tensors buffered by
+:mod:`gradprobe.probe.buffer` and copied to the host in batches off the training thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from gradprobe._guard import Guard, guarded
+from gradprobe._version import __version__
+from gradprobe.config import ProbeConfig
+from gradprobe.probe import patches
+from gradprobe.probe.buffer import PendingBatch, StepRecord
+from gradprobe.probe.step import OpenStep, Segment
+from gradprobe.runlog import schema as S
+from gradprobe.runlog.writer import RunWriter
+
+_AGE_KEY = "gradprobe.reach"  # oldest step whose graph this node reaches
+_MADE_KEY = "gradprobe.made"  # step in which this node was made
+_SENTINEL_KEY = "gradprobe.sentinel"
+
+RECURRENT_TYPES: tuple[type, ...] = (nn.RNNBase, nn.RNNCellBase)
+SATURATING_TYPES: tuple[type, ...] = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
+RELU_TYPES: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish)
+
+
+class _Sentinel:
+    """Stored in a step's graph (``grad_fn.metadata``); alive exactly as long as that graph."""
+
+    __slots__ = ("step", "__weakref__")
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+
+@dataclass
+class ModuleInfo:
+    name: str
+    cls: str
+    root: str
+    recurrent: bool = False
+    is_loss: bool = False
+    saturating: bool = False
+    relu_like: bool = False
+    amp: tuple[bool, str] | None = None
+    out_dtype: str | None = None
+    aged: bool = False
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    param: torch.Tensor
+    module: str
+    optimizer: int | None = None
+
+
+@dataclass
+class OptInfo:
+    index: int
+    optimizer: torch.optim.Optimizer
+    scope: list[int] = field(default_factory=list)
+    config: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ScalerInfo:
+    index: int
+    scaler: Any
+    last_scale_obj: Any = None
+    warned_tamper: bool = False
+
+
+def _as_list(x: Any) -> list[Any]:
+    if x is None:
+        return []
+    if isinstance(x, (nn.Module, torch.optim.Optimizer)) or not isinstance(x, Iterable):
+        return [x]
+    if isinstance(x, dict):
+        return list(x.values())
+    return list(x)
+
+
+def _iter_tensors(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 3:
+        if isinstance(obj, (tuple, list)):
+            for o in obj:
+                yield from _iter_tensors(o, depth + 1)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                yield from _iter_tensors(o, depth + 1)
+
+
+def _json_hparam(v: Any) -> Any:
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and v.device.type == "cpu":
+            return float(v)
+        return f"tensor(device={v.device.type})"
+    if isinstance(v, (tuple, list)):
+        return [_json_hparam(x) for x in v]
+    return str(v)
+
+
+def _functorch_active() -> bool:
+    f = getattr(torch._C, "_are_functorch_transforms_active", None)
+    try:
+        return bool(f()) if f is not None else False
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class Probe:
+    """Records gradient health of a training run into a run directory.
+
+    Use :func:`gradprobe.watch` to create one. A probe is a context manager; ``close()``
+    removes every hook it installed and restores everything it patched.
+    """
+
+    def __init__(
+        self,
+        models: Any,
+        optimizers: Any = None,
+        *,
+        scalers: Any = None,
+        logdir: str | os.PathLike[str] | None = None,
+        config: ProbeConfig | None = None,
+        auto: bool = False,
+        run_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config or ProbeConfig()
+        self.guard = Guard()
+        self.guard.on_failure = self._on_part_failure
+        self.auto = auto
+        self.logdir = os.fspath(logdir) if logdir is not None else default_logdir()
+        self._pid = os.getpid()
+        self._closed = False
+        self._forked = False
+        self._handles: list[Any] = []
+        self._module_info: "weakref.WeakKeyDictionary[nn.Module, ModuleInfo]" = weakref.WeakKeyDictionary()
+        self._roots: list[tuple[str, nn.Module]] = []
+        self._optimizers: list[OptInfo] = []
+        self._scalers: list[ScalerInfo] = []
+        self._layers: list[LayerInfo] = []
+        self._param_index: dict[int, int] = {}
+        self._layout_version = 0
+        self._layout_built = -1
+        self._segment_id = -1
+        self._layer_epoch: list[int] = []
+        self._all_scope: list[int] = []
+        self._grad_epoch = 0
+        self._device = torch.device("cpu")
+        self._scaler_mode = False
+        self._active_scaler: Any = None
+        self._scaled_outputs: list[tuple[Any, Any]] = []
+        self._consumed = False
+        self._in_step: Any = None
+        self._in_step_epoch = 0
+        self._depth = 0
+        self._reach_stack: list[tuple[int, int]] = []
+        self._sentinels: collections.deque[tuple[int, Any]] = collections.deque()
+        self._records: list[StepRecord] = []
+        self._t_start = time.perf_counter()
+        self._last_close = self._t_start
+        self._last_flush = self._t_start
+        self._open = OpenStep(index=0, sampled=0 in self.config.schedule)
+        self._pending_scalars: list[tuple[str, Any]] = []
+        self._loss_functions: set[str] = set()
+        self._meta_dirty = False
+        self._memory_kind = "rss"
+        self._proc: Any = None
+        self._user_exception: BaseException | None = None
+        self._mem_limit_hit = False
+        self.deep: Any = None
+
+        rank = int(os.environ.get("RANK", "0") or 0)
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.rank, self.world_size = rank, world
+        self.meta: dict[str, Any] = {
+            "schema": S.RUN_SCHEMA,
+            "gradprobe_version": __version__,
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "pid": self._pid,
+            "argv": list(sys.argv),
+            "mode": "run" if auto else "watch",
+            "rank": rank,
+            "world_size": world,
+            "device": "cpu",
+            "memory_kind": "rss",
+            "config": {
+                "schedule_every": self.config.schedule.every,
+                "schedule_early_until": self.config.schedule.early_until,
+                "deep": self.config.deep,
+                "flush_seconds": self.config.flush_seconds,
+            },
+            "models": [],
+            "recurrent": [],
+            "optimizers": [],
+            "scalers": [],
+            "layer_segments": [],
+            "loss_functions": [],
+            "autocast": {},
+            "probe_failures": {},
+        }
+        if run_info:
+            self.meta.update(run_info)
+        self.writer = RunWriter(
+            self.logdir,
+            self.meta,
+            tensorboard=self.config.tensorboard,
+            tb_layers_every=self.config.tb_layers_every,
+            on_error=lambda exc: self.guard.fail("writer", exc),
+        )
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except Exception:  # noqa: BLE001
+            self._proc = None
+
+        opts = _as_list(optimizers)
+        # global optimizer hooks when optimizers are discovered (gradprobe run, optimizer=None)
+        self._global_opt_hooks = auto or not opts
+        models_list = _as_list(models)
+        self._prefix_all = len(models_list) > 1
+        for m in models_list:
+            self._add_root(m)
+        for o in opts:
+            self._add_optimizer(o)
+        for sc in _as_list(scalers):
+            self._add_scaler(sc)
+        if self.config.deep:
+            from gradprobe.probe.deep import DeepProbes
+
+            self.deep = DeepProbes(self)
+
+        patches.activate(self)
+        _LIVE.add(self)
+        if auto:
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+            self._handles.append(register_module_forward_pre_hook(self._on_forward_pre))
+            self._handles.append(register_module_forward_hook(self._on_forward_post, with_kwargs=True, always_call=True))
+        if self._global_opt_hooks:
+            from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+            self._handles.append(register_optimizer_step_pre_hook(self._on_opt_pre))
+            self._handles.append(register_optimizer_step_post_hook(self._on_opt_post))
+        self._write_meta()
+
+    # ------------------------------------------------------------------ registration ----
+    def _add_root(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gradprobe.watch: expected an nn.Module, got {type(model).__name__}")
+        base = getattr(model, "_orig_mod", model)  # torch.compile'd modules
+        cls = type(base).__name__
+        if self.auto and not any(True for _ in model.parameters()):
+            # parameterless module called on its own (a loss module): known, not a model
+            self._module_info[model] = ModuleInfo(
+                name=cls[:1].lower() + cls[1:], cls=cls, root="", is_loss=isinstance(model, nn.modules.loss._Loss)
+            )
+            return
+        if not self._roots and not self._prefix_all:
+            root_name = ""
+        else:
+            root_name = cls[:1].lower() + cls[1:]
+            taken = {n for n, _ in self._roots}
+            k = 1
+            while root_name in taken:
+                k += 1
+                root_name = f"{cls[:1].lower() + cls[1:]}{k}"
+        self._roots.append((root_name, model))
+        prefix = f"{root_name}." if root_name else ""
+        for name, mod in model.named_modules():
+            clean = name.replace("_orig_mod.", "").replace("_orig_mod", "")
+            full = (prefix + clean).rstrip(".") or (root_name or type(mod).__name__.lower())
+            info = ModuleInfo(
+                name=full,
+                cls=type(mod).__name__,
+                root=root_name,
+                recurrent=isinstance(mod, RECURRENT_TYPES),
+                is_loss=isinstance(mod, nn.modules.loss._Loss),
+                saturating=isinstance(mod, SATURATING_TYPES),
+                relu_like=isinstance(mod, RELU_TYPES),
+            )
+            self._module_info[mod] = info
+            if not self.auto:
+                self._handles.append(mod.register_forward_pre_hook(self._on_forward_pre))
+                self._handles.append(
+                    mod.register_forward_hook(self._on_forward_post, with_kwargs=True, always_call=True)
+                )
+        entry: dict[str, Any] = {
+            "name": root_name or cls,
+            "class": cls,
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "compiled": model is not base,
+        }
+        self.meta["models"].append(entry)
+        for name, mod in model.named_modules():
+            if isinstance(mod, RECURRENT_TYPES):
+                info = self._module_info.get(mod)
+                rec = {
+                    "module": info.name if info else name,
+                    "class": type(mod).__name__,
+                    "hidden_size": int(getattr(mod, "hidden_size", 0) or 0),
+                    "num_layers": int(getattr(mod, "num_layers", 1) or 1),
+                    "input_size": int(getattr(mod, "input_size", 0) or 0),
+                    "lookback": None,
+                }
+                self.meta["recurrent"].append(rec)
+        self._layout_version += 1
+        self._meta_dirty = True
+
+    def _add_optimizer(self, opt: torch.optim.Optimizer) -> OptInfo | None:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"gradprobe.watch: expected a torch.optim.Optimizer, got {type(opt).__name__}")
+        for info in self._optimizers:
+            if info.optimizer is opt:
+                return info
+        info = OptInfo(index=len(self._optimizers), optimizer=opt)
+        self._optimizers.append(info)
+        if not self._global_opt_hooks:
+            self._handles.append(opt.register_step_pre_hook(self._on_opt_pre))
+            self._handles.append(opt.register_step_post_hook(self._on_opt_post))
+        self.meta["optimizers"].append(self._opt_meta(info))
+        self._layout_version += 1
+        self._meta_dirty = True
+        return info
+
+    def _opt_meta(self, info: OptInfo) -> dict[str, Any]:
+        opt = info.optimizer
+        groups = []
+        for g in opt.param_groups:
+            groups.append({k: _json_hparam(v) for k, v in g.items() if k != "params"})
+        info.config = groups
+        return {
+            "index": info.index,
+            "class": type(opt).__name__,
+            "fused": bool(opt.param_groups[0].get("fused")) if opt.param_groups else False,
+            "param_groups": groups,
+        }
+
+    def _add_scaler(self, scaler: Any) -> ScalerInfo:
+        for info in self._scalers:
+            if info.scaler is scaler:
+                return info
+        info = ScalerInfo(index=len(self._scalers), scaler=scaler)
+        self._scalers.append(info)
+        self.meta["scalers"].append(
+            {
+                "index": info.index,
+                "class": type(scaler).__name__,
+                "device": str(getattr(scaler, "_device", "?")),
+                "enabled": bool(getattr(scaler, "_enabled", True)),
+                "init_scale": float(getattr(scaler, "_init_scale", float("nan")) or float("nan")),
+                "growth_factor": float(getattr(scaler, "_growth_factor", float("nan")) or float("nan")),
+                "backoff_factor": float(getattr(scaler, "_backoff_factor", float("nan")) or float("nan")),
+                "growth_interval": int(getattr(scaler, "_growth_interval", 0) or 0),
+            }
+        )
+        self._meta_dirty = True
+        return info
+
+    def _scaler_info(self, scaler: Any, adopt: bool = False) -> ScalerInfo | None:
+        for info in self._scalers:
+            if info.scaler is scaler:
+                return info
+        if self.auto or (adopt and not self._scalers):
+            return self._add_scaler(scaler)
+        return None
+
+    def _opt_info(self, opt: Any) -> OptInfo | None:
+        for info in self._optimizers:
+            if info.optimizer is opt:
+                return info
+        if self.auto:
+            return self._add_optimizer(opt)
+        # optimizer=None: adopt optimizers that update the watched models' parameters
+        if self._global_opt_hooks and self._roots:
+            own = {id(p) for _, m in self._roots for p in m.parameters()}
+            if any(id(p) in own for g in opt.param_groups for p in g["params"]):
+                return self._add_optimizer(opt)
+        return None
+
+    # ----------------------------------------------------------------------- layout -----
+    def _ensure_layout(self) -> None:
+        if self._layout_built == self._layout_version:
+            return
+        layers: list[LayerInfo] = []
+        index: dict[int, int] = {}
+        for root_name, model in self._roots:
+            prefix = f"{root_name}." if root_name else ""
+            for name, p in model.named_parameters():
+                if id(p) in index or not p.requires_grad:
+                    continue
+                clean = name.replace("_orig_mod.", "")
+                index[id(p)] = len(layers)
+                layers.append(LayerInfo(name=prefix + clean, param=p, module=(prefix + clean).rsplit(".", 1)[0]))
+        for info in self._optimizers:
+            k = 0
+            for g in info.optimizer.param_groups:
+                for p in g["params"]:
+                    if not isinstance(p, torch.Tensor) or not p.requires_grad:
+                        continue
+                    if id(p) not in index:
+                        index[id(p)] = len(layers)
+                        layers.append(LayerInfo(name=f"optimizer{info.index}.param{k}", param=p, module=f"optimizer{info.index}"))
+                    k += 1
+        for info in self._optimizers:
+            info.scope = []
+            seen: set[int] = set()
+            for g in info.optimizer.param_groups:
+                for p in g["params"]:
+                    i = index.get(id(p)) if isinstance(p, torch.Tensor) else None
+                    if i is not None and i not in seen:
+                        seen.add(i)
+                        info.scope.append(i)
+                        if layers[i].optimizer is None:
+                            layers[i].optimizer = info.index
+        names_old = [layer.name for layer in self._layers]
+        names_new = [layer.name for layer in layers]
+        same = names_old == names_new and all(a.param is b.param for a, b in zip(self._layers, layers))
+        self._layout_built = self._layout_version
+        if same and self._segment_id >= 0:
+            return
+        self._flush(force=True)
+        self._layers = layers
+        self._param_index = index
+        self._layer_epoch = [-1] * len(layers)
+        self._all_scope = list(range(len(layers)))
+        if layers:
+            self._device = layers[0].param.device
+            self.meta["device"] = str(self._device)
+            if self._device.type == "cuda":
+                self._memory_kind = "cuda_allocated"
+                self.meta["memory_kind"] = self._memory_kind
+        self._segment_id += 1
+        self.meta["layer_segments"].append(
+            {
+                "id": self._segment_id,
+                "first_step": self._open.index,
+                "layers": [
+                    {
+                        "name": layer.name,
+                        "shape": list(layer.param.shape),
+                        "numel": int(layer.param.numel()),
+                        "dtype": str(layer.param.dtype).replace("torch.", ""),
+                        "module": layer.module,
+                        "optimizer": layer.optimizer,
+                    }
+                    for layer in layers
+                ],
+            }
+        )
+        self._meta_dirty = True
+
+    # ------------------------------------------------------------------ measurements ----
+    def _norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor 2-norms (float32) in one ``_foreach_norm`` pass per device."""
+        with torch.no_grad():
+            dense = [t for t in tensors if not t.is_sparse]
+            if len(dense) == len(tensors):
+                devs = {t.device for t in tensors}
+                if len(devs) == 1:
+                    try:
+                        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+                    except (TypeError, RuntimeError):
+                        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+                    out = torch.stack(norms)
+                    return out if out.device == self._device else out.to(self._device, non_blocking=True)
+            norms = []
+            for t in tensors:
+                v = t.coalesce().values() if t.is_sparse else t
+                norms.append(torch.linalg.vector_norm(v, dtype=torch.float32).to(self._device, non_blocking=True))
+            return torch.stack(norms)
+
+    def _measure(self, scope: list[int], scale: torch.Tensor | None = None) -> None:
+        """Per-layer gradient norms for ``scope`` unless measured since the last backward."""
+        self._ensure_layout()
+        epoch = self._grad_epoch
+        todo: list[int] = []
+        grads: list[torch.Tensor] = []
+        le = self._layer_epoch
+        for i in scope:
+            if le[i] == epoch:
+                continue
+            le[i] = epoch
+            g = self._layers[i].param.grad
+            if g is not None:
+                todo.append(i)
+                grads.append(g)
+        if not grads:
+            return
+        norms = self._norms(grads)
+        if scale is not None:
+            norms = norms / scale.to(norms.device)
+        self._open.current.grad_pieces.append((todo, norms))
+
+    def _scale_for(self, opt: Any) -> torch.Tensor | None:
+        """The scale the current gradients are still multiplied by, or None."""
+        sc = self._active_scaler
+        if sc is None or not getattr(sc, "_enabled", False) or getattr(sc, "_scale", None) is None:
+            return None
+        if opt is not None:
+            state = sc._per_optimizer_states.get(id(opt)) if hasattr(sc._per_optimizer_states, "get") else None
+            if state is not None:
+                stage = getattr(state.get("stage"), "name", "")
+                if stage in ("UNSCALED", "STEPPED"):
+                    return None
+        return sc._scale
+
+    def _scope(self, info: OptInfo) -> list[int]:
+        self._ensure_layout()
+        return info.scope
+
+    def _scope_of_params(self, params: list[torch.Tensor]) -> list[int]:
+        self._ensure_layout()
+        idx = self._param_index
+        out = []
+        for p in params:
+            i = idx.get(id(p))
+            if i is not None:
+                out.append(i)
+        return out
+
+    # ----------------------------------------------------------------- hook handlers ----
+    def _live(self) -> bool:
+        return not self._closed and not self._forked
+
+    @guarded("backward")
+    def _on_backward_start(self, tensors: Any, retain_graph: bool) -> None:
+        if not self._live():
+            return
+        self._maybe_abandon()
+        roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors) if isinstance(tensors, (list, tuple)) else []
+        seg = self._open.current
+        scaled = self._scaled_outputs
+        for r in roots:
+            if not isinstance(r, torch.Tensor):
+                continue
+            value = None
+            for ref, orig in scaled:
+                if ref() is r and isinstance(orig, torch.Tensor):
+                    value = orig
+                    break
+            if value is None:
+                value = r
+            v = value.detach()
+            if v.numel() != 1:
+                with torch.no_grad():
+                    v = v.float().sum()
+            (seg.inner_roots if self._in_step is not None else seg.roots).append(v)
+            fn = r.grad_fn
+            if fn is not None:
+                s = _Sentinel(self._open.index)
+                fn.metadata[_SENTINEL_KEY] = s
+                self._sentinels.append((self._open.index, weakref.ref(s)))
+        self._scaled_outputs = []
+        seg.n_backward += 1
+        seg.retain_graph |= retain_graph
+
+    def _maybe_abandon(self) -> None:
+        """Gradients were examined (clip / unscale_ / scaler.step) and the next iteration
+        starts without an optimizer step or update: the iteration was abandoned (a
+        ``continue`` on an inf norm). Close it before recording the next one."""
+        if self._consumed and self._in_step is None:
+            self._close_step(abandoned=True)
+
+    @guarded("backward")
+    def _on_backward_end(self, dt: float) -> None:
+        if not self._live():
+            return
+        self._open.current.backward_time += dt
+        self._grad_epoch += 1
+        if self._backward_is_step():
+            # no optimizer at all (manual ``p.data`` updates): each backward is one step
+            self._measure(self._all_scope_now())
+            self._close_step()
+
+    def _all_scope_now(self) -> list[int]:
+        self._ensure_layout()
+        return self._all_scope
+
+    def _backward_is_step(self) -> bool:
+        return not self._optimizers and not self._scaler_mode and self._in_step is None
+
+    @guarded("backward")
+    def _on_backward_error(self, exc: BaseException) -> None:
+        if not self._live():
+            return
+        self._record_exception(exc, where="backward")
+
+    def _record_exception(self, exc: BaseException, where: str) -> None:
+        msg = str(exc)
+        seg = self._open.current if self._open.current.state_age >= self._open.sealed.state_age else self._open.sealed
+        self.writer.put_event(
+            {
+                "kind": "exception",
+                "where": where,
+                "step": self._open.index,
+                "type": type(exc).__name__,
+                "message": msg[:2000],
+                "state_age": seg.state_age,
+                "state_age_module": seg.state_age_module,
+                "retain_graph": self._open.current.retain_graph or self._open.sealed.retain_graph,
+                "wall_time": time.time(),
+            }
+        )
+        self._flush(force=True)
+
+    @guarded("clip")
+    def _on_clip(self, params: list[torch.Tensor], max_norm: Any, total_norm: Any, after: bool = False) -> None:
+        if not self._live():
+            return
+        scope = self._scope_of_params(params)
+        if not scope:
+            return
+        opt_index = self._layers[scope[0]].optimizer
+        opt = self._optimizers[opt_index].optimizer if opt_index is not None else None
+        scale = self._scale_for(opt)
+        seg = self._open.current
+        if not after:
+            self._measure(scope, scale)
+        if scale is not None:
+            seg.clip_on_scaled = True
+        with torch.no_grad():
+            if isinstance(total_norm, torch.Tensor):
+                tn = total_norm.detach().to(self._device).float()
+                coef = torch.clamp(max_norm / (tn + 1e-6), max=1.0)
+                seg.clip_total_norm = tn
+                seg.clip_pieces.append((scope, coef))
+        if isinstance(max_norm, torch.Tensor):
+            seg.clip_max_norm_tensor = max_norm.detach()
+            seg.clip_max_norm = None
+        else:
+            seg.clip_max_norm = float(max_norm)
+            seg.clip_max_norm_tensor = None
+        seg.clip_calls += 1
+        self._consumed = True
+
+    @guarded("scaler")
+    def _on_scaler_created(self, scaler: Any) -> None:
+        if self._live() and self.auto:
+            self._add_scaler(scaler)
+
+    @guarded("optimizer")
+    def _on_optimizer_created(self, opt: Any) -> None:
+        if self._live() and self.auto:
+            self._add_optimizer(opt)
+
+    @guarded("scaler")
+    def _on_scale(self, scaler: Any, outputs: Any, result: Any) -> None:
+        if not self._live() or not getattr(scaler, "_enabled", False):
+            return
+        info = self._scaler_info(scaler, adopt=True)
+        if info is None:
+            return
+        self._maybe_abandon()
+        self._scaler_mode = True
+        self._active_scaler = scaler
+        seg = self._open.current
+        cur = scaler._scale
+        if info.last_scale_obj is not None and cur is not info.last_scale_obj:
+            seg.scale_tampered = True
+            self._tamper_event(info, "the GradScaler's _scale was replaced outside update()")
+        info.last_scale_obj = cur
+        if seg.scale_before is None and isinstance(cur, torch.Tensor):
+            seg.scale_before = cur.detach().clone()
+        seg.scaled_by = scaler
+        if isinstance(result, torch.Tensor):
+            self._scaled_outputs.append((weakref.ref(result), outputs))
+
+    def _tamper_event(self, info: ScalerInfo, what: str) -> None:
+        if not info.warned_tamper:
+            info.warned_tamper = True
+            self.writer.put_event({"kind": "scaler_misuse", "what": "scale_set_by_hand", "detail": what, "step": self._open.index})
+
+    @guarded("scaler")
+    def _on_unscale(self, scaler: Any, opt: Any) -> None:
+        if not self._live() or self._scaler_info(scaler, adopt=True) is None:
+            return
+        info = self._opt_info(opt)
+        if info is not None:
+            self._measure(self._scope(info), None)
+        self._consumed = True
+
+    @guarded("scaler")
+    def _on_scaler_step(self, scaler: Any, opt: Any) -> None:
+        if not self._live() or self._scaler_info(scaler, adopt=True) is None:
+            return
+        self._consumed = True
+
+    @guarded("scaler")
+    def _on_update_start(self, scaler: Any, new_scale: Any) -> None:
+        if not self._live() or not getattr(scaler, "_enabled", False):
+            return
+        info = self._scaler_info(scaler, adopt=True)
+        if info is None:
+            return
+        found = [
+            t
+            for st in scaler._per_optimizer_states.values()
+            for t in st.get("found_inf_per_device", {}).values()
+            if isinstance(t, torch.Tensor)
+        ]
+        if found:
+            with torch.no_grad():
+                total = found[0].detach().to(self._device).float()
+                for t in found[1:]:
+                    total = total + t.detach().to(self._device).float()
+                self._open.found_inf = total
+        if info.last_scale_obj is not None and scaler._scale is not info.last_scale_obj:
+            self._open.current.scale_tampered = True
+            self._tamper_event(info, "the GradScaler's _scale was replaced between scale() and update()")
+        if new_scale is not None:
+            self.writer.put_event({"kind": "scaler_misuse", "what": "update_new_scale", "detail": "update(new_scale=...) set the scale by hand", "step": self._open.index})
+
+    @guarded("scaler")
+    def _on_update_end(self, scaler: Any) -> None:
+        if not self._live() or not getattr(scaler, "_enabled", False):
+            return
+        info = self._scaler_info(scaler)
+        if info is None:
+            return
+        if isinstance(scaler._scale, torch.Tensor):
+            self._open.scale_after = scaler._scale.detach().clone()
+        info.last_scale_obj = scaler._scale
+        self._open.scaler_updated = True
+        self._active_scaler = None
+        self._consumed = False
+        self._close_step()
+
+    @guarded("optimizer")
+    def _on_opt_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if not self._live():
+            return
+        info = self._opt_info(opt)
+        if info is None:
+            return
+        if self._open.has_stepped(opt):
+            self._close_step(split=True)
+        self._in_step = opt
+        self._in_step_epoch = self._grad_epoch
+        self._measure(self._scope(info), self._scale_for(opt))
+        if self.deep is not None and self._open.sampled:
+            self.deep.on_pre_step(info)
+
+    @guarded("optimizer")
+    def _on_opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if not self._live():
+            return
+        info = self._opt_info(opt)
+        if info is None:
+            return
+        self._in_step = None
+        if self._grad_epoch != self._in_step_epoch:  # closure backward inside step (LBFGS)
+            self._measure(self._scope(info), None)
+        scope = self._scope(info)
+        params = [self._layers[i].param for i in scope]
+        if params:
+            self._open.weight_pieces.append((list(scope), self._norms([p.detach() for p in params])))
+        self._open.optimizer_steps += 1
+        self._open.stepped.append(opt)
+        self._open.seal()
+        self._consumed = False
+        if self.deep is not None and self._open.sampled:
+            self.deep.on_post_step(info)
+        if not self._scaler_mode and all(self._open.has_stepped(o.optimizer) for o in self._optimizers):
+            self._close_step()
+        self._check_memory_limit()
+
+    def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
+        if self._closed or self._forked:
+            return None
+        if patches._is_compiling():
+            return None
+        self.guard.call("forward", self._forward_pre, module, args)
+        return None
+
+    def _forward_pre(self, module: nn.Module, args: Any) -> None:
+        if self._consumed:
+            self._maybe_abandon()
+        info = self._module_info.get(module)
+        if self.auto:
+            depth = self._depth
+            self._depth += 1
+            if info is None and depth == 0 and not _functorch_active():
+                self._add_root(module)
+                info = self._module_info.get(module)
+        if info is not None and self.deep is not None and self._open.sampled and torch.is_grad_enabled():
+            self.deep.on_forward_pre(module, info, args)
+
+    def _on_forward_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self._closed or self._forked:
+            return None
+        if patches._is_compiling():
+            return None
+        self.guard.call("forward", self._forward_post, module, args, kwargs, output)
+        return None
+
+    def _forward_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self.auto:
+            self._depth = max(0, self._depth - 1)
+        info = self._module_info.get(module)
+        if info is None or _functorch_active():
+            return
+        if torch.is_grad_enabled():
+            self._track_age(module, info, args, kwargs, output)
+        self._track_autocast(info, args, output)
+        if self.deep is not None and self._open.sampled and torch.is_grad_enabled():
+            self.deep.on_forward(module, info, args, kwargs, output)
+
+    def _reach(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """(made, reach) of ``t``'s graph: the step that made it and the oldest step its
+        graph reaches; None if unknown (made outside watched modules and more than
+        ``age_walk_nodes`` nodes away from a stamped one, or from leaves only)."""
+        fn = t.grad_fn
+        if fn is None:
+            return None
+        meta = fn.metadata
+        r = meta.get(_AGE_KEY)
+        if r is not None:
+            return meta.get(_MADE_KEY, r), r
+        reach: int | None = None
+        made: int | None = None
+        frontier = [fn]
+        budget = self.config.age_walk_nodes
+        while frontier and budget > 0:
+            node = frontier.pop()
+            budget -= 1
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    continue
+                m = nxt.metadata
+                r = m.get(_AGE_KEY)
+                if r is not None:
+                    reach = r if reach is None else min(reach, r)
+                    mk = m.get(_MADE_KEY, r)
+                    made = mk if made is None else max(made, mk)
+                else:
+                    frontier.append(nxt)
+        if reach is None or made is None:
+            return None
+        meta[_AGE_KEY] = reach
+        meta[_MADE_KEY] = made
+        return made, reach
+
+    def _track_age(self, module: nn.Module, info: ModuleInfo, args: Any, kwargs: Any, output: Any) -> None:
+        step = self._open.index
+        reach = step
+        carried_reach = step  # oldest reach among inputs made in an earlier step
+        oldest_pos = -1
+        for pos, t in enumerate(_iter_tensors((args, kwargs))):
+            if t.grad_fn is None:
+                continue
+            mr = self._reach(t)
+            if mr is None:
+                continue
+            made, r = mr
+            reach = min(reach, r)
+            if made < step and r < carried_reach:
+                carried_reach = r
+                oldest_pos = pos
+        for t in _iter_tensors(output):
+            fn = t.grad_fn
+            if fn is not None:
+                meta = fn.metadata
+                old = meta.get(_AGE_KEY)
+                meta[_AGE_KEY] = reach if old is None else min(old, reach)
+                if _MADE_KEY not in meta:
+                    meta[_MADE_KEY] = step
+        age = step - carried_reach
+        if age > 0:
+            seg = self._open.current
+            if age > seg.state_age:
+                seg.state_age = age
+                seg.state_age_module = info.name
+            if not info.aged:
+                info.aged = True
+                self.writer.put_event(
+                    {
+                        "kind": "state_age",
+                        "module": info.name,
+                        "class": info.cls,
+                        "step": step,
+                        "age": age,
+                        "input_position": oldest_pos,
+                        "detail": "a tensor entering this module's forward is still attached to the graph of an earlier step",
+                    }
+                )
+
+    def _track_autocast(self, info: ModuleInfo, args: Any, output: Any) -> None:
+        dev = None
+        for t in _iter_tensors(args):
+            dev = t.device.type
+            break
+        if dev is None:
+            return
+        try:
+            enabled = torch.is_autocast_enabled(dev)
+            dtype = str(torch.get_autocast_dtype(dev)).replace("torch.", "") if enabled else "none"
+        except Exception:  # noqa: BLE001 - device types without autocast
+            return
+        out_dtype = None
+        for t in _iter_tensors(output):
+            if t.is_floating_point():
+                out_dtype = str(t.dtype).replace("torch.", "")
+                break
+        state = (enabled, dtype)
+        if state != info.amp or out_dtype != info.out_dtype:
+            first = info.amp is None
+            info.amp = state
+            info.out_dtype = out_dtype
+            if enabled or not first:
+                entry = {"enabled": enabled, "dtype": dtype, "output_dtype": out_dtype, "class": info.cls, "device": dev}
+                self.meta["autocast"][info.name] = entry
+                self._meta_dirty = True
+                self.writer.put_event({"kind": "autocast", "module": info.name, "step": self._open.index, **entry})
+
+    @guarded("loss")
+    def _on_loss_fn(self, name: str, args: Any, kwargs: Any, out: Any) -> None:
+        if not self._live() or not isinstance(out, torch.Tensor):
+            return
+        if self._consumed:
+            self._maybe_abandon()
+        v = out.detach()
+        if v.numel() != 1:
+            with torch.no_grad():
+                v = v.float().mean()
+        if name not in self._loss_functions:
+            self._loss_functions.add(name)
+            self.meta["loss_functions"] = sorted(self._loss_functions)
+            self._meta_dirty = True
+        if torch.is_grad_enabled() and out.requires_grad:
+            self._open.current.loss_fn.append(v)
+            if self.deep is not None and self._open.sampled:
+                self.deep.on_loss_fn(name, args, kwargs, out)
+        else:
+            self._open.current.eval_loss.append(v)
+
+    # --------------------------------------------------------------- step closing -------
+    @guarded("close")
+    def _close_step(self, abandoned: bool = False, split: bool = False) -> None:
+        st = self._open
+        carry: Segment | None = None
+        if split:
+            carry = st.current
+            st.current = Segment()
+        st.seal()
+        seg = st.sealed
+        if not st.active() and not abandoned:
+            if carry is not None:
+                st.current = carry
+            return
+        now = time.perf_counter()
+        step = st.index
+        # graphs of steps at least two steps old that are still alive (retained)
+        alive = 0
+        sent = self._sentinels
+        keep: collections.deque[tuple[int, Any]] = collections.deque()
+        for s, ref in sent:
+            if ref() is None:
+                continue
+            keep.append((s, ref))
+            if s <= step - 2:
+                alive += 1
+        while len(keep) > 512:
+            keep.popleft()
+        self._sentinels = keep
+        lr = float("nan")
+        if self._optimizers and self._optimizers[0].optimizer.param_groups:
+            v = self._optimizers[0].optimizer.param_groups[0].get("lr", float("nan"))
+            if isinstance(v, torch.Tensor):
+                v = float(v) if v.device.type == "cpu" and v.numel() == 1 else float("nan")
+            lr = float(v)
+        rec = StepRecord(
+            host={
+                "step": step,
+                "wall_time": time.time(),
+                "step_time": now - self._last_close,
+                "backward_time": seg.backward_time,
+                "n_backward": seg.n_backward,
+                "clip_calls": seg.clip_calls,
+                "clip_on_scaled": seg.clip_on_scaled,
+                "clip_max_norm": seg.clip_max_norm if seg.clip_max_norm is not None else float("nan"),
+                "lr": lr,
+                "optimizer_steps": st.optimizer_steps,
+                "scaler_updated": st.scaler_updated,
+                "scale_tampered": seg.scale_tampered,
+                "abandoned": abandoned,
+                "state_age": seg.state_age,
+                "state_age_module": seg.state_age_module,
+                "graphs_alive": alive,
+                "retain_graph": seg.retain_graph,
+                "memory": self._memory(),
+                "sampled": st.sampled,
+            }
+        )
+        roots = seg.roots or seg.inner_roots[:1]
+        for r in roots:
+            rec.add("loss", r)
+        for v in seg.loss_fn:
+            rec.add("loss_fn", v)
+        for v in seg.eval_loss:
+            rec.add("eval_loss", v)
+        for idx, norms in seg.grad_pieces:
+            rec.add("grad", norms, idx)
+        for idx, coef in seg.clip_pieces:
+            rec.add("clip_coef", coef, idx)
+        if seg.clip_total_norm is not None:
+            rec.add("clip_total", seg.clip_total_norm)
+        if seg.clip_max_norm_tensor is not None:
+            rec.add("clip_max", seg.clip_max_norm_tensor)
+        for idx, norms in st.weight_pieces:
+            rec.add("weight", norms, idx)
+        if seg.scale_before is not None:
+            rec.add("scale_before", seg.scale_before)
+        if st.scale_after is not None:
+            rec.add("scale_after", st.scale_after)
+        if st.found_inf is not None:
+            rec.add("found_inf", st.found_inf)
+        for probe, target, stat, index, value in st.samples:
+            if isinstance(value, torch.Tensor):
+                rec.add("sample", value, (probe, target, stat, index))
+            else:
+                rec.host_samples.append((probe, target, stat, index, float(value)))
+        for name, value in self._pending_scalars:
+            if isinstance(value, torch.Tensor):
+                rec.add("scalar", value, name)
+            else:
+                rec.host_scalars.append((name, float(value)))
+        self._pending_scalars = []
+        if self.deep is not None and st.sampled:
+            self.deep.on_close(st, rec)
+        self._records.append(rec)
+        self._last_close = now
+        self._consumed = False
+        nxt = step + 1
+        self._open = OpenStep(index=nxt, sampled=nxt in self.config.schedule)
+        if carry is not None:
+            self._open.current = carry
+        if now - self._last_flush >= self.config.flush_seconds or len(self._records) >= self.config.flush_steps:
+            self._flush()
+
+    def _memory(self) -> int:
+        if self._memory_kind == "cuda_allocated":
+            try:
+                return int(torch.cuda.memory_allocated(self._device))
+            except Exception:  # noqa: BLE001
+                return 0
+        if self._proc is not None:
+            try:
+                return int(self._proc.memory_info().rss)
+            except Exception:  # noqa: BLE001
+                return 0
+        return 0
+
+    def _check_memory_limit(self) -> None:
+        limit = self.config.memory_limit
+        if limit is None or self._mem_limit_hit:
+            return
+        used = self._memory()
+        if used > limit:
+            self._mem_limit_hit = True
+            self.writer.put_event({"kind": "memory_limit", "step": self._open.index, "memory": used, "limit": limit})
+            self._flush(force=True)
+            raise MemoryError(
+                f"gradprobe: process memory {used / 2**20:.0f} MiB exceeded --memory-limit "
+                f"{limit / 2**20:.0f} MiB at step {self._open.index} (stopped before the kernel's OOM killer)"
+            )
+
+    def _flush(self, force: bool = False) -> None:
+        if not self._records:
+            if self._meta_dirty:
+                self._write_meta()
+            return
+        if self._meta_dirty:
+            self._write_meta()
+        if "writer" in self.guard.disabled:
+            self._records = []
+            return
+        batch = PendingBatch(self._records, len(self._layers), max(self._segment_id, 0), self._device)
+        self._records = []
+        self._last_flush = time.perf_counter()
+        self.writer.put_batch(batch)
+
+    def _write_meta(self) -> None:
+        self._meta_dirty = False
+        self.meta["probe_failures"] = dict(self.guard.disabled)
+        self.writer.put_meta({k: v for k, v in self.meta.items() if not k.startswith("_")})
+
+    def _on_part_failure(self, part: str, exc: BaseException) -> None:
+        self.meta["probe_failures"] = dict(self.guard.disabled)
+        self._meta_dirty = True
+        if part != "writer":
+            self.writer.put_event({"kind": "probe_failure", "part": part, "error": f"{type(exc).__name__}: {exc}"[:500]})
+
+    # ------------------------------------------------------------------- public API -----
+    def log(self, step: int | None = None, **scalars: Any) -> None:
+        """Records extra scalars (e.g. ``val_loss``) against the current step.
+
+        Tensors are kept on their device and copied back with the next batch. Values
+        logged between steps (after the last step of an epoch) belong to the last closed
+        step.
+        """
+        if not self._live():
+            return
+        self.guard.call("log", self._log, step, scalars)
+
+    def _log(self, step: int | None, scalars: dict[str, Any]) -> None:
+        target = step
+        if target is None:
+            st = self._open
+            target = st.index if st.active() or st.index == 0 else st.index - 1
+        for name, value in scalars.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().reshape(-1)[:1].float()
+            else:
+                value = float(value)
+            if target == self._open.index:
+                self._pending_scalars.append((str(name), value))
+            else:
+                self._late_scalar(target, str(name), value)
+
+    def _late_scalar(self, step: int, name: str, value: Any) -> None:
+        # A value for an already-closed step: attach it to that step's record if still
+        # buffered, else write it directly.
+        for rec in reversed(self._records):
+            if rec.host.get("step") == step:
+                if isinstance(value, torch.Tensor):
+                    rec.add("scalar", value, name)
+                else:
+                    rec.host_scalars.append((name, float(value)))
+                return
+        if isinstance(value, torch.Tensor):
+            value = float(value.cpu())  # rare path: the step already went to disk
+        self.writer.put_scalars([(step, name, float(value))])
+
+    @property
+    def step(self) -> int:
+        """Index of the step being recorded (= number of steps closed so far)."""
+        return self._open.index
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Hands over everything recorded so far and waits until it is on disk."""
+        if self._closed or self._forked:
+            return
+        self._flush(force=True)
+        self.writer.sync(timeout)
+
+    def close(self) -> None:
+        """Closes the open step, writes everything, removes every hook and patch."""
+        if self._closed:
+            return
+        if self._forked:
+            self._closed = True
+            return
+        try:
+            if self._open.active():
+                self.guard.call("close", self._close_step)
+            self.guard.call("close", self._flush, True)
+            if self.deep is not None:
+                self.guard.call("deep", self.deep.close)
+        finally:
+            self._closed = True
+            for h in self._handles:
+                try:
+                    h.remove()
+                except Exception:  # noqa: BLE001
+                    pass
+            self._handles = []
+            patches.deactivate(self)
+            _LIVE.discard(self)
+            self.meta["closed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            self.meta["steps"] = self._open.index
+            self.meta["probe_failures"] = dict(self.guard.disabled)
+            try:
+                self.writer.put_meta({k: v for k, v in self.meta.items() if not k.startswith("_")})
+                self.writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._roots = []
+            self._optimizers = []
+            self._scalers = []
+            self._layers = []
+            self._param_index = {}
+            self._module_info = weakref.WeakKeyDictionary()
+            self._scaled_outputs = []
+            self._sentinels.clear()
+            self._active_scaler = None
+            self._in_step = None
+            self.deep = None
+
+    def runlog(self) -> Any:
+        """The run recorded so far as a :class:`gradprobe.RunLog`."""
+        from gradprobe.runlog import RunLog
+
+        self.flush()
+        return RunLog.load(self.logdir)
+
+    def report(self) -> Any:
+        """Analyzes the run recorded so far: a :class:`gradprobe.Report`."""
+        from gradprobe.engine import analyze_runlog
+
+        report = analyze_runlog(self.runlog())
+        if not self._closed and not self._forked:
+            try:
+                self.writer.put_text(report_tb_tag(), report.to_markdown(), self._open.index)
+                self.writer.sync()
+            except Exception:  # noqa: BLE001
+                pass
+        else:
+            write_findings_to_tensorboard(self.logdir, report)
+        return report
+
+    def __enter__(self) -> "Probe":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None and not self._closed and not self._forked:
+            self.guard.call("close", self._record_exception, exc, "training loop")
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self._open.index}"
+        return f"<gradprobe.Probe {self.logdir!r} {state}>"
+
+
+def report_tb_tag() -> str:
+    from gradprobe.runlog.tensorboard import FINDINGS_TAG
+
+    return FINDINGS_TAG
+
+
+def write_findings_to_tensorboard(logdir: str, report: Any) -> None:
+    """Adds the report's findings as TensorBoard text to a closed run directory."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        w = SummaryWriter(log_dir=logdir, filename_suffix=".findings")
+        w.add_text(report_tb_tag(), report.to_markdown(), global_step=int(report.source.get("steps", 0) or 0))
+        w.close()
+    except Exception:  # noqa: BLE001 - the report is still returned
+        pass
+
+
+def default_logdir() -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(os.getcwd(), "gradprobe_runs")
+    path = os.path.join(base, f"{stamp}-{os.getpid()}")
+    k = 1
+    while os.path.exists(path):
+        k += 1
+        path = os.path.join(base, f"{stamp}-{os.getpid()}-{k}")
+    return path
+
+
+_LIVE: "weakref.WeakSet[Probe]" = weakref.WeakSet()
+
+
+def live_probes() -> list[Probe]:
+    return list(_LIVE)
+
+
+def _after_fork_in_child() -> None:
+    # Forked children (DataLoader workers) must not write logs or touch the parent's threads.
+    for p in list(_LIVE):
+        p._forked = True
+    patches._active.clear()
+
+
+def _close_at_exit() -> None:
+    for p in list(_LIVE):
+        if p._pid == os.getpid():
+            try:
+                p.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
+
+
+def watch(
+    model: Any,
+    optimizer: Any = None,
+    *,
+    scaler: Any = None,
+    logdir: str | os.PathLike[str] | None = None,
+    profile: str = "default",
+    sample_every: int | None = None,
+    config: ProbeConfig | None = None,
+    **options: Any,
+) -> Probe:
+    """Starts recording a training run.
+
+    Args:
+        model: an ``nn.Module`` or an iterable of them (GAN-style loops).
+        optimizer: an optimizer or an iterable of them; None adopts any optimizer that
+            steps the model's parameters.
+        scaler: a ``torch.amp.GradScaler`` (or several); None adopts the first enabled
+            scaler that scales a loss.
+        logdir: run directory; default a new folder under ``./gradprobe_runs/``.
+        profile: ``"default"``, ``"light"`` (no deep probes) or ``"full"`` (sample every step).
+        sample_every: steady-state interval of the sampled deep probes.
+        config: a full :class:`ProbeConfig` (overrides ``profile`` and options).
+        **options: other :class:`ProbeConfig` fields (e.g. ``tensorboard=False``).
+
+    Returns:
+        A :class:`Probe` (a context manager).
+    """
+    if config is None:
+        if sample_every is not None:
+            from gradprobe.schedule import Schedule
+
+            options["schedule"] = Schedule(every=sample_every)
+        config = ProbeConfig.profile(profile, **options)
+    return Probe(model, optimizer, scalers=scaler, logdir=logdir, config=config)

@@ -1,0 +1,516 @@
+"""Sampled deep probes: *why* a run is unhealthy (SPEC §4, sampled signals).
+
+They run only on the steps of the probe's :class:`~gradprobe.schedule.Schedule`, so their
+average cost is small, and everything they compute stays on the device until the step's
+record is flushed. Samples are ``(probe, target, stat, index, value)`` rows:
+
+========== ==================== ====================================================
+probe      target               stats
+========== ==================== ====================================================
+update     parameter name       ``ratio`` = ||Δθ|| / ||θ|| across the optimizer step
+grad       parameter name       ``nonfinite_count`` (exact count of NaN/Inf entries)
+activation module name          ``mean std absmax nonfinite`` of the output (index =
+                                call order in the step), ``saturated_frac`` (sigmoid/
+                                tanh modules), ``dead_frac`` (ReLU-family: units never
+                                active over the batch), ``input_dead_frac`` (Linear/
+                                Conv input features that are exactly 0 for the whole
+                                batch: units killed by a functional ReLU upstream)
+gates      module.l<k>.<gate>   ``low_frac`` (< 0.01), ``high_frac`` (> 0.99) for
+                                sigmoid gates; ``sat_frac`` (|v| > 0.99) for tanh ones;
+                                recomputed from the module's weights for a slice of the
+                                batch (the fused kernels do not expose gates)
+input      module name          ``numel nonfinite mean std absmax feature_std_min
+                                feature_std_max integer`` of float inputs where they
+                                enter the model (the root module) and the first
+                                parametric layer (``first_layer``)
+target     loss function        ``numel nonfinite mean std var absmax integer
+                                n_classes`` of the target, and ``pred_*`` of the input
+bptt       recurrent module     ``profile`` (index k = steps back from the last output),
+                                ``hidden_size``; ``horizon``, ``growth_per_step``,
+                                ``far_over_near``, ``lookback`` are derived from the
+                                profile by :func:`gradprobe.stats.bptt_summary`
+========== ==================== ====================================================
+
+The gradient-through-time profile is a side computation: after the optimizer step, with a
+copy of (a slice of) the step's input and the module's current parameters, under
+``torch.random.fork_rng`` and with ``torch.autograd.grad`` (which never touches ``.grad``),
+for a few random unit projections v of the last output h_T, ||d(v·h_T)/d(x_t)|| for every t
+(one backward per projection), averaged. The module's forward is called directly (no hooks)
+in eval mode with cuDNN off, so inter-layer dropout neither runs nor advances any RNG stream.
+Cell loops (LSTMCell/GRUCell/RNNCell called T times in one step) are replayed from the
+captured inputs x_1..x_T and the first state, feeding each output back as the next state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from gradprobe.probe.core import ModuleInfo, OptInfo, Probe
+    from gradprobe.probe.buffer import StepRecord
+    from gradprobe.probe.step import OpenStep
+
+ACT_STATS = ("mean", "std", "absmax", "nonfinite")
+INPUT_STATS = ("numel", "nonfinite", "mean", "std", "absmax", "feature_std_min", "feature_std_max", "integer")
+TARGET_STATS = ("numel", "nonfinite", "mean", "std", "var", "absmax", "integer", "n_classes")
+PARAMETRIC = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+
+
+def _float_stats(x: torch.Tensor) -> torch.Tensor:
+    """[numel, nonfinite, mean, std, absmax, feature_std_min, feature_std_max, integer]
+    over finite entries; features = last dimension."""
+    with torch.no_grad():
+        xf = x.detach().float()
+        fin = torch.isfinite(xf)
+        n_fin = fin.sum()
+        z = torch.where(fin, xf, torch.zeros((), device=xf.device))
+        cnt = n_fin.clamp(min=1).float()
+        mean = z.sum() / cnt
+        var = (torch.where(fin, (xf - mean) ** 2, torch.zeros((), device=xf.device))).sum() / cnt
+        absmax = z.abs().max() if z.numel() else torch.zeros((), device=xf.device)
+        if xf.dim() >= 2 and xf.shape[-1] > 1:
+            feat = z.reshape(-1, xf.shape[-1])
+            fstd = feat.std(dim=0, unbiased=False)
+            fmin, fmax = fstd.min(), fstd.max()
+        else:
+            fmin = fmax = var.sqrt()
+        numel = torch.tensor(float(xf.numel()), device=xf.device)
+        return torch.stack(
+            [numel, (~fin).sum().float(), mean, var.sqrt(), absmax, fmin, fmax, torch.zeros((), device=xf.device)]
+        )
+
+
+def _int_stats(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        xi = x.detach()
+        dev = xi.device
+        if xi.numel() == 0:
+            return torch.zeros(len(INPUT_STATS), device=dev)
+        xf = xi.float()
+        numel = torch.tensor(float(xi.numel()), device=dev)
+        zero = torch.zeros((), device=dev)
+        return torch.stack([numel, zero, xf.mean(), xf.std(unbiased=False), xf.abs().max(), zero, zero, torch.ones((), device=dev)])
+
+
+class DeepProbes:
+    """The sampled probes of one :class:`~gradprobe.probe.core.Probe`."""
+
+    def __init__(self, probe: "Probe") -> None:
+        self.probe = probe
+        self.cfg = probe.config
+        self._snapshots: dict[int, list[torch.Tensor]] = {}
+        self._call_order = 0
+        self._step_seen = -1
+        self._first_layer_done = False
+        self._roots_done: set[int] = set()
+        self._captures: dict[int, tuple[nn.Module, "ModuleInfo", Any, Any]] = {}
+        self._cell_calls: dict[int, tuple[nn.Module, "ModuleInfo", list[torch.Tensor], Any]] = {}
+        self._gate_acc: dict[str, list[torch.Tensor]] = {}
+        self._side = False
+
+    # ------------------------------------------------------------------ helpers --------
+    def _sample(self, probe: str, target: Any, stat: Any, value: Any, index: int = 0) -> None:
+        self.probe._open.samples.append((probe, target, stat, index, value))
+
+    def _new_step(self) -> None:
+        idx = self.probe._open.index
+        if idx != self._step_seen:
+            self._step_seen = idx
+            self._call_order = 0
+            self._first_layer_done = False
+            self._roots_done = set()
+            self._captures = {}
+            self._cell_calls = {}
+
+    def _guard(self, part: str, fn: Any, *args: Any) -> Any:
+        return self.probe.guard.call("deep." + part, fn, *args)
+
+    # ------------------------------------------------------------------ forward ---------
+    def on_forward_pre(self, module: nn.Module, info: "ModuleInfo", args: Any) -> None:
+        if self._side:
+            return
+        self._new_step()
+        if any(module is m for _, m in self.probe._roots) and id(module) not in self._roots_done:
+            self._roots_done.add(id(module))
+            self._guard("input", self._input_stats, "input", info.name, args)
+        if not self._first_layer_done and isinstance(module, PARAMETRIC) and not isinstance(module, nn.Embedding):
+            self._first_layer_done = True
+            self._guard("input", self._input_stats, "first_layer", info.name, args)
+        elif not self._first_layer_done and isinstance(module, nn.Embedding):
+            self._first_layer_done = True  # token ids: not features
+
+    def _input_stats(self, probe: str, target: str, args: Any) -> None:
+        for k, t in enumerate(a for a in args if isinstance(a, torch.Tensor)):
+            if k >= 2:
+                break
+            name = target if k == 0 else f"{target}[{k}]"
+            if t.is_floating_point():
+                self._sample(probe, name, INPUT_STATS, _float_stats(t))
+            elif not t.is_complex() and t.dtype != torch.bool:
+                self._sample(probe, name, INPUT_STATS, _int_stats(t))
+
+    def on_forward(self, module: nn.Module, info: "ModuleInfo", args: Any, kwargs: Any, output: Any) -> None:
+        if self._side:
+            return
+        self._new_step()
+        out = output[0] if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor) else output
+        if isinstance(out, torch.nn.utils.rnn.PackedSequence):
+            out = out.data
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return
+        order = self._call_order
+        self._call_order += 1
+        if isinstance(module, PARAMETRIC) or info.saturating or info.relu_like:
+            self._guard("activation", self._act_stats, module, info, args, out, order)
+        if info.recurrent:
+            self._guard("gates", self._gates, module, info, args, kwargs)
+            self._guard("bptt", self._capture, module, info, args, kwargs)
+
+    def _act_stats(self, module: nn.Module, info: "ModuleInfo", args: Any, out: torch.Tensor, order: int) -> None:
+        with torch.no_grad():
+            y = out.detach().float()
+            fin = torch.isfinite(y)
+            z = torch.where(fin, y, torch.zeros((), device=y.device))
+            cnt = fin.sum().clamp(min=1).float()
+            mean = z.sum() / cnt
+            std = (torch.where(fin, (y - mean) ** 2, torch.zeros((), device=y.device)).sum() / cnt).sqrt()
+            vals = [mean, std, z.abs().max() if z.numel() else mean * 0, (~fin).sum().float()]
+            self._sample("activation", info.name, ACT_STATS, torch.stack(vals), index=order)
+            if info.saturating:
+                if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)):
+                    sat = ((y < 0.01) | (y > 0.99)).float().mean()
+                else:
+                    sat = (y.abs() > 0.99).float().mean()
+                self._sample("activation", info.name, "saturated_frac", sat, index=order)
+            if info.relu_like and y.dim() >= 2:
+                dim = 1 if y.dim() >= 4 else y.dim() - 1
+                units = y.movedim(dim, -1).reshape(-1, y.shape[dim])
+                active = (units > 0).any(dim=0)
+                self._sample("activation", info.name, "dead_frac", 1.0 - active.float().mean(), index=order)
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and args and isinstance(args[0], torch.Tensor):
+                x = args[0].detach()
+                if x.is_floating_point() and x.dim() >= 2:
+                    dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else x.dim() - 1
+                    feats = x.movedim(dim, -1).reshape(-1, x.shape[dim])
+                    dead_in = (feats == 0).all(dim=0).float().mean()
+                    self._sample("activation", info.name, "input_dead_frac", dead_in, index=order)
+
+    # ------------------------------------------------------------- recurrent gates ------
+    def _gates(self, module: nn.Module, info: "ModuleInfo", args: Any, kwargs: Any) -> None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        B = self.cfg.bptt_batch
+        with torch.no_grad():
+            if isinstance(module, nn.RNNCellBase):
+                x = args[0].detach()
+                if x.dim() == 1:
+                    x = x.unsqueeze(0)
+                hx = args[1] if len(args) > 1 else kwargs.get("hx")
+                h, c = _split_hx(hx, module, x)
+                gates = _cell_gates(module, x[:B], _slice(h, B), _slice(c, B), module.weight_ih, module.weight_hh, module.bias_ih if module.bias else None, module.bias_hh if module.bias else None)
+                self._gate_stats(info.name + ".l0", gates)
+                return
+            if not isinstance(module, nn.RNNBase) or getattr(module, "proj_size", 0):
+                return
+            x = args[0].detach()
+            if x.dim() == 2:
+                x = x.unsqueeze(0 if module.batch_first else 1)
+            if module.batch_first:
+                x = x.transpose(0, 1)
+            x = x[:, :B]
+            hx = args[1] if len(args) > 1 else kwargs.get("hx")
+            layer_in = x
+            dirs = 2 if module.bidirectional else 1
+            for layer in range(module.num_layers):
+                outs = []
+                for d in range(dirs):
+                    sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                    w_ih = getattr(module, "weight_ih" + sfx)
+                    w_hh = getattr(module, "weight_hh" + sfx)
+                    b_ih = getattr(module, "bias_ih" + sfx) if module.bias else None
+                    b_hh = getattr(module, "bias_hh" + sfx) if module.bias else None
+                    h0, c0 = _initial_state(module, hx, layer * dirs + d, layer_in.shape[1], layer_in)
+                    seq = layer_in.flip(0) if d == 1 else layer_in
+                    hs, gates = _run_layer(module, seq, h0, c0, w_ih, w_hh, b_ih, b_hh)
+                    if d == 0:
+                        self._gate_stats(f"{info.name}.l{layer}", gates)
+                    outs.append(hs.flip(0) if d == 1 else hs)
+                layer_in = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+
+    def _gate_stats(self, prefix: str, gates: dict[str, torch.Tensor]) -> None:
+        for gname, v in gates.items():
+            if gname in ("cell", "candidate", "new", "h"):
+                stats = torch.stack([(v.abs() > 0.99).float().mean(), v.abs().mean()])
+                self._sample("gates", f"{prefix}.{gname}", ("sat_frac", "absmean"), stats)
+            else:
+                stats = torch.stack([(v < 0.01).float().mean(), (v > 0.99).float().mean(), v.mean()])
+                self._sample("gates", f"{prefix}.{gname}", ("low_frac", "high_frac", "mean"), stats)
+
+    # ---------------------------------------------------------------- gradient in time --
+    def _capture(self, module: nn.Module, info: "ModuleInfo", args: Any, kwargs: Any) -> None:
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            return
+        B = self.cfg.bptt_batch
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        if isinstance(module, nn.RNNCellBase):
+            x = args[0].detach()
+            if x.dim() == 1:
+                x = x.unsqueeze(0)
+            entry = self._cell_calls.get(id(module))
+            if entry is None:
+                h, c = _split_hx(hx, module, x)
+                state = (_slice(h, B), _slice(c, B))
+                state = tuple(s.detach().clone() if s is not None else None for s in state)
+                entry = self._cell_calls[id(module)] = (module, info, [], state)
+            entry[2].append(x[:B].clone())
+            return
+        if not isinstance(module, nn.RNNBase) or id(module) in self._captures:
+            return
+        x = args[0].detach()
+        if x.dim() == 2:
+            x = x.unsqueeze(0 if module.batch_first else 1)
+        x = x[:B] if module.batch_first else x[:, :B]
+        h = None
+        if hx is not None:
+            if isinstance(hx, tuple):
+                h = tuple(t.detach()[:, :B].clone() for t in hx)
+            else:
+                h = hx.detach()[:, :B].clone()
+        self._captures[id(module)] = (module, info, x.clone(), h)
+
+    def _bptt_fused(self, module: nn.Module, info: "ModuleInfo", x: torch.Tensor, hx: Any) -> None:
+        T = x.shape[1] if module.batch_first else x.shape[0]
+        if T < 2:
+            return
+        profile = self._profile(lambda xs: _last_output(module, xs, hx), x, time_dim=1 if module.batch_first else 0)
+        self._emit_profile(info.name, profile, int(getattr(module, "hidden_size", 0)))
+        self._set_lookback(info.name, T)
+
+    def _bptt_cells(self, module: nn.Module, info: "ModuleInfo", xs: list[torch.Tensor], state: Any) -> None:
+        if len(xs) < 2 or any(x.shape != xs[0].shape for x in xs):
+            return
+        x = torch.stack(xs, dim=0)  # (T, B, I)
+
+        def run(seq: torch.Tensor) -> torch.Tensor:
+            h, c = state
+            for t in range(seq.shape[0]):
+                if isinstance(module, nn.LSTMCell):
+                    h, c = nn.LSTMCell.forward(module, seq[t], (h, c) if h is not None else None)
+                else:
+                    h = type(module).forward(module, seq[t], h)
+            return h
+
+        profile = self._profile(run, x, time_dim=0)
+        self._emit_profile(info.name, profile, int(getattr(module, "hidden_size", 0)))
+        self._set_lookback(info.name, len(xs))
+
+    def _profile(self, fn: Any, x: torch.Tensor, time_dim: int) -> torch.Tensor:
+        """Mean over projections of ||d(v·h_T)/d x_t||, indexed by steps back from T."""
+        dev = x.device
+        devices = [dev] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(dev.type, enabled=False):
+            xs = x.detach().float().clone().requires_grad_(True)
+            hT = fn(xs)
+            acc = torch.zeros(xs.shape[time_dim], device=dev)
+            P = max(1, self.cfg.bptt_projections)
+            for k in range(P):
+                v = torch.randn_like(hT)
+                v = v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                (g,) = torch.autograd.grad((hT * v).sum(), xs, retain_graph=k < P - 1)
+                dims = [d for d in range(g.dim()) if d != time_dim]
+                acc = acc + g.float().pow(2).sum(dim=dims).sqrt()
+            return (acc / P).flip(0).detach()
+
+    def _emit_profile(self, name: str, profile: torch.Tensor, hidden: int) -> None:
+        self._sample("bptt", name, "profile", profile)
+        self._sample("bptt", name, "hidden_size", float(hidden))
+
+    def _set_lookback(self, name: str, T: int) -> None:
+        for rec in self.probe.meta.get("recurrent", []):
+            if rec.get("module") == name and rec.get("lookback") != T:
+                rec["lookback"] = T
+                self.probe._meta_dirty = True
+
+    # ------------------------------------------------------------------ loss ------------
+    def on_loss_fn(self, name: str, args: Any, kwargs: Any, out: torch.Tensor) -> None:
+        self._guard("target", self._target_stats, name, args, kwargs)
+
+    def _target_stats(self, name: str, args: Any, kwargs: Any) -> None:
+        pred = args[0] if args else kwargs.get("input")
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        n_classes = 0.0
+        if isinstance(pred, torch.Tensor) and name in ("cross_entropy", "nll_loss") and pred.dim() >= 1:
+            n_classes = float(pred.shape[1] if pred.dim() >= 2 else pred.shape[0])
+        if isinstance(target, torch.Tensor):
+            if target.is_floating_point():
+                s = _float_stats(target)
+                var = s[3] * s[3]
+                vals = torch.stack([s[0], s[1], s[2], s[3], var, s[4], s[7], torch.tensor(n_classes, device=s.device)])
+            else:
+                s = _int_stats(target)
+                vals = torch.stack([s[0], s[1], s[2], s[3], s[3] * s[3], s[4], s[7], torch.tensor(n_classes, device=s.device)])
+            self._sample("target", name, TARGET_STATS, vals)
+        if isinstance(pred, torch.Tensor) and pred.is_floating_point():
+            s = _float_stats(pred)
+            self._sample("target", name, tuple("pred_" + k for k in INPUT_STATS), s)
+
+    # ------------------------------------------------------------- optimizer step ------
+    def on_pre_step(self, info: "OptInfo") -> None:
+        self._guard("update", self._snapshot, info)
+        self._guard("grad", self._grad_counts, info)
+
+    def _snapshot(self, info: "OptInfo") -> None:
+        params = [self.probe._layers[i].param for i in info.scope]
+        with torch.no_grad():
+            self._snapshots[info.index] = [p.detach().clone() for p in params]
+
+    def _grad_counts(self, info: "OptInfo") -> None:
+        layers = self.probe._layers
+        names, counts = [], []
+        with torch.no_grad():
+            for i in info.scope:
+                g = layers[i].param.grad
+                if g is None or g.is_sparse:
+                    continue
+                names.append(layers[i].name)
+                counts.append((~torch.isfinite(g)).sum().float())
+        if counts:
+            self._sample("grad", tuple(names), "nonfinite_count", torch.stack(counts))
+
+    def on_post_step(self, info: "OptInfo") -> None:
+        self._guard("update", self._update_ratio, info)
+
+    def _update_ratio(self, info: "OptInfo") -> None:
+        before = self._snapshots.pop(info.index, None)
+        if not before:
+            return
+        layers = self.probe._layers
+        params = [layers[i].param.detach() for i in info.scope]
+        if len(params) != len(before):
+            return
+        with torch.no_grad():
+            deltas = torch._foreach_sub(params, before)
+            dn = torch.stack(torch._foreach_norm(deltas, 2, dtype=torch.float32))
+            wn = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
+            ratio = dn / wn.clamp(min=1e-12)
+        self._sample("update", tuple(layers[i].name for i in info.scope), "ratio", ratio)
+
+    # ------------------------------------------------------------------ close -----------
+    def on_close(self, st: "OpenStep", rec: "StepRecord") -> None:
+        """Runs the side computations of the step (after the optimizer step) and adds all
+        samples to the step's record."""
+        if self._step_seen != st.index:
+            return
+        n0 = len(st.samples)
+        self._side = True
+        try:
+            for module, info, x, hx in self._captures.values():
+                self._guard("bptt", self._run_side, self._bptt_fused, module, info, x, hx)
+            for module, info, xs, state in self._cell_calls.values():
+                self._guard("bptt", self._run_side, self._bptt_cells, module, info, xs, state)
+        finally:
+            self._side = False
+            self._captures = {}
+            self._cell_calls = {}
+        for probe, target, stat, index, value in st.samples[n0:]:
+            if isinstance(value, torch.Tensor):
+                rec.add("sample", value, (probe, target, stat, index))
+            else:
+                rec.host_samples.append((probe, target, stat, index, float(value)))
+
+    def _run_side(self, fn: Any, module: nn.Module, info: "ModuleInfo", *rest: Any) -> None:
+        was_training = module.training
+        try:
+            if isinstance(module, nn.RNNBase):
+                module.train(False)
+            with torch.backends.cudnn.flags(enabled=False):
+                fn(module, info, *rest)
+        finally:
+            if module.training != was_training:
+                module.train(was_training)
+
+    def close(self) -> None:
+        self._snapshots.clear()
+        self._captures = {}
+        self._cell_calls = {}
+
+
+def _slice(t: Any, B: int) -> Any:
+    return t[:B] if isinstance(t, torch.Tensor) and t.dim() >= 1 else t
+
+
+def _split_hx(hx: Any, module: nn.Module, x: torch.Tensor) -> tuple[Any, Any]:
+    if hx is None:
+        z = torch.zeros(x.shape[0], module.hidden_size, device=x.device, dtype=x.dtype)
+        return z, (z.clone() if isinstance(module, nn.LSTMCell) else None)
+    if isinstance(hx, tuple):
+        h, c = hx
+        if h.dim() == 1:
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+        return h.detach(), c.detach()
+    h = hx.detach()
+    return (h.unsqueeze(0) if h.dim() == 1 else h), None
+
+
+def _initial_state(module: nn.RNNBase, hx: Any, k: int, batch: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    H = module.hidden_size
+    zeros = torch.zeros(batch, H, device=ref.device, dtype=ref.dtype)
+    if hx is None:
+        return zeros, (zeros.clone() if isinstance(module, nn.LSTM) else None)
+    if isinstance(hx, tuple):
+        h, c = hx
+        return h.detach()[k, :batch].to(ref.dtype), c.detach()[k, :batch].to(ref.dtype)
+    return hx.detach()[k, :batch].to(ref.dtype), None
+
+
+def _cell_gates(module: nn.Module, x: torch.Tensor, h: torch.Tensor, c: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: Any, b_hh: Any) -> dict[str, torch.Tensor]:
+    x = x.float()
+    h = h.float()
+    gi = x @ w_ih.float().t() + (b_ih.float() if b_ih is not None else 0)
+    gh = h @ w_hh.float().t() + (b_hh.float() if b_hh is not None else 0)
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        return {"input": torch.sigmoid(i), "forget": torch.sigmoid(f), "cell": torch.tanh(g), "output": torch.sigmoid(o)}
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
+        ir, iz, inn = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(ir + hr)
+        z = torch.sigmoid(iz + hz)
+        n = torch.tanh(inn + r * hn)
+        return {"reset": r, "update": z, "new": n}
+    nonlin = getattr(module, "nonlinearity", "tanh")
+    pre = gi + gh
+    return {"h": torch.tanh(pre)} if nonlin == "tanh" else {}
+
+
+def _run_layer(module: nn.RNNBase, seq: torch.Tensor, h: torch.Tensor, c: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: Any, b_hh: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Runs one layer/direction step by step; returns outputs (T,B,H) and stacked gates."""
+    hs = []
+    acc: dict[str, list[torch.Tensor]] = {}
+    h = h.float()
+    c = c.float() if c is not None else None
+    for t in range(seq.shape[0]):
+        gates = _cell_gates(module, seq[t], h, c, w_ih, w_hh, b_ih, b_hh)
+        for k, v in gates.items():
+            acc.setdefault(k, []).append(v)
+        if isinstance(module, nn.LSTM):
+            c = gates["forget"] * c + gates["input"] * gates["cell"]
+            h = gates["output"] * torch.tanh(c)
+        elif isinstance(module, nn.GRU):
+            h = (1 - gates["update"]) * gates["new"] + gates["update"] * h
+        else:
+            pre = seq[t].float() @ w_ih.float().t() + h @ w_hh.float().t()
+            if b_ih is not None:
+                pre = pre + b_ih.float() + b_hh.float()
+            h = torch.tanh(pre) if getattr(module, "nonlinearity", "tanh") == "tanh" else torch.relu(pre)
+        hs.append(h)
+    return torch.stack(hs), {k: torch.stack(v) for k, v in acc.items()}
+
+
+def _last_output(module: nn.RNNBase, xs: torch.Tensor, hx: Any) -> torch.Tensor:
+    out = type(module).forward(module, xs, hx)
+    y = out[0] if isinstance(out, tuple) else out
+    return y[:, -1] if module.batch_first else y[-1]

@@ -1,0 +1,96 @@
+"""What one step accumulates while it is open.
+
+Observations arrive in *segments*: everything since the last ``optimizer.step()`` is the
+current segment. When an optimizer steps, the current segment is sealed into the step.
+If an optimizer steps a second time within one open step (a loop that steps one optimizer
+several times per iteration, e.g. WGAN critics), the step closes with its sealed segments,
+and the current segment, which already holds the next iteration's forward and backward,
+opens the next step. Other closes take everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Segment:
+    """Observations since the last optimizer step (all tensors stay on the device)."""
+
+    roots: list[torch.Tensor] = field(default_factory=list)  # backward roots outside optimizer.step
+    inner_roots: list[torch.Tensor] = field(default_factory=list)  # roots inside step (LBFGS closures)
+    loss_fn: list[torch.Tensor] = field(default_factory=list)
+    eval_loss: list[torch.Tensor] = field(default_factory=list)
+    n_backward: int = 0
+    backward_time: float = 0.0
+    retain_graph: bool = False
+    grad_pieces: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    clip_pieces: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # clip coefficients
+    clip_max_norm: float | None = None
+    clip_max_norm_tensor: torch.Tensor | None = None
+    clip_total_norm: torch.Tensor | None = None
+    clip_calls: int = 0
+    clip_on_scaled: bool = False
+    state_age: int = 0
+    state_age_module: str | None = None
+    scale_before: torch.Tensor | None = None
+    scaled_by: Any = None  # the GradScaler whose scale() produced a root in this segment
+    scale_tampered: bool = False
+
+    def empty(self) -> bool:
+        return self.n_backward == 0 and not self.loss_fn and not self.eval_loss and not self.grad_pieces
+
+    def merge(self, later: "Segment") -> None:
+        """Appends ``later`` (observed after this one) into this segment."""
+        self.roots += later.roots
+        self.inner_roots += later.inner_roots
+        self.loss_fn += later.loss_fn
+        self.eval_loss += later.eval_loss
+        self.n_backward += later.n_backward
+        self.backward_time += later.backward_time
+        self.retain_graph |= later.retain_graph
+        self.grad_pieces += later.grad_pieces
+        self.clip_pieces += later.clip_pieces
+        if later.clip_calls:
+            self.clip_max_norm = later.clip_max_norm
+            self.clip_max_norm_tensor = later.clip_max_norm_tensor
+            self.clip_total_norm = later.clip_total_norm
+        self.clip_calls += later.clip_calls
+        self.clip_on_scaled |= later.clip_on_scaled
+        if later.state_age > self.state_age:
+            self.state_age, self.state_age_module = later.state_age, later.state_age_module
+        if later.scale_before is not None:
+            self.scale_before = later.scale_before
+        if later.scaled_by is not None:
+            self.scaled_by = later.scaled_by
+        self.scale_tampered |= later.scale_tampered
+
+
+@dataclass
+class OpenStep:
+    """The step being recorded: sealed segments plus the current one."""
+
+    index: int
+    sampled: bool
+    sealed: Segment = field(default_factory=Segment)
+    current: Segment = field(default_factory=Segment)
+    stepped: list[Any] = field(default_factory=list)  # optimizers that stepped (identity)
+    weight_pieces: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    optimizer_steps: int = 0
+    found_inf: torch.Tensor | None = None
+    scale_after: torch.Tensor | None = None
+    scaler_updated: bool = False
+    samples: list[tuple[str, str, str, int, Any]] = field(default_factory=list)
+
+    def seal(self) -> None:
+        self.sealed.merge(self.current)
+        self.current = Segment()
+
+    def has_stepped(self, opt: Any) -> bool:
+        return any(o is opt for o in self.stepped)
+
+    def active(self) -> bool:
+        return not (self.sealed.empty() and self.current.empty()) or self.optimizer_steps > 0 or self.scaler_updated

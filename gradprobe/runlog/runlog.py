@@ -1,0 +1,490 @@
+"""``RunLog``: a recorded run as plain data (pandas frames + metadata).
+
+A ``RunLog`` loads the same whether it comes from a live probe or from disk, and it is all
+the rule engine ever sees: rules never touch hooks or tensors. Loading is tolerant: every
+append-only stream is read up to its first unreadable record batch, and ``source["skipped"]``
+says what was left out. Input that is not a readable log at all raises :class:`LogError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from gradprobe.runlog import schema as S
+from gradprobe.runlog.writer import dumps, write_json_atomic
+
+
+class LogError(Exception):
+    """The input is not a readable log (missing, empty, foreign or corrupt beyond use)."""
+
+
+_STEP_DEFAULTS: dict[str, Any] = {
+    "wall_time": np.nan,
+    "step_time": np.nan,
+    "backward_time": np.nan,
+    "n_backward": 1,
+    "loss": np.nan,
+    "loss_nonfinite": False,
+    "loss_fn": np.nan,
+    "loss_fn_nonfinite": False,
+    "eval_loss": np.nan,
+    "grad_norm": np.nan,
+    "step_grad_norm": np.nan,
+    "grad_nonfinite_layers": 0,
+    "clip_max_norm": np.nan,
+    "clip_total_norm": np.nan,
+    "clip_calls": 0,
+    "clip_on_scaled": False,
+    "lr": np.nan,
+    "optimizer_steps": 1,
+    "scale": np.nan,
+    "scale_before": np.nan,
+    "skipped": False,
+    "scaler_updated": False,
+    "scale_tampered": False,
+    "abandoned": False,
+    "param_nonfinite_layers": -1,
+    "weight_norm": np.nan,
+    "state_age": 0,
+    "state_age_module": None,
+    "graphs_alive": 0,
+    "retain_graph": False,
+    "memory": 0,
+    "sampled": False,
+}
+
+_NUMPY_TYPES = {
+    pa.int64(): np.int64,
+    pa.int32(): np.int32,
+    pa.float32(): np.float32,
+    pa.float64(): np.float64,
+    pa.bool_(): bool,
+}
+
+
+def _empty_samples() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "step": pd.Series([], dtype=np.int64),
+            "probe": pd.Series([], dtype=object),
+            "target": pd.Series([], dtype=object),
+            "stat": pd.Series([], dtype=object),
+            "index": pd.Series([], dtype=np.int32),
+            "value": pd.Series([], dtype=np.float64),
+        }
+    )
+
+
+def _empty_scalars() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "step": pd.Series([], dtype=np.int64),
+            "name": pd.Series([], dtype=object),
+            "value": pd.Series([], dtype=np.float64),
+        }
+    )
+
+
+def normalize_steps(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds missing step columns with their 'absent' defaults and canonical dtypes."""
+    out = {}
+    n = len(df)
+    if "step" in df:
+        out["step"] = df["step"].to_numpy(dtype=np.int64)
+    else:
+        out["step"] = np.arange(n, dtype=np.int64)
+    for name, typ, _ in S.STEP_COLUMNS[1:]:
+        if name in df:
+            col = df[name]
+            if typ == pa.string():
+                out[name] = col.astype(object).where(col.notna(), None).to_numpy(dtype=object)
+            else:
+                out[name] = col.to_numpy(dtype=_NUMPY_TYPES[typ])
+        else:
+            default = _STEP_DEFAULTS[name]
+            if typ == pa.string():
+                out[name] = np.array([default] * n, dtype=object)
+            else:
+                out[name] = np.full(n, default, dtype=_NUMPY_TYPES[typ])
+    return pd.DataFrame(out)
+
+
+@dataclass
+class RunLog:
+    """A recorded run.
+
+    Attributes:
+        meta: metadata (``gradprobe.json``): run info, models, optimizers, scalers, layers.
+        steps: one row per step, columns of ``schema.STEP_COLUMNS``.
+        layer_grad: per-layer gradient norm before clipping (unscaled); index ``step``,
+            one column per parameter name; ``schema.MISSING`` (-1) where not measured.
+        layer_weight: per-layer weight norm after the optimizer step; same shape.
+        samples: sampled deep-probe statistics (step, probe, target, stat, index, value).
+        scalars: user scalars from ``probe.log`` (step, name, value).
+        events: rare events (configuration, exceptions, misuse), as dicts.
+        source: where it came from: ``path``, ``kind``, ``steps``, ``skipped`` (list of
+            one-line notes on what could not be read).
+    """
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    steps: pd.DataFrame = field(default_factory=lambda: normalize_steps(pd.DataFrame()))
+    layer_grad: pd.DataFrame = field(default_factory=pd.DataFrame)
+    layer_weight: pd.DataFrame = field(default_factory=pd.DataFrame)
+    samples: pd.DataFrame = field(default_factory=_empty_samples)
+    scalars: pd.DataFrame = field(default_factory=_empty_scalars)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        steps: pd.DataFrame | dict[str, Any] | None = None,
+        *,
+        meta: dict[str, Any] | None = None,
+        layer_grad: pd.DataFrame | dict[str, Any] | None = None,
+        layer_weight: pd.DataFrame | dict[str, Any] | None = None,
+        samples: Iterable[tuple[int, str, str, str, int, float]] | pd.DataFrame | None = None,
+        scalars: Iterable[tuple[int, str, float]] | pd.DataFrame | None = None,
+        events: list[dict[str, Any]] | None = None,
+        kind: str = "gradprobe",
+        path: str = "<memory>",
+    ) -> "RunLog":
+        """Builds a RunLog from partial data, filling absent signals with their defaults.
+
+        This is how rule tests make synthetic runs (smdebug's idea): give only the columns
+        the rule reads.
+        """
+        sdf = normalize_steps(pd.DataFrame(steps if steps is not None else {}))
+        lg = _layer_frame(layer_grad, sdf)
+        lw = _layer_frame(layer_weight, sdf)
+        if samples is None:
+            smp = _empty_samples()
+        elif isinstance(samples, pd.DataFrame):
+            smp = samples
+        else:
+            rows = list(samples)
+            smp = pd.DataFrame(rows, columns=["step", "probe", "target", "stat", "index", "value"]) if rows else _empty_samples()
+        if scalars is None:
+            sc = _empty_scalars()
+        elif isinstance(scalars, pd.DataFrame):
+            sc = scalars
+        else:
+            rows2 = list(scalars)
+            sc = pd.DataFrame(rows2, columns=["step", "name", "value"]) if rows2 else _empty_scalars()
+        m = {"schema": S.RUN_SCHEMA}
+        m.update(meta or {})
+        return cls(
+            meta=m,
+            steps=sdf,
+            layer_grad=lg,
+            layer_weight=lw,
+            samples=smp,
+            scalars=sc,
+            events=list(events or []),
+            source={"path": path, "kind": kind, "steps": int(len(sdf)), "skipped": []},
+        )
+
+    # ---- convenience views ------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        return int(len(self.steps))
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layer_grad.columns)
+
+    def events_of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("kind") == kind]
+
+    def samples_of(self, probe: str, stat: str | None = None) -> pd.DataFrame:
+        df = self.samples
+        if df.empty:
+            return df
+        m = df["probe"] == probe
+        if stat is not None:
+            m &= df["stat"] == stat
+        return df[m]
+
+    def scalar(self, name: str) -> pd.Series:
+        """A user scalar as a series indexed by step (last value per step)."""
+        df = self.scalars
+        if df.empty:
+            return pd.Series([], dtype=np.float64)
+        sel = df[df["name"] == name]
+        return sel.groupby("step")["value"].last()
+
+    # ---- persistence ------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "RunLog":
+        """Reads a gradprobe run directory (tolerating a truncated or corrupt tail)."""
+        return load_run_dir(os.fspath(path))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes this RunLog as a run directory (TensorBoard files are not written)."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        meta = dict(self.meta)
+        meta.setdefault("schema", S.RUN_SCHEMA)
+        names = list(self.layer_grad.columns)
+        if names:
+            existing = meta.get("layer_segments") or []
+            known = {layer["name"]: layer for seg in existing for layer in seg.get("layers", [])}
+            meta["layer_segments"] = [
+                {"id": 0, "first_step": int(self.steps["step"].iloc[0]) if len(self.steps) else 0,
+                 "layers": [known.get(n, {"name": n}) for n in names]}
+            ]
+        else:
+            meta["layer_segments"] = []
+        write_json_atomic(os.path.join(path, S.META_FILE), meta)
+        steps = normalize_steps(self.steps)
+        arrays = [pa.array(steps[n].tolist() if t == pa.string() else steps[n].to_numpy(), type=t) for n, t, _ in S.STEP_COLUMNS]
+        _write_table(os.path.join(path, S.STEPS_FILE), pa.RecordBatch.from_arrays(arrays, schema=S.STEPS_SCHEMA))
+        if names:
+            lw = self.layer_weight.reindex(index=self.layer_grad.index, columns=names).fillna(S.MISSING) if not self.layer_weight.empty else None
+            sch = S.layers_schema(len(names))
+            arrs = [pa.array(self.layer_grad.index.to_numpy(dtype=np.int64), type=pa.int64())]
+            arrs += [pa.array(self.layer_grad[n].to_numpy(dtype=np.float32), type=pa.float32()) for n in names]
+            arrs += [
+                pa.array((lw[n].to_numpy(dtype=np.float32) if lw is not None else np.full(len(self.layer_grad), S.MISSING, np.float32)), type=pa.float32())
+                for n in names
+            ]
+            _write_table(os.path.join(path, S.layers_file(0)), pa.RecordBatch.from_arrays(arrs, schema=sch))
+        if not self.samples.empty:
+            s = self.samples
+            _write_table(
+                os.path.join(path, S.SAMPLES_FILE),
+                pa.RecordBatch.from_arrays(
+                    [
+                        pa.array(s["step"].to_numpy(dtype=np.int64)),
+                        pa.array(s["probe"].astype(str).tolist(), type=pa.string()).dictionary_encode(),
+                        pa.array(s["target"].astype(str).tolist(), type=pa.string()).dictionary_encode(),
+                        pa.array(s["stat"].astype(str).tolist(), type=pa.string()).dictionary_encode(),
+                        pa.array(s["index"].to_numpy(dtype=np.int32)),
+                        pa.array(s["value"].to_numpy(dtype=np.float64)),
+                    ],
+                    schema=S.SAMPLES_SCHEMA,
+                ),
+            )
+        if not self.scalars.empty:
+            s = self.scalars
+            _write_table(
+                os.path.join(path, S.SCALARS_FILE),
+                pa.RecordBatch.from_arrays(
+                    [
+                        pa.array(s["step"].to_numpy(dtype=np.int64)),
+                        pa.array(s["name"].astype(str).tolist(), type=pa.string()).dictionary_encode(),
+                        pa.array(s["value"].to_numpy(dtype=np.float64)),
+                    ],
+                    schema=S.SCALARS_SCHEMA,
+                ),
+            )
+        with open(os.path.join(path, S.EVENTS_FILE), "w", encoding="utf-8") as f:
+            for e in self.events:
+                f.write(dumps(e) + "\n")
+
+
+def _layer_frame(data: pd.DataFrame | dict[str, Any] | None, steps: pd.DataFrame) -> pd.DataFrame:
+    if data is None:
+        return pd.DataFrame(index=pd.Index(steps["step"].to_numpy(), name="step"))
+    df = pd.DataFrame(data)
+    if "step" in df.columns:
+        df = df.set_index("step")
+    elif len(df) == len(steps):
+        df.index = pd.Index(steps["step"].to_numpy(), name="step")
+    df.index.name = "step"
+    return df.astype(np.float32)
+
+
+def _write_table(path: str, batch: pa.RecordBatch) -> None:
+    with open(path, "wb") as f:
+        sink = pa.PythonFile(f, mode="w")
+        with pa.ipc.new_stream(sink, batch.schema, options=S.IPC_OPTIONS) as w:
+            w.write_batch(batch)
+
+
+def read_stream(path: str, skipped: list[str]) -> pa.Table | None:
+    """Reads an Arrow IPC stream up to its first unreadable batch."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        skipped.append(f"{name}: unreadable ({exc.strerror or exc})")
+        return None
+    if not data:
+        skipped.append(f"{name}: empty file")
+        return None
+    try:
+        reader = pa.ipc.open_stream(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        skipped.append(f"{name}: not an Arrow stream ({str(exc).splitlines()[0][:120]})")
+        return None
+    batches = []
+    while True:
+        try:
+            batches.append(reader.read_next_batch())
+        except StopIteration:
+            break
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            rows = sum(b.num_rows for b in batches)
+            skipped.append(
+                f"{name}: truncated or corrupt after {len(batches)} record batches ({rows} rows); "
+                f"the rest was skipped ({str(exc).splitlines()[0][:100]})"
+            )
+            break
+    try:
+        return pa.Table.from_batches(batches, schema=reader.schema)
+    except (pa.ArrowException, ValueError) as exc:
+        skipped.append(f"{name}: inconsistent batches ({str(exc)[:100]})")
+        return None
+
+
+def _parse_json_value(v: Any) -> Any:
+    if isinstance(v, str) and v in ("NaN", "Infinity", "-Infinity"):
+        return float(v.replace("Infinity", "inf"))
+    return v
+
+
+def read_events(path: str, skipped: list[str]) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    if not os.path.exists(path):
+        return events
+    bad = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                e = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                bad += 1
+                continue
+            if isinstance(e, dict):
+                events.append(e)
+            else:
+                bad += 1
+    if bad:
+        skipped.append(f"{S.EVENTS_FILE}: {bad} unreadable line(s) skipped")
+    return events
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, S.META_FILE)) or os.path.exists(os.path.join(path, S.STEPS_FILE))
+    )
+
+
+def load_run_dir(path: str) -> RunLog:
+    if not os.path.exists(path):
+        raise LogError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        raise LogError(f"{path}: not a gradprobe run directory")
+    skipped: list[str] = []
+    meta: dict[str, Any] = {}
+    meta_path = os.path.join(path, S.META_FILE)
+    has_meta = os.path.exists(meta_path)
+    if has_meta:
+        try:
+            with open(meta_path, "rb") as f:
+                loaded = json.loads(f.read().decode("utf-8"))
+            if not isinstance(loaded, dict):
+                raise ValueError("not an object")
+            meta = loaded
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            skipped.append(f"{S.META_FILE}: unreadable metadata ({str(exc).splitlines()[0][:80]}); run information is missing")
+    schema_name = str(meta.get("schema", S.RUN_SCHEMA if not meta else ""))
+    if meta and not schema_name.startswith("gradprobe.run/"):
+        raise LogError(f"{path}: {S.META_FILE} is not gradprobe run metadata (schema {schema_name!r})")
+    if meta and schema_name != S.RUN_SCHEMA:
+        major = schema_name.split("/")[-1]
+        if major != S.RUN_SCHEMA.split("/")[-1]:
+            raise LogError(f"{path}: run log schema {schema_name!r} is newer than this gradprobe understands ({S.RUN_SCHEMA})")
+
+    steps_path = os.path.join(path, S.STEPS_FILE)
+    if not os.path.exists(steps_path):
+        if not has_meta:
+            raise LogError(f"{path}: not a gradprobe run directory (no {S.META_FILE} or {S.STEPS_FILE})")
+        steps_df = normalize_steps(pd.DataFrame())
+    else:
+        tbl = read_stream(steps_path, skipped)
+        if tbl is None:
+            if not meta:
+                raise LogError(f"{path}: {skipped[-1] if skipped else 'unreadable run log'}")
+            steps_df = normalize_steps(pd.DataFrame())
+        else:
+            steps_df = normalize_steps(tbl.to_pandas())
+    if not meta and steps_df.empty:
+        raise LogError(f"{path}: not a readable gradprobe log ({'; '.join(skipped) or 'no data'})")
+
+    grads, weights = [], []
+    for seg in meta.get("layer_segments", []) or []:
+        try:
+            seg_id = int(seg["id"])
+            names = [str(layer["name"]) for layer in seg["layers"]]
+        except (KeyError, TypeError, ValueError):
+            skipped.append(f"{S.META_FILE}: malformed layer segment skipped")
+            continue
+        lp = os.path.join(path, S.layers_file(seg_id))
+        if not os.path.exists(lp):
+            continue
+        tbl = read_stream(lp, skipped)
+        if tbl is None or tbl.num_rows == 0:
+            continue
+        n = (tbl.num_columns - 1) // 2
+        if n != len(names):
+            skipped.append(f"{S.layers_file(seg_id)}: {n} layers on disk but {len(names)} in metadata; skipped")
+            continue
+        idx = pd.Index(tbl.column(0).to_numpy(), name="step")
+        g = np.column_stack([tbl.column(1 + i).to_numpy(zero_copy_only=False) for i in range(n)]) if n else np.empty((len(idx), 0), np.float32)
+        w = np.column_stack([tbl.column(1 + n + i).to_numpy(zero_copy_only=False) for i in range(n)]) if n else np.empty((len(idx), 0), np.float32)
+        grads.append(pd.DataFrame(g, index=idx, columns=names))
+        weights.append(pd.DataFrame(w, index=idx, columns=names))
+    if grads:
+        layer_grad = pd.concat(grads).fillna(S.MISSING) if len(grads) > 1 else grads[0]
+        layer_weight = pd.concat(weights).fillna(S.MISSING) if len(weights) > 1 else weights[0]
+        layer_grad = layer_grad[~layer_grad.index.duplicated(keep="last")]
+        layer_weight = layer_weight[~layer_weight.index.duplicated(keep="last")]
+    else:
+        layer_grad = pd.DataFrame(index=pd.Index([], name="step", dtype=np.int64))
+        layer_weight = pd.DataFrame(index=pd.Index([], name="step", dtype=np.int64))
+
+    samples = _empty_samples()
+    sp = os.path.join(path, S.SAMPLES_FILE)
+    if os.path.exists(sp):
+        tbl = read_stream(sp, skipped)
+        if tbl is not None and tbl.num_rows:
+            samples = tbl.to_pandas()
+            for c in ("probe", "target", "stat"):
+                samples[c] = samples[c].astype(object)
+    scalars = _empty_scalars()
+    scp = os.path.join(path, S.SCALARS_FILE)
+    if os.path.exists(scp):
+        tbl = read_stream(scp, skipped)
+        if tbl is not None and tbl.num_rows:
+            scalars = tbl.to_pandas()
+            scalars["name"] = scalars["name"].astype(object)
+    events = read_events(os.path.join(path, S.EVENTS_FILE), skipped)
+    for e in events:
+        for k, v in list(e.items()):
+            e[k] = _parse_json_value(v)
+    return RunLog(
+        meta=meta,
+        steps=steps_df,
+        layer_grad=layer_grad,
+        layer_weight=layer_weight,
+        samples=samples,
+        scalars=scalars,
+        events=events,
+        source={"path": path, "kind": "gradprobe", "steps": int(len(steps_df)), "skipped": skipped},
+    )
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
