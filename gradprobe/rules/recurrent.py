@@ -1,0 +1,3 @@
+"""GP1xx: recurrent state and graph retention (undetached-hidden-state, long-lookback, graph-retained-across-steps)."""
+
+from __future__ import annotations
