@@ -141,6 +141,9 @@ def rules(
         typer.echo(rule_text(cls))
 
 
+from gradprobe.cli import run as _run  # noqa: F401,E402 - registers `gradprobe run`
+
+
 def main() -> None:
     """Console entry point."""
     try:

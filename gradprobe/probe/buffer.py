@@ -28,7 +28,8 @@ class StepRecord:
 
     ``layout`` entries are ``(field, meta)`` with one tensor each (any shape, flattened).
     Fields: ``loss``/``loss_fn``/``eval_loss`` (one value per root/call), ``grad`` and
-    ``weight`` (meta: layer indices), ``clip_coef`` (meta: layer indices), ``clip_total``,
+    ``weight`` (meta: layer indices), ``clip`` (the clip's total norm; meta: layer indices and
+    max_norm), ``clip_coef`` (meta: layer indices), ``clip_total``,
     ``clip_max``, ``scale_before``, ``scale_after``, ``found_inf``, ``sample`` (meta:
     ``(probe, target, stat, index0)``), ``scalar`` (meta: name).
     """
@@ -109,6 +110,10 @@ class PendingBatch:
                     has_weight = True
                 elif name == "clip_coef":
                     coef[meta] = v[0]
+                elif name == "clip":
+                    idx, max_norm = meta
+                    with np.errstate(all="ignore"):
+                        coef[idx] = min(max_norm / (v[0] + 1e-6), 1.0) if np.isfinite(v[0]) else (0.0 if v[0] == np.inf else np.nan)
                 elif name == "loss":
                     losses.extend(v.tolist())
                 elif name == "loss_fn":

@@ -67,6 +67,7 @@ class ModuleInfo:
     relu_like: bool = False
     amp: tuple[bool, str] | None = None
     out_dtype: str | None = None
+    device_type: str | None = None
     aged: bool = False
 
 
@@ -104,16 +105,19 @@ def _as_list(x: Any) -> list[Any]:
     return list(x)
 
 
-def _iter_tensors(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+def _iter_tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors in a (nested, up to 3 levels) tuple/list/dict, in order (hot path: no generators)."""
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth < 3:
-        if isinstance(obj, (tuple, list)):
-            for o in obj:
-                yield from _iter_tensors(o, depth + 1)
-        elif isinstance(obj, dict):
-            for o in obj.values():
-                yield from _iter_tensors(o, depth + 1)
+        return [obj]
+    out: list[torch.Tensor] = []
+    if depth < 3:
+        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+        for o in items:
+            if isinstance(o, torch.Tensor):
+                out.append(o)
+            elif isinstance(o, (tuple, list, dict)):
+                out.extend(_iter_tensors(o, depth + 1))
+    return out
 
 
 def _json_hparam(v: Any) -> Any:
@@ -241,6 +245,14 @@ class Probe:
             tb_layers_every=self.config.tb_layers_every,
             on_error=lambda exc: self.guard.fail("writer", exc),
         )
+        # process RSS: /proc/self/statm read with one pread per step (psutil reopens it)
+        self._statm: int | None = None
+        self._page = 4096
+        try:
+            self._statm = os.open("/proc/self/statm", os.O_RDONLY)
+            self._page = os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            self._statm = None
         try:
             import psutil
 
@@ -257,6 +269,8 @@ class Probe:
             self._add_root(m)
         for o in opts:
             self._add_optimizer(o)
+        if not opts and not auto and self._roots:
+            self._adopt_existing_optimizers()
         for sc in _as_list(scalers):
             self._add_scaler(sc)
         if self.config.deep:
@@ -653,12 +667,14 @@ class Probe:
             self._measure(scope, scale)
         if scale is not None:
             seg.clip_on_scaled = True
-        with torch.no_grad():
-            if isinstance(total_norm, torch.Tensor):
-                tn = total_norm.detach().to(self._device).float()
-                coef = torch.clamp(max_norm / (tn + 1e-6), max=1.0)
-                seg.clip_total_norm = tn
-                seg.clip_pieces.append((scope, coef))
+        if isinstance(total_norm, torch.Tensor):
+            tn = total_norm.detach()
+            seg.clip_total_norm = tn
+            if isinstance(max_norm, torch.Tensor):  # rare: the coefficient on the device
+                with torch.no_grad():
+                    seg.clip_pieces.append((scope, torch.clamp(max_norm / (tn.float() + 1e-6), max=1.0), None))
+            else:  # the coefficient min(max_norm / (total + 1e-6), 1) is computed on the host
+                seg.clip_pieces.append((scope, tn, float(max_norm)))
         if isinstance(max_norm, torch.Tensor):
             seg.clip_max_norm_tensor = max_norm.detach()
             seg.clip_max_norm = None
@@ -675,8 +691,33 @@ class Probe:
 
     @guarded("optimizer")
     def _on_optimizer_created(self, opt: Any) -> None:
-        if self._live() and self.auto:
+        if not self._live():
+            return
+        if self.auto:
             self._add_optimizer(opt)
+        elif self._global_opt_hooks:
+            self._opt_info(opt)  # adopts it if it updates the watched models
+
+    def _adopt_existing_optimizers(self) -> None:
+        """optimizer=None: adopt optimizers created before watch() that update the models
+        (found once, through the garbage collector's object list)."""
+        import gc
+        import warnings
+
+        own = {id(p) for _, m in self._roots for p in m.parameters()}
+        found = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() on deprecated lazy objects warns
+            for obj in gc.get_objects():
+                try:
+                    if isinstance(obj, torch.optim.Optimizer) and any(
+                        id(p) in own for g in obj.param_groups for p in g["params"]
+                    ):
+                        found.append(obj)
+                except Exception:  # noqa: BLE001 - half-built or exotic objects
+                    continue
+        for obj in found:
+            self._add_optimizer(obj)
 
     @guarded("scaler")
     def _on_scale(self, scaler: Any, outputs: Any, result: Any) -> None:
@@ -808,6 +849,10 @@ class Probe:
         return None
 
     def _forward_pre(self, module: nn.Module, args: Any) -> None:
+        if _functorch_active():
+            if self.auto:
+                self._depth += 1
+            return
         if self._consumed:
             self._maybe_abandon()
         info = self._module_info.get(module)
@@ -885,6 +930,11 @@ class Probe:
                 continue
             mr = self._reach(t)
             if mr is None:
+                # a graph made outside watched modules: date it now, so that if it is still
+                # attached next step (an EMA, a running state), it is seen as carried
+                meta = t.grad_fn.metadata
+                meta[_AGE_KEY] = step
+                meta[_MADE_KEY] = step
                 continue
             made, r = mr
             reach = min(reach, r)
@@ -920,16 +970,19 @@ class Probe:
                 )
 
     def _track_autocast(self, info: ModuleInfo, args: Any, output: Any) -> None:
-        dev = None
-        for t in _iter_tensors(args):
-            dev = t.device.type
-            break
+        dev = info.device_type
         if dev is None:
-            return
+            ts = _iter_tensors(args)
+            if not ts:
+                return
+            dev = info.device_type = ts[0].device.type
         try:
             enabled = torch.is_autocast_enabled(dev)
+            if not enabled and info.amp is not None and not info.amp[0]:
+                return  # hot path: autocast off, as before
             dtype = str(torch.get_autocast_dtype(dev)).replace("torch.", "") if enabled else "none"
         except Exception:  # noqa: BLE001 - device types without autocast
+            info.amp = (False, "none")
             return
         out_dtype = None
         for t in _iter_tensors(output):
@@ -949,7 +1002,7 @@ class Probe:
 
     @guarded("loss")
     def _on_loss_fn(self, name: str, args: Any, kwargs: Any, out: Any) -> None:
-        if not self._live() or not isinstance(out, torch.Tensor):
+        if not self._live() or not isinstance(out, torch.Tensor) or _functorch_active():
             return
         if self._consumed:
             self._maybe_abandon()
@@ -1035,8 +1088,11 @@ class Probe:
             rec.add("eval_loss", v)
         for idx, norms in seg.grad_pieces:
             rec.add("grad", norms, idx)
-        for idx, coef in seg.clip_pieces:
-            rec.add("clip_coef", coef, idx)
+        for idx, value, max_norm in seg.clip_pieces:
+            if max_norm is None:
+                rec.add("clip_coef", value, idx)
+            else:
+                rec.add("clip", value, (idx, max_norm))
         if seg.clip_total_norm is not None:
             rec.add("clip_total", seg.clip_total_norm)
         if seg.clip_max_norm_tensor is not None:
@@ -1078,6 +1134,11 @@ class Probe:
                 return int(torch.cuda.memory_allocated(self._device))
             except Exception:  # noqa: BLE001
                 return 0
+        if self._statm is not None:
+            try:
+                return int(os.pread(self._statm, 128, 0).split()[1]) * self._page
+            except (OSError, IndexError, ValueError):
+                self._statm = None
         if self._proc is not None:
             try:
                 return int(self._proc.memory_info().rss)
@@ -1141,7 +1202,7 @@ class Probe:
         target = step
         if target is None:
             st = self._open
-            target = st.index if st.active() or st.index == 0 else st.index - 1
+            target = st.index if st.training_active() or st.index == 0 else st.index - 1
         for name, value in scalars.items():
             if isinstance(value, torch.Tensor):
                 value = value.detach().reshape(-1)[:1].float()
@@ -1209,6 +1270,12 @@ class Probe:
                 self.writer.close()
             except Exception:  # noqa: BLE001
                 pass
+            if self._statm is not None:
+                try:
+                    os.close(self._statm)
+                except OSError:
+                    pass
+                self._statm = None
             self._roots = []
             self._optimizers = []
             self._scalers = []

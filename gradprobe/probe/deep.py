@@ -110,6 +110,7 @@ class DeepProbes:
         self._cell_calls: dict[int, tuple[nn.Module, "ModuleInfo", list[torch.Tensor], Any]] = {}
         self._gate_acc: dict[str, list[torch.Tensor]] = {}
         self._side = False
+        self._dtype = torch.float32
 
     # ------------------------------------------------------------------ helpers --------
     def _sample(self, probe: str, target: Any, stat: Any, value: Any, index: int = 0) -> None:
@@ -285,6 +286,11 @@ class DeepProbes:
         T = x.shape[1] if module.batch_first else x.shape[0]
         if T < 2:
             return
+        self._dtype = _param_dtype(module)
+        if isinstance(hx, tuple):
+            hx = tuple(h.to(self._dtype) for h in hx)
+        elif hx is not None:
+            hx = hx.to(self._dtype)
         profile = self._profile(lambda xs: _last_output(module, xs, hx), x, time_dim=1 if module.batch_first else 0)
         self._emit_profile(info.name, profile, int(getattr(module, "hidden_size", 0)))
         self._set_lookback(info.name, T)
@@ -293,6 +299,8 @@ class DeepProbes:
         if len(xs) < 2 or any(x.shape != xs[0].shape for x in xs):
             return
         x = torch.stack(xs, dim=0)  # (T, B, I)
+        self._dtype = _param_dtype(module)
+        state = tuple(s.to(self._dtype) if s is not None else None for s in state)
 
         def run(seq: torch.Tensor) -> torch.Tensor:
             h, c = state
@@ -308,21 +316,10 @@ class DeepProbes:
         self._set_lookback(info.name, len(xs))
 
     def _profile(self, fn: Any, x: torch.Tensor, time_dim: int) -> torch.Tensor:
-        """Mean over projections of ||d(v·h_T)/d x_t||, indexed by steps back from T."""
         dev = x.device
         devices = [dev] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(dev.type, enabled=False):
-            xs = x.detach().float().clone().requires_grad_(True)
-            hT = fn(xs)
-            acc = torch.zeros(xs.shape[time_dim], device=dev)
-            P = max(1, self.cfg.bptt_projections)
-            for k in range(P):
-                v = torch.randn_like(hT)
-                v = v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-                (g,) = torch.autograd.grad((hT * v).sum(), xs, retain_graph=k < P - 1)
-                dims = [d for d in range(g.dim()) if d != time_dim]
-                acc = acc + g.float().pow(2).sum(dim=dims).sqrt()
-            return (acc / P).flip(0).detach()
+        with torch.random.fork_rng(devices=devices):
+            return gradient_through_time(fn, x.to(self._dtype), time_dim, max(1, self.cfg.bptt_projections))
 
     def _emit_profile(self, name: str, profile: torch.Tensor, hidden: int) -> None:
         self._sample("bptt", name, "profile", profile)
@@ -436,6 +433,41 @@ class DeepProbes:
         self._snapshots.clear()
         self._captures = {}
         self._cell_calls = {}
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def gradient_through_time(fn: Any, x: torch.Tensor, time_dim: int, projections: int | list[torch.Tensor]) -> torch.Tensor:
+    """The gradient-through-time profile of ``fn`` (input sequence -> last output h_T).
+
+    ``profile[k]`` = mean over projections v of ||d(v·h_T)/d x_{T-1-k}||, the norm taken over
+    batch and features: how much of the output's gradient reaches the input k steps back.
+    ``projections`` is a count (random unit vectors per batch row, drawn from the current
+    RNG: callers fork it) or explicit tensors shaped like h_T. One backward per projection
+    through ``torch.autograd.grad``, so no ``.grad`` is touched.
+    """
+    dev = x.device
+    with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
+        xs = x.detach().clone().requires_grad_(True)
+        hT = fn(xs)
+        vs = projections if isinstance(projections, list) else None
+        P = len(vs) if vs is not None else int(projections)
+        acc = torch.zeros(xs.shape[time_dim], device=dev, dtype=torch.float32)
+        for k in range(P):
+            if vs is not None:
+                v = vs[k].to(hT.dtype)
+            else:
+                v = torch.randn_like(hT)
+                v = v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            (g,) = torch.autograd.grad((hT * v).sum(), xs, retain_graph=k < P - 1)
+            dims = [d for d in range(g.dim()) if d != time_dim]
+            acc = acc + g.float().pow(2).sum(dim=dims).sqrt()
+        return (acc / P).flip(0).detach()
 
 
 def _slice(t: Any, B: int) -> Any:

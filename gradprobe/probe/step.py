@@ -28,7 +28,8 @@ class Segment:
     backward_time: float = 0.0
     retain_graph: bool = False
     grad_pieces: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
-    clip_pieces: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)  # clip coefficients
+    # (layer indices, total norm, max_norm) per clip call; max_norm None: the tensor is the coefficient
+    clip_pieces: list[tuple[list[int], torch.Tensor, float | None]] = field(default_factory=list)
     clip_max_norm: float | None = None
     clip_max_norm_tensor: torch.Tensor | None = None
     clip_total_norm: torch.Tensor | None = None
@@ -85,12 +86,22 @@ class OpenStep:
     scaler_updated: bool = False
     samples: list[tuple[str, str, str, int, Any]] = field(default_factory=list)
 
+    _sealed_fresh: bool = True
+
     def seal(self) -> None:
-        self.sealed.merge(self.current)
+        if self._sealed_fresh:  # nothing sealed yet: take the segment as is (no copying)
+            self.sealed = self.current
+            self._sealed_fresh = False
+        else:
+            self.sealed.merge(self.current)
         self.current = Segment()
 
     def has_stepped(self, opt: Any) -> bool:
         return any(o is opt for o in self.stepped)
+
+    def training_active(self) -> bool:
+        """A backward, a training loss or an optimizer step happened in this step."""
+        return any(seg.n_backward or seg.loss_fn for seg in (self.sealed, self.current)) or self.optimizer_steps > 0
 
     def active(self) -> bool:
         return not (self.sealed.empty() and self.current.empty()) or self.optimizer_steps > 0 or self.scaler_updated

@@ -1,0 +1,228 @@
+"""Overhead of watching a run: baseline vs watched, in one process, alternating blocks.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/overhead.py [--models lstm,mlp,transformer]
+        [--rounds 5] [--device cpu|cuda] [--modes ...] [--json out.json]
+
+Each model trains in blocks of steps; every round runs one block per mode in a shuffled
+order (baseline, gradprobe light = per-step signals only, gradprobe default = per-step
+signals + deep probes at the default interval, and the peers: torch.autograd.detect_anomaly,
+a naive per-parameter ``p.grad.norm().item()`` probe as Cockpit's GradNorm does, and
+``wandb.watch(model, log="all", log_freq=1)`` offline when wandb is installed). The figure
+is the median seconds per step of a mode over the median of the baseline. A gradprobe block
+opens a fresh probe whose schedule has no early burst (``early_until=0``), and blocks are a
+multiple of the sampling interval, so each block samples at exactly the steady-state rate.
+
+With ``--device cuda`` it also counts host-device synchronisations added per step with
+``torch.cuda.set_sync_debug_mode("warn")`` (target: zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+import torch.nn as nn
+
+import gradprobe
+from gradprobe.config import ProbeConfig
+from gradprobe.schedule import Schedule
+
+INTERVAL = 50
+
+
+class LSTMNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, 128, num_layers=2, batch_first=True)
+        self.head = nn.Linear(128, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0])
+
+
+class TransformerNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=512, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+def make_case(name: str, device: str) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    if name == "lstm":
+        model: nn.Module = LSTMNet()
+        x = torch.randn(64, 100, 32, generator=g)
+        y = torch.randn(64, 100, 1, generator=g)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn: Callable[..., torch.Tensor] = nn.functional.mse_loss
+        block = INTERVAL
+    elif name == "mlp":
+        model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        x = torch.randn(256, 512, generator=g)
+        y = torch.randint(0, 10, (256,), generator=g)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loss_fn = nn.functional.cross_entropy
+        block = 4 * INTERVAL
+    elif name == "transformer":
+        model = TransformerNet()
+        x = torch.randn(32, 64, 128, generator=g)
+        y = torch.randint(0, 10, (32, 64), generator=g)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(out.reshape(-1, 10), target.reshape(-1))
+
+        block = INTERVAL
+    else:
+        raise SystemExit(f"unknown model {name}")
+    model.to(device)
+    return {"model": model, "opt": opt, "x": x.to(device), "y": y.to(device), "loss_fn": loss_fn, "block": block}
+
+
+def train_steps(case: dict[str, Any], n: int, *, anomaly: bool = False, naive: bool = False) -> None:
+    model, opt, x, y, loss_fn = case["model"], case["opt"], case["x"], case["y"], case["loss_fn"]
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        if anomaly:
+            with torch.autograd.detect_anomaly():
+                loss = loss_fn(model(x), y)
+                loss.backward()
+        else:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        if naive:
+            norms = [p.grad.norm().item() for p in model.parameters() if p.grad is not None]
+            case.setdefault("naive_sink", []).append(sum(norms))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+def run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
+    n = case["block"]
+    if case["x"].is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if mode == "baseline":
+        train_steps(case, n)
+    elif mode in ("gradprobe-light", "gradprobe-default"):
+        cfg = ProbeConfig(schedule=Schedule(every=INTERVAL, early_until=0), deep=(mode == "gradprobe-default"))
+        with gradprobe.watch(case["model"], case["opt"], logdir=tempfile.mkdtemp(dir=tmp), config=cfg):
+            train_steps(case, n)
+    elif mode == "detect_anomaly":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_steps(case, n, anomaly=True)
+    elif mode == "naive-item":
+        train_steps(case, n, naive=True)
+    elif mode == "wandb":
+        import wandb
+
+        run = wandb.init(mode="offline", dir=tmp, reinit=True)
+        wandb.watch(case["model"], log="all", log_freq=1)
+        case["wandb_run"] = run
+
+        orig_step = case["opt"].step
+
+        def step_and_log(*a: Any, **k: Any) -> Any:
+            out = orig_step(*a, **k)
+            run.log({"x": 0.0})
+            return out
+
+        case["opt"].step = step_and_log
+        try:
+            train_steps(case, n)
+        finally:
+            del case["opt"].step
+            wandb.unwatch(case["model"])
+            run.finish(quiet=True)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    if case["x"].is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def count_syncs(case: dict[str, Any], tmp: str, steps: int = 2 * INTERVAL) -> dict[str, int]:
+    """Host-device synchronisations per mode, counted by torch's sync debug mode."""
+    out = {}
+    for mode in ("baseline", "gradprobe-default"):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                if mode == "baseline":
+                    train_steps(case, steps)
+                else:
+                    cfg = ProbeConfig(schedule=Schedule(every=INTERVAL, early_until=0))
+                    with gradprobe.watch(case["model"], case["opt"], logdir=tempfile.mkdtemp(dir=tmp), config=cfg):
+                        train_steps(case, steps)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        out[mode] = sum(1 for x in w if "synchroniz" in str(x.message).lower())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="lstm,mlp,transformer")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--modes", default="baseline,gradprobe-light,gradprobe-default,detect_anomaly,naive-item,wandb")
+    ap.add_argument("--json", help="write the figures as JSON to this file")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    modes = args.modes.split(",")
+    if "wandb" in modes:
+        try:
+            import wandb  # noqa: F401
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+        except ImportError:
+            modes.remove("wandb")
+    rnd = random.Random(args.seed)
+    results: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rounds": args.rounds, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            case = make_case(name, args.device)
+            for mode in modes:  # warm up every code path once
+                run_block({**case, "block": 3}, mode, tmp)
+            times: dict[str, list[float]] = {m: [] for m in modes}
+            for r in range(args.rounds):
+                order = modes[:]
+                rnd.shuffle(order)
+                for mode in order:
+                    times[mode].append(run_block(case, mode, tmp))
+                print(f"{name} round {r + 1}/{args.rounds}: " + ", ".join(f"{m}={times[m][-1] * 1e3:.1f}ms" for m in modes), file=sys.stderr, flush=True)
+            base = statistics.median(times["baseline"])
+            entry = {"step_ms": {m: statistics.median(v) * 1e3 for m, v in times.items()},
+                     "ratio": {m: statistics.median(v) / base for m, v in times.items()}, "block_steps": case["block"]}
+            if args.device.startswith("cuda"):
+                entry["syncs_per_run"] = count_syncs(case, tmp)
+            results["models"][name] = entry
+    print(f"{'model':<12} " + " ".join(f"{m:>18}" for m in modes))
+    for name, e in results["models"].items():
+        print(f"{name:<12} " + " ".join(f"{e['ratio'][m]:>17.3f}x" for m in modes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""``gradprobe run [OPTIONS] SCRIPT [SCRIPT_ARGS]...``: watch a training script, no code change.
+
+The mechanics are in :mod:`gradprobe.runner`; this command parses gradprobe's own options
+(all of them before SCRIPT: everything after SCRIPT belongs to the script, as with
+``python``), runs the script, prints the report after the script's own output, and exits
+with the script's status.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from gradprobe.cli.app import app, render_report
+
+
+class RunFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+class Profile(str, enum.Enum):
+    default = "default"
+    light = "light"
+    full = "full"
+
+
+def _usage(message: str) -> "typer.Exit":
+    sys.stderr.write(f"gradprobe run: {message}\n")
+    raise typer.Exit(2)
+
+
+@app.command(
+    context_settings={
+        # options stop at SCRIPT: `gradprobe run train.py --lr 3 --help` passes all of it on
+        "allow_interspersed_args": False,
+        "allow_extra_args": True,
+    },
+    epilog="Exit status: the script's own (2 when gradprobe cannot start it). See docs/run.md.",
+)
+def run(
+    ctx: typer.Context,
+    script: str = typer.Argument(..., metavar="SCRIPT", help="The training script (or, with -m, the module) to run.", show_default=False),
+    script_args: Optional[List[str]] = typer.Argument(None, metavar="SCRIPT_ARGS", help="Passed to the script unchanged.", show_default=False),
+    module: bool = typer.Option(False, "-m", "--module", help="Run SCRIPT as a module, like python -m."),
+    logdir: Optional[str] = typer.Option(None, "--logdir", help="Run directory. Default: a new folder under ./gradprobe_runs/."),
+    format: RunFormat = typer.Option(RunFormat.text, "--format", "-f", help="Report format: text goes to stderr, json and markdown to stdout."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the report to FILE instead (keeps the script's stdout clean)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Record the run but print no report."),
+    memory_limit: Optional[str] = typer.Option(
+        None, "--memory-limit", metavar="SIZE",
+        help="Raise MemoryError in the script once the process uses more than SIZE (2G, 500M): the run ends with a report instead of the OOM killer's SIGKILL.",
+    ),
+    sample_every: Optional[int] = typer.Option(None, "--sample-every", metavar="N", min=0, help="Run the sampled deep probes every N steps (0: only early steps)."),
+    profile: Profile = typer.Option(Profile.default, "--profile", help="default, light (no deep probes) or full (deep probes every step)."),
+) -> None:
+    """Run a training script exactly as `python SCRIPT ARGS` would, watched, and explain how it went.
+
+    Every model, optimizer and GradScaler the script creates is recorded. When the script ends (normally, by an exception, Ctrl-C or SIGTERM) the log is flushed and the report is printed after the script's own output and traceback; the exit status is the script's. Options go before SCRIPT; everything after it belongs to the script.
+    """
+    from gradprobe import runner as R
+    from gradprobe.config import ProbeConfig
+    from gradprobe.schedule import Schedule
+
+    start_cwd = os.getcwd()
+    command = ["gradprobe", *sys.argv[1:]]
+    args = list(script_args or []) + list(ctx.args)
+    if output and no_report:
+        _usage("--output and --no-report contradict each other")
+    limit = None
+    if memory_limit is not None:
+        try:
+            limit = R.parse_size(memory_limit)
+        except ValueError as exc:
+            _usage(f"--memory-limit: {exc}")
+    overrides = {}
+    if sample_every is not None:
+        overrides["schedule"] = Schedule(every=sample_every)
+    config = ProbeConfig.profile(profile.value, **overrides)
+    out_path = os.path.abspath(output) if output else None  # before the script can chdir
+    try:
+        target = R.resolve_target(script, args, module=module)
+        runner = R.ScriptRunner(
+            target,
+            logdir=R.run_logdir(logdir),
+            config=config,
+            memory_limit=limit,
+            restore=False,
+            run_info={"command": command},
+        )
+        outcome = runner.run()
+    except R.RunnerError as exc:
+        _usage(str(exc))
+    rank, world = R.distributed_rank()
+    # under torchrun rank 0 reports; another rank only when its own script failed
+    show = not no_report and runner.probe is not None and outcome.started and (rank == 0 or outcome.how == "exception")
+    if show:
+        emit_report(runner.probe, outcome, format.value, out_path, cwd=start_cwd)
+    R.exit_like(outcome)
+
+
+def emit_report(probe: object, outcome: object, fmt: str, output: Optional[str], *, cwd: Optional[str] = None) -> None:
+    """Prints the summary line and the report; never raises (the script's status wins)."""
+    from gradprobe import runner as R
+
+    err = _stream(sys.stderr, sys.__stderr__)
+    logdir = getattr(probe, "logdir", "")
+    shown = _short(logdir, cwd)
+    steps = getattr(outcome, "steps", 0)
+    describe = outcome.describe() if isinstance(outcome, R.Outcome) else "the script ended"
+    _write(err, f"\ngradprobe: {describe}; {steps} step{'s' if steps != 1 else ''} recorded in {shown} (re-read: gradprobe analyze {shown})\n")
+    try:
+        report = R.build_report(probe)
+        color = output is None and fmt == "text" and _isatty(err)
+        text = render_report(report, fmt, color=color)
+    except Exception as exc:  # noqa: BLE001 - a bug in the analysis must not hide the status
+        _write(err, f"gradprobe: could not build the report ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})\n")
+        return
+    if not text.endswith("\n"):
+        text += "\n"
+    if output:
+        try:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            _write(err, f"gradprobe: cannot write {output}: {exc.strerror or exc}\n")
+            return
+        _write(err, f"gradprobe: report written to {_short(output, cwd)}\n")
+    elif fmt == "text":
+        _write(err, text)
+    else:
+        _write(_stream(sys.stdout, sys.__stdout__), text)
+
+
+def _stream(current: object, original: object) -> object:
+    s = current if current is not None and not getattr(current, "closed", False) else original
+    return s
+
+
+def _write(stream: object, text: str) -> None:
+    try:
+        stream.write(text)  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a stream the script closed or replaced
+        try:
+            sys.__stderr__.write(text)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _short(path: str, cwd: Optional[str] = None) -> str:
+    """``path`` relative to the directory gradprobe was started in, when it is inside it."""
+    if not path:
+        return path
+    try:
+        rel = os.path.relpath(path, cwd or os.getcwd())
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path

@@ -1,0 +1,956 @@
+"""``gradprobe run``: a training script run exactly as ``python SCRIPT ARGS`` would, watched.
+
+This module holds the mechanics; :mod:`gradprobe.cli.run` is the thin typer command on top.
+The script sees what ``python`` gives it (pyinstrument's ``__main__`` is the model):
+
+* ``sys.argv`` is ``[SCRIPT, *ARGS]`` (``-m``: the module's file, then the arguments);
+* ``__name__ == "__main__"`` in a fresh ``__main__`` module (so pickling classes defined in
+  the script works), with ``__file__`` and ``__loader__`` as Python sets them;
+* ``sys.path[0]`` is the script's directory (symlinks resolved), or the working directory
+  for ``-m``; nothing is inserted, the rest of ``sys.path`` is untouched;
+* cwd, stdin, stdout and stderr are inherited unchanged;
+* the exit status is Python's: 0, ``sys.exit(n)``'s ``n``, 1 after an uncaught exception
+  (printed by ``sys.excepthook`` with gradprobe's frames removed), and death by the signal
+  after an uncaught ``KeyboardInterrupt`` (the shell shows 130) or SIGTERM (143).
+
+Around the script, a :class:`~gradprobe.probe.core.Probe` in ``auto`` mode watches every
+model, optimizer and GradScaler the process creates. However the script ends (returns,
+``sys.exit``, an exception, Ctrl-C, SIGTERM, ``--memory-limit``), the runner records how in
+the run log (an ``exception`` event for exceptions the probe's backward wrapper did not
+already record, and one ``script_end`` event), waits for non-daemon threads as Python does,
+closes the probe (everything is flushed) and hands back an :class:`Outcome`; the caller
+prints the report and then calls :func:`exit_like` to leave with the script's status.
+
+Signals. SIGINT keeps Python's own handler (``KeyboardInterrupt`` unwinds the script like any
+exception). For SIGTERM, whose default action kills the process before anything can be
+written, the runner installs a handler that raises :class:`ScriptTerminated` in the main
+thread; the report is printed, then the process dies by SIGTERM as it would have. Handlers
+the script installs itself keep working: ``signal.signal``/``signal.getsignal`` are wrapped
+while the script runs, so the script's handler is the one that runs (and ``getsignal``
+returns it); gradprobe only hands the steps recorded so far to disk first. ``SIG_IGN`` is
+installed for real. Forked children (DataLoader workers) get the script's dispositions back
+and no gradprobe handler, as the probe itself goes inert in them.
+
+Memory. On CPU the kernel's OOM killer sends SIGKILL, which nothing can report. With a
+memory limit the runner checks the process memory (RSS; CUDA allocated memory on GPU runs)
+after every optimizer step and, throttled, before module forwards, and raises
+``MemoryError`` once it is over the limit, so the run ends by an exception that is logged and
+diagnosed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import datetime as _dt
+import importlib.machinery
+import io
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+import types
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+HANDLED_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+
+#: How a script ended, as recorded in the ``script_end`` event and :attr:`Outcome.how`.
+HOW = ("returned", "exit", "exception", "keyboard_interrupt", "signal")
+
+
+class RunnerError(Exception):
+    """The script could not be started (missing file, unwritable log directory...).
+
+    Raised before any of the script ran; the CLI turns it into one line and exit status 2.
+    """
+
+
+class ScriptTerminated(BaseException):
+    """Raised in the script's main thread when SIGTERM (or another fatal signal whose
+    disposition is the default) arrives, so that the script unwinds and the run is
+    reported before the process dies by that signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"terminated by {signal_name(self.signum)}"
+
+
+@dataclass
+class Target:
+    """What to run.
+
+    Attributes:
+        kind: ``"file"`` (a ``.py`` script), ``"module"`` (``-m``) or ``"main_dir"`` (a
+            directory or zip file with ``__main__.py``, as ``python DIR`` runs it).
+        name: the script path or module name exactly as given on the command line.
+        args: the script's own arguments.
+    """
+
+    kind: str
+    name: str
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """How the script ended.
+
+    Attributes:
+        status: the exit status Python would have returned (when ``signum`` is None).
+        how: one of :data:`HOW`.
+        signum: the process must die by this signal (after ``KeyboardInterrupt``: SIGINT;
+            after SIGTERM: SIGTERM), as Python would have.
+        exception: the exception that ended the script (its frames cleared), if any.
+        steps: training steps recorded.
+        logdir: the run directory, None when no probe was started.
+        started: False when the script never started (syntax error, no such module).
+        location: ``file:line`` where the exception was raised.
+    """
+
+    status: int
+    how: str
+    signum: int | None = None
+    exception: BaseException | None = None
+    steps: int = 0
+    logdir: str | None = None
+    started: bool = True
+    location: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.signum is not None or self.status != 0
+
+    def describe(self) -> str:
+        """One phrase for the line printed before the report."""
+        if self.how == "returned":
+            return "the script finished"
+        if self.how == "exit":
+            return f"the script exited with status {self.status}"
+        if self.how == "keyboard_interrupt":
+            return "the script was interrupted (KeyboardInterrupt)"
+        if self.how == "signal":
+            return f"the script was terminated by {signal_name(self.signum or 0)}"
+        exc = self.exception
+        name = type(exc).__name__ if exc is not None else "an exception"
+        return f"the script raised {name} (exit status {self.status})"
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# ------------------------------------------------------------------------------ sizes -----
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"2G"``, ``"500M"``, ``"1.5GiB"``, ``"4096"`` (binary units: 1K = 1024).
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 2G, 500M, 1.5GiB, 4096)")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    value = int(number * 1024 ** "_kmgtp".index(unit or "_"))
+    if value <= 0:
+        raise ValueError(f"not a positive size: {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- logdir -----
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from the torchrun environment; (0, 1) outside it."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 0, 1
+
+
+def run_logdir(logdir: str | None) -> str | None:
+    """The absolute run directory (fixed before the script can ``chdir``).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank writes its own ``rank<k>`` folder inside
+    the run directory; the default run directory is then named after the launcher (the
+    ranks' common parent process) so that all local ranks share it. Outside torchrun and
+    without ``--logdir``, None: the probe's default (a new folder under ``./gradprobe_runs/``).
+    """
+    rank, world = distributed_rank()
+    if world <= 1:
+        return os.path.abspath(logdir) if logdir else None
+    if logdir:
+        base = os.path.abspath(logdir)
+    else:
+        ppid = os.getppid()
+        started = time.time()
+        try:
+            import psutil
+
+            started = psutil.Process(ppid).create_time()
+        except Exception:  # noqa: BLE001 - the stamp is only a name
+            pass
+        stamp = _dt.datetime.fromtimestamp(started).strftime("%Y%m%d-%H%M%S")
+        base = os.path.join(os.getcwd(), "gradprobe_runs", f"{stamp}-torchrun-{ppid}")
+    return os.path.join(base, f"rank{rank}")
+
+
+# ------------------------------------------------------------------- target details -----
+def resolve_target(name: str, args: list[str], *, module: bool) -> Target:
+    """Checks that the script exists (``-m``: nothing is imported yet).
+
+    Raises:
+        RunnerError: the file does not exist or cannot be read (Python exits 2 there too).
+    """
+    if module:
+        if not name:
+            raise RunnerError("-m needs a module name")
+        return Target("module", name, list(args))
+    if os.path.isdir(name) or (os.path.isfile(name) and zipfile.is_zipfile(name)):
+        return Target("main_dir", name, list(args))
+    if not os.path.isfile(name):
+        shown = os.path.abspath(name)
+        if os.path.exists(name):
+            raise RunnerError(f"can't open file {shown!r}: not a regular file")
+        raise RunnerError(f"can't open file {shown!r}: [Errno 2] No such file or directory")
+    if not os.access(name, os.R_OK):
+        raise RunnerError(f"can't open file {os.path.abspath(name)!r}: [Errno 13] Permission denied")
+    return Target("file", name, list(args))
+
+
+def _runpy_filenames() -> set[str]:
+    import runpy
+
+    names = {os.path.abspath(__file__)}
+    code = getattr(getattr(runpy, "_run_code", None), "__code__", None)
+    if code is not None:
+        names.add(code.co_filename)
+    if getattr(runpy, "__file__", None):
+        names.add(runpy.__file__)
+    return names
+
+
+def trim_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """Drops the leading frames of the runner and ``runpy``: the traceback starts at the
+    script, as Python prints it."""
+    ours = _runpy_filenames()
+    while tb is not None and tb.tb_frame.f_code.co_filename in ours:
+        tb = tb.tb_next
+    return tb
+
+
+def _raised_through_backward(exc: BaseException) -> bool:
+    """True if ``exc`` came out of gradprobe's ``torch.autograd.backward`` wrapper, which
+    already recorded it as an ``exception`` event."""
+    try:
+        from gradprobe.probe import patches
+    except Exception:  # noqa: BLE001
+        return False
+    pfile = patches.__file__
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "backward" and code.co_filename == pfile:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _last_location(exc: BaseException) -> str | None:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return None
+    return f"{last.tb_frame.f_code.co_filename}:{last.tb_lineno}"
+
+
+def _probe_source_dirs() -> tuple[str, ...]:
+    import gradprobe
+
+    root = os.path.dirname(os.path.abspath(gradprobe.__file__))
+    return (os.path.join(root, "probe") + os.sep, os.path.join(root, "runlog") + os.sep, os.path.join(root, "_guard.py"))
+
+
+def _inside_probe(frame: types.FrameType | None) -> bool:
+    """True if the interrupted code is gradprobe's recorder (its state may be half-updated)."""
+    dirs = _probe_source_dirs()
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(dirs):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# --------------------------------------------------------------------------- signals -----
+class SignalChain:
+    """Keeps the script's SIGINT/SIGTERM handlers working while gradprobe gets to flush.
+
+    While installed, ``signal.signal`` and ``signal.getsignal`` are wrapped for the handled
+    signals: the script's handler (the *virtual* one) is what ``getsignal`` returns and
+    what runs; the real disposition is a dispatcher that first hands the recorded steps to
+    disk, then calls it. A default disposition becomes :meth:`_terminate` (raise
+    :class:`ScriptTerminated`, so the run is reported), ``SIG_IGN`` stays a real ignore,
+    Python's ``default_int_handler`` stays itself (``KeyboardInterrupt`` is reported on the
+    way out anyway).
+    """
+
+    def __init__(self, runner: "ScriptRunner") -> None:
+        self.runner = runner
+        self.pid = os.getpid()
+        self.virtual: dict[int, Any] = {}
+        self._orig_signal = signal.signal
+        self._orig_getsignal = signal.getsignal
+        self.installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for s in HANDLED_SIGNALS:
+            self.virtual[s] = self._orig_getsignal(s)
+        for s in HANDLED_SIGNALS:
+            h = self.virtual[s]
+            if h is None:
+                continue  # installed from C: leave it alone
+            real = self._real_for(s, h)
+            if real is not h:
+                self._orig_signal(s, real)
+        signal.signal = self.signal  # type: ignore[assignment]
+        signal.getsignal = self.getsignal  # type: ignore[assignment]
+        self.installed = True
+
+    def uninstall(self, *, child: bool = False) -> None:
+        """Puts the script's own dispositions in place and unwraps ``signal``."""
+        if not self.installed:
+            return
+        self.installed = False
+        if signal.signal is self.signal:  # type: ignore[comparison-overlap]
+            signal.signal = self._orig_signal
+        if signal.getsignal is self.getsignal:  # type: ignore[comparison-overlap]
+            signal.getsignal = self._orig_getsignal
+        for s, h in self.virtual.items():
+            if h is None:
+                continue
+            try:
+                self._orig_signal(s, h)
+            except (ValueError, OSError, TypeError):
+                pass
+
+    # ---- the wrapped module functions ---------------------------------------------------
+    def signal(self, signalnum: int, handler: Any) -> Any:
+        if (
+            signalnum not in self.virtual
+            or os.getpid() != self.pid
+            or not (callable(handler) or handler in (signal.SIG_IGN, signal.SIG_DFL))
+        ):
+            return self._orig_signal(signalnum, handler)
+        previous = self.virtual[signalnum]
+        self._orig_signal(signalnum, self._real_for(signalnum, handler))  # validates like Python
+        self.virtual[signalnum] = handler
+        return previous
+
+    def getsignal(self, signalnum: int) -> Any:
+        if signalnum in self.virtual and os.getpid() == self.pid:
+            return self.virtual[signalnum]
+        return self._orig_getsignal(signalnum)
+
+    # ---- real dispositions --------------------------------------------------------------
+    def _real_for(self, signum: int, handler: Any) -> Any:
+        if handler is signal.default_int_handler:
+            return handler
+        if handler == signal.SIG_IGN:
+            return signal.SIG_IGN
+        if handler == signal.SIG_DFL:
+            return self._terminate
+        return self._dispatch
+
+    def _as_child(self, signum: int, frame: Any) -> None:
+        """A forked child inherited our disposition: behave as the script's would."""
+        h = self.virtual.get(signum, signal.SIG_DFL)
+        if callable(h):
+            h(signum, frame)
+            return
+        if h == signal.SIG_IGN:
+            return
+        self._orig_signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def _dispatch(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:
+            self._as_child(signum, frame)
+            return
+        self.runner._on_signal(signum, frame)
+        h = self.virtual.get(signum)
+        if callable(h):
+            h(signum, frame)
+
+    def _terminate(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:
+            self._as_child(signum, frame)
+            return
+        # a second signal of this kind kills at once, as the default would have
+        try:
+            self._orig_signal(signum, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
+        self.runner._on_signal(signum, frame, flush=False)
+        raise ScriptTerminated(signum)
+
+
+# ------------------------------------------------------------------- memory watchdog -----
+class MemoryWatchdog:
+    """Raises ``MemoryError`` in the script once process memory exceeds ``limit`` bytes.
+
+    Checked after every optimizer step (a step boundary: the step is already recorded,
+    because the probe's global step hook was registered first) and, at most every
+    ``interval`` seconds, before a module forward (runs without an optimizer, one giant
+    step). Memory is the probe's own measure: RSS on CPU, allocated CUDA memory on GPU.
+    While over the limit every further check raises again, so a script that catches the
+    error and goes on is stopped at the next step rather than by the OOM killer.
+    """
+
+    def __init__(self, limit: int, probe: Any, *, interval: float = 0.25) -> None:
+        self.limit = int(limit)
+        self.probe = probe
+        self.interval = interval
+        self.pid = os.getpid()
+        self.hit = False
+        self._last = 0.0
+        self._handles: list[Any] = []
+        self._proc: Any = None
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except Exception:  # noqa: BLE001
+            self._proc = None
+
+    def install(self) -> None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._handles.append(register_optimizer_step_post_hook(self._after_step))
+        self._handles.append(register_module_forward_pre_hook(self._before_forward))
+
+    def uninstall(self) -> None:
+        for h in self._handles:
+            try:
+                h.remove()
+            except Exception:  # noqa: BLE001
+                pass
+        self._handles = []
+
+    def used(self) -> int:
+        probe = self.probe
+        if probe is not None and getattr(probe, "_memory_kind", "rss") != "rss":
+            try:
+                return int(probe._memory())
+            except Exception:  # noqa: BLE001
+                pass
+        if self._proc is None:
+            return 0
+        try:
+            return int(self._proc.memory_info().rss)
+        except Exception:  # noqa: BLE001
+            return 0
+
+    def _after_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self.check()
+
+    def _before_forward(self, module: Any, args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.check()
+
+    def check(self) -> None:
+        if os.getpid() != self.pid:
+            return
+        used = self.used()
+        if used <= self.limit:
+            return
+        probe = self.probe
+        step = int(getattr(probe, "step", 0) or 0)
+        if not self.hit:
+            self.hit = True
+            if probe is not None:
+                try:
+                    probe.writer.put_event(
+                        {"kind": "memory_limit", "step": step, "memory": used, "limit": self.limit, "wall_time": time.time()}
+                    )
+                except Exception:  # noqa: BLE001
+                    pass
+        raise MemoryError(
+            f"gradprobe: process memory {used / 2**20:.0f} MiB exceeded --memory-limit "
+            f"{self.limit / 2**20:.0f} MiB at step {step} (stopped before the kernel's OOM killer)"
+        )
+
+
+# --------------------------------------------------------------------------- runner -----
+_ACTIVE: list["ScriptRunner"] = []
+
+
+def _after_fork_in_child() -> None:
+    for r in list(_ACTIVE):
+        r._forked_child()
+    _ACTIVE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ScriptRunner:
+    """Runs one script (or module) under an auto probe.
+
+    Args:
+        target: from :func:`resolve_target`.
+        logdir: run directory (absolute; see :func:`run_logdir`); None for the default.
+        config: the probe's :class:`~gradprobe.config.ProbeConfig`.
+        memory_limit: bytes; None for no limit.
+        restore: put ``sys.argv``, ``sys.path[0]`` and ``sys.modules["__main__"]`` back
+            when the script ends (in-process use). The CLI leaves the script's in place
+            until the process exits, as Python does.
+        run_info: extra metadata for the run log.
+
+    Use :meth:`run` once; the probe (for the report) is :attr:`probe` afterwards.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        logdir: str | None = None,
+        config: Any = None,
+        memory_limit: int | None = None,
+        restore: bool = True,
+        run_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.target = target
+        self.logdir = logdir
+        self.config = config
+        self.memory_limit = memory_limit
+        self.restore = restore
+        self.run_info = dict(run_info or {})
+        self.probe: Any = None
+        self.pid = os.getpid()
+        self.main_module: types.ModuleType | None = None
+        self.signals: SignalChain | None = None
+        self.watchdog: MemoryWatchdog | None = None
+        self._saved: tuple[list[str], list[str], Any] | None = None
+        self._code: Any = None
+        self._spec: Any = None
+
+    # ---- public --------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        """Runs the script to its end; never lets the script's exception escape.
+
+        Raises:
+            RunnerError: the probe could not be started (nothing of the script ran).
+        """
+        self._saved = (list(sys.argv), list(sys.path), sys.modules.get("__main__"))
+        try:
+            early = self._prepare()
+            if early is not None:
+                return early
+            self._start_probe()
+            _ACTIVE.append(self)
+            self.signals = SignalChain(self)
+            self.signals.install()
+            if self.memory_limit is not None:
+                self.watchdog = MemoryWatchdog(self.memory_limit, self.probe)
+                self.watchdog.install()
+            try:
+                try:
+                    self._execute()
+                finally:
+                    self._stop_interception()
+            except BaseException as exc:  # noqa: BLE001 - the script's, reported and kept
+                outcome = self._outcome_of(exc)
+            else:
+                outcome = Outcome(0, "returned")
+            return self._finish(outcome)
+        finally:
+            self._stop_interception()
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
+            if self.restore:
+                self._restore_sys()
+
+    # ---- before ---------------------------------------------------------------------------
+    def _prepare(self) -> Outcome | None:
+        """argv, sys.path[0], a fresh ``__main__``; compiles the script. Returns an Outcome
+        if the script cannot start (syntax error, no such module), as Python reports it."""
+        t = self.target
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = builtins
+        main.__dict__["__annotations__"] = {}
+        if t.kind == "file":
+            path0 = os.path.dirname(os.path.realpath(t.name))
+            filename = t.name if os.path.isabs(t.name) else os.path.join(os.getcwd(), t.name)
+            sys.argv[:] = [t.name, *t.args]
+            self._set_path0(path0)
+            main.__file__ = filename
+            main.__cached__ = None  # type: ignore[attr-defined]
+            main.__loader__ = importlib.machinery.SourceFileLoader("__main__", filename)
+            main.__spec__ = None
+            main.__package__ = None
+            self.main_module = main
+            sys.modules["__main__"] = main
+            try:
+                if filename.endswith((".pyc", ".pyo")):
+                    self._code = None  # runpy.run_path handles compiled scripts
+                else:
+                    with io.open_code(filename) as f:
+                        source = f.read()
+                    # dont_inherit: the script must not get this module's __future__ flags
+                    self._code = compile(source, filename, "exec", dont_inherit=True)
+            except BaseException as exc:  # noqa: BLE001 - SyntaxError & co, as Python shows them
+                return self._not_started(exc)
+            return None
+        if t.kind == "main_dir":
+            sys.argv[:] = [t.name, *t.args]
+            self._set_path0(os.path.abspath(t.name))
+            self.main_module = main
+            sys.modules["__main__"] = main
+            return None
+        # -m: Python imports the module's parents and finds its code before running it
+        import runpy
+
+        sys.argv[:] = ["-m", *t.args]
+        self._set_path0(os.getcwd())
+        get_details = getattr(runpy, "_get_module_details", None)
+        err_cls = getattr(runpy, "_Error", ImportError)
+        if get_details is not None:
+            try:
+                _, self._spec, self._code = get_details(t.name, err_cls)
+            except err_cls as exc:
+                sys.stderr.write(f"{sys.executable}: {exc}\n")
+                sys.stderr.flush()
+                return Outcome(1, "exit", exception=exc, started=False)
+            except BaseException as exc:  # noqa: BLE001 - an error while importing its package
+                return self._not_started(exc)
+            sys.argv[0] = self._spec.origin or t.name
+        self.main_module = main
+        sys.modules["__main__"] = main
+        return None
+
+    def _not_started(self, exc: BaseException) -> Outcome:
+        if isinstance(exc, SystemExit):
+            return Outcome(self._exit_status(exc), "exit", exception=exc, started=False)
+        if isinstance(exc, KeyboardInterrupt):
+            self._print_exception(exc)
+            return Outcome(1, "keyboard_interrupt", signum=signal.SIGINT, exception=exc, started=False)
+        self._print_exception(exc)
+        return Outcome(1, "exception", exception=exc, started=False)
+
+    def _set_path0(self, path0: str) -> None:
+        if sys.flags.safe_path if hasattr(sys.flags, "safe_path") else False:
+            return  # python -P / PYTHONSAFEPATH: Python prepends nothing either
+        if not sys.path:
+            sys.path.append(path0)
+            return
+        old = sys.path[0]
+        sys.path[0] = path0
+        if old != path0 and not self._gradprobe_importable():
+            # gradprobe runs from a source tree found through the old sys.path[0]: keep it
+            # reachable for the report's lazy imports, at the end where it shadows nothing
+            sys.path.append(old)
+
+    @staticmethod
+    def _gradprobe_importable() -> bool:
+        for finder in sys.meta_path:
+            if finder is importlib.machinery.PathFinder:
+                continue
+            find = getattr(finder, "find_spec", None)
+            try:
+                if find is not None and find("gradprobe", None) is not None:
+                    return True
+            except Exception:  # noqa: BLE001
+                continue
+        try:
+            return importlib.machinery.PathFinder.find_spec("gradprobe", sys.path) is not None
+        except Exception:  # noqa: BLE001
+            return True
+
+    def _start_probe(self) -> None:
+        from gradprobe.probe.core import Probe
+
+        t = self.target
+        info: dict[str, Any] = {
+            "argv": list(sys.argv),
+            "run": {
+                "target": t.name,
+                "kind": t.kind,
+                "args": list(t.args),
+                "cwd": os.getcwd(),
+                "python": sys.executable,
+                "memory_limit": self.memory_limit,
+            },
+        }
+        info.update(self.run_info)
+        try:
+            self.probe = Probe([], auto=True, logdir=self.logdir, config=self.config, run_info=info)
+        except OSError as exc:
+            raise RunnerError(f"cannot write the run log in {exc.filename or self.logdir}: {exc.strerror or exc}") from None
+        self.logdir = self.probe.logdir
+
+    # ---- during ---------------------------------------------------------------------------
+    def _execute(self) -> None:
+        import runpy
+
+        t = self.target
+        main = self.main_module
+        assert main is not None
+        if t.kind == "file":
+            if self._code is None:
+                runpy.run_path(t.name, run_name="__main__")
+                return
+            exec(self._code, main.__dict__)  # noqa: S102 - running the user's script is the job
+        elif t.kind == "main_dir":
+            runpy._run_module_as_main("__main__", alter_argv=False)  # type: ignore[attr-defined]
+        elif self._code is not None:
+            runpy._run_code(self._code, main.__dict__, None, "__main__", self._spec)  # type: ignore[attr-defined]
+        else:  # a Python without runpy's internals
+            runpy.run_module(t.name, run_name="__main__", alter_sys=True)
+
+    def _on_signal(self, signum: int, frame: Any, *, flush: bool = True) -> None:
+        """A handled signal arrived in the main thread: log it and, unless the recorder was
+        interrupted mid-update, hand the recorded steps to disk (the script's handler may
+        end the process with ``os._exit``)."""
+        probe = self.probe
+        if probe is None:
+            return
+        try:
+            probe.writer.put_event({"kind": "signal", "signal": signal_name(signum), "step": int(probe.step), "wall_time": time.time()})
+            if flush and not _inside_probe(frame):
+                probe.flush(timeout=5.0)
+        except Exception:  # noqa: BLE001 - never in the way of the script's handler
+            pass
+
+    def _stop_interception(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.uninstall()
+        if self.signals is not None:
+            self.signals.uninstall()
+
+    def _forked_child(self) -> None:
+        if self.signals is not None:
+            self.signals.uninstall(child=True)
+
+    # ---- after ----------------------------------------------------------------------------
+    @staticmethod
+    def _exit_status(exc: SystemExit) -> int:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        try:
+            sys.stderr.write(f"{code}\n")  # Python prints a non-integer exit code
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        return 1
+
+    def _print_exception(self, exc: BaseException) -> None:
+        """Prints ``exc`` the way Python prints an uncaught exception (``sys.excepthook``),
+        starting at the script's own frames."""
+        tb = trim_traceback(exc.__traceback__)
+        exc.__traceback__ = tb
+        _flush_std()
+        hook = sys.excepthook
+        try:
+            hook(type(exc), exc, tb)
+        except BaseException as hook_exc:  # noqa: BLE001 - as Python does when the hook fails
+            try:
+                sys.stderr.write("Error in sys.excepthook:\n")
+                sys.__excepthook__(type(hook_exc), hook_exc, hook_exc.__traceback__)
+                sys.stderr.write("\nOriginal exception was:\n")
+                sys.__excepthook__(type(exc), exc, tb)
+            except Exception:  # noqa: BLE001
+                pass
+        _flush_std()
+
+    def _outcome_of(self, exc: BaseException) -> Outcome:
+        if isinstance(exc, SystemExit):
+            return Outcome(self._exit_status(exc), "exit", exception=exc)
+        if isinstance(exc, ScriptTerminated):
+            _flush_std()
+            return Outcome(128 + exc.signum, "signal", signum=exc.signum, exception=exc)
+        self._record_exception(exc)
+        self._print_exception(exc)
+        loc = _last_location(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            out = Outcome(128 + signal.SIGINT, "keyboard_interrupt", signum=signal.SIGINT, exception=exc)
+        else:
+            out = Outcome(1, "exception", exception=exc)
+        out.location = loc
+        # release the frames' locals (tensors, graphs) before the report is built
+        try:
+            traceback.clear_frames(exc.__traceback__)
+        except Exception:  # noqa: BLE001
+            pass
+        return out
+
+    def _record_exception(self, exc: BaseException) -> None:
+        probe = self.probe
+        if probe is None or isinstance(exc, KeyboardInterrupt) or _raised_through_backward(exc):
+            return
+        record = getattr(probe, "_record_exception", None)
+        if record is not None:
+            probe.guard.call("runner", record, exc, "script")
+        else:
+            probe.writer.put_event(
+                {"kind": "exception", "where": "script", "step": int(probe.step), "type": type(exc).__name__, "message": str(exc)[:2000], "wall_time": time.time()}
+            )
+
+    def _finish(self, outcome: Outcome) -> Outcome:
+        if outcome.how != "signal":
+            _join_threads()  # Python waits for non-daemon threads before it exits
+        probe = self.probe
+        outcome.logdir = self.logdir
+        if probe is None:
+            return outcome
+        exc = outcome.exception
+        event: dict[str, Any] = {
+            "kind": "script_end",
+            "how": outcome.how,
+            "status": outcome.status if outcome.signum is None else 128 + outcome.signum,
+            "step": int(probe.step),
+            "wall_time": time.time(),
+        }
+        if outcome.signum is not None:
+            event["signal"] = signal_name(outcome.signum)
+        if exc is not None and outcome.how in ("exception", "keyboard_interrupt"):
+            event["exception"] = type(exc).__name__
+            event["message"] = str(exc)[:500]
+            if outcome.location:
+                event["location"] = outcome.location
+        if self.watchdog is not None and self.watchdog.hit:
+            event["memory_limit"] = self.watchdog.limit
+        try:
+            probe.writer.put_event(event)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            probe.close()
+        except Exception as close_exc:  # noqa: BLE001 - the script's status matters more
+            sys.stderr.write(f"gradprobe: closing the run log failed ({type(close_exc).__name__}: {close_exc})\n")
+        outcome.steps = int(probe.meta.get("steps", getattr(probe, "step", 0)) or 0)
+        return outcome
+
+    def _restore_sys(self) -> None:
+        if self._saved is None:
+            return
+        argv, path, main = self._saved
+        sys.argv[:] = argv
+        sys.path[:] = path
+        if main is not None:
+            sys.modules["__main__"] = main
+        self._saved = None
+
+
+def _flush_std() -> None:
+    for s in (sys.stdout, sys.stderr):
+        try:
+            if s is not None:
+                s.flush()
+        except Exception:  # noqa: BLE001 - a closed stream is the script's business
+            pass
+
+
+def _join_threads() -> None:
+    me = threading.current_thread()
+    try:
+        for t in threading.enumerate():
+            if t is me or t.daemon or not t.is_alive() or isinstance(t, threading._DummyThread):  # type: ignore[attr-defined]
+                continue
+            t.join()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, report
+        pass
+
+
+def build_report(probe: Any) -> Any:
+    """The report of a closed probe's run (analyzed from disk)."""
+    return probe.report()
+
+
+def exit_like(outcome: Outcome) -> NoReturn:
+    """Leaves the process the way Python would have after the script.
+
+    A status is passed to ``sys.exit``. After ``KeyboardInterrupt`` Python runs its exit
+    handlers and then kills itself with SIGINT (so the parent shell stops too); after
+    SIGTERM the process dies by SIGTERM without them, as with the default disposition.
+    """
+    if outcome.signum is None:
+        _flush_std()
+        sys.exit(outcome.status)
+    signum = outcome.signum
+    if signum == signal.SIGINT:
+        try:
+            atexit._run_exitfuncs()
+        except BaseException:  # noqa: BLE001
+            pass
+    _flush_std()
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        time.sleep(1.0)
+    except BaseException:  # noqa: BLE001
+        pass
+    os._exit(128 + signum)
+
+
+def run_script(
+    name: str,
+    args: list[str] | None = None,
+    *,
+    module: bool = False,
+    logdir: str | None = None,
+    config: Any = None,
+    memory_limit: int | None = None,
+    restore: bool = True,
+) -> tuple[Outcome, Any]:
+    """Runs a script in this process under an auto probe; returns (outcome, report or None).
+
+    The in-process counterpart of ``gradprobe run`` (no exit, no printing of the report).
+    """
+    target = resolve_target(name, list(args or []), module=module)
+    runner = ScriptRunner(target, logdir=run_logdir(logdir), config=config, memory_limit=memory_limit, restore=restore)
+    outcome = runner.run()
+    report = None
+    if runner.probe is not None:
+        report = build_report(runner.probe)
+    return outcome, report
+
+
+__all__ = [
+    "HANDLED_SIGNALS",
+    "MemoryWatchdog",
+    "Outcome",
+    "RunnerError",
+    "ScriptRunner",
+    "ScriptTerminated",
+    "SignalChain",
+    "Target",
+    "build_report",
+    "exit_like",
+    "parse_size",
+    "resolve_target",
+    "run_logdir",
+    "run_script",
+]

@@ -1,0 +1,259 @@
+"""Deep probes: each statistic against a brute-force reference, and real tiny runs where
+each probe matters."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import gradprobe
+from gradprobe.config import ProbeConfig
+from gradprobe.probe.deep import gradient_through_time
+from gradprobe.schedule import Schedule
+from gradprobe.stats import bptt_summary
+from tests.helpers import SeqRegressor, mlp, regression_batches
+
+EVERY = ProbeConfig(schedule=Schedule(every=1))
+
+
+def _sample(log: gradprobe.RunLog, probe: str, target: str, stat: str, step: int = 0) -> float:
+    s = log.samples
+    sel = s[(s.probe == probe) & (s.target == target) & (s.stat == stat) & (s.step == step)]
+    assert len(sel), (probe, target, stat, step)
+    return float(sel["value"].iloc[0])
+
+
+def test_gradient_through_time_equals_jacobian():
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 5, batch_first=True)
+    x = torch.randn(2, 7, 3)
+
+    def last(xs: torch.Tensor) -> torch.Tensor:
+        return rnn(xs)[0][:, -1]
+
+    vs = [torch.randn(2, 5) for _ in range(4)]
+    profile = gradient_through_time(last, x, time_dim=1, projections=vs)
+    J = torch.autograd.functional.jacobian(last, x)  # (B, H, B, T, I)
+    expected = torch.zeros(7)
+    for v in vs:
+        g = torch.einsum("bh,bhcti->cti", v, J)  # d(v·h_T)/dx: (B, T, I)
+        expected += g.pow(2).sum(dim=(0, 2)).sqrt()
+    expected = (expected / len(vs)).flip(0)
+    assert torch.allclose(profile, expected, rtol=1e-5, atol=1e-7)
+    assert not any(p.grad is not None for p in rnn.parameters())  # .grad never touched
+
+
+def test_bptt_summary():
+    p = [1.0 * 0.5**k for k in range(30)]
+    s = bptt_summary(p)
+    assert s["horizon"] == 10  # 0.5**10 < 1e-3 <= 0.5**9
+    assert s["growth_per_step"] == pytest.approx(0.5)
+    assert s["reaches_end"] == 0
+    grow = bptt_summary([1.2**k for k in range(20)])
+    assert grow["growth_per_step"] == pytest.approx(1.2) and grow["reaches_end"] == 1 and grow["horizon"] == 20
+
+
+def test_lstmcell_gate_saturation_equals_manual(logdir):
+    cell = nn.LSTMCell(3, 4)
+    with torch.no_grad():
+        cell.bias_ih[4:8] += 8.0  # forget gate pushed towards 1
+    opt = torch.optim.SGD(cell.parameters(), lr=0.0)
+    x = torch.randn(6, 3) * 3
+    h, c = torch.randn(6, 4), torch.randn(6, 4)
+    with gradprobe.watch(cell, opt, logdir=logdir, config=EVERY):
+        hn, cn = cell(x, (h, c))
+        opt.zero_grad()
+        hn.sum().backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    gates = x @ cell.weight_ih.t() + cell.bias_ih + h @ cell.weight_hh.t() + cell.bias_hh
+    i, f, g, o = gates.detach().chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    assert _sample(log, "gates", "lstmcell.l0.forget", "high_frac") == pytest.approx(float((f > 0.99).float().mean()))
+    assert _sample(log, "gates", "lstmcell.l0.forget", "high_frac") > 0.5
+    assert _sample(log, "gates", "lstmcell.l0.input", "low_frac") == pytest.approx(float((i < 0.01).float().mean()))
+    assert _sample(log, "gates", "lstmcell.l0.cell", "sat_frac") == pytest.approx(float((g.abs() > 0.99).float().mean()))
+    assert _sample(log, "gates", "lstmcell.l0.output", "mean") == pytest.approx(float(o.mean()), rel=1e-5)
+
+
+def test_lstm_gates_recomputed_from_weights_equal_manual(logdir):
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    opt = torch.optim.SGD(lstm.parameters(), lr=0.0)
+    x = torch.randn(2, 5, 3) * 2
+    with gradprobe.watch(lstm, opt, logdir=logdir, config=EVERY):
+        out, _ = lstm(x)
+        opt.zero_grad()
+        out.sum().backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    cell = nn.LSTMCell(3, 4)
+    with torch.no_grad():
+        cell.weight_ih.copy_(lstm.weight_ih_l0)
+        cell.weight_hh.copy_(lstm.weight_hh_l0)
+        cell.bias_ih.copy_(lstm.bias_ih_l0)
+        cell.bias_hh.copy_(lstm.bias_hh_l0)
+    h = c = torch.zeros(2, 4)
+    fs = []
+    for t in range(5):
+        g = x[:, t] @ cell.weight_ih.t() + cell.bias_ih + h @ cell.weight_hh.t() + cell.bias_hh
+        fs.append(torch.sigmoid(g.chunk(4, 1)[1]))
+        h, c = cell(x[:, t], (h, c))
+    assert _sample(log, "gates", "lstm.l0.forget", "mean") == pytest.approx(float(torch.stack(fs).mean()), rel=1e-4)
+
+
+def test_update_ratio_activation_input_and_target_stats(logdir):
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    with torch.no_grad():
+        model[0].bias[:3] = -50.0  # three units never active
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 4) * 5 + 2
+    y = torch.randn(16, 1) * 3
+    before = [p.detach().clone() for p in model.parameters()]
+    with gradprobe.watch(model, opt, logdir=logdir, config=EVERY):
+        opt.zero_grad()
+        h = model[0](x)
+        pred = model(x)
+        loss = nn.functional.mse_loss(pred, y)
+        loss.backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    for (name, p), b in zip(model.named_parameters(), before):
+        expected = float((p.detach() - b).norm() / p.detach().norm())
+        assert _sample(log, "update", name, "ratio") == pytest.approx(expected, rel=1e-5)
+    assert _sample(log, "activation", "1", "dead_frac") == pytest.approx(0.5)
+    assert _sample(log, "activation", "2", "input_dead_frac") == pytest.approx(0.5)
+    assert _sample(log, "activation", "0", "std") == pytest.approx(float(h.detach().std(unbiased=False)), rel=1e-4)
+    assert _sample(log, "activation", "0", "absmax") == pytest.approx(float(h.detach().abs().max()), rel=1e-5)
+    assert _sample(log, "input", "sequential", "mean") == pytest.approx(float(x.mean()), rel=1e-5)
+    assert _sample(log, "input", "sequential", "std") == pytest.approx(float(x.std(unbiased=False)), rel=1e-5)
+    assert _sample(log, "input", "sequential", "absmax") == pytest.approx(float(x.abs().max()), rel=1e-5)
+    assert _sample(log, "input", "sequential", "feature_std_max") == pytest.approx(float(x.std(0, unbiased=False).max()), rel=1e-5)
+    assert _sample(log, "first_layer", "0", "mean") == pytest.approx(float(x.mean()), rel=1e-5)
+    assert _sample(log, "target", "mse_loss", "var") == pytest.approx(float(y.var(unbiased=False)), rel=1e-5)
+    assert _sample(log, "target", "mse_loss", "pred_mean") == pytest.approx(float(pred.mean()), rel=1e-5)
+    assert _sample(log, "input", "sequential", "nonfinite") == 0
+
+
+def test_token_ids_are_recorded_as_integers_not_features(logdir):
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(24, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradprobe.watch(model, opt, logdir=logdir, config=EVERY):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randint(0, 50, (4, 3))), torch.tensor([0, 1, 0, 1])).backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert _sample(log, "input", "sequential", "integer") == 1.0
+    assert log.samples_of("first_layer").empty  # an embedding lookup comes first: no feature layer input
+    assert _sample(log, "target", "cross_entropy", "n_classes") == 2.0
+
+
+def test_step0_collapse_with_xavier_gain_0001(logdir):
+    sizes = (32,) + (64,) * 6 + (1,)
+    model = mlp(sizes, act=nn.Tanh)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, gain=0.001)
+            nn.init.zeros_(m.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for x, y in regression_batches(2, features=32):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    s = log.samples
+    lin = s[(s.probe == "activation") & (s.stat == "std") & (s.step == 0) & s.target.isin([str(i) for i in range(0, 13, 2)])]
+    stds = lin.sort_values("index")["value"].to_numpy()
+    assert len(stds) == 7
+    assert stds[-1] / stds[0] < 1e-12  # collapses by ~1e-3 per layer
+    assert np.all(np.diff(np.log10(stds)) < -2)
+
+
+def test_raw_inputs_of_scale_1e4_show_the_scale(logdir):
+    model = mlp((5, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for x, y in regression_batches(1, features=5):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x * 1e4), y).backward()
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert _sample(log, "first_layer", "0", "absmax") > 1e4
+    assert _sample(log, "first_layer", "0", "std") > 1e3
+
+
+def test_gru_horizon_far_shorter_than_lookback(logdir):
+    model = SeqRegressor("gru", input_size=2, hidden=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        x = torch.randn(4, 400, 2)
+        out, _ = model(x)
+        opt.zero_grad()
+        nn.functional.mse_loss(out, torch.zeros_like(out)).backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert _sample(log, "bptt", "rnn", "lookback") == 400
+    horizon = _sample(log, "bptt", "rnn", "horizon")
+    assert horizon < 100
+    assert _sample(log, "bptt", "rnn", "growth_per_step") < 1
+    assert log.meta["recurrent"][0]["lookback"] == 400 and log.meta["recurrent"][0]["hidden_size"] == 8
+
+
+def test_vanilla_rnn_built_to_explode_shows_growth_through_time(logdir):
+    rnn = nn.RNN(2, 16, batch_first=True)
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(16, 16))
+        rnn.weight_hh_l0.copy_(1.3 * q)  # spectral radius 1.3
+        rnn.bias_hh_l0.zero_()
+        rnn.bias_ih_l0.zero_()
+    opt = torch.optim.SGD(rnn.parameters(), lr=0.0)
+    with gradprobe.watch(rnn, opt, logdir=logdir):
+        out, _ = rnn(torch.randn(4, 20, 2) * 1e-4)  # tiny inputs: tanh stays linear
+        opt.zero_grad()
+        out[:, -1].sum().backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert _sample(log, "bptt", "rnn", "growth_per_step") == pytest.approx(1.3, rel=0.05)
+    assert _sample(log, "bptt", "rnn", "far_over_near") > 20
+
+
+def test_cell_loop_is_replayed(logdir):
+    cell = nn.GRUCell(2, 6)
+    opt = torch.optim.SGD(cell.parameters(), lr=0.0)
+    with gradprobe.watch(cell, opt, logdir=logdir):
+        h = torch.zeros(3, 6)
+        for t in range(12):
+            h = cell(torch.randn(3, 2), h)
+        opt.zero_grad()
+        h.sum().backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    prof = log.samples_of("bptt", "profile")
+    assert len(prof) == 12 and (prof["value"] > 0).all()
+    assert _sample(log, "bptt", "grucell", "lookback") == 12
+
+
+def test_deep_probes_off_in_light_profile(logdir):
+    model = mlp((4, 4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradprobe.watch(model, opt, logdir=logdir, profile="light"):
+        for x, y in regression_batches(3, features=4):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert log.samples.empty and log.n_steps == 3
+
+
+def test_schedule_is_log_spaced_early_then_periodic():
+    s = Schedule(every=50, early_until=200)
+    steps = s.steps_until(400)
+    assert steps[:6] == [0, 1, 2, 3, 4, 5] or steps[:4] == [0, 1, 2, 3]
+    early = [x for x in steps if x < 200]
+    assert 10 <= len(early) <= 30
+    assert [x for x in steps if x >= 200] == [200, 250, 300, 350]
+    assert math.isclose(len(s.steps_until(100_000)) / 100_000, 1 / 50, rel_tol=0.05)

@@ -1,0 +1,132 @@
+"""No observer effect: watched and unwatched runs give bit-identical parameters; compiled
+models and torch.func code keep working."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gradprobe
+from gradprobe.config import ProbeConfig
+from gradprobe.schedule import Schedule
+from tests.helpers import SeqRegressor, identical, mlp, param_checksum
+
+
+def _lstm_run(watch: bool, logdir: str | None, amp: bool = False) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    model = SeqRegressor("lstm", hidden=12, layers=2, dropout=0.3)
+    model.drop = nn.Dropout(0.2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cfg = ProbeConfig(schedule=Schedule(every=2))  # deep probes (with dropout side computations) often
+
+    def loop() -> None:
+        state = None
+        for _ in range(8):
+            x = torch.randn(6, 15, 4)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out, state = model(model.drop(x), state)
+                loss = nn.functional.mse_loss(out.float(), torch.sin(x[..., :1]))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            state = tuple(s.detach() for s in state)
+
+    if watch:
+        with gradprobe.watch(model, opt, logdir=logdir, config=cfg):
+            loop()
+    else:
+        loop()
+    return param_checksum(model) + [torch.randn(3)]  # the RNG stream must not have moved
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_bit_identical_lstm_with_dropout_and_deep_probes(tmp_path, amp):
+    a = _lstm_run(False, None, amp)
+    b = _lstm_run(True, str(tmp_path / "r"), amp)
+    assert identical(a, b)
+    log = gradprobe.RunLog.load(str(tmp_path / "r"))
+    assert not log.samples_of("bptt", "profile").empty  # the side computation did run
+
+
+def test_bit_identical_mlp_sgd_and_amp_scaler(tmp_path):
+    def run(watch: bool) -> list[torch.Tensor]:
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+
+        def loop() -> None:
+            for _ in range(10):
+                x, y = torch.randn(32, 16), torch.randn(32, 1)
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                scaler.step(opt)
+                scaler.update()
+
+        if watch:
+            with gradprobe.watch(model, opt, scaler=scaler, logdir=str(tmp_path / "m"), sample_every=3):
+                loop()
+        else:
+            loop()
+        return param_checksum(model) + [torch.randn(3)]
+
+    assert identical(run(False), run(True))
+
+
+def test_compiled_model_watched_without_graph_breaks(tmp_path):
+    import torch._dynamo
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(3)
+        model = mlp((8, 16, 16, 1))
+        return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+    data = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(5)]
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer, fwd: nn.Module) -> None:
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.mse_loss(fwd(x), y).backward()
+            opt.step()
+
+    m1, o1 = build()
+    c1 = torch.compile(m1, backend="eager")
+    train(m1, o1, c1)
+    torch._dynamo.reset()
+    m2, o2 = build()
+    c2 = torch.compile(m2, backend="eager")
+    torch._dynamo.utils.counters.clear()
+    with gradprobe.watch(c2, o2, logdir=str(tmp_path / "c")):
+        train(m2, o2, c2)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    assert breaks == 0
+    assert identical(param_checksum(m1), param_checksum(m2))
+    log = gradprobe.RunLog.load(str(tmp_path / "c"))
+    assert log.n_steps == 5 and log.steps["grad_norm"].notna().all()
+    torch._dynamo.reset()
+
+
+def test_torch_func_keeps_working_under_watch(logdir):
+    from torch.func import functional_call, grad, vmap
+
+    model = mlp((4, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(functional_call(model, p, (x,)), y)
+
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    expected = vmap(grad(loss_fn), in_dims=(None, 0, 0))(params, x.unsqueeze(1), y.unsqueeze(1))
+    with gradprobe.watch(model, opt, logdir=logdir):
+        got = vmap(grad(loss_fn), in_dims=(None, 0, 0))(params, x.unsqueeze(1), y.unsqueeze(1))
+        opt.zero_grad()
+        loss_fn(dict(model.named_parameters()), x, y).backward()
+        opt.step()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

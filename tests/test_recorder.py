@@ -1,0 +1,415 @@
+"""The recorder: every per-step statistic against a brute-force reference, step delimiting
+(AMP, fused, LBFGS, accumulation, several optimizers), state age, TensorBoard output."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+# imported by name BEFORE gradprobe.watch, as many scripts do
+from torch.nn.utils import clip_grad_norm_
+
+import gradprobe
+from tests.helpers import SeqRegressor, mlp, regression_batches
+
+
+def _norms(model: nn.Module) -> dict[str, float]:
+    return {n: float(torch.linalg.vector_norm(p.grad)) for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_statistics_equal_brute_force(logdir):
+    model = mlp((8, 16, 16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref = []
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for x, y in regression_batches(12):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            pre = _norms(model)
+            total = clip_grad_norm_(model.parameters(), 0.7)
+            post = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))
+            opt.step()
+            w = {n: float(p.detach().norm()) for n, p in model.named_parameters()}
+            ref.append((float(loss), pre, float(total), post, w, opt.param_groups[0]["lr"]))
+    log = gradprobe.RunLog.load(logdir)
+    assert log.n_steps == len(ref)
+    for i, (loss, pre, total, post, w, lr) in enumerate(ref):
+        row = log.steps.iloc[i]
+        assert row["loss"] == pytest.approx(loss, rel=1e-6)
+        assert row["loss_fn"] == pytest.approx(loss, rel=1e-6)
+        for name, v in pre.items():
+            assert log.layer_grad.loc[i, name] == pytest.approx(v, rel=1e-5)
+            assert log.layer_weight.loc[i, name] == pytest.approx(w[name], rel=1e-5)
+        assert row["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for v in pre.values())), rel=1e-5)
+        assert row["clip_total_norm"] == pytest.approx(total, rel=1e-5)
+        assert row["clip_max_norm"] == pytest.approx(0.7)
+        assert row["step_grad_norm"] == pytest.approx(post, rel=1e-4)
+        assert row["weight_norm"] == pytest.approx(math.sqrt(sum(v * v for v in w.values())), rel=1e-5)
+        assert row["lr"] == lr
+        assert row["optimizer_steps"] == 1 and not row["skipped"] and row["param_nonfinite_layers"] == 0
+        assert row["memory"] > 0 and row["step_time"] >= 0
+    assert log.meta["optimizers"][0]["class"] == "SGD"
+    assert log.meta["optimizers"][0]["param_groups"][0]["momentum"] == 0.9
+
+
+def _amp_run(logdir: str, fused: bool, steps: int = 30) -> tuple[gradprobe.RunLog, list[bool]]:
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=4)
+    expected = []
+    with gradprobe.watch(model, opt, scaler=scaler, logdir=logdir):
+        for x, y in regression_batches(steps, features=16):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            expected.append(scaler.get_scale() < before)  # the scale backs off exactly on skips
+    return gradprobe.RunLog.load(logdir), expected
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_amp_skipped_steps_counted_exactly(tmp_path, fused):
+    log, expected = _amp_run(str(tmp_path / "r"), fused)
+    assert log.n_steps == len(expected)
+    assert log.steps["skipped"].tolist() == expected
+    assert 0 < sum(expected) < len(expected)
+    assert log.steps["scaler_updated"].all()
+    # the loss is recorded unscaled
+    assert (log.steps["loss"] < 100).all()
+    # the scale after each update halves on a skip
+    s = log.steps
+    assert np.allclose(s["scale"][s["skipped"]], s["scale_before"][s["skipped"]] / 2)
+    assert log.meta["scalers"][0]["init_scale"] == 2.0**40
+    assert any(v["dtype"] == "float16" and v["enabled"] for v in log.meta["autocast"].values())
+
+
+def test_lbfgs_one_step_per_step_call(logdir):
+    model = nn.Linear(4, 1)
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
+    x = torch.randn(64, 4)
+    y = x @ torch.randn(4, 1)
+    returned = []
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(3):
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            returned.append(float(opt.step(closure)))
+    log = gradprobe.RunLog.load(logdir)
+    assert log.n_steps == 3
+    assert log.steps["loss"].tolist() == pytest.approx(returned, rel=1e-6)
+    assert (log.steps["n_backward"] >= 1).all() and log.steps["n_backward"].iloc[0] > 1
+    assert np.isfinite(log.steps["grad_norm"]).all()
+
+
+def test_gradient_accumulation(logdir):
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = []
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(3):
+            opt.zero_grad()
+            total = 0.0
+            for _ in range(4):
+                loss = nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)) / 4
+                loss.backward()
+                total += float(loss)
+            ref.append((total, float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())))
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert log.n_steps == 3
+    assert log.steps["n_backward"].tolist() == [4, 4, 4]
+    assert log.steps["loss"].tolist() == pytest.approx([r[0] for r in ref], rel=1e-5)
+    assert log.steps["grad_norm"].tolist() == pytest.approx([r[1] for r in ref], rel=1e-5)
+
+
+def test_several_optimizers_gan_loop(logdir):
+    G = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    D = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt_g = torch.optim.Adam(G.parameters(), 1e-3)
+    opt_d = torch.optim.Adam(D.parameters(), 1e-3)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    with gradprobe.watch([G, D], [opt_g, opt_d], logdir=logdir):
+        for _ in range(5):
+            real, fake = torch.randn(16, 2), G(torch.randn(16, 4))
+            loss_d = bce(D(real), torch.ones(16, 1)) + bce(D(fake.detach()), torch.zeros(16, 1))
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            loss_g = bce(D(fake), torch.ones(16, 1))
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert log.n_steps == 5
+    assert log.steps["optimizer_steps"].tolist() == [2] * 5
+    assert log.steps["n_backward"].tolist() == [2] * 5
+    assert all(n.startswith(("sequential.", "sequential2.")) for n in log.layer_names)
+    assert (log.layer_grad >= 0).all().all()
+
+
+def test_clip_imported_by_name_and_clip_on_scaled(logdir):
+    # clip_grad_norm_ was imported by name at the top of this module, before watch()
+    model = mlp((8, 16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with gradprobe.watch(model, opt, scaler=scaler, logdir=logdir):
+        for x, y in regression_batches(4):
+            opt.zero_grad()
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            clip_grad_norm_(model.parameters(), 0.5)  # still scaled: misuse
+            scaler.step(opt)
+            scaler.update()
+    log = gradprobe.RunLog.load(logdir)
+    assert log.steps["clip_calls"].tolist() == [1] * 4
+    assert log.steps["clip_max_norm"].tolist() == [0.5] * 4
+    assert log.steps["clip_on_scaled"].all()
+    # the recorded pre-clip norm is unscaled although the clip saw scaled gradients
+    assert (log.steps["clip_total_norm"] / log.steps["grad_norm"]).round().tolist() == [1024.0] * 4
+
+
+def test_state_age_grows_when_state_is_carried_and_is_zero_when_detached(tmp_path):
+    def run(detach: bool, path: str) -> gradprobe.RunLog:
+        model = SeqRegressor("gru", hidden=8)
+        state = None
+        with gradprobe.watch(model, logdir=path):  # no optimizer: manual p.data updates
+            for _ in range(6):
+                out, state = model(torch.randn(4, 10, 4), state)
+                loss = nn.functional.mse_loss(out, torch.zeros_like(out))
+                for p in model.parameters():
+                    p.grad = None
+                loss.backward(retain_graph=True)
+                for p in model.parameters():
+                    p.data -= 1e-3 * p.grad
+                if detach:
+                    state = state.detach()
+        return gradprobe.RunLog.load(path)
+
+    carried = run(False, str(tmp_path / "carried"))
+    assert carried.steps["state_age"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert carried.steps["state_age_module"].iloc[-1] == "rnn"
+    ev = carried.events_of("state_age")
+    assert ev and ev[0]["module"] == "rnn" and ev[0]["step"] == 1
+    detached = run(True, str(tmp_path / "detached"))
+    assert detached.steps["state_age"].tolist() == [0] * 6
+    assert not detached.events_of("state_age")
+
+
+def test_state_age_silent_under_bfloat16_autocast_with_optimizer(logdir):
+    model = SeqRegressor("lstm", hidden=8)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    state = None
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(5):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, state = model(torch.randn(4, 10, 4), state)
+                loss = nn.functional.mse_loss(out.float(), torch.zeros(4, 10, 1))
+            opt.zero_grad()
+            loss.backward(retain_graph=True)  # runs on: the graph saved bf16 weight copies
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert log.steps["state_age"].tolist() == [0, 1, 2, 3, 4]
+    assert log.steps["retain_graph"].all()
+
+
+def test_state_age_for_a_carried_state_without_parameters(logdir):
+    model = mlp((4, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ema = torch.zeros(16, 4)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(4):
+            x = torch.randn(16, 4, requires_grad=True)
+            ema = 0.9 * ema + 0.1 * x  # never detached: carries every earlier step's graph
+            loss = model(ema).pow(2).mean()
+            opt.zero_grad()
+            loss.backward(retain_graph=True)
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert log.steps["state_age"].iloc[-1] >= 2
+
+
+def test_crash_form_is_recorded(logdir):
+    model = SeqRegressor("lstm", hidden=8)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    state = None
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        with gradprobe.watch(model, opt, logdir=logdir):
+            for _ in range(3):
+                out, state = model(torch.randn(4, 10, 4), state)
+                loss = nn.functional.mse_loss(out, torch.zeros_like(out))
+                opt.zero_grad()
+                loss.backward(retain_graph=True)
+                opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    exc = [e for e in log.events_of("exception") if e["where"] == "backward"]
+    assert exc and "inplace" in exc[0]["message"] and exc[0]["state_age"] == 1
+    assert exc[0]["state_age_module"] == "rnn" and exc[0]["retain_graph"] is True
+
+
+def test_graphs_alive_when_loss_is_accumulated(logdir):
+    model = mlp((8, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    total = 0
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for x, y in regression_batches(8):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total = total + loss  # keeps every step's graph alive
+    log = gradprobe.RunLog.load(logdir)
+    alive = log.steps["graphs_alive"].tolist()
+    assert alive[-1] >= 5 and alive == sorted(alive)
+    del total
+
+
+def test_abandoned_iterations_and_scale_set_by_hand(logdir):
+    """Field report 002's loop: clip still-scaled gradients, `continue` on inf without
+    scaler.update(), and shrink the scale by hand."""
+    model = mlp((16, 32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    with gradprobe.watch(model, opt, scaler=scaler, logdir=logdir):
+        for x, y in regression_batches(6, features=16):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x * 1e3), y) * 1e4
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            gn = clip_grad_norm_(model.parameters(), 0.5)
+            if not torch.isfinite(gn):
+                scaler._scale = torch.clamp(scaler._scale * 0.1, min=1.0)
+                continue
+            scaler.step(opt)
+            scaler.update()
+    log = gradprobe.RunLog.load(logdir)
+    s = log.steps
+    assert log.n_steps == 6
+    assert s["abandoned"].iloc[:-1].all() and not s["scaler_updated"].any()
+    assert s["scale_tampered"].iloc[1:].all() and s["clip_on_scaled"].all()
+    assert s["scale_before"].iloc[1] == pytest.approx(2.0**16 * 0.1, rel=1e-3)
+    assert log.events_of("scaler_misuse")
+
+
+def test_user_scalars_and_eval_loss(logdir):
+    model = mlp((8, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradprobe.watch(model, opt, logdir=logdir) as probe:
+        for i, (x, y) in enumerate(regression_batches(6)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            with torch.no_grad():
+                v = nn.functional.mse_loss(model(x), y)
+            probe.log(val_loss=v, epoch=i)
+    log = gradprobe.RunLog.load(logdir)
+    assert log.scalar("val_loss").index.tolist() == list(range(6))
+    assert log.scalar("epoch").tolist() == [float(i) for i in range(6)]
+    # the no-grad loss computation is also seen as an eval loss of the step it follows
+    assert np.isfinite(log.steps["eval_loss"].iloc[:-1]).all() or np.isfinite(log.steps["eval_loss"]).sum() >= 5
+
+
+def test_parameters_nonfinite_after_step_are_flagged(logdir):
+    emb = nn.Embedding(10, 4)
+    opt = torch.optim.Adam(emb.parameters(), lr=1e-2, eps=0.0)
+    with gradprobe.watch(emb, opt, logdir=logdir):
+        for _ in range(2):
+            opt.zero_grad()
+            emb(torch.tensor([1, 2, 3])).sum().backward()  # rows 0,4..9 get exactly 0 grad
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert (log.steps["param_nonfinite_layers"] == 1).all()
+    assert log.steps["grad_nonfinite_layers"].iloc[0] == 0
+
+
+def test_tensorboard_events_read_back(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    model = mlp((8, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for x, y in regression_batches(15):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"]) | set(acc.Tags()["tensors"])
+    for tag in ("gradprobe/grad_norm/preclip", "gradprobe/grad_norm/max_norm", "gradprobe/loss/train", "gradprobe/lr",
+                "gradprobe/state/age_steps", "gradprobe/layer_grad_norm/0.weight"):
+        assert tag in tags, tag
+    events = acc.Scalars("gradprobe/grad_norm/preclip") if "gradprobe/grad_norm/preclip" in acc.Tags()["scalars"] else acc.Tensors("gradprobe/grad_norm/preclip")
+    assert len(events) == 15
+    # the custom-scalars layout (the gradprobe dashboard) is in the file
+    raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(raw)
+    charts = [c.title for cat in layout.category for c in cat.chart]
+    assert "Gradient norm vs max_norm" in charts and "GradScaler scale and skipped steps" in charts
+    assert "State age (steps a carried graph reaches back)" in charts and "Per-layer gradient norms" in charts
+
+
+def test_watch_accepts_optimizer_none_and_adopts(logdir):
+    model = mlp((8, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.01)
+    with gradprobe.watch(model, logdir=logdir):
+        for x, y in regression_batches(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            other.step()  # not the model's: ignored
+    log = gradprobe.RunLog.load(logdir)
+    assert log.n_steps == 3 and len(log.meta["optimizers"]) == 1
+
+
+def test_probe_failure_never_breaks_training(logdir):
+    model = mlp((8, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(gradprobe.GradprobeWarning, match="optimizer"):
+        with gradprobe.watch(model, opt, logdir=logdir) as probe:
+            probe.guard.inject["optimizer"] = RuntimeError("injected")
+            losses = []
+            for x, y in regression_batches(5):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+    assert len(losses) == 5
+    log = gradprobe.RunLog.load(logdir)
+    assert "optimizer" in log.meta["probe_failures"]
+    assert log.events_of("probe_failure")
+
+
+def test_probe_is_reusable_after_close_and_model_collectable(logdir):
+    import gc
+    import weakref
+
+    model = mlp((8, 8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gradprobe.watch(model, opt, logdir=logdir)
+    for x, y in regression_batches(2):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    probe.close()
+    probe.close()  # idempotent
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    refs = weakref.ref(model), weakref.ref(opt)
+    del model, opt
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
