@@ -120,6 +120,9 @@ class PendingBatch:
                     loss_fn.extend(v.tolist())
                 elif name == "eval_loss":
                     evals.extend(v.tolist())
+                elif name == "local_grad":
+                    with np.errstate(all="ignore"):
+                        vals["local_grad"] = math.sqrt(float(np.sum(np.square(v)))) if size else math.nan
                 elif name == "sample":
                     samples.extend(expand_sample(step, meta, v))
                 elif name == "scalar":
@@ -176,6 +179,7 @@ class PendingBatch:
             cols["graphs_alive"].append(h["graphs_alive"])
             cols["retain_graph"].append(h["retain_graph"])
             cols["memory"].append(h["memory"])
+            cols["local_grad_norm"].append(vals.get("local_grad", math.nan))
             cols["sampled"].append(h["sampled"])
         samples.extend(derived_samples(samples))
         steps = np.asarray(cols["step"], dtype=np.int64)

@@ -205,9 +205,11 @@ class Probe:
         self._mem_limit_hit = False
         self.deep: Any = None
 
-        rank = int(os.environ.get("RANK", "0") or 0)
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        rank, world = _rank_and_world()
         self.rank, self.world_size = rank, world
+        if world > 1:  # one complete run directory per rank, no clobbering, no collectives
+            self.logdir = os.path.join(self.logdir, f"rank{rank}")
+        self._local_norms: dict[int, torch.Tensor] = {}
         self.meta: dict[str, Any] = {
             "schema": S.RUN_SCHEMA,
             "gradprobe_version": __version__,
@@ -296,7 +298,7 @@ class Probe:
     def _add_root(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradprobe.watch: expected an nn.Module, got {type(model).__name__}")
-        base = getattr(model, "_orig_mod", model)  # torch.compile'd modules
+        base = _unwrap(model)  # torch.compile'd / DistributedDataParallel-wrapped modules
         cls = type(base).__name__
         if self.auto and not any(True for _ in model.parameters()):
             # parameterless module called on its own (a loss module): known, not a model
@@ -316,7 +318,7 @@ class Probe:
         self._roots.append((root_name, model))
         prefix = f"{root_name}." if root_name else ""
         for name, mod in model.named_modules():
-            clean = name.replace("_orig_mod.", "").replace("_orig_mod", "")
+            clean = _clean_name(name)
             full = (prefix + clean).rstrip(".") or (root_name or type(mod).__name__.lower())
             info = ModuleInfo(
                 name=full,
@@ -333,11 +335,15 @@ class Probe:
                 self._handles.append(
                     mod.register_forward_hook(self._on_forward_post, with_kwargs=True, always_call=True)
                 )
+        ddp = _is_ddp(model)
+        if ddp:
+            self._watch_local_grads(model)
         entry: dict[str, Any] = {
             "name": root_name or cls,
             "class": cls,
             "parameters": int(sum(p.numel() for p in model.parameters())),
-            "compiled": model is not base,
+            "compiled": hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod"),
+            "ddp": ddp,
         }
         self.meta["models"].append(entry)
         for name, mod in model.named_modules():
@@ -354,6 +360,27 @@ class Probe:
                 self.meta["recurrent"].append(rec)
         self._layout_version += 1
         self._meta_dirty = True
+
+    def _watch_local_grads(self, model: nn.Module) -> None:
+        """Under DistributedDataParallel the gradient in ``.grad`` after backward is the
+        all-reduced one. A post-accumulate-grad hook runs inside AccumulateGrad, before the
+        reducer's own hook copies the gradient into its bucket, so it sees this rank's
+        local gradient: its norm is recorded as ``local_grad_norm``."""
+        for i, p in enumerate(model.parameters()):
+            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._local_grad_hook(id(p))))
+
+    def _local_grad_hook(self, key: int) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            if self._closed or self._forked or p.grad is None:
+                return
+            try:
+                with torch.no_grad():
+                    self._local_norms[key] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+            except Exception as exc:  # noqa: BLE001
+                self.guard.fail("local_grad", exc)
+
+        return hook
 
     def _add_optimizer(self, opt: torch.optim.Optimizer) -> OptInfo | None:
         if not isinstance(opt, torch.optim.Optimizer):
@@ -437,7 +464,7 @@ class Probe:
             for name, p in model.named_parameters():
                 if id(p) in index or not p.requires_grad:
                     continue
-                clean = name.replace("_orig_mod.", "")
+                clean = _clean_name(name)
                 index[id(p)] = len(layers)
                 layers.append(LayerInfo(name=prefix + clean, param=p, module=(prefix + clean).rsplit(".", 1)[0]))
         for info in self._optimizers:
@@ -1110,6 +1137,9 @@ class Probe:
                 rec.add("sample", value, (probe, target, stat, index))
             else:
                 rec.host_samples.append((probe, target, stat, index, float(value)))
+        if self._local_norms:
+            rec.add("local_grad", torch.stack(list(self._local_norms.values())))
+            self._local_norms = {}
         for name, value in self._pending_scalars:
             if isinstance(value, torch.Tensor):
                 rec.add("scalar", value, name)
@@ -1339,6 +1369,49 @@ def write_findings_to_tensorboard(logdir: str, report: Any) -> None:
         w.close()
     except Exception:  # noqa: BLE001 - the report is still returned
         pass
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """From torchrun's environment (the process group may not exist yet); no collective."""
+    try:
+        rank = int(os.environ.get("RANK", "0") or 0)
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        rank, world = 0, 1
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+    except Exception:  # noqa: BLE001
+        pass
+    return rank, world
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return isinstance(model, DistributedDataParallel)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for _ in range(3):
+        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None) if _is_ddp(model) else None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def _clean_name(name: str) -> str:
+    """Parameter/module names without the wrappers' prefixes (compile, DDP)."""
+    parts = [p for p in name.split(".") if p not in ("_orig_mod",)]
+    if parts and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def default_logdir() -> str:

@@ -58,6 +58,7 @@ _STEP_DEFAULTS: dict[str, Any] = {
     "graphs_alive": 0,
     "retain_graph": False,
     "memory": 0,
+    "local_grad_norm": np.nan,
     "sampled": False,
 }
 

@@ -69,6 +69,7 @@ STEP_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("graphs_alive", pa.int32(), "graphs of steps at least 2 steps old still alive (retained)"),
     ("retain_graph", pa.bool_(), "a backward this step used retain_graph=True"),
     ("memory", pa.int64(), "bytes: CUDA allocated memory on GPU, process RSS on CPU"),
+    ("local_grad_norm", pa.float32(), "DistributedDataParallel: this rank's gradient norm before the all-reduce (NaN: not DDP)"),
     ("sampled", pa.bool_(), "the sampled deep probes ran on this step"),
 ]
 
