@@ -5,18 +5,24 @@
 ...     ...  # the unchanged training loop
 >>> report = probe.report()
 >>> report = gradprobe.analyze("runs/exp1")
+
+The recorder (``watch``, ``Probe``) imports torch; analysis (``analyze``, ``RunLog``,
+``Report``) does not, so ``gradprobe analyze`` starts fast and runs where torch is absent.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradprobe._guard import GradprobeWarning
 from gradprobe._version import __version__
-from gradprobe.config import ProbeConfig
-from gradprobe.probe.core import Probe, watch
 from gradprobe.runlog import LogError, RunLog
-from gradprobe.schedule import Schedule
+
+if TYPE_CHECKING:
+    from gradprobe.config import ProbeConfig
+    from gradprobe.probe.core import Probe, watch
+    from gradprobe.report import Finding, Recommendation, Report
+    from gradprobe.schedule import Schedule
 
 __all__ = [
     "__version__",
@@ -30,10 +36,21 @@ __all__ = [
     "GradprobeWarning",
     "Report",
     "Finding",
+    "Recommendation",
 ]
 
+_LAZY = {
+    "watch": ("gradprobe.probe.core", "watch"),
+    "Probe": ("gradprobe.probe.core", "Probe"),
+    "ProbeConfig": ("gradprobe.config", "ProbeConfig"),
+    "Schedule": ("gradprobe.schedule", "Schedule"),
+    "Report": ("gradprobe.report", "Report"),
+    "Finding": ("gradprobe.report", "Finding"),
+    "Recommendation": ("gradprobe.report", "Recommendation"),
+}
 
-def analyze(path: Any) -> Any:
+
+def analyze(path: Any) -> "Report":
     """Analyzes a saved run (a gradprobe run directory, a TensorBoard log, a Hugging Face
     ``trainer_state.json`` or a Lightning ``metrics.csv``) or a :class:`RunLog`.
 
@@ -49,8 +66,15 @@ def analyze(path: Any) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Report", "Finding", "Recommendation"):
-        from gradprobe import report
+    if name in _LAZY:
+        import importlib
 
-        return getattr(report, name)
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

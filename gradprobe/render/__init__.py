@@ -11,18 +11,12 @@ from gradprobe.report import Report
 
 
 def _renderers() -> dict[str, Callable[..., str]]:
+    from gradprobe.render import html as h
     from gradprobe.render import json_ as j
     from gradprobe.render import markdown as md
     from gradprobe.render import text as tx
 
-    out: dict[str, Callable[..., str]] = {"text": tx.render, "markdown": md.render, "json": j.render}
-    try:
-        from gradprobe.render import html as h
-
-        out["html"] = h.render
-    except ImportError:
-        pass
-    return out
+    return {"text": tx.render, "markdown": md.render, "json": j.render, "html": h.render}
 
 
 FORMATS = ("text", "json", "markdown", "html")
