@@ -25,9 +25,94 @@ def analyze(source: Any) -> Report:
     """Analyzes a path (any supported log) or a :class:`RunLog`."""
     if isinstance(source, RunLog):
         return analyze_runlog(source)
+    path = os.fspath(source)
+    ranks = rank_dirs(path)
+    if ranks:
+        return analyze_ranks(path, ranks)
     from gradprobe.readers import load
 
-    return analyze_runlog(load(os.fspath(source)))
+    return analyze_runlog(load(path))
+
+
+def rank_dirs(path: str) -> dict[int, str]:
+    """``rank<N>`` run directories of a distributed run (one per rank), if ``path`` is one."""
+    from gradprobe.runlog.runlog import is_run_dir
+
+    if not os.path.isdir(path) or is_run_dir(path):
+        return {}
+    out = {}
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return {}
+    for name in entries:
+        if name.startswith("rank") and name[4:].isdigit() and is_run_dir(os.path.join(path, name)):
+            out[int(name[4:])] = os.path.join(path, name)
+    return dict(sorted(out.items()))
+
+
+def analyze_ranks(path: str, dirs: dict[int, str]) -> Report:
+    """One report for a distributed run: each rank's log is analyzed on its own, each rule
+    keeps the finding that started first (naming the rank in its evidence and message), and
+    the cross-rank rule (GP801) compares the ranks."""
+    from gradprobe.runlog import LogError
+
+    logs: dict[int, RunLog] = {}
+    notes: list[str] = []
+    for r, d in dirs.items():
+        try:
+            logs[r] = RunLog.load(d)
+        except LogError as exc:
+            notes.append(f"rank {r}: {exc}")
+    if not logs:
+        raise LogError(f"{path}: no readable rank log ({'; '.join(notes)})")
+    reports = {r: analyze_runlog(log) for r, log in logs.items()}
+    merged: dict[str, tuple[int, Finding, list[int]]] = {}
+    for r, rep in reports.items():
+        for f in rep.findings:
+            key = f.rule
+            if key not in merged:
+                merged[key] = (r, f, [r])
+                continue
+            r0, f0, seen = merged[key]
+            seen.append(r)
+            s_new = f.first_step if f.first_step is not None else 1 << 62
+            s_old = f0.first_step if f0.first_step is not None else 1 << 62
+            if s_new < s_old:
+                merged[key] = (r, f, seen)
+    findings: list[Finding] = []
+    multi = len(logs) > 1
+    for r, f, seen in merged.values():
+        f.caused_by = []
+        if multi:
+            f.evidence = {"rank": r, "ranks": sorted(set(seen)), **f.evidence}
+            f.message = f"[rank {r}] {f.message}"
+        findings.append(f)
+    from gradprobe.rules.distributed import RankDivergence
+
+    ctxs = {r: RunContext(log) for r, log in logs.items()}
+    try:
+        findings.extend(RankDivergence().check_ranks(ctxs))
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"rank comparison failed: {type(exc).__name__}: {exc}")
+    _link_causes(findings)
+    findings = _order(findings)
+    suggested = _merge_hyperparameters(findings)
+    first = min(logs)
+    skipped_sets = [{s.rule for s in rep.skipped_rules} for rep in reports.values()]
+    common_skipped = set.intersection(*skipped_sets) if skipped_sets else set()
+    skipped = [s for s in reports[first].skipped_rules if s.rule in common_skipped and s.rule != RankDivergence.slug]
+    source = {
+        "path": path,
+        "kind": "gradprobe",
+        "steps": max(int(len(log.steps)) for log in logs.values()),
+        "ranks": sorted(logs),
+        "skipped": notes + [f"rank {r}: {s}" for r, log in logs.items() for s in log.source.get("skipped", [])],
+    }
+    summary = dict(reports[first].summary)
+    summary["world_size"] = len(dirs)
+    return Report(source=source, summary=summary, findings=findings, suggested_hyperparameters=suggested,
+                  skipped_rules=skipped, runlog=logs[first])
 
 
 def analyze_runlog(log: RunLog) -> Report:

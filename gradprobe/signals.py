@@ -39,6 +39,7 @@ SIGNALS: dict[str, str] = {
     "targets": "sampled target statistics",
     "bptt": "sampled gradient-through-time profiles of recurrent modules",
     "duplicates": "raw log records (to find duplicated steps)",
+    "ranks": "several ranks' logs of one distributed run (checked across ranks)",
 }
 
 RECORDER_SIGNALS = frozenset(
