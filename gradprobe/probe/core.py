@@ -319,7 +319,7 @@ class Probe:
         prefix = f"{root_name}." if root_name else ""
         for name, mod in model.named_modules():
             clean = _clean_name(name)
-            full = (prefix + clean).rstrip(".") or (root_name or cls[:1].lower() + cls[1:])
+            full = (prefix + clean).rstrip(".") or (root_name or cls.lower())
             info = ModuleInfo(
                 name=full,
                 cls=type(mod).__name__,
