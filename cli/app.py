@@ -142,6 +142,7 @@ def rules(
 
 
 from gradprobe.cli import run as _run  # noqa: F401,E402 - registers `gradprobe run`
+from gradprobe.cli import verify as _verify  # noqa: F401,E402 - registers `gradprobe verify`
 
 
 def main() -> None:

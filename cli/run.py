@@ -125,6 +125,7 @@ def emit_report(probe: object, outcome: object, fmt: str, output: Optional[str],
         text += "\n"
     if output:
         try:
+            os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
             with open(output, "w", encoding="utf-8") as f:
                 f.write(text)
         except OSError as exc:

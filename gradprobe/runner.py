@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 HANDLED_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+_REAL_SIGNAL = signal.signal  # the module function, whatever a script later does to it
 
 #: How a script ended, as recorded in the ``script_end`` event and :attr:`Outcome.how`.
 HOW = ("returned", "exit", "exception", "keyboard_interrupt", "signal")
@@ -112,7 +113,7 @@ class Outcome:
         steps: training steps recorded.
         logdir: the run directory, None when no probe was started.
         started: False when the script never started (syntax error, no such module).
-        location: ``file:line`` where the exception was raised.
+        location: ``file:line`` in the script's own code where the exception was raised.
     """
 
     status: int
@@ -182,28 +183,27 @@ def distributed_rank() -> tuple[int, int]:
 def run_logdir(logdir: str | None) -> str | None:
     """The absolute run directory (fixed before the script can ``chdir``).
 
-    Under torchrun (``WORLD_SIZE`` > 1) every rank writes its own ``rank<k>`` folder inside
-    the run directory; the default run directory is then named after the launcher (the
-    ranks' common parent process) so that all local ranks share it. Outside torchrun and
-    without ``--logdir``, None: the probe's default (a new folder under ``./gradprobe_runs/``).
+    Under torchrun (``WORLD_SIZE`` > 1) the probe writes each rank into ``<dir>/rank<r>``;
+    without ``--logdir`` the directory is named after the launcher (the ranks' common
+    parent process and its start time) so that all local ranks share it. Outside torchrun
+    and without ``--logdir``: None, the probe's default (a new folder under
+    ``./gradprobe_runs/``).
     """
-    rank, world = distributed_rank()
-    if world <= 1:
-        return os.path.abspath(logdir) if logdir else None
+    _, world = distributed_rank()
     if logdir:
-        base = os.path.abspath(logdir)
-    else:
-        ppid = os.getppid()
-        started = time.time()
-        try:
-            import psutil
+        return os.path.abspath(logdir)
+    if world <= 1:
+        return None
+    ppid = os.getppid()
+    started = time.time()
+    try:
+        import psutil
 
-            started = psutil.Process(ppid).create_time()
-        except Exception:  # noqa: BLE001 - the stamp is only a name
-            pass
-        stamp = _dt.datetime.fromtimestamp(started).strftime("%Y%m%d-%H%M%S")
-        base = os.path.join(os.getcwd(), "gradprobe_runs", f"{stamp}-torchrun-{ppid}")
-    return os.path.join(base, f"rank{rank}")
+        started = psutil.Process(ppid).create_time()
+    except Exception:  # noqa: BLE001 - the stamp is only a name
+        pass
+    stamp = _dt.datetime.fromtimestamp(started).strftime("%Y%m%d-%H%M%S")
+    return os.path.join(os.getcwd(), "gradprobe_runs", f"{stamp}-torchrun-{ppid}")
 
 
 # ------------------------------------------------------------------- target details -----
@@ -241,13 +241,81 @@ def _runpy_filenames() -> set[str]:
     return names
 
 
+def _gradprobe_dir() -> str:
+    import gradprobe
+
+    return os.path.dirname(os.path.abspath(gradprobe.__file__)) + os.sep
+
+
 def trim_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """Drops the leading frames of the runner and ``runpy``: the traceback starts at the
-    script, as Python prints it."""
+    """The traceback as Python would print it for the script alone.
+
+    Drops the leading frames of the runner and ``runpy`` (the traceback starts at the
+    script) and the frames of gradprobe's pass-through wrappers in between (the patched
+    ``torch.autograd.backward``, hooks), unless the exception was raised by gradprobe
+    itself (its innermost frame is gradprobe's, e.g. ``--memory-limit``'s MemoryError):
+    then every frame stays, so a fault of gradprobe's is never hidden.
+    """
     ours = _runpy_filenames()
     while tb is not None and tb.tb_frame.f_code.co_filename in ours:
         tb = tb.tb_next
-    return tb
+    entries: list[types.TracebackType] = []
+    t = tb
+    while t is not None:
+        entries.append(t)
+        t = t.tb_next
+    if not entries:
+        return None
+    gp = _gradprobe_dir()
+    if entries[-1].tb_frame.f_code.co_filename.startswith(gp):
+        return tb
+    kept = [e for e in entries if not e.tb_frame.f_code.co_filename.startswith(gp)]
+    if len(kept) == len(entries):
+        return tb
+    try:
+        for a, b in zip(kept, kept[1:]):
+            a.tb_next = b
+        kept[-1].tb_next = None
+    except (AttributeError, TypeError):  # read-only tb_next (very old Pythons): keep all
+        return tb
+    return kept[0]
+
+
+def _clean_exception(exc: BaseException) -> None:
+    """:func:`trim_traceback` on ``exc`` and the exceptions it chains to."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = trim_traceback(e.__traceback__)
+        todo.extend([e.__cause__, e.__context__])
+
+
+def user_location(exc: BaseException) -> str | None:
+    """``file:line`` of the innermost frame in the user's own code (not the standard
+    library, not an installed package, not gradprobe), else the innermost frame."""
+    import sysconfig
+
+    skip = [_gradprobe_dir()]
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            skip.append(os.path.join(p, ""))
+    tb = exc.__traceback__
+    last = best = None
+    while tb is not None:
+        fn = tb.tb_frame.f_code.co_filename
+        last = tb
+        if not fn.startswith("<") and not fn.startswith(tuple(skip)) and "site-packages" not in fn and "dist-packages" not in fn:
+            best = tb
+        tb = tb.tb_next
+    pick = best or last
+    if pick is None:
+        return None
+    return f"{pick.tb_frame.f_code.co_filename}:{pick.tb_lineno}"
 
 
 def _raised_through_backward(exc: BaseException) -> bool:
@@ -265,17 +333,6 @@ def _raised_through_backward(exc: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
-
-
-def _last_location(exc: BaseException) -> str | None:
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        last = tb
-        tb = tb.tb_next
-    if last is None:
-        return None
-    return f"{last.tb_frame.f_code.co_filename}:{last.tb_lineno}"
 
 
 def _probe_source_dirs() -> tuple[str, ...]:
@@ -314,6 +371,7 @@ class SignalChain:
         self.virtual: dict[int, Any] = {}
         self._orig_signal = signal.signal
         self._orig_getsignal = signal.getsignal
+        self._wrappers: tuple[Any, Any] = (None, None)
         self.installed = False
 
     def install(self) -> None:
@@ -328,8 +386,9 @@ class SignalChain:
             real = self._real_for(s, h)
             if real is not h:
                 self._orig_signal(s, real)
-        signal.signal = self.signal  # type: ignore[assignment]
-        signal.getsignal = self.getsignal  # type: ignore[assignment]
+        self._wrappers = (self.signal, self.getsignal)  # bound once: identity checks below
+        signal.signal = self._wrappers[0]  # type: ignore[assignment]
+        signal.getsignal = self._wrappers[1]  # type: ignore[assignment]
         self.installed = True
 
     def uninstall(self, *, child: bool = False) -> None:
@@ -337,9 +396,9 @@ class SignalChain:
         if not self.installed:
             return
         self.installed = False
-        if signal.signal is self.signal:  # type: ignore[comparison-overlap]
+        if signal.signal is self._wrappers[0]:  # type: ignore[comparison-overlap]
             signal.signal = self._orig_signal
-        if signal.getsignal is self.getsignal:  # type: ignore[comparison-overlap]
+        if signal.getsignal is self._wrappers[1]:  # type: ignore[comparison-overlap]
             signal.getsignal = self._orig_getsignal
         for s, h in self.virtual.items():
             if h is None:
@@ -769,8 +828,8 @@ class ScriptRunner:
     def _print_exception(self, exc: BaseException) -> None:
         """Prints ``exc`` the way Python prints an uncaught exception (``sys.excepthook``),
         starting at the script's own frames."""
-        tb = trim_traceback(exc.__traceback__)
-        exc.__traceback__ = tb
+        _clean_exception(exc)
+        tb = exc.__traceback__
         _flush_std()
         hook = sys.excepthook
         try:
@@ -792,8 +851,8 @@ class ScriptRunner:
             _flush_std()
             return Outcome(128 + exc.signum, "signal", signum=exc.signum, exception=exc)
         self._record_exception(exc)
+        loc = user_location(exc)
         self._print_exception(exc)
-        loc = _last_location(exc)
         if isinstance(exc, KeyboardInterrupt):
             out = Outcome(128 + signal.SIGINT, "keyboard_interrupt", signum=signal.SIGINT, exception=exc)
         else:
@@ -810,13 +869,7 @@ class ScriptRunner:
         probe = self.probe
         if probe is None or isinstance(exc, KeyboardInterrupt) or _raised_through_backward(exc):
             return
-        record = getattr(probe, "_record_exception", None)
-        if record is not None:
-            probe.guard.call("runner", record, exc, "script")
-        else:
-            probe.writer.put_event(
-                {"kind": "exception", "where": "script", "step": int(probe.step), "type": type(exc).__name__, "message": str(exc)[:2000], "wall_time": time.time()}
-            )
+        probe.record_exception(exc, "script")
 
     def _finish(self, outcome: Outcome) -> Outcome:
         if outcome.how != "signal":
@@ -907,7 +960,7 @@ def exit_like(outcome: Outcome) -> NoReturn:
             pass
     _flush_std()
     try:
-        signal.signal(signum, signal.SIG_DFL)
+        _REAL_SIGNAL(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         time.sleep(1.0)
     except BaseException:  # noqa: BLE001

@@ -21,6 +21,7 @@ import datetime as _dt
 import os
 import platform
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -192,6 +193,10 @@ class Probe:
         self._reach_stack: list[tuple[int, int]] = []
         self._sentinels: collections.deque[tuple[int, Any]] = collections.deque()
         self._records: list[StepRecord] = []
+        self._flush_lock = threading.Lock()  # guards _records between the training thread and the flusher
+        self._stop = threading.Event()
+        self._recorded_exceptions: list[BaseException] = []
+        self._last_memory = 0
         self._t_start = time.perf_counter()
         self._last_close = self._t_start
         self._last_flush = self._t_start
@@ -282,6 +287,10 @@ class Probe:
 
         patches.activate(self)
         _LIVE.add(self)
+        # hands closed steps to the writer even when the script hangs between steps, so a kill
+        # loses at most ~flush_seconds of records
+        self._flusher = threading.Thread(target=self._flush_loop, name="gradprobe-flusher", daemon=True)
+        self._flusher.start()
         if auto:
             from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
@@ -637,8 +646,12 @@ class Probe:
         if self._consumed and self._in_step is None:
             self._close_step(abandoned=True)
 
-    @guarded("backward")
     def _on_backward_end(self, dt: float) -> None:
+        self._backward_end(dt)
+        self._memory_gate()
+
+    @guarded("backward")
+    def _backward_end(self, dt: float) -> None:
         if not self._live():
             return
         self._open.current.backward_time += dt
@@ -661,7 +674,16 @@ class Probe:
             return
         self._record_exception(exc, where="backward")
 
+    def record_exception(self, exc: BaseException, where: str = "script") -> None:
+        """Records an exception the run ended with (once per exception object) and flushes."""
+        if self._closed or self._forked:
+            return
+        self.guard.call("exception", self._record_exception, exc, where)
+
     def _record_exception(self, exc: BaseException, where: str) -> None:
+        if any(e is exc for e in self._recorded_exceptions):
+            return
+        self._recorded_exceptions = (self._recorded_exceptions + [exc])[-8:]
         msg = str(exc)
         seg = self._open.current if self._open.current.state_age >= self._open.sealed.state_age else self._open.sealed
         self.writer.put_event(
@@ -813,8 +835,12 @@ class Probe:
         if new_scale is not None:
             self.writer.put_event({"kind": "scaler_misuse", "what": "update_new_scale", "detail": "update(new_scale=...) set the scale by hand", "step": self._open.index})
 
-    @guarded("scaler")
     def _on_update_end(self, scaler: Any) -> None:
+        self._update_end(scaler)
+        self._memory_gate()
+
+    @guarded("scaler")
+    def _update_end(self, scaler: Any) -> None:
         if not self._live() or not getattr(scaler, "_enabled", False):
             return
         info = self._scaler_info(scaler)
@@ -843,8 +869,12 @@ class Probe:
         if self.deep is not None and self._open.sampled:
             self.deep.on_pre_step(info)
 
-    @guarded("optimizer")
     def _on_opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self._opt_post(opt, args, kwargs)
+        self._memory_gate()
+
+    @guarded("optimizer")
+    def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
         if not self._live():
             return
         info = self._opt_info(opt)
@@ -865,7 +895,6 @@ class Probe:
             self.deep.on_post_step(info)
         if not self._scaler_mode and all(self._open.has_stepped(o.optimizer) for o in self._optimizers):
             self._close_step()
-        self._check_memory_limit()
 
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
         if self._closed or self._forked:
@@ -1148,7 +1177,9 @@ class Probe:
         self._pending_scalars = []
         if self.deep is not None and st.sampled:
             self.deep.on_close(st, rec)
-        self._records.append(rec)
+        self._last_memory = rec.host["memory"]
+        with self._flush_lock:
+            self._records.append(rec)
         self._last_close = now
         self._consumed = False
         nxt = step + 1
@@ -1176,34 +1207,47 @@ class Probe:
                 return 0
         return 0
 
-    def _check_memory_limit(self) -> None:
+    def _memory_gate(self) -> None:
+        """``--memory-limit``: raised here, outside every guard, into the user's call (the
+        step boundary), so the run ends with a report instead of the OOM killer's SIGKILL."""
         limit = self.config.memory_limit
-        if limit is None or self._mem_limit_hit:
+        if limit is None or self._mem_limit_hit or self._closed or self._forked:
             return
-        used = self._memory()
+        used = self._last_memory
         if used > limit:
             self._mem_limit_hit = True
-            self.writer.put_event({"kind": "memory_limit", "step": self._open.index, "memory": used, "limit": limit})
-            self._flush(force=True)
+            self.guard.call("memory", self.writer.put_event, {"kind": "memory_limit", "step": self._open.index, "memory": used, "limit": limit, "wall_time": time.time()})
+            self.guard.call("memory", self._flush, True)
             raise MemoryError(
                 f"gradprobe: process memory {used / 2**20:.0f} MiB exceeded --memory-limit "
                 f"{limit / 2**20:.0f} MiB at step {self._open.index} (stopped before the kernel's OOM killer)"
             )
 
     def _flush(self, force: bool = False) -> None:
-        if not self._records:
+        # non-blocking: a signal handler (or the flusher) arriving while a flush or a step
+        # close holds the lock skips, rather than handing the same records over twice
+        if not self._flush_lock.acquire(blocking=False):
+            return
+        try:
             if self._meta_dirty:
                 self._write_meta()
-            return
-        if self._meta_dirty:
-            self._write_meta()
-        if "writer" in self.guard.disabled:
-            self._records = []
-            return
-        batch = PendingBatch(self._records, len(self._layers), max(self._segment_id, 0), self._device)
-        self._records = []
-        self._last_flush = time.perf_counter()
-        self.writer.put_batch(batch)
+            if not self._records:
+                return
+            records, self._records = self._records, []
+            self._last_flush = time.perf_counter()
+            if "writer" in self.guard.disabled:
+                return
+            self.writer.put_batch(PendingBatch(records, len(self._layers), max(self._segment_id, 0), self._device))
+        finally:
+            self._flush_lock.release()
+
+    def _flush_loop(self) -> None:
+        interval = max(0.05, self.config.flush_seconds)
+        while not self._stop.wait(interval):
+            if self._closed or self._forked:
+                return
+            if self._records and time.perf_counter() - self._last_flush >= interval:
+                self.guard.call("writer", self._flush)
 
     def _write_meta(self) -> None:
         self._meta_dirty = False
@@ -1246,13 +1290,14 @@ class Probe:
     def _late_scalar(self, step: int, name: str, value: Any) -> None:
         # A value for an already-closed step: attach it to that step's record if still
         # buffered, else write it directly.
-        for rec in reversed(self._records):
-            if rec.host.get("step") == step:
-                if isinstance(value, torch.Tensor):
-                    rec.add("scalar", value, name)
-                else:
-                    rec.host_scalars.append((name, float(value)))
-                return
+        with self._flush_lock:
+            for rec in reversed(self._records):
+                if rec.host.get("step") == step:
+                    if isinstance(value, torch.Tensor):
+                        rec.add("scalar", value, name)
+                    else:
+                        rec.host_scalars.append((name, float(value)))
+                    return
         if isinstance(value, torch.Tensor):
             value = float(value.cpu())  # rare path: the step already went to disk
         self.writer.put_scalars([(step, name, float(value))])
@@ -1284,6 +1329,7 @@ class Probe:
                 self.guard.call("deep", self.deep.close)
         finally:
             self._closed = True
+            self._stop.set()
             for h in self._handles:
                 try:
                     h.remove()

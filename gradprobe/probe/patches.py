@@ -121,16 +121,19 @@ def _install() -> None:
         t0 = time.perf_counter()
         _local.inside = True
         try:
-            return orig_backward(*args, **kwargs)
+            result = orig_backward(*args, **kwargs)
         except BaseException as exc:
-            for p in probes:
-                p._on_backward_error(exc)
-            raise
-        finally:
             _local.inside = False
             dt = time.perf_counter() - t0
             for p in probes:
-                p._on_backward_end(dt)
+                p._on_backward_error(exc)
+                p._backward_end(dt)
+            raise
+        _local.inside = False
+        dt = time.perf_counter() - t0
+        for p in probes:
+            p._on_backward_end(dt)  # may raise MemoryError under --memory-limit, by design
+        return result
 
     _patch(torch.autograd, "backward", backward)
 
