@@ -306,8 +306,10 @@ def autocast_dtypes(ctx: RunContext) -> set[str]:
 
 
 def fp16_compute_modules(ctx: RunContext) -> list[str]:
-    """Modules whose output was actually float16 under autocast (they computed in float16)."""
-    return [n for n, m in autocast_modules(ctx).items() if "float16" in m["dtypes"] and "float16" in m["output_dtypes"]]
+    """Matmul/conv/recurrent modules whose output was actually float16 under autocast (they
+    computed in float16; containers and activations only pass float16 through)."""
+    return [n for n, m in autocast_modules(ctx).items() if "float16" in m["dtypes"] and "float16" in m["output_dtypes"]
+            and m.get("class") in AUTOCAST_COMPUTE_CLASSES]
 
 
 def layer_forward_order(ctx: RunContext) -> dict[str, float]:
@@ -343,8 +345,10 @@ class ScalerHistory:
 
     Attributes (positions index the scaler rows, not the run's rows):
         steps, scale_before, scale_after, skipped, loss_nonfinite: per scaler row.
-        init_scale, backoff_factor, growth_factor, growth_interval: the configuration
-            (from the metadata, else inferred: the first scale and the observed factors).
+        init_scale: the first recorded scale (where this run's scaler started);
+            ``configured_init_scale`` the constructor's value from the metadata.
+        backoff_factor, growth_factor, growth_interval: the configuration (from the
+            metadata, else inferred from the observed factors).
         growth: rows where the scale grew (a successful step followed by a larger scale).
         first_success: position of the first non-skipped row (None: every step skipped).
         descent_end: position of the first growth (the calibration descent ends there).
@@ -356,6 +360,7 @@ class ScalerHistory:
         late: positions of the late window (second half of the rows, after the calibration).
         late_excess_skips: skips in the late window minus growth events in it (a skip right
             after a growth is the scaler probing, by design).
+        tail_excess_skips: the same over the last quarter of the rows (still skipping at the end).
         forward_overflow: positions of skipped rows whose unscaled loss was already NaN/Inf.
     """
 
@@ -378,7 +383,10 @@ class ScalerHistory:
         self.skipped = ctx.skipped[rows]
         self.loss_nonfinite = (ctx.col("loss_nonfinite", bool) | ctx.col("loss_fn_nonfinite", bool))[rows]
         first_scale = next((float(x) for x in sb if np.isfinite(x) and x > 0), None)
-        self.init_scale = init if init is not None else first_scale
+        # where this run's scaler actually started (a scaler restored from a checkpoint
+        # starts at its saved scale, not at the constructor's init_scale)
+        self.configured_init_scale = init
+        self.init_scale = first_scale if first_scale is not None else init
         with np.errstate(all="ignore"):
             ratio = sa / sb
         bo = cfg.get("backoff_factor")
@@ -420,6 +428,8 @@ class ScalerHistory:
         late_skips = int(self.skipped[self.late].sum())
         late_growth = int(self.growth[self.late].sum())
         self.late_excess_skips = max(0, late_skips - late_growth)
+        tail = np.arange(max(start, self.n - max(self.n // 4, 1)), self.n)
+        self.tail_excess_skips = max(0, int(self.skipped[tail].sum()) - int(self.growth[tail].sum()))
         self.forward_overflow = np.flatnonzero(self.skipped & self.loss_nonfinite)
 
     @property
@@ -466,16 +476,20 @@ class NonfiniteTimeline:
 
     def __init__(self, ctx: RunContext) -> None:
         st = ctx.steps
-        n = ctx.n
-        self.loss = (st["loss_nonfinite"].to_numpy(dtype=bool) | st["loss_fn_nonfinite"].to_numpy(dtype=bool)
-                     | np.isinf(ctx.loss)) if n else np.zeros(0, bool)
-        gnf = st["grad_nonfinite_layers"].to_numpy() > 0 if n else np.zeros(0, bool)
-        self.grad_raw = gnf | np.isinf(ctx.grad_norm) if n else np.zeros(0, bool)
+
+        def flag(name: str) -> np.ndarray:
+            return st[name].to_numpy(dtype=bool)
+
+        self.loss = flag("loss_nonfinite") | flag("loss_fn_nonfinite") | np.isinf(ctx.loss)
+        self.grad_raw = (st["grad_nonfinite_layers"].to_numpy() > 0) | np.isinf(ctx.grad_norm)
         srows = scaler_rows(ctx)
         self.skipped_mask = ctx.skipped & self.grad_raw
-        self.discarded_mask = (st["abandoned"].to_numpy(dtype=bool) & srows & self.grad_raw & ~ctx.skipped) if n else np.zeros(0, bool)
+        # scaled steps whose gradients were looked at and thrown away without update(): the
+        # recorder's abandoned rows, and a last row the run ended in before update()
+        not_updated = ~flag("scaler_updated") & (st["optimizer_steps"].to_numpy() == 0)
+        self.discarded_mask = srows & self.grad_raw & ~ctx.skipped & (flag("abandoned") | not_updated)
         self.grad = self.grad_raw & ~ctx.skipped & ~self.discarded_mask
-        self.param = st["param_nonfinite_layers"].to_numpy() > 0 if n else np.zeros(0, bool)
+        self.param = st["param_nonfinite_layers"].to_numpy() > 0
         self.loss_step = ctx.first_step_where(self.loss)
         self.grad_step = ctx.first_step_where(self.grad)
         self.param_step = ctx.first_step_where(self.param)
@@ -492,7 +506,8 @@ class NonfiniteTimeline:
         sel = s[s["probe"].isin(["input", "first_layer", "target"]) & s["stat"].isin(["nonfinite", "numel"])]
         if sel.empty:
             return
-        piv = sel.pivot_table(index=["step", "probe", "target"], columns="stat", values="value", aggfunc="max").reset_index()
+        piv = sel.pivot_table(index=["step", "probe", "target"], columns="stat", values="value", aggfunc="max")
+        piv = piv.reset_index()
         if "nonfinite" not in piv.columns:
             return
         pstep = self.param_step
@@ -528,3 +543,599 @@ class NonfiniteTimeline:
 
 def nonfinite_timeline(ctx: RunContext) -> NonfiniteTimeline:
     return _ctx_cache(ctx, "nonfinite_timeline", NonfiniteTimeline)
+
+
+# ==== shared views for the recurrent-state (GP1xx) and gradient-magnitude (GP2xx) rules =====
+# Appended as module-level functions (cached on the context with ``_ctx_cache``).
+
+#: A pre-clip gradient norm this many times its running level is a spike. Mini-batch gradient
+#: norms of a healthy run scatter around their level by a factor of about 2 to 3 (the batch-
+#: to-batch noise of a sum over many examples); an explosion multiplies the norm by 10x to
+#: 1e6x within a step or a few. One order of magnitude separates the two.
+SPIKE_FACTOR = 10.0
+#: Steps in the trailing window that defines the running level of a per-step series.
+RUNNING_WINDOW = 20
+
+
+def trailing_level(x: np.ndarray, window: int = RUNNING_WINDOW) -> np.ndarray:
+    """Median of the previous ``window`` finite values (the current one excluded); NaN where
+    there is none. Unlike :func:`rolling_median`, one earlier value suffices, so a jump at
+    step 1 is measured against step 0."""
+    s = pd.Series(np.where(np.isfinite(x), x, np.nan))
+    return s.shift(1).rolling(window, min_periods=1).median().to_numpy()
+
+
+def optimizer_family(ctx: RunContext) -> str | None:
+    """How the update scales with the gradient: ``"adaptive"`` (Adam-like: normalised per
+    parameter, a uniform rescaling barely changes the step), ``"sgd"`` (SGD-like: the step is
+    lr times the gradient), ``"other"`` (LBFGS, Rprop...: line search or signs), None unknown."""
+    if ctx.optimizer_class is None:
+        return None
+    if ctx.adaptive:
+        return "adaptive"
+    c = ctx.optimizer_class.lower()
+    if "sgd" in c or c in ("momentum", "nesterov", "heavyball"):
+        return "sgd"
+    return "other"
+
+
+class GradSpikes:
+    """Spikes of the pre-clip total gradient norm above its running level.
+
+    Attributes (arrays are per row of ``ctx.steps``):
+        norm: pre-clip gradient norm (NaN: not measured).
+        level: running level, :func:`trailing_level` of ``norm``.
+        ratio: ``norm / level`` where both are finite and the level is > 0, else NaN.
+        floor: 1e-3 x the median of the first tenth of the finite norms (at least 3).
+        spike: ``ratio >= SPIKE_FACTOR`` and ``norm >= floor``.
+        rows: row indices of the spikes.
+        first: row of the first spike (None: none).
+        max_ratio: largest ratio among the spikes (0.0: no spike).
+    """
+
+    def __init__(self, ctx: RunContext) -> None:
+        norm = ctx.grad_norm.copy()
+        norm[~np.isfinite(norm)] = np.nan
+        self.norm = norm
+        self.level = trailing_level(norm)
+        with np.errstate(all="ignore"):
+            ratio = np.where((self.level > 0) & np.isfinite(norm), norm / self.level, np.nan)
+        self.ratio = ratio
+        fin = norm[np.isfinite(norm)]
+        head = fin[: max(3, fin.size // 10)]
+        #: norms below this are ignored as spikes: 1e-3 of the run's starting scale, far below
+        #: any step the learning rate can take (a converged run's 1e-20 -> 1e-15 is no spike)
+        self.floor = 1e-3 * float(np.median(head)) if head.size else 0.0
+        self.spike = (np.nan_to_num(ratio, nan=0.0) >= SPIKE_FACTOR) & (np.nan_to_num(norm, nan=0.0) >= self.floor)
+        self.rows = np.flatnonzero(self.spike)
+        self.first = int(self.rows[0]) if self.rows.size else None
+        spiked = ratio[self.spike]
+        self.max_ratio = float(spiked.max()) if spiked.size else 0.0
+
+
+def grad_spikes(ctx: RunContext) -> GradSpikes:
+    return _ctx_cache(ctx, "grad_spikes", GradSpikes)
+
+
+def stable_window(ctx: RunContext) -> np.ndarray:
+    """Row mask of the stretch on which gradient-norm statistics are taken: a finite pre-clip
+    norm, a step that really happened (not skipped by a GradScaler, not abandoned), after the
+    warm-up (the first ``max(1, min(50, n // 10))`` rows, where norms still move with the
+    initialisation), and neither a spike nor one of the 2 rows after one (an explosion's
+    aftermath is not the run's normal scale). When at least 10 such rows precede the first
+    spike, only those are kept: after an explosion the weights themselves are damaged and the
+    norms stay inflated. Falls back to every finite row when fewer than 5 rows remain."""
+
+    def make(c: RunContext) -> np.ndarray:
+        sp = grad_spikes(c)
+        fin = np.isfinite(sp.norm) & ~c.skipped & ~c.col("abandoned", bool)
+        warm = max(1, min(50, c.n // 10))
+        near_spike = sp.spike.copy()
+        for k in (1, 2):
+            near_spike[k:] |= sp.spike[:-k]
+        mask = fin & ~near_spike
+        mask[:warm] = False
+        if sp.first is not None:
+            before = mask.copy()
+            before[sp.first:] = False
+            if before.sum() >= 10:
+                mask = before
+        if mask.sum() < 5:
+            mask = fin
+        return mask
+
+    return _ctx_cache(ctx, "stable_window", make)
+
+
+def suggested_max_norm(ctx: RunContext) -> tuple[float, dict[str, Any]] | None:
+    """The clipping threshold computed from the run: the 95th percentile of the pre-clip
+    gradient norms in the :func:`stable_window`. Clipping there trims the 5% largest normal
+    steps and every spike, and leaves the bulk of the updates at the size the optimizer and
+    learning rate were tuned for. Returns ``(max_norm, details)`` or None without norms."""
+
+    def make(c: RunContext) -> tuple[float, dict[str, Any]] | None:
+        mask = stable_window(c)
+        vals = grad_spikes(c).norm[mask]
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        if vals.size == 0:
+            return None
+        steps = c.step[mask]
+        value = nice(float(np.percentile(vals, 95)))
+        return value, {"p95": float(np.percentile(vals, 95)), "median": float(np.median(vals)),
+                       "window": [int(steps.min()), int(steps.max())], "n": int(vals.size)}
+
+    return _ctx_cache(ctx, "suggested_max_norm", make)
+
+
+def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of two equal-length arrays (ties get their average rank);
+    0.0 when either is constant or fewer than 3 pairs are finite. numpy only (no scipy)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return 0.0
+    rx = pd.Series(x[ok]).rank().to_numpy()
+    ry = pd.Series(y[ok]).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def series_trend(values: np.ndarray, positions: np.ndarray | None = None) -> dict[str, float]:
+    """Trend of a per-step series: ``spearman`` (rank correlation with position, 1.0 =
+    strictly increasing) and ``late_over_early`` (median of the last quarter over the first
+    quarter, NaN if not computable), on the finite values; ``n`` values used."""
+    v = np.asarray(values, dtype=np.float64)
+    pos = np.arange(v.size, dtype=np.float64) if positions is None else np.asarray(positions, dtype=np.float64)
+    ok = np.isfinite(v) & np.isfinite(pos)
+    v, pos = v[ok], pos[ok]
+    out = {"spearman": float("nan"), "late_over_early": float("nan"), "n": int(v.size)}
+    if v.size < 4:
+        return out
+    out["spearman"] = rank_correlation(pos, v)
+    q = max(1, v.size // 4)
+    early, late = float(np.median(v[:q])), float(np.median(v[-q:]))
+    if early > 0:
+        out["late_over_early"] = late / early
+    return out
+
+
+def fp16_trained_modules(ctx: RunContext) -> list[str]:
+    """Of :func:`fp16_compute_modules`, those whose *training* forwards ran in float16.
+
+    Autocast events do not say whether a forward had grad enabled, so a float16 autocast used
+    only for evaluation looks the same as float16 training. The sampled activation statistics
+    are taken on grad-enabled forwards only, and a float16 output's largest magnitude is a
+    float16 number: if a module's sampled ``absmax`` values are not all exactly representable
+    in float16, its training forwards ran in a wider dtype (the chance that a float32 value is
+    exactly a float16 one is about 2**-13 per sample). Modules without samples are kept.
+    """
+
+    def make(c: RunContext) -> list[str]:
+        mods = fp16_compute_modules(c)
+        act = c.samples("activation", "absmax")
+        if act.empty or not mods:
+            return mods
+        out = []
+        for name in mods:
+            v = act.loc[act["target"].astype(str) == name, "value"].to_numpy(dtype=np.float64)
+            v = v[np.isfinite(v) & (v != 0)]
+            if v.size and not np.all(v.astype(np.float16).astype(np.float64) == v):
+                continue
+            out.append(name)
+        return out
+
+    return _ctx_cache(ctx, "fp16_trained_modules", make)
+
+
+# ==== shared views for the optimization (GP5xx) and data (GP6xx) rules =======================
+# Appended as module-level functions (cached on the context with ``_ctx_cache``).
+
+#: The update-to-weight ratio ||dW|| / ||W|| per optimizer step at which training usually
+#: moves steadily: each step changes a weight matrix by about a thousandth of its size, so a
+#: few thousand steps can move it by its own scale, and no single step can overshoot. GP501 and
+#: GP502 act only a decade or more away from it, and only together with evidence in the loss.
+TARGET_UPDATE_RATIO = 1e-3
+
+
+def smoothing_window(n: int) -> int:
+    """Records per smoothing window for a series of ``n`` records: ``n // 20`` clamped to
+    [5, 50]. Five is the fewest records whose median ignores two outliers; 20 windows across a
+    run keep its shape; 50 caps the lag on long runs."""
+    return int(min(50, max(5, n // 20)))
+
+
+class LossCurve:
+    """A loss series (training or validation) as levels that mini-batch noise does not move.
+    One definition for GP501-GP506.
+
+    Attributes:
+        steps, values: the finite records in order (``values`` as float64).
+        n: finite records.
+        per_step: every record is one optimizer step's own loss (a gradprobe log, or a
+            foreign log that logged every step); False when a record averages many steps
+            (Hugging Face ``logging_steps``, one validation pass).
+        window: :func:`smoothing_window` of ``n``.
+        smooth: centred rolling median over ``window`` (post hoc, so non-causal).
+        initial, final: medians of the first and last ``window`` records.
+        start: where the loss started: the lower of the first record (the untrained model)
+            and ``initial`` (a blow-up in the first steps must not inflate the start).
+        best, best_index: the lowest smoothed level and its record index.
+        noise: spread of the records about ``smooth`` (1.4826 x median absolute residual, the
+            standard deviation for Gaussian noise).
+        nonfinite_step: first step whose loss was NaN/Inf (None: never).
+    """
+
+    def __init__(self, steps: np.ndarray, values: np.ndarray, *, per_step: bool,
+                 nonfinite: np.ndarray | None = None) -> None:
+        steps = np.asarray(steps, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float64)
+        fin = np.isfinite(values)
+        bad = ~fin & ~np.isnan(values)
+        if nonfinite is not None:
+            bad |= np.asarray(nonfinite, dtype=bool)
+        self.nonfinite_step = int(steps[bad][0]) if bad.any() else None
+        self.steps = steps[fin]
+        self.values = values[fin]
+        self.n = int(self.values.size)
+        self.per_step = per_step
+        self.window = smoothing_window(self.n)
+        w = self.window
+        if self.n:
+            self.smooth = pd.Series(self.values).rolling(w, center=True, min_periods=1).median().to_numpy()
+            self.initial = float(np.median(self.values[:w]))
+            self.start = min(float(self.values[0]), self.initial)
+            self.final = float(np.median(self.values[-w:]))
+            self.best_index = int(np.argmin(self.smooth))
+            self.best = float(self.smooth[self.best_index])
+            self.noise = float(1.4826 * np.median(np.abs(self.values - self.smooth)))
+        else:
+            self.smooth = np.zeros(0)
+            self.initial = self.start = self.final = self.best = self.noise = math.nan
+            self.best_index = 0
+
+    def level_before(self, i: int) -> float:
+        """Median of the ``window`` records before record ``i`` (NaN: none)."""
+        seg = self.values[max(0, i - self.window):i]
+        return float(np.median(seg)) if seg.size else math.nan
+
+    def level_after(self, i: int) -> float:
+        """Median of the ``window`` records after record ``i`` (NaN: none)."""
+        seg = self.values[i + 1:i + 1 + self.window]
+        return float(np.median(seg)) if seg.size else math.nan
+
+    def index_at(self, step: int) -> int:
+        """Index of the first record at or after ``step`` (``n`` if none)."""
+        return int(np.searchsorted(self.steps, step, side="left"))
+
+    @property
+    def progress(self) -> float:
+        """(start - final) / |start|: the fraction of its starting level the loss lost."""
+        if not self.n or self.start == 0:
+            return 0.0
+        return (self.start - self.final) / abs(self.start)
+
+
+def _per_step_records(steps: np.ndarray) -> bool:
+    if steps.size < 2:
+        return True
+    return float(np.median(np.diff(steps))) <= 1.0
+
+
+def loss_curve(ctx: RunContext) -> LossCurve:
+    """The training loss (:attr:`RunContext.loss`) as a :class:`LossCurve`."""
+
+    def make(c: RunContext) -> LossCurve:
+        nonfinite = (c.col("loss_nonfinite", bool) | c.col("loss_fn_nonfinite", bool)) if c.n else np.zeros(0, bool)
+        fin = np.isfinite(c.loss)
+        per_step = c.kind == "gradprobe" or _per_step_records(c.step[fin])
+        return LossCurve(c.step, c.loss, per_step=per_step, nonfinite=nonfinite)
+
+    return _ctx_cache(ctx, "loss_curve", make)
+
+
+def eval_curve(ctx: RunContext) -> LossCurve | None:
+    """The validation loss (:attr:`RunContext.eval_loss`) as a :class:`LossCurve`; None
+    without one. A record averages a whole validation pass (``per_step`` False), unless the
+    records come every step (a no-grad loss computed on each training batch, e.g. for
+    logging): those are single batches, as noisy as the training loss."""
+
+    def make(c: RunContext) -> LossCurve | None:
+        ev = c.eval_loss
+        if ev is None or len(ev) == 0:
+            return None
+        ev = ev.sort_index()
+        steps = ev.index.to_numpy(dtype=np.int64)
+        return LossCurve(steps, ev.to_numpy(dtype=np.float64), per_step=_per_step_records(steps) and len(ev) > 1)
+
+    return _ctx_cache(ctx, "eval_curve", make)
+
+
+#: A loss record at least this many times its running level (jump >= 2 x |level|) is high.
+#: Mini-batch losses scatter about their level by tens of percent; a batch mean three times
+#: the population mean needs a batch made almost entirely of the hardest examples.
+LOSS_SPIKE_FACTOR = 3.0
+#: ... and at least this many robust standard deviations of the record-to-record noise above it
+#: (so that losses noisy by nature, e.g. reinforcement-learning objectives, need more).
+LOSS_SPIKE_Z = 6.0
+#: A single per-step record counts only from this factor on; below it a spike must last two
+#: steps. One hard batch lifts one record; damaged weights lift the records that follow.
+LOSS_SPIKE_SINGLE = 10.0
+#: A spike must undo at least this fraction of the progress the loss had made (initial level
+#: minus the level before the spike); smaller ones do not set the run back.
+LOSS_SPIKE_MATERIAL = 0.05
+
+
+class LossSpike:
+    """One spike event of a :class:`LossCurve`: consecutive high records.
+
+    Attributes:
+        start, end, peak: record indices (first, last, highest).
+        step, peak_step, end_step: their steps.
+        level: the running level before the spike; ``peak_value``: the highest record.
+        factor: ``peak_value / level`` (for a level <= 0: 1 + jump / |level|).
+        z: jump in robust standard deviations of the running noise.
+        records: records in the event.
+        recovered: the loss came back below half-way between level and peak afterwards.
+    """
+
+    def __init__(self, curve: LossCurve, start: int, end: int, level: float, sigma: float) -> None:
+        v = curve.values
+        seg = v[start:end + 1]
+        self.start, self.end = int(start), int(end)
+        self.peak = int(start + int(np.argmax(seg)))
+        self.step = int(curve.steps[start])
+        self.peak_step = int(curve.steps[self.peak])
+        self.end_step = int(curve.steps[end])
+        self.level = float(level)
+        self.peak_value = float(v[self.peak])
+        jump = self.peak_value - self.level
+        self.factor = self.peak_value / self.level if self.level > 0 else 1.0 + jump / max(abs(self.level), 1e-300)
+        self.z = jump / sigma if sigma > 0 else math.inf
+        self.records = int(end - start + 1)
+        after = v[end + 1:end + 1 + curve.window]
+        half = self.level + 0.5 * jump
+        self.recovered = bool(after.size) and float(np.median(after)) < half
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "peak_step": self.peak_step, "level": self.level, "peak": self.peak_value,
+                "factor": round(self.factor, 2), "records": self.records, "recovered": self.recovered}
+
+
+def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
+    """Spike events of a loss curve (see the ``LOSS_SPIKE_*`` constants).
+
+    Running level: median of the previous ``max(window, 10)`` records; running noise: 1.4826 x
+    the median absolute residual about the smooth level over the same records (from 5 records
+    on). A record is high when it is at least ``LOSS_SPIKE_FACTOR`` times the level and
+    ``LOSS_SPIKE_Z`` noise units above it, and the jump is material (``LOSS_SPIKE_MATERIAL``).
+    With fewer than 5 earlier records (the first steps, where the noise is unknown) only a jump
+    of ``LOSS_SPIKE_SINGLE`` times the level counts. Consecutive high records form one event;
+    on a per-step curve an event needs 2 records or a factor of ``LOSS_SPIKE_SINGLE``.
+    """
+    if curve is None or curve.n < 6:
+        return []
+    v = pd.Series(curve.values)
+    W = max(curve.window, 10)
+    prev = v.shift(1).rolling(W, min_periods=1)
+    level = prev.median().to_numpy()
+    count = prev.count().to_numpy()
+    resid = pd.Series(np.abs(curve.values - curve.smooth))
+    sigma = 1.4826 * resid.shift(1).rolling(W, min_periods=5).median().to_numpy()
+    jump = curve.values - level
+    progress = np.maximum(curve.initial - level, 0.0)
+    early = np.nan_to_num(count, nan=0.0) < 5
+    factor = np.where(early, LOSS_SPIKE_SINGLE, LOSS_SPIKE_FACTOR)
+    with np.errstate(invalid="ignore"):
+        high = (np.isfinite(level) & (jump >= (factor - 1.0) * np.abs(level))
+                & (early | (jump >= LOSS_SPIKE_Z * np.nan_to_num(sigma, nan=0.0)))
+                & (jump >= LOSS_SPIKE_MATERIAL * progress) & (jump > 0))
+    events: list[LossSpike] = []
+    i = 0
+    n = curve.n
+    while i < n:
+        if not high[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and high[j + 1]:
+            j += 1
+        ev = LossSpike(curve, i, j, level[i], float(np.nan_to_num(sigma[i], nan=0.0)))
+        if not curve.per_step or ev.records >= 2 or ev.factor >= LOSS_SPIKE_SINGLE:
+            events.append(ev)
+        i = j + 1
+    return events
+
+
+def init_scale_norm(shape: list[int] | tuple[int, ...]) -> float:
+    """A floor for the norm of a weight tensor of this shape: half the norm of a unit-gain
+    Xavier initialisation, 0.5 * sqrt(out * in / (out + in)) (the receptive field cancels for
+    kernels). Every standard initialisation (PyTorch's default, Xavier, Kaiming, the recurrent
+    layers') gives a larger norm; weights below it were initialised (or shrunk) far below any
+    design scale."""
+    if len(shape) < 2:
+        return 0.0
+    o, i = float(shape[0]), float(shape[1])
+    return 0.5 * math.sqrt(o * i / (o + i)) if o + i > 0 else 0.0
+
+
+def update_ratios(ctx: RunContext) -> pd.DataFrame:
+    """Sampled update-to-weight ratios, one row per sampled step, one column per parameter:
+    ||dW|| / max(||W||, :func:`init_scale_norm`). Only weight matrices and kernels (two or more
+    dimensions) when the run has any: biases and normalisation gains have small norms (a
+    zero-initialised bias has an infinite ratio on its first step) and are not what the
+    learning rate is tuned for. The floor keeps weights initialised far below any design
+    scale (xavier gain 0.001) from reading as huge relative steps: a step of lr on a weight of
+    1e-3 is the weights growing back to size, not overshooting. Parameters that never moved
+    (ratio 0 on every sample: frozen, or unused) are dropped."""
+
+    def make(c: RunContext) -> pd.DataFrame:
+        s = c.samples("update", "ratio")
+        if s.empty:
+            return pd.DataFrame()
+        t = s.assign(target=s["target"].astype(str)).pivot_table(index="step", columns="target", values="value", aggfunc="max")
+        t = t.replace([np.inf, -np.inf], np.nan)
+        matrix = [col for col in t.columns if len(c.layer_info.get(col, {}).get("shape") or []) >= 2]
+        if matrix:
+            t = t[matrix]
+        moving = [col for col in t.columns if (t[col].fillna(0) > 0).any()]
+        t = t[moving].sort_index()
+        lw = c.log.layer_weight
+        for col in t.columns:
+            floor = init_scale_norm(c.layer_info.get(col, {}).get("shape") or [])
+            if floor <= 0 or col not in lw.columns:
+                continue
+            w = lw[col].reindex(t.index).to_numpy(dtype=np.float64)
+            ok = np.isfinite(w) & (w > 0) & (w < floor)
+            if ok.any():
+                vals = t[col].to_numpy(dtype=np.float64).copy()
+                vals[ok] = vals[ok] * w[ok] / floor
+                t[col] = vals
+        return t
+
+    return _ctx_cache(ctx, "update_ratios", make)
+
+
+def update_ratio_by_step(ctx: RunContext) -> pd.Series:
+    """Median over parameters of :func:`update_ratios` per sampled step (finite, > 0)."""
+
+    def make(c: RunContext) -> pd.Series:
+        t = update_ratios(c)
+        if t.empty:
+            return pd.Series([], dtype=np.float64)
+        med = t.where(t > 0).median(axis=1, skipna=True)
+        return med[np.isfinite(med) & (med > 0)]
+
+    return _ctx_cache(ctx, "update_ratio_by_step", make)
+
+
+def _bernoulli_entropy(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+
+
+class TrivialLoss:
+    """The loss of a model that ignores its input, per sampled step, from the target samples:
+    predicting the data's mean under ``mse_loss``, the uniform distribution under
+    ``cross_entropy``/``nll_loss`` (ln n_classes), the base rate under
+    ``binary_cross_entropy(_with_logits)``. Summed over the grad-enabled loss calls of the
+    step, as ``loss_fn`` is.
+
+    The data's mean (and base rate) is the mean of the sampled batch means of that loss
+    function, so a batch's baseline is what predicting it costs on that batch: under MSE its
+    variance plus its mean's squared distance from the data's mean (the law of total variance:
+    batches of contiguous windows, or an unshuffled dataset, have small within-batch variance
+    but a model that ignores its input cannot know the batch's own mean).
+
+    Attributes:
+        table: DataFrame indexed by sampled step: ``baseline``, ``loss_fn`` (the recorded value),
+            ``ratio`` (loss_fn / baseline), ``expected_initial`` (what loss_fn should be for
+            the recorded predictions if they were unrelated to the targets), ``kinds``.
+        first_over_expected: the first sampled loss_fn / expected_initial (NaN: none).
+        consistent: the first sampled loss matches ``expected_initial`` within a factor 3,
+            i.e. the loss is on the scale the baseline assumes (not reduction="sum", not
+            re-weighted, not a sum with other terms); rules compare with the baseline only then.
+        kinds: the baselines involved (``mean``, ``uniform``, ``base-rate``).
+        pred_spread: per sampled step, the largest across-batch std of one output feature
+            relative to the target std (regression) or in nats (logits): near 0 means the
+            predictions do not depend on the input.
+    """
+
+    _KINDS = {"mse_loss": "mean", "cross_entropy": "uniform", "nll_loss": "uniform",
+              "binary_cross_entropy": "base-rate", "binary_cross_entropy_with_logits": "base-rate"}
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.table = pd.DataFrame()
+        self.consistent = False
+        self.kinds: list[str] = []
+        self.pred_spread = pd.Series([], dtype=np.float64)
+        self.first_over_expected = math.nan
+        s = ctx.samples("target")
+        if s.empty:
+            return
+        s = s.assign(target=s["target"].astype(str), stat=s["stat"].astype(str))
+        loss_fn = pd.Series(ctx.col("loss_fn"), index=ctx.step)
+        loss_fn = loss_fn[~loss_fn.index.duplicated(keep="last")]
+        means = s[s["stat"] == "mean"].groupby("target")["value"].mean()
+        rows = []
+        spreads = {}
+        for step, g in s.groupby("step", sort=True):
+            base = 0.0
+            expected = 0.0
+            kinds = []
+            ok = True
+            spread = []
+            for name, gg in g.groupby("target", sort=False):
+                kind = self._KINDS.get(name)
+                st = {k: gg.loc[gg["stat"] == k, "value"].to_numpy(dtype=np.float64) for k in
+                      ("numel", "var", "mean", "std", "absmax", "n_classes", "pred_std", "pred_mean",
+                       "pred_feature_std_max")}
+                calls = st["numel"].size
+                if kind is None or calls == 0:
+                    ok = False
+                    break
+                for k in range(calls):
+                    def at(key: str) -> float:
+                        arr = st[key]
+                        return float(arr[k]) if k < arr.size else math.nan
+                    if kind == "mean":
+                        var = at("var")
+                        base += var + (at("mean") - float(means.get(name, at("mean")))) ** 2
+                        expected += var + at("pred_std") ** 2 + (at("mean") - at("pred_mean")) ** 2
+                        tstd = at("std")
+                        if tstd > 0:
+                            spread.append(at("pred_feature_std_max") / tstd)
+                    elif kind == "uniform":
+                        c = at("n_classes")
+                        if not c > 1:
+                            ok = False
+                            break
+                        base += math.log(c)
+                        expected += math.log(c) + 0.5 * at("pred_std") ** 2
+                        spread.append(at("pred_feature_std_max"))
+                    else:
+                        m = at("mean")
+                        if not (0.0 <= m <= 1.0) or at("absmax") > 1.0:
+                            ok = False
+                            break
+                        pbar = min(max(float(means.get(name, m)), 1e-7), 1 - 1e-7)
+                        base += -(m * math.log(pbar) + (1 - m) * math.log(1 - pbar))
+                        expected += _bernoulli_entropy(m)
+                    kinds.append(kind)
+                if not ok:
+                    break
+            if not ok or not base > 0:
+                continue
+            lf = float(loss_fn.get(step, math.nan))
+            rows.append({"step": int(step), "baseline": base, "loss_fn": lf, "ratio": lf / base if math.isfinite(lf) else math.nan,
+                         "expected_initial": expected, "kinds": ",".join(sorted(set(kinds)))})
+            if spread:
+                spreads[int(step)] = float(np.nanmax(spread))
+        if not rows:
+            return
+        self.table = pd.DataFrame(rows).set_index("step").sort_index()
+        self.kinds = sorted({k for ks in self.table["kinds"] for k in ks.split(",") if k})
+        self.pred_spread = pd.Series(spreads, dtype=np.float64).sort_index()
+        first = self.table.dropna(subset=["loss_fn"])
+        if len(first):
+            r = first["loss_fn"].iloc[0] / first["expected_initial"].iloc[0] if first["expected_initial"].iloc[0] > 0 else math.nan
+            self.first_over_expected = float(r)
+            self.consistent = bool(math.isfinite(r) and 1 / 3 <= r <= 3)
+
+    def ratio_between(self, lo: int, hi: int) -> float:
+        """Median of ``loss_fn / baseline`` over the sampled steps in [lo, hi] (NaN: none)."""
+        if self.table.empty:
+            return math.nan
+        t = self.table.loc[(self.table.index >= lo) & (self.table.index <= hi), "ratio"].dropna()
+        return float(t.median()) if len(t) else math.nan
+
+    def baseline_between(self, lo: int, hi: int) -> float:
+        if self.table.empty:
+            return math.nan
+        t = self.table.loc[(self.table.index >= lo) & (self.table.index <= hi), "baseline"].dropna()
+        return float(t.median()) if len(t) else math.nan
+
+
+def trivial_loss(ctx: RunContext) -> TrivialLoss:
+    return _ctx_cache(ctx, "trivial_loss", TrivialLoss)

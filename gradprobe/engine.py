@@ -120,7 +120,8 @@ def analyze_runlog(log: RunLog) -> Report:
     findings: list[Finding] = []
     skipped: list[SkippedRule] = []
     for cls in registry():
-        missing = [s for s in cls.requires if s not in ctx.signals]
+        # an entry "a|b" is met by either signal
+        missing = [s for s in cls.requires if not any(alt in ctx.signals for alt in s.split("|"))]
         if missing:
             skipped.append(SkippedRule(cls.slug, cls.code, "needs " + ", ".join(missing) + " (not in this log)"))
             continue
@@ -152,8 +153,8 @@ def _link_causes(findings: list[Finding]) -> None:
     by_slug = {cls.slug: cls for cls in registry()}
     for f in findings:
         cls = by_slug.get(f.rule)
-        if cls is None:
-            continue
+        if cls is None or f.caused_by:
+            continue  # a rule that named its causes from evidence keeps exactly those
         for cause in cls.causes:
             c = present.get(cause)
             if c is None or c is f or cause in f.caused_by:

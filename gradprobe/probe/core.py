@@ -66,8 +66,8 @@ class ModuleInfo:
     is_loss: bool = False
     saturating: bool = False
     relu_like: bool = False
-    amp: tuple[bool, str] | None = None
-    out_dtype: str | None = None
+    amp: tuple[bool, str, str | None] | None = None  # (enabled, dtype, output dtype) in training forwards
+    amp_eval: tuple[bool, str, str | None] | None = None  # the same in no-grad (evaluation) forwards
     device_type: str | None = None
     aged: bool = False
 
@@ -172,6 +172,7 @@ class Probe:
         self._handles: list[Any] = []
         self._module_info: "weakref.WeakKeyDictionary[nn.Module, ModuleInfo]" = weakref.WeakKeyDictionary()
         self._roots: list[tuple[str, nn.Module]] = []
+        self._root_ids: set[int] = set()
         self._optimizers: list[OptInfo] = []
         self._scalers: list[ScalerInfo] = []
         self._layers: list[LayerInfo] = []
@@ -325,6 +326,7 @@ class Probe:
                 k += 1
                 root_name = f"{cls[:1].lower() + cls[1:]}{k}"
         self._roots.append((root_name, model))
+        self._root_ids.add(id(model))
         prefix = f"{root_name}." if root_name else ""
         for name, mod in model.named_modules():
             clean = _clean_name(name)
@@ -911,6 +913,11 @@ class Probe:
             return
         if self._consumed:
             self._maybe_abandon()
+        elif self._open.current.loss_fn and not self._open.current.n_backward and self._in_step is None \
+                and id(module) in self._root_ids and torch.is_grad_enabled():
+            # a new training forward of the model after a training loss that was never
+            # backpropagated: the loop skipped that iteration (``if not isfinite(loss): continue``)
+            self._close_step(abandoned=True)
         info = self._module_info.get(module)
         if self.auto:
             depth = self._depth
@@ -1032,28 +1039,34 @@ class Probe:
             if not ts:
                 return
             dev = info.device_type = ts[0].device.type
+        grad = torch.is_grad_enabled()  # training forward vs evaluation (no_grad) forward
+        prev = info.amp if grad else info.amp_eval
         try:
             enabled = torch.is_autocast_enabled(dev)
-            if not enabled and info.amp is not None and not info.amp[0]:
+            if not enabled and prev is not None and not prev[0]:
                 return  # hot path: autocast off, as before
             dtype = str(torch.get_autocast_dtype(dev)).replace("torch.", "") if enabled else "none"
         except Exception:  # noqa: BLE001 - device types without autocast
-            info.amp = (False, "none")
+            info.amp = info.amp_eval = (False, "none", None)
             return
         out_dtype = None
         for t in _iter_tensors(output):
             if t.is_floating_point():
                 out_dtype = str(t.dtype).replace("torch.", "")
                 break
-        state = (enabled, dtype)
-        if state != info.amp or out_dtype != info.out_dtype:
-            first = info.amp is None
-            info.amp = state
-            info.out_dtype = out_dtype
-            if enabled or not first:
-                entry = {"enabled": enabled, "dtype": dtype, "output_dtype": out_dtype, "class": info.cls, "device": dev}
-                self.meta["autocast"][info.name] = entry
-                self._meta_dirty = True
+        state = (enabled, dtype, out_dtype)
+        if state != prev:
+            if grad:
+                info.amp = state
+            else:
+                info.amp_eval = state
+            if enabled or prev is not None:
+                entry = {"enabled": enabled, "dtype": dtype, "output_dtype": out_dtype, "class": info.cls, "device": dev,
+                         "grad_enabled": grad}
+                known = self.meta["autocast"].get(info.name)
+                if grad or known is None or not known.get("grad_enabled"):  # the training forward wins
+                    self.meta["autocast"][info.name] = entry
+                    self._meta_dirty = True
                 self.writer.put_event({"kind": "autocast", "module": info.name, "step": self._open.index, **entry})
 
     @guarded("loss")
@@ -1323,7 +1336,7 @@ class Probe:
             return
         try:
             if self._open.active():
-                self.guard.call("close", self._close_step)
+                self.guard.call("close", self._close_step, self._consumed and self._in_step is None)
             self.guard.call("close", self._flush, True)
             if self.deep is not None:
                 self.guard.call("deep", self.deep.close)

@@ -9,6 +9,7 @@ probe      target               stats
 ========== ==================== ====================================================
 update     parameter name       ``ratio`` = ||Δθ|| / ||θ|| across the optimizer step
 grad       parameter name       ``nonfinite_count`` (exact count of NaN/Inf entries)
+weight     parameter name       ``nonfinite_count`` after the optimizer step
 activation module name          ``mean std absmax nonfinite`` of the output (index =
                                 call order in the step), ``saturated_frac`` (sigmoid/
                                 tanh modules), ``dead_frac`` (ReLU-family: units never
@@ -190,7 +191,9 @@ class DeepProbes:
                 dim = 1 if y.dim() >= 4 else y.dim() - 1
                 units = y.movedim(dim, -1).reshape(-1, y.shape[dim])
                 active = (units > 0).any(dim=0)
-                self._sample("activation", info.name, "dead_frac", 1.0 - active.float().mean(), index=order)
+                poisoned = (~torch.isfinite(units)).any(dim=0)  # NaN is not "never active"
+                dead = (~active & ~poisoned).float().mean()
+                self._sample("activation", info.name, "dead_frac", dead, index=order)
             if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and args and isinstance(args[0], torch.Tensor):
                 x = args[0].detach()
                 if x.is_floating_point() and x.dim() >= 2:
@@ -379,6 +382,19 @@ class DeepProbes:
 
     def on_post_step(self, info: "OptInfo") -> None:
         self._guard("update", self._update_ratio, info)
+        self._guard("weight", self._weight_counts, info)
+
+    def _weight_counts(self, info: "OptInfo") -> None:
+        """Exact count of NaN/Inf entries per parameter after the step (sampled steps)."""
+        layers = self.probe._layers
+        names, counts = [], []
+        with torch.no_grad():
+            for i in info.scope:
+                p = layers[i].param
+                names.append(layers[i].name)
+                counts.append((~torch.isfinite(p.detach())).sum().float())
+        if counts:
+            self._sample("weight", tuple(names), "nonfinite_count", torch.stack(counts))
 
     def _update_ratio(self, info: "OptInfo") -> None:
         before = self._snapshots.pop(info.index, None)

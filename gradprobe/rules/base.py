@@ -45,7 +45,8 @@ class Rule:
     slug: ClassVar[str]
     severity: ClassVar[str] = "warning"
     title: ClassVar[str]
-    #: signals the rule needs (see :mod:`gradprobe.signals`); missing -> skipped, and said so
+    #: signals the rule needs (see :mod:`gradprobe.signals`); missing -> skipped, and said so.
+    #: An entry ``"a|b"`` is met by either signal.
     requires: ClassVar[tuple[str, ...]] = ()
     #: slugs of root causes this symptom may follow from; the engine links those present
     causes: ClassVar[tuple[str, ...]] = ()

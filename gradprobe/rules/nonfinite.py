@@ -1,3 +1,549 @@
-"""GP4xx: non-finite values, ordered inputs -> loss -> gradients -> parameters."""
+"""GP4xx: non-finite values, ordered inputs -> loss -> gradients -> parameters.
+
+Within one step the order is fixed: the batch enters, the forward computes the loss, the
+backward fills the gradients, the optimizer updates the parameters. A NaN/Inf that appears
+at one stage propagates to every later stage of the same step and, through the parameters,
+to every later step. So the earliest stage at the earliest step is the root: each rule finds
+the first step and the first place of its stage, and names an earlier stage as its cause in
+``caused_by`` (links within one step follow the stage order; a cause in a later stage must
+come at a strictly earlier step, e.g. parameters that went NaN at step s make the loss of
+step s+1 NaN). The shared timeline is :class:`gradprobe.analysis.NonfiniteTimeline`.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from gradprobe.analysis import RunContext, layer_forward_order, nonfinite_timeline
+from gradprobe.report import Finding, Recommendation
+from gradprobe.rules.base import Explanation, Rule, get_rule, register
+
+STAGE_ORDER = {"input": 0, "first_layer": 1, "target": 2}
+
+GUARD_SNIPPET = """\
+# while debugging: raise at the autograd op that produced the first NaN/Inf
+torch.autograd.set_detect_anomaly(True)
+...
+loss = loss_fn(model(x), y)
+if not torch.isfinite(loss):
+    raise RuntimeError(f"non-finite loss at step {step}")  # stop at the first one"""
+
+GRAD_GUARD_SNIPPET = """\
+loss.backward()
+total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float("inf"))  # measures only
+if torch.isfinite(total):
+    optimizer.step()          # never apply NaN/Inf gradients to the parameters
+optimizer.zero_grad(set_to_none=True)"""
+
+INPUT_SNIPPET = """\
+# once, on the dataset: find the rows that carry NaN/Inf
+bad = ~torch.isfinite(features).all(dim=1) | ~torch.isfinite(targets).reshape(len(targets), -1).all(dim=1)
+print(f"{int(bad.sum())} bad rows", bad.nonzero()[:10].flatten().tolist())
+features, targets = features[~bad], targets[~bad]   # or impute / fix the source
+# in the loop, cheaply while debugging:
+assert torch.isfinite(x).all() and torch.isfinite(y).all(), f"non-finite batch at step {step}" """
+
+
+def _first_index(mask: np.ndarray) -> int | None:
+    idx = np.flatnonzero(mask)
+    return int(idx[0]) if idx.size else None
+
+
+#: Root causes outside this family a non-finite value can follow from when the run diverged.
+DIVERGENCE_CAUSES = ("exploding-gradients", "lr-too-high")
+#: A value at least this many times its running median (the 20 finite values before it) has
+#: risen: batch-to-batch noise of a loss or a gradient norm does not reach 3x; a divergence does.
+RISE_FACTOR = 3.0
+
+
+def _risen(x: np.ndarray, i0: int) -> tuple[float, float] | None:
+    """(last finite value before row i0, its ratio to the running median) if it had risen."""
+    before = x[:i0][np.isfinite(x[:i0])]
+    if before.size < 3:
+        return None
+    med = float(np.median(before[-21:-1])) if before.size > 1 else float(before[-1])
+    if med > 0 and before[-1] / med >= RISE_FACTOR:
+        return float(before[-1]), float(before[-1] / med)
+    return None
+
+
+def cause_present(ctx: RunContext, slug: str, step: int | None) -> bool:
+    """Whether rule ``slug`` finds something in this run starting at or before ``step``.
+
+    For evidence-gated links: a rule names a cause from outside its family only when its own
+    numbers point there *and* that cause is in the report (the engine alone would link any
+    earlier finding of a listed cause, however far away and whatever the mechanism)."""
+    cache = ctx.__dict__.setdefault("_cause_present", {})
+    if slug not in cache:
+        firsts: list[int | None] = []
+        cls = get_rule(slug)
+        if cls is not None and all(sig in ctx.signals for sig in cls.requires):
+            try:
+                firsts = [f.first_step for f in cls().check(ctx)]
+            except Exception:  # noqa: BLE001 - another rule's failure is reported by the engine
+                firsts = []
+        cache[slug] = firsts
+    return any(f is None or step is None or f <= step for f in cache[slug])
+
+
+def _divergence_causes(ctx: RunContext, step: int) -> list[str]:
+    """The divergence root causes (exploding-gradients, lr-too-high) present at or before
+    ``step``. Callers ask only when the run's own numbers show a divergence right before the
+    first non-finite value, so a NaN batch is never blamed on the learning rate."""
+    return [slug for slug in DIVERGENCE_CAUSES if cause_present(ctx, slug, step)]
+
+
+def _count_conf(count: int) -> float:
+    return min(1.0, 0.6 + 0.4 * min(1.0, count / 3.0))
+
+
+def _nonfinite_layers_at(frame: Any, step: int) -> list[str]:
+    """Columns of a per-layer frame that are NaN/Inf at ``step`` (MISSING = -1 is not)."""
+    if frame is None or frame.empty or step not in frame.index:
+        return []
+    row = frame.loc[step]
+    if hasattr(row, "ndim") and row.ndim > 1:
+        row = row.iloc[-1]
+    vals = row.to_numpy(dtype=np.float64)
+    return [str(c) for c, v in zip(frame.columns, vals) if not math.isfinite(v)]
+
+
+def _nan_layers_at(frame: Any, step: int) -> set[str]:
+    if frame is None or frame.empty or step not in frame.index:
+        return set()
+    row = frame.loc[step]
+    if hasattr(row, "ndim") and row.ndim > 1:
+        row = row.iloc[-1]
+    return {str(c) for c, v in zip(frame.columns, row.to_numpy(dtype=np.float64)) if math.isnan(v)}
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class NonfiniteInputs(Rule):
+    """Fires when a sampled batch carried NaN/Inf: the ``nonfinite`` count of the model's
+    input, of the input to the first parametric layer, or of a loss function's target was
+    above 0. Zero is the only threshold: a finite-valued dataset never has one.
+
+    Only samples that cannot come from non-finite parameters count (the model's first input
+    always; a carried state, the first layer's input or a target only on steps before the
+    parameters went non-finite). Samples exist only on sampled steps, so the first step is
+    bounded with the per-step evidence: the first step after the last clean sample, at or
+    before the first bad one, whose loss or gradients went non-finite while the parameters
+    were still finite.
+
+    Confidence: 0.6 + 0.2 * min(1, bad samples / 3) + 0.2 if the loss or gradients of the
+    bounded first step were non-finite too (corroborated).
+    """
+
+    code = "GP404"
+    slug = "nonfinite-inputs"
+    severity = "error"
+    title = "NaN/Inf in the inputs or targets"
+    #: the sampled ``inputs`` or ``targets`` signal, either one (a model called with keyword
+    #: arguments only has target samples)
+    requires = ("inputs|targets",)
+    causes = ()
+    computes = {}
+    explanation = Explanation(
+        what="NaN or Inf values in the inputs fed to the model, in the input of its first layer, or in the targets "
+        "fed to the loss.",
+        why="One NaN in a batch makes the loss and every gradient of that step NaN; an optimizer step then writes "
+        "NaN into every parameter, and the run is lost from there on.",
+        causes="Missing values in the raw data (empty CSV cells, divisions by zero in feature engineering, log of 0), "
+        "normalisation by a zero standard deviation, a corrupt shard or augmentation.",
+        fix="Find and drop or impute the bad rows at the source; validate once at load time. Do not paper over it "
+        "with a smaller learning rate or gradient clipping: neither removes a NaN.",
+        example="A feature column with one empty cell parsed as NaN: the input of step 5 has 1 non-finite entry, the "
+        "loss and all gradients of step 5 are NaN, and SGD writes NaN into every weight.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        if not {"inputs", "targets"} & ctx.signals:
+            return []
+        tl = nonfinite_timeline(ctx)
+        if not tl.inputs:
+            return []
+        bad = sorted(tl.inputs, key=lambda r: (r["step"], STAGE_ORDER.get(r["probe"], 9)))
+        first_bad = bad[0]
+        places: dict[str, dict[str, Any]] = {}
+        for r in bad:
+            key = f"{r['probe']}:{r['target']}"
+            p = places.setdefault(key, {"probe": r["probe"], "target": r["target"], "first_step": r["step"],
+                                        "sampled_steps": 0, "max_nonfinite": 0.0, "numel": r["numel"]})
+            p["sampled_steps"] += 1
+            p["max_nonfinite"] = max(p["max_nonfinite"], r["nonfinite"])
+        first = tl.input_step if tl.input_step is not None else first_bad["step"]
+        i0 = _first_index(ctx.step == first)
+        corroborated = i0 is not None and bool(tl.loss[i0] or tl.grad_raw[i0])
+        conf = 0.6 + 0.2 * min(1.0, len(bad) / 3.0) + (0.2 if corroborated else 0.0)
+        what = {"input": "the model's input", "first_layer": "the input of the first layer", "target": "the target of"}
+        desc = []
+        for p in list(places.values())[:4]:
+            frac = p["max_nonfinite"] / p["numel"] if p["numel"] and math.isfinite(p["numel"]) else math.nan
+            name = f"{what.get(p['probe'], p['probe'])} {p['target']}"
+            desc.append(f"{name}: up to {p['max_nonfinite']:.0f} non-finite entries"
+                        + (f" of {p['numel']:.0f} ({frac:.2%})" if math.isfinite(frac) else "")
+                        + f", first seen at step {p['first_step']}")
+        ev: dict[str, Any] = {
+            "first_observed_step": tl.input_observed_step,
+            "last_clean_sample_step": tl.last_clean_input_step,
+            "places": list(places.values())[:10],
+            "bad_samples": len(bad),
+        }
+        msg = "NaN/Inf entered with the data: " + "; ".join(desc) + "."
+        if tl.input_step is not None and tl.input_observed_step is not None and tl.input_step < tl.input_observed_step:
+            msg += (f" Samples are taken on some steps only; the loss/gradients were already non-finite at step "
+                    f"{tl.input_step}, after the last clean sample"
+                    + (f" at step {tl.last_clean_input_step}" if tl.last_clean_input_step is not None else "")
+                    + ", so the bad batch most likely entered there.")
+        return [self.finding(
+            confidence=conf, message=msg, first_step=first, layer=first_bad["target"], evidence=ev,
+            recommendations=[Recommendation.code("Find and remove the non-finite rows at the source", INPUT_SNIPPET)],
+        )]
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class NonfiniteLoss(Rule):
+    """Fires when a loss was NaN/Inf on any step: a backward root or a loss-function output
+    computed with grad. Zero tolerance: a non-finite loss is never a valid training signal.
+
+    It reports the first step and what preceded it: the last finite loss and gradient norm
+    against their running medians (a divergence shows as growth before the NaN), whether the
+    parameters were already non-finite before (then the loss follows from them:
+    ``caused_by`` nonfinite-parameters), whether counted gradients were non-finite before,
+    and, on a sampled step, the first module (in forward order) whose output was non-finite.
+
+    "Had risen" means the last finite value was at least 3x the median of the 20 finite
+    values before it (a factor no ordinary batch-to-batch noise of a loss or a gradient norm
+    reaches, and the signature of a divergence running away). Only then, and when the data
+    was clean, is the loss linked to exploding-gradients / lr-too-high (if present): a NaN
+    batch is never blamed on the learning rate.
+
+    Severity error when the run did not recover (the last recorded loss is non-finite, the
+    parameters went non-finite) or at least 5% of steps had a non-finite loss (one batch in
+    twenty never trains: the data or the model has a systematic fault, not a stray batch);
+    warning for isolated, recovered ones (e.g. skipped by a GradScaler or a guard).
+    Confidence 0.6 + 0.4 * min(1, non-finite steps / 3): the measurement is exact, the
+    question is whether it is a pattern, which three occurrences settle.
+    """
+
+    code = "GP401"
+    slug = "nonfinite-loss"
+    severity = "error"
+    title = "The loss became NaN/Inf"
+    requires = ("loss",)
+    causes = ("nonfinite-inputs", "fp16-overflow")
+    computes = {}
+    explanation = Explanation(
+        what="The first step whose loss was NaN or Inf, and what preceded it: a rising loss or gradient norm, "
+        "non-finite parameters from an earlier step, non-finite data, or the module where the forward first "
+        "produced a NaN.",
+        why="A non-finite loss makes every gradient of the step non-finite; one optimizer step on it destroys the "
+        "parameters. Skipping such steps silently hides the cause.",
+        causes="NaN/Inf in the batch; parameters already NaN from an earlier step (Adam eps=0, an exploded update); "
+        "divergence (learning rate too high, no clipping); log/sqrt/division of 0 in the loss; float16 overflow.",
+        fix="Fix the stage named in caused_by first. To find the op, run a few steps with "
+        "torch.autograd.set_detect_anomaly(True) and stop at the first non-finite loss.",
+        example="The loss is NaN from step 5 on; the input of step 5 had one NaN entry (nonfinite-inputs).",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        tl = nonfinite_timeline(ctx)
+        if not tl.loss.any():
+            return []
+        i0 = _first_index(tl.loss)
+        assert i0 is not None
+        first = ctx.step_at(i0)
+        count = int(tl.loss.sum())
+        ev: dict[str, Any] = {"nonfinite_steps": count, "fraction": round(count / max(ctx.n, 1), 4)}
+        loss = ctx.loss
+        context: list[str] = []
+        before = loss[:i0][np.isfinite(loss[:i0])]
+        if before.size:
+            ev["last_finite_loss"] = float(before[-1])
+        gn = ctx.grad_norm[:i0][np.isfinite(ctx.grad_norm[:i0])]
+        if gn.size:
+            ev["last_finite_grad_norm"] = float(gn[-1])
+        loss_rise = _risen(loss, i0)
+        grad_rise = _risen(ctx.grad_norm, i0)
+        if loss_rise:
+            ev["loss_rise"] = round(loss_rise[1], 2)
+            context.append(f"the loss had risen to {loss_rise[1]:.1f}x its running median")
+        if grad_rise:
+            ev["grad_norm_rise"] = round(grad_rise[1], 2)
+            context.append(f"the gradient norm had risen to {grad_rise[1]:.1f}x its running median")
+        lr = ctx.lr[i0] if i0 < len(ctx.lr) else math.nan
+        if math.isfinite(lr):
+            ev["lr"] = float(lr)
+        caused_by: list[str] = []
+        if tl.param_step is not None and tl.param_step < first:
+            caused_by.append("nonfinite-parameters")
+            context.append(f"the parameters were already non-finite after step {tl.param_step}")
+        if tl.grad_step is not None and tl.grad_step < first:
+            caused_by.append("nonfinite-gradients")
+            context.append(f"gradients were already non-finite at step {tl.grad_step}")
+        data = tl.input_step is not None and tl.input_step <= first
+        if data:
+            context.append(f"the data carried NaN/Inf (from step {tl.input_step})")
+        elif loss_rise or grad_rise or (tl.grad_step is not None and tl.grad_step < first):
+            caused_by += [c for c in _divergence_causes(ctx, first) if c not in caused_by]
+        module = self._first_module(ctx, first)
+        if module is not None:
+            ev["first_nonfinite_module"] = module
+            context.append(f"in the forward of step {first} the first non-finite output came from {module}")
+        skipped = tl.loss & ctx.skipped
+        if skipped.any():
+            ev["skipped_by_scaler"] = int(skipped.sum())
+        with_loss = np.flatnonzero(np.isfinite(loss) | tl.loss)  # rows that computed a training loss
+        last_finite = bool(with_loss.size) and not tl.loss[with_loss[-1]]
+        params_bad = tl.param_step is not None
+        recovered = last_finite and not params_bad
+        ev["recovered"] = recovered
+        severe = not recovered or count / max(ctx.n, 1) >= 0.05
+        msg = (f"The loss was NaN/Inf first at step {first} ({count} of {ctx.n} steps"
+               + (", the run never recovered" if not last_finite else "") + ")")
+        msg += (". Before it: " + "; ".join(context) + ".") if context else (
+            ". The loss and gradient norm were steady before it and the parameters finite: the NaN entered with that "
+            "step's batch or its forward.")
+        return [self.finding(
+            confidence=_count_conf(count), message=msg, first_step=first, layer=module, evidence=ev,
+            severity="error" if severe else "warning", caused_by=caused_by,
+            recommendations=[Recommendation.code("Stop at the first non-finite loss and find the op", GUARD_SNIPPET)],
+        )]
+
+    @staticmethod
+    def _first_module(ctx: RunContext, step: int) -> str | None:
+        act = ctx.samples("activation", "nonfinite")
+        if act.empty:
+            return None
+        at = act[(act["step"] == step) & (act["value"] > 0)]
+        if at.empty:
+            return None
+        return str(at.sort_values("index")["target"].iloc[0])
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class NonfiniteGradients(Rule):
+    """Fires when a gradient was NaN/Inf on a step that counts: the recorder's per-layer
+    non-finite flag (a NaN/Inf layer norm) or an infinite total norm. Not counted: steps a
+    GradScaler skipped on purpose (``skipped``: float16 calibration or overflow, GP301/302)
+    and scaled steps discarded without ``update()`` (GP305). Zero tolerance otherwise.
+
+    The first layer is where the NaN appears first in backward order: backward runs from the
+    loss to the input, so among the layers non-finite at the first step the one furthest
+    down the forward (by sampled call order, else registration order) is where it starts;
+    when the loss itself was finite that step, the NaN arose inside the backward there.
+
+    Causes: the stages before it (inputs, loss, earlier non-finite parameters), float16
+    overflow, and, only when the gradient norm had risen to >= 3x its running median right
+    before (a divergence, not a bad batch), exploding-gradients / lr-too-high if present.
+
+    Severity error when an optimizer applied them or the run did not recover; warning when
+    every counted step was left without an optimizer step and the parameters stayed finite.
+    Confidence 0.6 + 0.4 * min(1, counted steps / 3).
+    """
+
+    code = "GP402"
+    slug = "nonfinite-gradients"
+    severity = "error"
+    title = "NaN/Inf gradients"
+    requires = ("grad_norm",)
+    causes = ("nonfinite-inputs", "nonfinite-loss", "fp16-overflow")
+    computes = {}
+    explanation = Explanation(
+        what="The first step and the first layer (in backward order) with NaN/Inf gradients, not counting the steps a "
+        "GradScaler skipped on purpose.",
+        why="An optimizer step on a NaN/Inf gradient writes NaN/Inf into the parameters and the run is lost; a guard "
+        "that silently skips such steps wastes them and hides the cause.",
+        causes="A non-finite loss (bad data, divergence); a backward singularity (sqrt or norm at 0, division by a "
+        "zero std, log of 0, acos at +-1) in the named layer; exploding gradients.",
+        fix="Fix the cause named in caused_by. If the loss was finite, the op that produced the NaN is in or right "
+        "after the named layer: add an epsilon (sqrt(x + eps), x / (std + eps)) or clamp its input. Never step on "
+        "non-finite gradients.",
+        example="torch.norm of a zero vector in a custom layer: the loss is finite but that layer and every layer "
+        "before it get NaN gradients at step 0.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        tl = nonfinite_timeline(ctx)
+        if not tl.grad.any():
+            return []
+        i0 = _first_index(tl.grad)
+        assert i0 is not None
+        first = ctx.step_at(i0)
+        count = int(tl.grad.sum())
+        lg = ctx.layer_grads()
+        layers = _nonfinite_layers_at(lg, first)
+        counts = self._exact_counts(ctx, first)
+        if not layers and counts:
+            layers = [k for k, v in counts.items() if v > 0]
+        order = layer_forward_order(ctx)
+        layers.sort(key=lambda n: order.get(n, 0.0))
+        origin = layers[-1] if layers else None
+        loss_finite = not bool(tl.loss[i0])
+        ev: dict[str, Any] = {
+            "nonfinite_steps": count,
+            "fraction": round(count / max(ctx.n, 1), 4),
+            "skipped_by_scaler_not_counted": int(tl.skipped_mask.sum()),
+            "discarded_under_scaler_not_counted": int(tl.discarded_mask.sum()),
+            "nonfinite_layers": layers[:20],
+            "n_nonfinite_layers": len(layers),
+            "loss_finite_at_first_step": loss_finite,
+        }
+        if counts:
+            ev["nonfinite_entries"] = {k: int(v) for k, v in counts.items() if v > 0}
+        caused_by: list[str] = []
+        if tl.param_step is not None and tl.param_step < first:
+            caused_by.append("nonfinite-parameters")
+        grad_rise = _risen(ctx.grad_norm, i0)
+        if grad_rise:
+            ev["grad_norm_rise"] = round(grad_rise[1], 2)
+        if grad_rise and not (tl.input_step is not None and tl.input_step <= first):
+            caused_by += _divergence_causes(ctx, first)
+        applied = bool((ctx.col("optimizer_steps")[tl.grad] > 0).any())
+        measured = np.flatnonzero(np.isfinite(ctx.grad_norm) | tl.grad_raw)  # rows that had gradients
+        recovered = bool(measured.size) and not tl.grad[measured[-1]] and tl.param_step is None
+        ev["applied_by_optimizer"] = applied
+        where = ""
+        if origin:
+            in_backward = loss_finite and "nonfinite-parameters" not in caused_by
+            where = f" (first, in backward order, at {origin}" + (
+                "; the loss was finite, so the NaN arose in the backward there" if in_backward else "") + ")"
+        msg = (f"Gradients were NaN/Inf first at step {first}{where}: {count} step(s), {len(layers)} layer(s) at the "
+               f"first one.")
+        if tl.skipped_mask.any():
+            msg += f" {int(tl.skipped_mask.sum())} step(s) the GradScaler skipped on purpose are not counted."
+        if applied:
+            msg += " The optimizer stepped on them."
+        recs = [Recommendation.code("Never step on non-finite gradients; find the op", GRAD_GUARD_SNIPPET)]
+        return [self.finding(
+            confidence=_count_conf(count), message=msg, first_step=first, layer=origin, evidence=ev,
+            severity="error" if (applied or not recovered) else "warning", caused_by=caused_by, recommendations=recs,
+        )]
+
+    @staticmethod
+    def _exact_counts(ctx: RunContext, step: int) -> dict[str, float]:
+        g = ctx.samples("grad", "nonfinite_count")
+        if g.empty:
+            return {}
+        at = g[g["step"] == step]
+        return {str(t): float(v) for t, v in zip(at["target"], at["value"])}
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class NonfiniteParameters(Rule):
+    """Fires when parameters were NaN/Inf after an optimizer step (the recorder's
+    ``param_nonfinite_layers`` > 0, from the weight norms it measures after every step). Zero
+    tolerance: a non-finite weight never recovers by itself.
+
+    It tells the mechanism from what the step consumed: non-finite gradients at that step
+    (the optimizer applied them: ``caused_by`` nonfinite-gradients); finite gradients with an
+    Adam-type optimizer and ``eps`` = 0 (m / (sqrt(v) + eps) is 0/0 = NaN for every entry
+    whose gradient has always been 0, e.g. embedding rows never looked up); finite gradients
+    otherwise (the update overflowed: linked to lr-too-high / exploding-gradients when present).
+    The named layer is the
+    first, in forward order, that went non-finite with a finite gradient (else the first).
+
+    Confidence 0.6 + 0.4 * persistence, the fraction of measured steps from the first one on
+    whose parameters stayed non-finite (1.0: they never recovered).
+    """
+
+    code = "GP403"
+    slug = "nonfinite-parameters"
+    severity = "error"
+    title = "Parameters became NaN/Inf after an optimizer step"
+    requires = ("weights",)
+    causes = ("nonfinite-inputs", "nonfinite-loss", "nonfinite-gradients")
+    computes = {}
+    explanation = Explanation(
+        what="Parameters that were NaN/Inf right after an optimizer step: the step, the layers, and whether the "
+        "optimizer applied non-finite gradients or produced the NaN itself.",
+        why="A NaN weight makes every later forward through it NaN; the run cannot recover without reloading a "
+        "checkpoint.",
+        causes="Stepping on NaN/Inf gradients; Adam/AdamW/RMSprop with eps=0 on parameters with entries whose "
+        "gradient is always zero (unused embedding rows, masked weights): 0/0; an update so large the weights "
+        "overflow (learning rate far too high).",
+        fix="Never step on non-finite gradients (a GradScaler does this for float16; otherwise check the norm); keep "
+        "eps > 0 in adaptive optimizers (PyTorch's default is 1e-8); lower the learning rate if the weights grew "
+        "without bound before.",
+        example="Adam(eps=0) on nn.Embedding(50, 8) whose batches only use ids 0-19: after the first step emb.weight "
+        "is NaN in rows 20-49 while every gradient was finite.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        tl = nonfinite_timeline(ctx)
+        if not tl.param.any():
+            return []
+        i0 = _first_index(tl.param)
+        assert i0 is not None
+        first = ctx.step_at(i0)
+        measured = ctx.col("param_nonfinite_layers")[i0:] >= 0
+        persist = float(tl.param[i0:][measured].mean()) if measured.any() else 1.0
+        layers = _nonfinite_layers_at(ctx.log.layer_weight, first)
+        nan_layers = _nan_layers_at(ctx.log.layer_weight, first)
+        lg = ctx.layer_grads()
+        bad_grad = set(_nonfinite_layers_at(lg, first))
+        order = layer_forward_order(ctx)
+        layers.sort(key=lambda n: order.get(n, 0.0))
+        made_here = [n for n in layers if n not in bad_grad]
+        layer = made_here[0] if made_here else (layers[0] if layers else None)
+        grads_bad = bool(tl.grad_raw[i0]) and not bool(ctx.skipped[i0])
+        opt = ctx.optimizer_class
+        eps = ctx.hparams.get("eps")
+        ev: dict[str, Any] = {
+            "nonfinite_layers": layers[:20],
+            "nan_layers": [n for n in layers if n in nan_layers][:20],
+            "n_nonfinite_layers": int(ctx.col("param_nonfinite_layers")[i0]),
+            "persistence": round(persist, 3),
+            "gradients_nonfinite_at_step": grads_bad,
+            "optimizer": opt,
+        }
+        if eps is not None:
+            ev["eps"] = eps
+        lr = ctx.lr[i0] if i0 < len(ctx.lr) else math.nan
+        if math.isfinite(lr):
+            ev["lr"] = float(lr)
+        caused_by: list[str] = []
+        recs: list[Recommendation] = []
+        if grads_bad:
+            caused_by.append("nonfinite-gradients")
+            mech = "the optimizer applied NaN/Inf gradients"
+            recs.append(Recommendation.code("Never step on non-finite gradients", GRAD_GUARD_SNIPPET))
+        elif ctx.adaptive and isinstance(eps, (int, float)) and eps == 0:
+            mech = (f"{opt} with eps=0 divides m / sqrt(v): 0/0 = NaN for every entry whose gradient has always been 0 "
+                    f"(rows of {layer} never used in a batch), while every gradient was finite")
+            recs.append(Recommendation.code(
+                f"Keep eps > 0 in {opt}",
+                f"optimizer = torch.optim.{opt}(model.parameters(), lr={ctx.lr0 if ctx.lr0 is not None else 1e-3:g}, "
+                f"eps=1e-8)  # PyTorch's default; any eps > 0 removes the 0/0",
+            ))
+        else:
+            wn = ctx.col("weight_norm")[:i0]
+            wn = wn[np.isfinite(wn)]
+            if wn.size >= 2 and wn[0] > 0:
+                ev["weight_norm_growth_before"] = float(wn[-1] / wn[0])
+            mech = "the gradients were finite, so the update itself overflowed (look at the learning rate)"
+            caused_by += _divergence_causes(ctx, first)
+        n_layers = len(layers) or ev["n_nonfinite_layers"]
+        what = "NaN/Inf"
+        if layers and not any(n in nan_layers for n in layers):
+            # an infinite weight norm is an Inf entry or finite weights beyond ~1e19 whose norm
+            # overflows float32: diverged either way
+            what = "Inf (or so large their float32 norm overflows)"
+        msg = (f"Parameters were {what} after the optimizer step of step {first} ({n_layers} layer(s): "
+               f"{', '.join(layers[:4])}): {mech}." + (" They never recovered." if persist >= 1.0 else ""))
+        if not recs:
+            recs.append(Recommendation.code("Stop at the first non-finite parameter",
+                                            "optimizer.step()\nassert all(torch.isfinite(p).all() for p in "
+                                            "model.parameters()), f'non-finite parameters after step {step}'"))
+        return [self.finding(
+            confidence=0.6 + 0.4 * persist, message=msg, first_step=first, layer=layer, evidence=ev,
+            caused_by=caused_by, recommendations=recs,
+        )]
+
