@@ -65,7 +65,14 @@ def analyze(path: Any) -> "Report":
     return _analyze(path)
 
 
+_SUBMODULES = frozenset({"readers", "rules", "engine", "render", "analysis", "report", "integrations", "runlog", "stats", "signals", "verify"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"gradprobe.{name}")
     if name in _LAZY:
         import importlib
 
@@ -77,4 +84,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)

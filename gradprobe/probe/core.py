@@ -614,6 +614,10 @@ class Probe:
         if not self._live():
             return
         self._maybe_abandon()
+        if self._open.current.n_backward and self._in_step is None and self._grads_cleared():
+            # the previous iteration's gradients were cleared (zero_grad(set_to_none=True),
+            # p.grad = None) without an optimizer step: a manual-update loop; it was a step
+            self._close_step()
         roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors) if isinstance(tensors, (list, tuple)) else []
         seg = self._open.current
         scaled = self._scaled_outputs
@@ -640,6 +644,12 @@ class Probe:
         self._scaled_outputs = []
         seg.n_backward += 1
         seg.retain_graph |= retain_graph
+
+    def _grads_cleared(self) -> bool:
+        """All watched gradients are None (checked only when a step already saw a backward:
+        gradient accumulation keeps them, so it is never split)."""
+        self._ensure_layout()
+        return bool(self._layers) and all(layer.param.grad is None for layer in self._layers)
 
     def _maybe_abandon(self) -> None:
         """Gradients were examined (clip / unscale_ / scaler.step) and the next iteration
@@ -1202,6 +1212,27 @@ class Probe:
         if now - self._last_flush >= self.config.flush_seconds or len(self._records) >= self.config.flush_steps:
             self._flush()
 
+    def _records_or_steps(self) -> bool:
+        return self._open.index > 0
+
+    def _attach_trailing_eval(self) -> None:
+        evals = self._open.sealed.eval_loss + self._open.current.eval_loss
+        with self._flush_lock:
+            if self._records:
+                rec = self._records[-1]
+                for v in evals:
+                    rec.add("eval_loss", v)
+                for name, value in self._pending_scalars:
+                    if isinstance(value, torch.Tensor):
+                        rec.add("scalar", value, name)
+                    else:
+                        rec.host_scalars.append((name, float(value)))
+                self._pending_scalars = []
+                return
+        if evals:  # the last step is already on disk: keep the value as a scalar of that step
+            vals = [float(v.float().mean().cpu()) for v in evals]
+            self.writer.put_scalars([(self._open.index - 1, "eval_loss", sum(vals) / len(vals))])
+
     def _memory(self) -> int:
         if self._memory_kind == "cuda_allocated":
             try:
@@ -1335,8 +1366,12 @@ class Probe:
             self._closed = True
             return
         try:
-            if self._open.active():
+            if self._open.training_active() or (self._open.active() and not self._records_or_steps()):
                 self.guard.call("close", self._close_step, self._consumed and self._in_step is None)
+            elif self._open.active():
+                # only evaluation happened after the last step (a final validation pass): it
+                # belongs to that step, not to a step of its own
+                self.guard.call("close", self._attach_trailing_eval)
             self.guard.call("close", self._flush, True)
             if self.deep is not None:
                 self.guard.call("deep", self.deep.close)

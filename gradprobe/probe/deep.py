@@ -44,6 +44,7 @@ captured inputs x_1..x_T and the first state, feeding each output back as the ne
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -108,7 +109,7 @@ class DeepProbes:
         self._first_layer_done = False
         self._roots_done: set[int] = set()
         self._captures: dict[int, tuple[nn.Module, "ModuleInfo", Any, Any]] = {}
-        self._cell_calls: dict[int, tuple[nn.Module, "ModuleInfo", list[torch.Tensor], Any]] = {}
+        self._cell_calls: dict[int, tuple[nn.Module, "ModuleInfo", list[torch.Tensor], Any, Any]] = {}
         self._gate_acc: dict[str, list[torch.Tensor]] = {}
         self._side = False
         self._dtype = torch.float32
@@ -169,7 +170,7 @@ class DeepProbes:
             self._guard("activation", self._act_stats, module, info, args, out, order)
         if info.recurrent:
             self._guard("gates", self._gates, module, info, args, kwargs)
-            self._guard("bptt", self._capture, module, info, args, kwargs)
+            self._guard("bptt", self._capture, module, info, args, kwargs, output)
 
     def _act_stats(self, module: nn.Module, info: "ModuleInfo", args: Any, out: torch.Tensor, order: int) -> None:
         with torch.no_grad():
@@ -254,7 +255,7 @@ class DeepProbes:
                 self._sample("gates", f"{prefix}.{gname}", ("low_frac", "high_frac", "mean"), stats)
 
     # ---------------------------------------------------------------- gradient in time --
-    def _capture(self, module: nn.Module, info: "ModuleInfo", args: Any, kwargs: Any) -> None:
+    def _capture(self, module: nn.Module, info: "ModuleInfo", args: Any, kwargs: Any, output: Any = None) -> None:
         if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
             return
         B = self.cfg.bptt_batch
@@ -264,11 +265,17 @@ class DeepProbes:
             if x.dim() == 1:
                 x = x.unsqueeze(0)
             entry = self._cell_calls.get(id(module))
-            if entry is None:
+            h_in = hx[0] if isinstance(hx, tuple) else hx
+            # a call continues the sequence only if its state is the previous call's output;
+            # a fresh state starts a new sequence (the profile uses the step's last one)
+            if entry is None or h_in is None or entry[4]() is not h_in:
                 h, c = _split_hx(hx, module, x)
                 state = (_slice(h, B), _slice(c, B))
                 state = tuple(s.detach().clone() if s is not None else None for s in state)
-                entry = self._cell_calls[id(module)] = (module, info, [], state)
+                entry = (module, info, [], state, lambda: None)
+            out_h = output[0] if isinstance(output, tuple) else output
+            entry = (entry[0], entry[1], entry[2], entry[3], weakref.ref(out_h) if isinstance(out_h, torch.Tensor) else (lambda: None))
+            self._cell_calls[id(module)] = entry
             entry[2].append(x[:B].clone())
             return
         if not isinstance(module, nn.RNNBase) or id(module) in self._captures:
@@ -422,7 +429,7 @@ class DeepProbes:
         try:
             for module, info, x, hx in self._captures.values():
                 self._guard("bptt", self._run_side, self._bptt_fused, module, info, x, hx)
-            for module, info, xs, state in self._cell_calls.values():
+            for module, info, xs, state, _ in self._cell_calls.values():
                 self._guard("bptt", self._run_side, self._bptt_cells, module, info, xs, state)
         finally:
             self._side = False

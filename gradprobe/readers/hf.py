@@ -24,7 +24,7 @@ import os
 import re
 from typing import Any
 
-from gradprobe.readers.records import RawRecords, build_runlog, to_float
+from gradprobe.readers.records import RawRecords, build_runlog, to_float, to_step
 from gradprobe.runlog import LogError, RunLog
 
 KIND = "hf-trainer-state"
@@ -104,8 +104,8 @@ def read_trainer_state(path: str) -> RunLog:
         if not isinstance(entry, dict):
             bad += 1
             continue
-        step = to_float(entry.get("step"))
-        if step is None or not step == step or abs(step) == float("inf"):
+        step = to_step(entry.get("step"))
+        if step is None:
             bad += 1
             continue
         if any(k in entry for k in _SUMMARY_KEYS):
@@ -118,7 +118,7 @@ def read_trainer_state(path: str) -> RunLog:
             v = to_float(value)
             if v is None:
                 continue
-            raw.add(str(key), int(step), v, epoch=epoch if epoch is not None else float("nan"))
+            raw.add(str(key), step, v, epoch=epoch if epoch is not None else float("nan"))
     if bad:
         skipped.append(f"{name}: {bad} log_history entr{'y' if bad == 1 else 'ies'} without a numeric step skipped")
     if not len(raw):

@@ -22,7 +22,7 @@ import math
 import os
 
 from gradprobe.readers import mapping as M
-from gradprobe.readers.records import RawRecords, build_runlog, to_float, training_steps
+from gradprobe.readers.records import RawRecords, build_runlog, to_float, to_step, training_steps
 from gradprobe.runlog import LogError, RunLog
 
 KIND = "lightning-csv"
@@ -47,9 +47,18 @@ def parse_metrics_csv(path: str) -> tuple[RawRecords, list[str]]:
     if b"\x00" in data[:4096]:
         raise LogError(f"{path}: not a CSV file (binary data)")
     text = data.decode("utf-8", "replace")
-    rows = list(csv.reader(io.StringIO(text)))
+    rows: list[list[str]] = []
+    unparsable = 0
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            rows.append(next(reader))
+        except StopIteration:
+            break
+        except csv.Error:
+            unparsable += 1
     if not rows:
-        raise LogError(f"{path}: empty file")
+        raise LogError(f"{path}: not a readable CSV file")
     header = [h.strip() for h in rows[0]]
     if "step" not in header:
         raise LogError(
@@ -79,8 +88,8 @@ def parse_metrics_csv(path: str) -> tuple[RawRecords, list[str]]:
         if len(row) != len(header):
             bad_shape += 1
             continue
-        step = to_float(row[i_step])
-        if step is None or not math.isfinite(step):
+        step = to_step(row[i_step])
+        if step is None:
             bad_step += 1
             continue
         epoch = to_float(row[i_epoch]) if i_epoch is not None else None
@@ -90,7 +99,9 @@ def parse_metrics_csv(path: str) -> tuple[RawRecords, list[str]]:
             v = to_float(cell)
             if v is None:
                 continue
-            raw.add(header[j], int(step), v, epoch=epoch if epoch is not None else math.nan)
+            raw.add(header[j], step, v, epoch=epoch if epoch is not None else math.nan)
+    if unparsable:
+        skipped.append(f"{name}: {unparsable} unparsable line(s) skipped")
     if bad_shape:
         skipped.append(f"{name}: {bad_shape} row(s) with a wrong number of cells skipped")
     if bad_step:

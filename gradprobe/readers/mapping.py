@@ -108,7 +108,7 @@ DEFAULT_RULES: list[NameRule] = _gradprobe_rules() + [
     ),
     # per-layer gradient norms
     NameRule(r"grad_2(?:\.0)?_norm/(?P<layer>.+?)(?:_step)?", "layer_grad", "Lightning grad_norm(...) per parameter"),
-    NameRule(r"grad(?:ient)?_norm/(?P<layer>.+)", "layer_grad", "grad_norm/<layer>"),
+    NameRule(r"grad(?:ient)?_norm/(?P<layer>.+)", "layer_grad", "grad_norm/LAYER"),
     # epoch
     NameRule(_TRAIN + r"epoch", "epoch", "epoch, train/epoch"),
 ]
@@ -252,3 +252,20 @@ def resolve(names: Iterable[str], rules: list[NameRule] | None = None) -> Resolu
             else:
                 res.unused[m.name] = "per-layer norms are read from a higher-priority naming scheme"
     return res
+
+
+def markdown_table(rules: list[NameRule] | None = None) -> str:
+    """The default mapping as a Markdown table (``docs/readers.md`` embeds it verbatim; a
+    test keeps the two in sync). gradprobe's own dashboard tags are summarised in one row."""
+    rules = list(DEFAULT_RULES if rules is None else rules)
+    own = [r for r in rules if r.note == "gradprobe TensorBoard dashboard"]
+    lines = ["| priority | column | pattern (`re.fullmatch`, case-insensitive) | for |", "|---|---|---|---|"]
+    if own:
+        lines.append(f"| 1-{len(own)} | (the tag's column) | `gradprobe/...` dashboard tags, e.g. "
+                     f"`{own[0].pattern}` | gradprobe's own TensorBoard files read back |")
+    for i, r in enumerate(rules, 1):
+        if r in own:
+            continue
+        pattern = r.pattern.replace("|", "\\|")
+        lines.append(f"| {i} | `{r.column}` | `{pattern}` | {r.note} |")
+    return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ does the rest once for all formats:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,18 @@ def to_float(v: Any) -> float | None:
         return float(v)
     except (TypeError, ValueError):
         return None
+
+
+#: steps beyond this are not step numbers (and would not fit the int64 step column)
+MAX_STEP = 2**53
+
+
+def to_step(v: Any) -> int | None:
+    """A log's step value as an int, or None if it is not a plausible step number."""
+    f = to_float(v)
+    if f is None or not math.isfinite(f) or abs(f) > MAX_STEP:
+        return None
+    return int(f)
 
 
 def training_steps(raw: RawRecords, rules: list[M.NameRule] | None = None) -> int:
@@ -194,13 +207,21 @@ def infer_skipped(steps: np.ndarray, grad_norm: np.ndarray | None, lr: np.ndarra
     return skipped, counts
 
 
+#: torch.optim classes (checked by name: reading a log never imports torch)
+TORCH_OPTIMIZERS = frozenset({"ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "NAdam",
+                              "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam"})
+
+
 def _optimizer_class(name: str | None) -> str | None:
+    """An optimizer class named by a metric (Lightning's ``lr-<ClassName>``), or None.
+
+    Lightning names the column after the optimizer's class, or after the scheduler's
+    ``name`` when the user set one; only CamelCase names (class names) are taken."""
     if not name:
         return None
-    import torch
-
-    cls = getattr(torch.optim, name, None)
-    return name if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) else None
+    if name in TORCH_OPTIMIZERS or re.fullmatch(r"[A-Z][A-Za-z0-9]*", name):
+        return name
+    return None
 
 
 def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | None = None,
@@ -257,7 +278,7 @@ def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | 
             bad = logged & ~np.isfinite(v)
             v = np.where(bad, np.inf, v)
             cols[col] = v
-            if col == "grad_norm":
+            if col == "grad_norm" and "grad_nonfinite_layers" not in series:
                 cols["grad_nonfinite_layers"] = bad.astype(np.int32)
         elif typ == "bool":
             cols[col] = np.where(np.isnan(v), False, v > 0.5)
@@ -330,6 +351,7 @@ def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | 
     if layer_series:
         out_meta["layer_segments"] = [{"id": 0, "first_step": int(idx[0]) if len(idx) else 0,
                                        "layers": [{"name": n} for n in layer_series]}]
-    log = RunLog.build(pd.DataFrame(cols), meta=out_meta, layer_grad=layer_grad, kind=kind, path=path)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge logged values become inf in float32 columns
+        log = RunLog.build(pd.DataFrame(cols), meta=out_meta, layer_grad=layer_grad, kind=kind, path=path)
     log.source["skipped"] = skipped
     return log

@@ -14,8 +14,8 @@ run, as the name ``<tag>_<key>`` (so ``loss_train``/``loss_val`` map to loss/eva
 A directory holding several runs (one per ``trainer.fit``/``train()`` call, Lightning's
 ``version_N``, HF's ``runs/<date>``) is **not merged**: different runs restart their step
 counts, so merging by step would interleave two trainings. The run with the most logged
-training steps is analyzed (ties: the most recently written), and ``source["skipped"]``
-names the others. A gradprobe run directory found inside still goes to the gradprobe
+training steps is analyzed (ties: a gradprobe run, then the most recently written), and
+``source["skipped"]`` names the others. A gradprobe run directory found inside still goes to the gradprobe
 reader when it is the one chosen.
 
 Truncation. An event file cut off mid-record (a killed writer) or with a corrupt record is
@@ -162,11 +162,14 @@ def read_event_file(path: str, raw: RawRecords, skipped: list[str], *, origin: s
     except OSError as exc:
         skipped.append(f"{name}: read error after {loaded} records ({exc.strerror or exc})")
         return loaded
-    lost = framed - loaded
-    if lost > 0:
-        skipped.append(f"{name}: corrupt record after {loaded} records; {lost} later record(s) skipped")
-    if tail:
-        skipped.append(f"{name}: truncated ({tail} bytes of an incomplete last record skipped)")
+    lost = max(framed - loaded, 0)
+    if lost or tail:
+        what = []
+        if lost:
+            what.append(f"{lost} record(s)")
+        if tail:
+            what.append(f"{tail} trailing bytes")
+        skipped.append(f"{name}: truncated or corrupt after {loaded} records; {' and '.join(what)} skipped")
     if bad:
         skipped.append(f"{name}: {bad} undecodable record(s) skipped")
     return loaded
@@ -242,9 +245,11 @@ def read_tensorboard(path: str) -> RunLog:
     _attach_add_scalars_children(runs)
 
     rules = M.active_rules()
-    candidates: list[tuple[int, float, str, Any]] = []
+    # (steps, is a gradprobe run, mtime, dir, run): most steps; on a tie the gradprobe run
+    # (every signal, not a handful), then the newest
+    candidates: list[tuple[int, int, float, str, Any]] = []
     for d, run in runs.items():
-        candidates.append((training_steps(run.raw, rules), run.mtime, d, run))
+        candidates.append((training_steps(run.raw, rules), 0, run.mtime, d, run))
     loaded_gp: dict[str, RunLog] = {}
     for d in gradprobe_runs:
         try:
@@ -253,11 +258,11 @@ def read_tensorboard(path: str) -> RunLog:
             continue
         loaded_gp[d] = log
         mtime = max((os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)), default=0.0)
-        candidates.append((log.n_steps, mtime, d, log))
+        candidates.append((log.n_steps, 1, mtime, d, log))
     if not candidates:
         raise LogError(f"{path}: no readable run in this directory")
-    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
-    steps, _, chosen_dir, chosen = candidates[0]
+    candidates.sort(key=lambda c: (c[0], c[1], c[2]), reverse=True)
+    steps, _, _, chosen_dir, chosen = candidates[0]
     if steps == 0:
         tags = sorted({t for r in runs.values() for t in r.tags})
         if not tags:
@@ -267,7 +272,7 @@ def read_tensorboard(path: str) -> RunLog:
             f"{path}: no recognised metric in these TensorBoard logs (found: {shown}); "
             f"map your tags with ${M.ENV_VAR} or gradprobe.readers.register_tag (docs/readers.md)"
         )
-    others = [(os.path.relpath(d, path), s) for s, _, d, _ in candidates[1:]]
+    others = [(os.path.relpath(d, path), s) for s, _, _, d, _ in candidates[1:]]
     note = None
     if others:
         listed = ", ".join(f"{d} ({s} steps)" for d, s in others[:5]) + (f", ... ({len(others)} in all)" if len(others) > 5 else "")

@@ -98,7 +98,8 @@ def _figure(title: str, traces: list[dict[str, Any]], markers: list[dict[str, An
 
 def _line(x: np.ndarray, y: np.ndarray, name: str, **kw: Any) -> dict[str, Any]:
     xs, ys = _downsample(x, y.astype(np.float64))
-    return {"type": "scattergl" if len(xs) > 2000 else "scatter", "mode": kw.pop("mode", "lines"), "x": xs.tolist(),
+    mode = kw.pop("mode", "lines" if len(xs) > 60 else "lines+markers")  # a lone point still shows
+    return {"type": "scattergl" if len(xs) > 2000 else "scatter", "mode": mode, "x": xs.tolist(),
             "y": _clean(ys), "name": name, **kw}
 
 

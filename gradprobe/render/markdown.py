@@ -56,10 +56,9 @@ def render(report: Report, **_: Any) -> str:
             out.append(f"- `{k}` = {v}")
         out.append("")
     if report.skipped_rules:
-        out.append(f"<details><summary>{len(report.skipped_rules)} rule(s) skipped</summary>")
+        # plain Markdown only: TensorBoard's text dashboard shows raw HTML tags as text
+        out.append(f"## {len(report.skipped_rules)} rule(s) skipped")
         out.append("")
         for s in report.skipped_rules:
             out.append(f"- {s.code} `{s.rule}`: {s.reason}")
-        out.append("")
-        out.append("</details>")
     return "\n".join(out).rstrip() + "\n"

@@ -1,3 +1,769 @@
-"""GP2xx: gradient magnitude (overclipping, exploding-gradients, vanishing-gradients, missing-gradient-clipping)."""
+"""GP2xx: gradient magnitude (overclipping, exploding-gradients, vanishing-gradients, missing-gradient-clipping).
+
+These rules read the total gradient norm before clipping (``grad_norm``) and after it (the
+norm the optimizer consumed, ``step_grad_norm``), the observed ``clip_grad_norm_`` calls,
+per-layer gradient and weight norms, the learning rate and the optimizer family. Shared
+statistics (spikes above the running level, the stable window, the clip threshold computed
+from the run, loss progress) live in :mod:`gradprobe.analysis`.
+"""
 
 from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradprobe.analysis import (
+    SPIKE_FACTOR,
+    RunContext,
+    grad_spikes,
+    layer_forward_order,
+    log_ratio_confidence,
+    loss_curve,
+    optimizer_family,
+    rank_correlation,
+    suggested_max_norm,
+    trailing_level,
+)
+from gradprobe.report import Finding, Recommendation
+from gradprobe.rules.base import Explanation, Rule, register
+from gradprobe.runlog import MISSING
+
+#: float32 machine epsilon: a relative change of a weight below it is rounded away.
+FLOAT32_EPS = 1.1920929e-07
+
+_CLIP_SNIPPET = """\
+loss.backward()
+{unscale}torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})
+{step}"""
+
+#: How GP201, GP202 and GP204 compute ``max_norm`` (one definition: analysis.suggested_max_norm).
+MAX_NORM_FORMULA = (
+    "95th percentile of the pre-clip gradient norm over the stable window: finite steps after the warm-up "
+    "(first max(1, min(50, n // 10)) steps), spikes and the 2 steps after each excluded, and only the steps "
+    "before the first spike when there are at least 10 of them"
+)
+
+_EMBEDDING_NAME = re.compile(r"emb|wte\b|wpe\b|(^|\.)tok", re.I)
+
+
+def _clip_snippet(ctx: RunContext, max_norm: float) -> str:
+    amp = ctx.scaler is not None
+    return _CLIP_SNIPPET.format(
+        unscale="scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones\n" if amp else "",
+        max_norm=max_norm,
+        step="scaler.step(optimizer)\nscaler.update()" if amp else "optimizer.step()",
+    )
+
+
+def _total_numel(ctx: RunContext) -> int:
+    return int(sum(int(layer.get("numel") or 0) for layer in ctx.layer_info.values()))
+
+
+@register
+class Overclipping(Rule):
+    """Gradient clipping cuts (nearly) every step by a large factor and the loss barely moves.
+
+    Clipping rescales the whole gradient by ``max_norm / ||g||``. What that does to the update
+    depends on the optimizer: an SGD-like step is ``lr * g``, so the step shrinks by the same
+    factor and the effective learning rate is ``lr * shrink``; an Adam-like step is
+    ``m / (sqrt(v) + eps)``, invariant to a uniform rescaling, so clipping only bites once the
+    clipped per-element gradient approaches ``eps`` (the update then shrinks by about
+    ``rms / (rms + eps)``). Clipping on every step is therefore not a fault in itself: the
+    word_language_model recipe (SGD, lr 20, max_norm 0.25) clips almost every step by design
+    and learns well, because its learning rate was chosen for clipped gradients. This rule
+    judges the effective update and the loss together.
+
+    Fires when all hold, on the steps where ``clip_grad_norm_`` was observed (steps that clip
+    still-scaled AMP gradients are left to GP305):
+
+    * the optimizer is SGD-like or Adam-like (LBFGS, Rprop... rescale or ignore the step size);
+    * clipping shrinks the gradient (``step_grad_norm < grad_norm``) on >= 50% of them:
+      clipping is the regime, not an outlier guard;
+    * the effective update factor is <= 0.2: SGD-like, the median ``step_grad_norm /
+      grad_norm`` over clipped steps; Adam-like, the eps-suppression ratio above. A factor of
+      5 is as large as the steps of a typical learning-rate search grid: it changes outcomes;
+    * the training loss barely moves: its final level (median of the last smoothing window,
+      :class:`~gradprobe.analysis.LossCurve`) is within 10% of where it started
+      (``|progress| < 0.1``; a loss rising beyond that is not what clipping causes). Healthy
+      runs cut their loss by well over 10% in their first hundreds of steps; a run whose
+      steps are cut 5x or more barely moves.
+
+    Recommended ``max_norm``: the 95th percentile of pre-clip norms in the stable window
+    (:func:`~gradprobe.analysis.stable_window`: finite norms after warm-up, spikes and their
+    aftermath excluded): clipping then trims only the largest 5% of normal steps and every
+    spike. Needs >= 5 steps where clipping was observed.
+
+    Confidence: the geometric mean of three terms: min(1, clipped fraction / 0.9); the
+    log-scale distance of 1/factor past 5 (0.5 at 5x, 1.0 at 50x); 0.5 + 0.5 * (how far the
+    relative loss decrease is below 0.1, 1.0 when the loss did not decrease at all).
+    """
+
+    code = "GP201"
+    slug = "overclipping"
+    severity = "error"
+    title = "Gradient clipping cuts every step: the effective learning rate is a fraction of the configured one"
+    requires = ("grad_norm", "clip", "loss", "optimizer")
+    causes = ()
+    computes = {"max_norm": MAX_NORM_FORMULA}
+    explanation = Explanation(
+        what=(
+            "clip_grad_norm_ fires on (nearly) every step and shrinks the gradient by a large factor, so "
+            "with an SGD-like optimizer the effective learning rate is a fraction of the configured one, "
+            "and the loss barely moves."
+        ),
+        why=(
+            "A max_norm far below the typical gradient norm turns clipping from an outlier guard into a "
+            "hidden learning-rate divisor: every step has length lr * max_norm whatever the gradient "
+            "says, and training crawls. Adam-like optimizers normalise a uniform rescaling away, so "
+            "for them clipping only hurts when the clipped gradients approach eps."
+        ),
+        causes=(
+            "A max_norm copied from another model (0.5, 0.25, 1.0) without looking at this model's "
+            "gradient norms; a learning rate lowered at the same time as clipping was added; loss "
+            "terms summed instead of averaged, which makes every gradient norm large."
+        ),
+        fix=(
+            "Set max_norm from this run's gradient norms (the 95th percentile of the stable window), "
+            "so clipping only trims spikes; or keep clipping as the regime and raise the learning "
+            "rate for clipped gradients, as word_language_model does."
+        ),
+        example=(
+            "SGD lr 0.5, clip_grad_norm_(..., 0.01) with typical norms ~0.2: every step is cut 20x and "
+            "the loss stays near ln(vocab) -> max_norm 0.25."
+        ),
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        fam = optimizer_family(ctx)
+        if fam not in ("sgd", "adaptive"):
+            return []
+        g, s = ctx.grad_norm, ctx.step_grad_norm
+        clip = ctx.clip_mask & ~ctx.col("clip_on_scaled", bool)
+        rows = np.flatnonzero(clip & np.isfinite(g) & np.isfinite(s) & (g > 0))
+        if rows.size < 5:
+            return []
+        shrink = s[rows] / g[rows]
+        clipped = shrink < 0.999
+        frac = float(clipped.mean())
+        if frac < 0.5:
+            return []
+        med_shrink = float(np.median(shrink[clipped]))
+        evidence: dict[str, Any] = {
+            "clipped_fraction": frac,
+            "median_preclip_norm": float(np.median(g[rows])),
+            "median_shrink": med_shrink,
+            "max_norm": ctx.max_norm,
+            "optimizer": ctx.optimizer_class,
+        }
+        if fam == "sgd":
+            factor = med_shrink
+        else:
+            numel = _total_numel(ctx)
+            eps = ctx.hparams.get("eps", 1e-8)
+            eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 1e-8
+            if numel <= 0:
+                return []
+            rms_post = float(np.median(s[rows][clipped])) / math.sqrt(numel)
+            rms_pre = float(np.median(g[rows][clipped])) / math.sqrt(numel)
+            factor = (rms_post / (rms_post + eps)) / (rms_pre / (rms_pre + eps))
+            evidence.update(clipped_grad_rms=rms_post, eps=eps)
+        evidence["effective_update_factor"] = factor
+        if factor > 0.2:
+            return []
+        curve = loss_curve(ctx)
+        if curve.n < 6 or not curve.start > 0:
+            return []
+        rel = curve.progress
+        if not (-0.1 < rel < 0.1):
+            return []
+        evidence.update(loss_first=curve.start, loss_last=curve.final, relative_loss_decrease=rel)
+        lr0 = ctx.lr0
+        if lr0 is not None and math.isfinite(lr0):
+            evidence.update(lr=lr0, effective_lr=lr0 * factor)
+        upd = ctx.samples("update", "ratio")
+        if not upd.empty:
+            evidence["median_update_ratio"] = float(np.median(upd["value"].to_numpy(dtype=np.float64)))
+
+        c_frac = min(1.0, frac / 0.9)
+        c_shrink = log_ratio_confidence(1.0 / max(factor, 1e-12), 5.0, 1.0)
+        c_loss = 0.5 + 0.5 * min(1.0, max(0.0, (0.1 - max(rel, 0.0)) / 0.1))
+        conf = (c_frac * c_shrink * c_loss) ** (1.0 / 3.0)
+
+        recs = []
+        sug = suggested_max_norm(ctx)
+        current = ctx.max_norm
+        if sug is not None and (current is None or sug[0] > current):
+            recs.append(Recommendation.hyperparameter(
+                "max_norm", current, sug[0],
+                f"95th percentile of pre-clip norms in the stable window (steps {sug[1]['window'][0]}-"
+                f"{sug[1]['window'][1]}, median {sug[1]['median']:.3g}): clipping then trims only spikes"))
+        recs.append(Recommendation.code(
+            "Clip only outliers: set max_norm from the gradient norms this model actually has",
+            _clip_snippet(ctx, sug[0] if sug else current or 1.0)))
+        first = ctx.step_at(int(rows[np.flatnonzero(clipped)[0]]))
+        if fam == "sgd":
+            how = (f"clipping cuts the gradient to {100 * med_shrink:.2g}% of its norm (median pre-clip norm "
+                   f"{evidence['median_preclip_norm']:.3g} vs max_norm {current:.3g})")
+            lr_txt = (f", so {ctx.optimizer_class} steps with an effective lr of {lr0 * factor:.3g} "
+                      f"instead of {lr0:.3g}" if lr0 else "")
+        else:
+            how = (f"clipping leaves per-element gradients of {evidence['clipped_grad_rms']:.2g}, at the scale of "
+                   f"{ctx.optimizer_class}'s eps ({evidence['eps']:.2g}), which suppresses the update to "
+                   f"{100 * factor:.2g}%")
+            lr_txt = ""
+        message = (
+            f"On {100 * frac:.0f}% of the clipped steps {how}{lr_txt}. The loss barely moved "
+            f"({curve.start:.4g} -> {curve.final:.4g}, {100 * rel:.1f}%): clipping is acting as a hidden "
+            "learning-rate divisor, not as a guard against spikes."
+        )
+        return [self.finding(confidence=conf, message=message, first_step=first, evidence=evidence,
+                             recommendations=recs)]
+
+
+def _layer_table(ctx: RunContext) -> pd.DataFrame:
+    """Per-layer pre-clip gradient norms aligned to the step rows (NaN missing, inf non-finite)."""
+    lg = ctx.layer_grads()
+    if lg.empty:
+        return lg
+    return lg.reindex(ctx.step)
+
+
+def _start_layer(ctx: RunContext, base_row: int, onset_row: int) -> tuple[str | None, list[tuple[str, float]]]:
+    """The layer an explosion starts in, and the layers ranked by their rise at the onset.
+
+    Each layer's rise is its norm over its own level before the onset (its trailing median
+    at ``base_row + 1``). The start is the first step at which any layer rose >= 10x; among
+    the layers that did at that step, backpropagation carries an amplification from the
+    layer where it arises towards the input, so the layers closer to the output that did not
+    spike rule themselves out: the start is the spiking module latest in forward order, and
+    within it the parameter with the largest rise. Without a 10x layer: the largest rise."""
+    lg = _layer_table(ctx)
+    if lg.empty or onset_row >= len(lg) or base_row + 1 > onset_row:
+        return None, []
+    arr = lg.to_numpy(dtype=np.float64)
+    names = list(lg.columns)
+    base = np.array([trailing_level(arr[:, j])[base_row + 1] for j in range(arr.shape[1])])
+    window = arr[base_row + 1 : onset_row + 1]
+    with np.errstate(all="ignore"):
+        rise = window / np.where(base > 0, base, np.nan)
+    rise = np.nan_to_num(rise, nan=0.0, posinf=1e300)
+    at_onset = rise[-1]
+    ranked = sorted(((names[j], float(at_onset[j])) for j in range(len(names)) if at_onset[j] > 0), key=lambda t: -t[1])
+    hit = rise >= SPIKE_FACTOR
+    rows = np.flatnonzero(hit.any(axis=1))
+    if not rows.size:
+        return (ranked[0][0] if ranked else None), ranked[:5]
+    cols = np.flatnonzero(hit[rows[0]])
+    order = layer_forward_order(ctx)
+    info = ctx.layer_info
+
+    def module_of(j: int) -> str:
+        return str(info.get(names[j], {}).get("module") or names[j].rsplit(".", 1)[0])
+
+    position: dict[str, float] = {}
+    for j in range(len(names)):
+        m = module_of(j)
+        position[m] = min(position.get(m, math.inf), order.get(names[j], float(j)))
+    last_module = max({module_of(j) for j in cols}, key=lambda m: position.get(m, -math.inf))
+    in_module = [j for j in cols if module_of(j) == last_module]
+    best = max(in_module, key=lambda j: rise[rows[0], j])
+    return names[best], ranked[:5]
+
+
+def _geometric_growth(ctx: RunContext) -> tuple[int, int, float] | None:
+    """(start row, end row, factor) of the first stretch where the pre-clip norm, smoothed by
+    a trailing median of 5 steps (single-batch dips and peaks removed), rose >= 100x over
+    >= 4 steps from its minimum of the previous 50 steps, rising on >= 60% of those steps."""
+    norm = grad_spikes(ctx).norm
+    with np.errstate(all="ignore"):
+        raw = np.where(norm > 0, np.log10(norm), np.nan)
+    lg = pd.Series(raw).rolling(5, min_periods=1).median().to_numpy()
+    low = pd.Series(lg).shift(4).rolling(47, min_periods=1).min().to_numpy()
+    with np.errstate(invalid="ignore"):
+        cand = np.flatnonzero(np.nan_to_num(lg - low, nan=-np.inf) >= 2.0)
+    for j in cand[:200]:
+        lo = max(0, j - 50)
+        window = lg[lo : j - 3]
+        if not np.isfinite(window).any():
+            continue
+        i = lo + int(np.nanargmin(window))
+        seg = lg[i : j + 1]
+        d = np.diff(seg[np.isfinite(seg)])
+        if d.size >= 4 and (d > 0).mean() >= 0.6:
+            return i, int(j), float(10 ** (lg[j] - lg[i]))
+    return None
+
+
+def _loss_jump(ctx: RunContext, row: int) -> float | None:
+    """Median loss over the 10 steps after ``row`` over the median of the 10 before."""
+    loss = ctx.loss
+    before = loss[max(0, row - 10) : row]
+    after = loss[row + 1 : row + 11]
+    before, after = before[np.isfinite(before)], after[np.isfinite(after)]
+    if before.size == 0 or after.size == 0:
+        return None
+    b = float(np.median(before))
+    return float(np.median(after)) / b if b > 0 else None
+
+
+@register
+class ExplodingGradients(Rule):
+    """The gradient norm spikes far above its running level or grows geometrically.
+
+    Signals: the total pre-clip gradient norm per step, per-layer norms, observed clipping,
+    loss and non-finite flags.
+
+    * spike: a norm >= 10x its running level (median of the previous 20 finite norms; one
+      earlier step suffices, so an explosion at step 1 is seen). Mini-batch noise moves the
+      norm by a factor of 2-3; explosions by 10x-1e6x (``SPIKE_FACTOR``). Norms below 1e-3 of
+      the run's starting scale (median of the first tenth of the norms) are never spikes: a
+      converged run's 1e-20 -> 1e-15 is far below any step the learning rate can take.
+    * geometric growth: the norm, smoothed by a trailing median of 5 steps (so that one
+      small batch followed by one large one is not growth), rises >= 100x (two decades) over
+      >= 4 steps from its minimum of the previous 50, increasing on >= 60% of those steps: a
+      divergence that compounds step after step rather than a single bad batch.
+
+    The layer it starts in: at the first step where some layer's own norm rose >= 10x over
+    its level before the onset, the spiking module latest in forward order (backpropagation
+    carries an amplification from where it arises towards the input, so the layers nearer
+    the output that stayed calm are not where it started), and in it the parameter with the
+    largest rise.
+
+    Severity: ``error`` when it did harm (non-finite loss or gradient at or after the onset,
+    or the loss over the next 10 steps >= 1.5x the 10 before) or was not contained and
+    reached >= 100x; ``warning`` when not contained (no clipping bounded the step), or when
+    clipping contained spikes on >= 5% of the steps; ``info`` when clipping contained rare
+    spikes (the guard doing its job). Contained: clipping ran on every spike step and the
+    clipped norm stayed <= 3x the running level.
+
+    Recommended ``max_norm`` (only when the run never clips): the 95th percentile of pre-clip
+    norms in the stable window, as GP201/GP204.
+
+    Confidence: log-scale distance of the largest ratio (or growth factor) past 10x (0.5 at
+    10x, 1.0 at 1000x), times 0.7 + 0.3 * min(1, events / 3).
+    """
+
+    code = "GP202"
+    slug = "exploding-gradients"
+    severity = "error"
+    title = "Exploding gradients"
+    requires = ("grad_norm",)
+    causes = ("undetached-hidden-state", "long-lookback", "lr-too-high", "poor-initialization", "input-scale",
+              "missing-weight-decay", "fp16-overflow")
+    computes = {"max_norm": "only if the run never clips: " + MAX_NORM_FORMULA}
+    explanation = Explanation(
+        what=(
+            "The total gradient norm spikes far above its running level or grows geometrically; the "
+            "report names the layer the explosion starts in."
+        ),
+        why=(
+            "One exploded step moves the weights by orders of magnitude more than any normal step: "
+            "the loss jumps, Adam's second-moment estimates are poisoned for thousands of steps, and "
+            "the next step often overflows to NaN."
+        ),
+        causes=(
+            "A hidden state carried across steps, long BPTT windows through recurrent weights with "
+            "spectral radius > 1, a learning rate above the stability limit, unnormalised inputs, "
+            "weights growing without weight decay, a bad batch."
+        ),
+        fix=(
+            "Remove the cause (detach the state, shorten the window, lower the learning rate, "
+            "normalise inputs); add gradient clipping with a max_norm computed from the run's normal "
+            "gradient norms so that spikes are cut."
+        ),
+        example="grad_norm 1.5, 1.6, 131663 at step 6 (rnn.weight_hh_l0 first) -> clip at the 95th percentile.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        sp = grad_spikes(ctx)
+        growth = _geometric_growth(ctx)
+        if sp.first is None and growth is None:
+            return []
+        use_growth = growth is not None and (sp.first is None or growth[0] < sp.first and growth[1] <= sp.first)
+        if use_growth:
+            assert growth is not None
+            base_row, onset_row, size = growth[0], growth[1], growth[2]
+            pattern = "geometric growth"
+            event_rows = np.array([onset_row])
+        else:
+            onset_row = int(sp.first)  # type: ignore[arg-type]
+            base_row = onset_row - 1
+            size = float(sp.ratio[onset_row])
+            pattern = "spike"
+            event_rows = sp.rows
+        n_events = int(event_rows.size)
+        max_ratio = max(size, sp.max_ratio)
+        first_step = ctx.step_at(onset_row if not use_growth else base_row)
+        layer, ranked = _start_layer(ctx, base_row, onset_row) if base_row >= 0 else (None, [])
+
+        clip_calls = ctx.clip_mask
+        s = ctx.step_grad_norm
+        bounded = np.nan_to_num(s[event_rows], nan=np.inf) <= 3 * np.nan_to_num(sp.level[event_rows], nan=0.0)
+        contained_rows = clip_calls[event_rows] & bounded
+        contained = bool(contained_rows.all()) and bool(clip_calls.any())
+        nonfinite = ~np.isfinite(ctx.loss) & (ctx.col("loss_nonfinite", bool) | ctx.col("loss_fn_nonfinite", bool))
+        nonfinite |= ctx.col("grad_nonfinite_layers", np.int64) > 0
+        nonfinite_after = np.flatnonzero(nonfinite[onset_row:])
+        jump = _loss_jump(ctx, onset_row)
+        harmed = bool(nonfinite_after.size) or (jump is not None and jump >= 1.5)
+        spike_fraction = n_events / max(1, int(np.isfinite(sp.norm).sum()))
+
+        if harmed or (not contained and max_ratio >= 100):
+            severity = "error"
+        elif not contained or spike_fraction >= 0.05:
+            severity = "warning"
+        else:
+            severity = "info"
+
+        evidence: dict[str, Any] = {
+            "pattern": pattern,
+            "onset_step": ctx.step_at(onset_row),
+            "grad_norm_at_onset": float(sp.norm[onset_row]) if np.isfinite(sp.norm[onset_row]) else None,
+            "running_level": float(sp.level[onset_row]) if np.isfinite(sp.level[onset_row]) else None,
+            "max_ratio": max_ratio,
+            "spikes": int(sp.rows.size),
+            "spike_fraction": spike_fraction,
+            "clipped": bool(clip_calls.any()),
+            "contained_by_clipping": contained,
+        }
+        if use_growth:
+            evidence.update(growth_factor=size, growth_steps=int(onset_row - base_row))
+        if ranked:
+            evidence["layer_rise_at_onset"] = {n: v for n, v in ranked[:3]}
+        if jump is not None:
+            evidence["loss_after_over_before"] = jump
+        if nonfinite_after.size:
+            evidence["nonfinite_step"] = ctx.step_at(onset_row + int(nonfinite_after[0]))
+
+        conf = log_ratio_confidence(max_ratio, SPIKE_FACTOR, 2.0) * (0.7 + 0.3 * min(1.0, n_events / 3))
+        recs = []
+        if not clip_calls.any():
+            sug = suggested_max_norm(ctx)
+            if sug is not None:
+                recs.append(Recommendation.hyperparameter(
+                    "max_norm", None, sug[0],
+                    f"95th percentile of pre-clip norms in the stable window (steps {sug[1]['window'][0]}-"
+                    f"{sug[1]['window'][1]}, median {sug[1]['median']:.3g}): cuts spikes, leaves normal steps"))
+                recs.append(Recommendation.code("Clip the gradient norm before the optimizer step",
+                                                _clip_snippet(ctx, sug[0])))
+        where = f" It starts in `{layer}`." if layer else ""
+        if use_growth:
+            what = (f"The gradient norm grew {size:.3g}x over {onset_row - base_row} steps "
+                    f"(step {ctx.step_at(base_row)} to {ctx.step_at(onset_row)}), compounding step after step.")
+        else:
+            what = (f"At step {ctx.step_at(onset_row)} the gradient norm jumped to {sp.norm[onset_row]:.3g}, "
+                    f"{size:.3g}x its running level {sp.level[onset_row]:.3g}"
+                    + (f" ({int(sp.rows.size)} spikes >= {SPIKE_FACTOR:g}x in all, largest {sp.max_ratio:.3g}x)."
+                       if sp.rows.size > 1 else "."))
+        after = []
+        if nonfinite_after.size:
+            after.append(f"gradients or loss became non-finite at step {evidence['nonfinite_step']}")
+        if jump is not None and jump >= 1.5:
+            after.append(f"the loss over the next 10 steps was {jump:.2g}x the 10 before")
+        if contained:
+            after.append("clipping bounded the step")
+        elif clip_calls.any():
+            after.append("clipping did not bound it")
+        else:
+            after.append("nothing clipped it")
+        message = what + where + " Then " + "; ".join(after) + "."
+        return [self.finding(confidence=conf, message=message, first_step=first_step, layer=layer,
+                             evidence=evidence, recommendations=recs, severity=severity)]
+
+
+def _embedding_layers(ctx: RunContext, names: list[str], order: dict[str, float]) -> set[str]:
+    """Embedding tables: named like one, or the first layer of a model fed integer ids (the
+    recorder then samples no ``first_layer`` inputs: an embedding took the ids)."""
+    out = {n for n in names if _EMBEDDING_NAME.search(n)}
+    inputs = ctx.samples("input", "integer")
+    if not inputs.empty and (inputs["value"] > 0).any() and ctx.samples("first_layer").empty and names:
+        first = min(names, key=lambda n: order.get(n, math.inf))
+        module = ctx.layer_info.get(first, {}).get("module")
+        out |= {n for n in names if ctx.layer_info.get(n, {}).get("module") == module}
+    return out
+
+
+@register
+class VanishingGradients(Rule):
+    """Early layers get gradients orders of magnitude below later layers, or every gradient is
+    negligible.
+
+    Depth form (``warning``): weight matrices and kernels only (>= 2 dims; biases and norm
+    gains have their own scales), embedding tables excluded (their gradient is sparse by
+    construction: parameters named like ``emb``/``wte``/``wpe``/``tok``, and the first layer
+    of a model fed integer ids, which the recorder marks by sampling no ``first_layer``
+    input), in forward order (module call order from the sampled activations, else
+    registration order), at least 4 of them. Per layer, the median over steps of the relative
+    gradient ||g|| / ||w||, the per-step relative update an SGD step makes per unit of lr. The
+    median of log10 over the last quarter of the layers minus that of the first quarter must
+    be >= 3 decades ("orders of magnitude": at 1000x, the early layers learn 1000x slower
+    than the late ones under SGD) and the decay must be consistent with depth (Spearman rank
+    correlation of position and log ratio >= 0.7), not one odd layer. Under an Adam-like
+    optimizer, which normalises per parameter, the depth form is ``info`` unless the early
+    layers' per-element gradient RMS is below the optimizer's eps (the update is then
+    suppressed as well).
+
+    Negligible form (``error``): on >= 80% of the steps the total gradient is exactly zero,
+    or too small to change the weights: SGD-like, lr * ||g|| / ||w|| < float32 epsilon
+    (1.19e-7: the update is rounded away); Adam-like, per-element RMS ||g|| / sqrt(N) < eps
+    (eps dominates the denominator). And the loss is not moving (LossCurve progress < 10%)
+    and not converged (its final level is above 1e-3 of its start): at convergence gradients
+    vanish by design.
+
+    Confidence: depth form: log-scale distance of the ratio past 1e3 (0.5 at 3 decades, 1.0
+    at 6) times min(1, rank correlation / 0.9). Negligible form: the fraction of negligible
+    steps.
+    """
+
+    code = "GP203"
+    slug = "vanishing-gradients"
+    severity = "warning"
+    title = "Vanishing gradients"
+    requires = ("grad_norm",)
+    causes = ("poor-initialization", "saturated-activations", "dead-units", "amp-without-scaler", "input-scale")
+    computes: dict[str, str] = {}
+    explanation = Explanation(
+        what=(
+            "Early layers receive gradients orders of magnitude below later layers, or all gradients "
+            "are negligible."
+        ),
+        why=(
+            "A layer whose gradient is 1000x smaller than the others' barely trains under SGD: the "
+            "network behaves as if its first layers were frozen at their random initialisation. When "
+            "every gradient is negligible (or zero), the run does not learn at all."
+        ),
+        causes=(
+            "Deep stacks of sigmoid/tanh layers (their derivatives are <= 1/4 and <= 1, multiplied "
+            "layer after layer); tiny initialisation gains; saturated or dead activations; float16 "
+            "gradients underflowing without a GradScaler; a detached or constant output."
+        ),
+        fix=(
+            "Use ReLU-family activations with He/Kaiming initialisation, normalisation layers or "
+            "residual connections; an adaptive optimizer; check for dead units and AMP without a "
+            "scaler when every gradient is zero."
+        ),
+        example="12-layer sigmoid MLP: layer 0 gets ||g||/||w|| ~ 1e-10 while the last layer gets ~1.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        out = self._negligible(ctx)
+        if out:
+            return out
+        return self._depth(ctx)
+
+    def _negligible(self, ctx: RunContext) -> list[Finding]:
+        g = ctx.grad_norm
+        rows = np.flatnonzero(np.isfinite(g) & ~ctx.skipped)
+        if rows.size < 5:
+            return []
+        fam = optimizer_family(ctx)
+        gg = g[rows]
+        negl = gg == 0
+        criterion = "exactly zero"
+        numel = _total_numel(ctx)
+        if fam == "sgd":
+            w = ctx.col("weight_norm")[rows]
+            lr = ctx.lr[rows]
+            with np.errstate(all="ignore"):
+                rel = lr * gg / w
+            negl |= np.nan_to_num(rel, nan=np.inf) < FLOAT32_EPS
+            criterion = f"lr * ||g|| / ||w|| below float32 epsilon ({FLOAT32_EPS:.3g})"
+        elif fam == "adaptive" and numel > 0:
+            eps = ctx.hparams.get("eps", 1e-8)
+            eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 1e-8
+            negl |= gg / math.sqrt(numel) < eps
+            criterion = f"per-element gradient RMS below {ctx.optimizer_class}'s eps ({eps:.2g})"
+        frac = float(negl.mean())
+        if frac < 0.8:
+            return []
+        curve = loss_curve(ctx)
+        if curve.n >= 6:
+            if curve.progress >= 0.1:
+                return []
+            if curve.start > 0 and curve.final <= 1e-3 * curve.start:
+                return []
+        first = ctx.step_at(int(rows[np.flatnonzero(negl)[0]]))
+        evidence: dict[str, Any] = {"negligible_fraction": frac, "median_grad_norm": float(np.median(gg)),
+                                    "criterion": criterion, "optimizer": ctx.optimizer_class}
+        if numel:
+            evidence["median_grad_rms"] = float(np.median(gg)) / math.sqrt(numel)
+        if curve.n:
+            evidence.update(loss_first=curve.start, loss_last=curve.final)
+        message = (
+            f"On {100 * frac:.0f}% of the steps the gradient is negligible ({criterion}; median total norm "
+            f"{evidence['median_grad_norm']:.3g}) and the loss is not moving: the run is not learning."
+        )
+        return [self.finding(confidence=frac, message=message, first_step=first, evidence=evidence,
+                             severity="error", title="All gradients negligible")]
+
+    def _depth(self, ctx: RunContext) -> list[Finding]:
+        lg = _layer_table(ctx)
+        if lg.empty:
+            return []
+        lw = ctx.log.layer_weight
+        info = ctx.layer_info
+        names = [n for n in lg.columns if len(info.get(n, {}).get("shape") or []) >= 2]
+        order = layer_forward_order(ctx)
+        emb = _embedding_layers(ctx, names, order)
+        names = [n for n in names if n not in emb]
+        if len(names) < 4:
+            return []
+        names.sort(key=lambda n: order.get(n, math.inf))
+        g = lg[names].to_numpy(dtype=np.float64)
+        if not lw.empty and all(n in lw.columns for n in names):
+            w = lw.reindex(ctx.step)[names].to_numpy(dtype=np.float64)
+            w = np.where(w == MISSING, np.nan, w)
+            with np.errstate(all="ignore"):
+                rel = g / w
+            measure = "||g|| / ||w||"
+        else:
+            rel = g
+            measure = "||g||"
+        rel = np.where(np.isfinite(rel), rel, np.nan)
+        with np.errstate(all="ignore"):
+            logr = np.log10(np.maximum(rel, 1e-30))
+        ok_rows = np.isfinite(logr).all(axis=1)
+        if ok_rows.sum() < 3:
+            return []
+        per_layer = np.median(logr[ok_rows], axis=0)
+        L = len(names)
+        q = max(1, L // 4)
+        early, late = float(np.median(per_layer[:q])), float(np.median(per_layer[-q:]))
+        decades = late - early
+        if decades < 3:
+            return []
+        rho = rank_correlation(np.arange(L, dtype=np.float64), per_layer)
+        if rho < 0.7:
+            return []
+        per_row = np.median(logr[:, -q:], axis=1) - np.median(logr[:, :q], axis=1)
+        hit = np.flatnonzero(np.nan_to_num(per_row, nan=-np.inf) >= 3)
+        first = ctx.step_at(int(hit[0])) if hit.size else None
+        starved = names[int(np.argmin(per_layer[:q]))]
+        severity = "warning"
+        fam = optimizer_family(ctx)
+        pairs = list(zip(names, per_layer))
+        evidence: dict[str, Any] = {
+            "decades": decades,
+            "measure": measure,
+            "rank_correlation": rho,
+            "early_layers": names[:q],
+            "late_layers": names[-q:],
+            "layer_median_ratio": {n: float(10**v) for n, v in pairs[:q] + pairs[-q:]},
+        }
+        if fam == "adaptive":
+            eps = ctx.hparams.get("eps", 1e-8)
+            eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 1e-8
+            rms = []
+            for n in names[:q]:
+                numel = int(info.get(n, {}).get("numel") or 0)
+                col = lg[n].to_numpy(dtype=np.float64)
+                col = col[np.isfinite(col)]
+                if numel and col.size:
+                    rms.append(float(np.median(col)) / math.sqrt(numel))
+            evidence["early_grad_rms"] = min(rms) if rms else None
+            if not rms or min(rms) >= eps:
+                severity = "info"
+        conf = log_ratio_confidence(10 ** decades, 1e3, 3.0) * min(1.0, rho / 0.9)
+        message = (
+            f"Gradients vanish with depth: the first layers ({', '.join(names[:q][:3])}) get a relative gradient "
+            f"{measure} about {10 ** decades:.2g}x smaller than the last ones ({', '.join(names[-q:][:3])}), "
+            f"decaying steadily through the {L} weight layers (rank correlation {rho:.2f}). "
+            + ("Under SGD the first layers barely train." if severity == "warning" else
+               f"{ctx.optimizer_class} rescales per parameter, so the early layers still move; this is for "
+               "information.")
+        )
+        recs = [Recommendation.code(
+            "Keep the gradient scale through depth",
+            "nn.ReLU() / nn.GELU() instead of nn.Sigmoid() / nn.Tanh() between layers\n"
+            "for m in model.modules():\n"
+            "    if isinstance(m, nn.Linear):\n"
+            "        nn.init.kaiming_normal_(m.weight, nonlinearity='relu')\n"
+            "# or add normalisation (nn.LayerNorm / nn.BatchNorm1d) and residual connections")]
+        return [self.finding(confidence=conf, message=message, first_step=first, layer=starved,
+                             evidence=evidence, recommendations=recs if severity != "info" else [],
+                             severity=severity)]
+
+
+@register
+class MissingGradientClipping(Rule):
+    """A recurrent (or repeatedly spiking) run has gradient spikes and never clips.
+
+    Fires when no ``clip_grad_norm_`` call was observed in the whole run, and either the run
+    is recurrent (a recurrent module is watched, or a state was carried across steps) with at
+    least one spike, or it spiked >= 3 times (a "spiking" run, whatever its architecture).
+    Spikes are those of GP202: a pre-clip norm >= 10x its running level (the median of the
+    previous 20 finite norms) and >= 1e-3 of the run's starting scale. Recurrent networks
+    multiply the gradient by the recurrent Jacobian at every step back in time, so a spike is
+    their characteristic failure (Pascanu et al., 2013) and clipping is the standard guard;
+    one observed spike says the run lives in that regime.
+
+    Recommended ``max_norm``: the 95th percentile of pre-clip norms in the stable window
+    (finite norms after warm-up, spikes and the 2 steps after each excluded), so clipping
+    cuts the spikes and leaves normal steps alone.
+
+    Confidence: log-scale distance of the largest spike past 10x (0.5 at 10x, 1.0 at 1000x),
+    times 0.6 + 0.4 * min(1, spikes / 3).
+    """
+
+    code = "GP204"
+    slug = "missing-gradient-clipping"
+    severity = "warning"
+    title = "Gradient spikes in a recurrent run with no clipping"
+    requires = ("grad_norm", "clip")
+    causes = ("exploding-gradients",)
+    computes = {"max_norm": MAX_NORM_FORMULA}
+    explanation = Explanation(
+        what="A recurrent or spiking run has gradient spikes and no gradient clipping at all.",
+        why=(
+            "Without clipping, one exploded gradient moves the weights by orders of magnitude more "
+            "than a normal step; recurrent networks produce such spikes whenever the recurrent "
+            "Jacobian amplifies over the window. Clipping at the scale of the normal gradient norms "
+            "cuts them at no cost to normal steps."
+        ),
+        causes="No clip_grad_norm_ in the training loop of an RNN/LSTM/GRU or spiking network.",
+        fix="Call torch.nn.utils.clip_grad_norm_ between backward and optimizer.step (after scaler.unscale_ with AMP).",
+        example="RNN language model, SGD lr 10, grad norm 1.5 -> 131663 at step 6 -> clip at max_norm ~2.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        if ctx.clip_mask.any():
+            return []
+        sp = grad_spikes(ctx)
+        n = int(sp.rows.size)
+        if n == 0:
+            return []
+        recurrent = bool(ctx.recurrent) or bool((ctx.col("state_age") >= 1).any())
+        if not recurrent and n < 3:
+            return []
+        sug = suggested_max_norm(ctx)
+        evidence: dict[str, Any] = {
+            "spikes": n,
+            "max_ratio": sp.max_ratio,
+            "first_spike_step": ctx.step_at(int(sp.first)),  # type: ignore[arg-type]
+            "recurrent_modules": [r.get("module") for r in ctx.recurrent],
+            "clip_calls": 0,
+        }
+        recs = []
+        if sug is not None:
+            evidence["median_grad_norm"] = sug[1]["median"]
+            recs.append(Recommendation.hyperparameter(
+                "max_norm", None, sug[0],
+                f"95th percentile of pre-clip norms in the stable window (steps {sug[1]['window'][0]}-"
+                f"{sug[1]['window'][1]}, median {sug[1]['median']:.3g}): cuts spikes, leaves normal steps"))
+            recs.append(Recommendation.code("Clip the gradient norm before the optimizer step",
+                                            _clip_snippet(ctx, sug[0])))
+        kind = "recurrent" if recurrent else "repeatedly spiking"
+        message = (
+            f"This {kind} run never clips its gradients, and the gradient norm spiked {n} time(s) to >= "
+            f"{SPIKE_FACTOR:g}x its running level (largest {sp.max_ratio:.3g}x, first at step "
+            f"{evidence['first_spike_step']})"
+            + (f". Clipping at max_norm={sug[0]:g} (the normal steps' 95th percentile) would cut the spikes and "
+               "leave normal steps alone." if sug else ".")
+        )
+        conf = log_ratio_confidence(sp.max_ratio, SPIKE_FACTOR, 2.0) * (0.6 + 0.4 * min(1.0, n / 3))
+        return [self.finding(confidence=conf, message=message, first_step=evidence["first_spike_step"],
+                             evidence=evidence, recommendations=recs)]

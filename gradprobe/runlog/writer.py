@@ -114,7 +114,8 @@ class RunWriter:
         self._q: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._layer_names: dict[int, list[str]] = {}
-        self._events = open(os.path.join(logdir, S.EVENTS_FILE), "a", encoding="utf-8")
+        # a new run in a reused directory starts its own event log (every stream restarts)
+        self._events = open(os.path.join(logdir, S.EVENTS_FILE), "w", encoding="utf-8")
         self._tb: Any = None
         self.failed: BaseException | None = None
         write_json_atomic(os.path.join(logdir, S.META_FILE), self.meta)

@@ -1,0 +1,10 @@
+"""Framework integrations (optional extras). Nothing here is imported by ``import gradprobe``.
+
+* :mod:`gradprobe.integrations.lightning`: ``GradprobeCallback`` for ``lightning.pytorch``
+  (``pip install gradprobe[lightning]``).
+* :mod:`gradprobe.integrations.hf`: ``GradprobeCallback`` for the Hugging Face ``Trainer``
+  (``pip install gradprobe[hf]``).
+
+Both attach :func:`gradprobe.watch` to the framework's model, optimizers and GradScaler when
+training starts, close the probe when it ends (or fails), and expose ``.report()``.
+"""

@@ -1,0 +1,117 @@
+"""gradprobe for the Hugging Face ``Trainer``: a ``TrainerCallback`` (``pip install gradprobe[hf]``).
+
+>>> from gradprobe.integrations.hf import GradprobeCallback
+>>> probe_cb = GradprobeCallback(logdir="runs/exp1")
+>>> trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[probe_cb])
+>>> trainer.train()
+>>> print(probe_cb.report())
+
+On ``on_train_begin`` (the Trainer has built its optimizer and wrapped it with Accelerate) the
+callback calls :func:`gradprobe.watch` with the Trainer's model, the real ``torch.optim``
+optimizer inside Accelerate's ``AcceleratedOptimizer`` and its ``GradScaler`` (fp16 AMP; None
+otherwise). The probe is closed on ``on_train_end``. The Trainer has no exception callback:
+if ``train()`` raises, call ``probe_cb.close(exc)`` (or use ``with probe_cb: trainer.train()``)
+to record the exception; otherwise the probe is still closed and flushed at interpreter exit.
+
+Where the log goes: ``logdir`` if given, else ``<args.output_dir>/gradprobe``. A second
+``train()`` with the same callback writes to ``<logdir>-2`` (and so on). With several
+processes each records its own log in ``<logdir>/rank<k>``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+try:
+    from transformers import TrainerCallback as _TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError("gradprobe.integrations.hf needs transformers: pip install 'gradprobe[hf]'") from exc
+
+__all__ = ["GradprobeCallback"]
+
+
+def _unwrap_optimizer(opt: Any) -> tuple[Any, Any]:
+    """(the innermost torch optimizer, the GradScaler of an ``AcceleratedOptimizer``)."""
+    import torch
+
+    scaler = None
+    for _ in range(5):
+        if scaler is None:
+            scaler = getattr(opt, "scaler", None)
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) or (inner is not None and hasattr(inner, "param_groups")):
+            opt = inner
+        else:
+            break
+    if scaler is not None and not getattr(scaler, "is_enabled", lambda: True)():
+        scaler = None
+    return opt, scaler
+
+
+class GradprobeCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
+    """Watches ``Trainer.train()`` with :func:`gradprobe.watch`.
+
+    Args:
+        logdir: run directory (default ``<args.output_dir>/gradprobe``).
+        **watch_options: passed to :func:`gradprobe.watch` (``profile="light"``,
+            ``sample_every=50``, ``tensorboard=False``, ...).
+
+    Attributes:
+        probe: the live :class:`gradprobe.Probe` during training, the last one after it.
+        logdir: the run directory of the last ``train()``.
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str] | None = None, **watch_options: Any) -> None:
+        self._logdir_arg = os.fspath(logdir) if logdir is not None else None
+        self.watch_options = watch_options
+        self.probe: Any = None
+        self.logdir: str | None = None
+        self._runs = 0
+
+    def _choose_logdir(self, args: Any) -> str:
+        base = self._logdir_arg or os.path.join(getattr(args, "output_dir", None) or os.getcwd(), "gradprobe")
+        if self._runs > 1:
+            base = f"{base}-{self._runs}"
+        world = int(getattr(args, "world_size", 1) or 1)
+        if world > 1:
+            base = os.path.join(base, f"rank{int(getattr(args, 'process_index', 0) or 0)}")
+        return base
+
+    # ---- TrainerCallback events ------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        import gradprobe
+
+        self.close()
+        if model is None:
+            raise RuntimeError("GradprobeCallback: the Trainer passed no model to on_train_begin")
+        self._runs += 1
+        opt, scaler = _unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
+        self.logdir = self._choose_logdir(args)
+        self.probe = gradprobe.watch(model, opt, scaler=scaler, logdir=self.logdir, **self.watch_options)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    # ---- API -------------------------------------------------------------------------------
+    def close(self, exception: BaseException | None = None) -> None:
+        """Closes the probe (recording ``exception`` first, if given). Idempotent."""
+        probe = self.probe
+        if probe is None:
+            return
+        if exception is not None:
+            probe.__exit__(type(exception), exception, exception.__traceback__)
+        else:
+            probe.close()
+
+    def __enter__(self) -> "GradprobeCallback":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(exc)
+
+    def report(self) -> Any:
+        """The :class:`gradprobe.Report` of the last (or current) ``train()``."""
+        if self.probe is None:
+            raise RuntimeError("GradprobeCallback.report(): training has not started yet")
+        return self.probe.report()

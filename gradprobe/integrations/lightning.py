@@ -1,0 +1,144 @@
+"""gradprobe for Lightning: a ``Callback`` that watches the fit (``pip install gradprobe[lightning]``).
+
+>>> from gradprobe.integrations.lightning import GradprobeCallback
+>>> probe_cb = GradprobeCallback(logdir="runs/exp1")
+>>> trainer = lightning.pytorch.Trainer(callbacks=[probe_cb])
+>>> trainer.fit(model, train_loader)
+>>> print(probe_cb.report())
+
+On ``on_fit_start`` (after the strategy has set up the module and its optimizers) the callback
+calls :func:`gradprobe.watch` with the LightningModule, ``trainer.optimizers`` and the precision
+plugin's ``GradScaler`` (``precision="16-mixed"`` on GPU; None otherwise, and a scaler the
+plugin creates later is still adopted by the probe when it scales a loss). The probe is
+closed on ``on_fit_end``, on ``on_exception`` (the exception is recorded in the run log
+first) and at ``teardown`` at the latest. ``report()`` analyzes the recorded run (and writes
+the findings into the run's TensorBoard text).
+
+Where the log goes: ``logdir`` if given, else ``<trainer.log_dir or default_root_dir>/gradprobe``.
+A second ``fit`` with the same callback writes to ``<logdir>-2`` (and so on), so runs never mix.
+Under multi-process strategies each rank records its own log in ``<logdir>/rank<k>``.
+
+Works with the ``lightning`` package (``lightning.pytorch``) and with the standalone
+``pytorch_lightning`` package.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+try:  # the unified package first, then the standalone one
+    from lightning.pytorch import Callback as _Callback
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        from pytorch_lightning import Callback as _Callback  # type: ignore[no-redef]
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError(
+            "gradprobe.integrations.lightning needs Lightning: pip install 'gradprobe[lightning]'"
+        ) from exc
+
+__all__ = ["GradprobeCallback"]
+
+
+def _scaler_of(trainer: Any) -> Any:
+    plugin = getattr(trainer, "precision_plugin", None)
+    if plugin is None:
+        plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    scaler = getattr(plugin, "scaler", None)
+    return scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
+
+
+def _unwrap_optimizer(opt: Any) -> Any:
+    """``LightningOptimizer`` wraps the real optimizer as ``_optimizer``."""
+    import torch
+
+    seen = 0
+    while not isinstance(opt, torch.optim.Optimizer) and seen < 5:
+        inner = getattr(opt, "_optimizer", None) or getattr(opt, "optimizer", None)
+        if inner is None:
+            break
+        opt = inner
+        seen += 1
+    return opt
+
+
+class GradprobeCallback(_Callback):  # type: ignore[misc,valid-type]
+    """Watches a Lightning fit with :func:`gradprobe.watch`.
+
+    Args:
+        logdir: run directory (default ``<trainer.log_dir>/gradprobe``).
+        **watch_options: passed to :func:`gradprobe.watch` (``profile="light"``,
+            ``sample_every=50``, ``tensorboard=False``, ...).
+
+    Attributes:
+        probe: the live :class:`gradprobe.Probe` during a fit, the last one after it.
+        logdir: the run directory of the last fit.
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str] | None = None, **watch_options: Any) -> None:
+        super().__init__()
+        self._logdir_arg = os.fspath(logdir) if logdir is not None else None
+        self.watch_options = watch_options
+        self.probe: Any = None
+        self.logdir: str | None = None
+        self._fits = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def _choose_logdir(self, trainer: Any) -> str:
+        if self._logdir_arg is not None:
+            base = self._logdir_arg
+        else:
+            root = None
+            try:
+                root = trainer.log_dir
+            except Exception:  # noqa: BLE001 - some loggers raise before setup
+                root = None
+            base = os.path.join(root or trainer.default_root_dir or os.getcwd(), "gradprobe")
+        if self._fits > 1:
+            base = f"{base}-{self._fits}"
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if world > 1:
+            base = os.path.join(base, f"rank{int(getattr(trainer, 'global_rank', 0) or 0)}")
+        return base
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        import gradprobe
+
+        self.close()
+        self._fits += 1
+        optimizers = [_unwrap_optimizer(o) for o in (getattr(trainer, "optimizers", None) or [])]
+        self.logdir = self._choose_logdir(trainer)
+        self.probe = gradprobe.watch(
+            pl_module,
+            optimizers or None,
+            scaler=_scaler_of(trainer),
+            logdir=self.logdir,
+            **self.watch_options,
+        )
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.close(exception)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self.close()
+
+    # ---- API -------------------------------------------------------------------------------
+    def close(self, exception: BaseException | None = None) -> None:
+        """Closes the probe (recording ``exception`` first, if given). Idempotent."""
+        probe = self.probe
+        if probe is None:
+            return
+        if exception is not None:
+            probe.__exit__(type(exception), exception, exception.__traceback__)
+        else:
+            probe.close()
+
+    def report(self) -> Any:
+        """The :class:`gradprobe.Report` of the last (or current) fit."""
+        if self.probe is None:
+            raise RuntimeError("GradprobeCallback.report(): no fit has started yet")
+        return self.probe.report()

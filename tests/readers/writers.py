@@ -1,0 +1,107 @@
+"""Writers of real-format foreign logs for the reader tests: each uses the format's own
+writer where it is installed (HF's ``TrainerState.save_to_json``, Lightning's CSV experiment
+writer, TensorBoard's writer through torch's ``SummaryWriter``)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+def write_state(path: str, history: list[dict[str, Any]], **header: Any) -> str:
+    """Writes a trainer state the way ``TrainerState.save_to_json`` does (bare NaN/Infinity)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        from transformers import TrainerState
+    except ImportError:  # same format: json.dumps(asdict(state), indent=2, sort_keys=True)
+        state = {"global_step": header.get("global_step", 0), "log_history": history, "logging_steps": 1, **header}
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        return path
+    state = TrainerState(**{"logging_steps": 1, **header})
+    state.log_history = history
+    state.save_to_json(path)
+    return path
+
+
+
+def train_history(n: int = 20, *, eval_every: int = 5, lr0: float = 1e-3, decay: bool = True) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for s in range(1, n + 1):
+        lr = lr0 * (1 - (s - 1) / n) if decay else lr0
+        out.append({"epoch": s / 8, "grad_norm": 0.5 + 0.01 * s, "learning_rate": lr, "loss": 4.0 - 0.05 * s, "step": s})
+        if eval_every and s % eval_every == 0:
+            out.append({"epoch": s / 8, "eval_loss": 4.1 - 0.05 * s, "eval_runtime": 0.01, "step": s})
+    out.append({"epoch": n / 8, "step": n, "total_flos": 1e6, "train_loss": 3.6, "train_runtime": 1.2,
+                "train_samples_per_second": 100.0, "train_steps_per_second": 10.0})
+    return out
+
+
+
+def write_metrics(log_dir: str, rows: list[tuple[int, dict[str, Any]]]) -> str:
+    """Writes ``metrics.csv`` like ``CSVLogger`` (sparse rows, sorted header, CRLF)."""
+    os.makedirs(log_dir, exist_ok=True)
+    try:
+        from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+    except ImportError:
+        keys = sorted({k for _, m in rows for k in m} | {"step"})
+        path = os.path.join(log_dir, "metrics.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for step, m in rows:
+                w.writerow({**m, "step": step})
+        return path
+    writer = _ExperimentWriter(log_dir)
+    for i, (step, m) in enumerate(rows):
+        writer.log_metrics(m, step)
+        if i % 7 == 6:
+            writer.save()  # the header grows as new keys appear, as in a real fit
+    writer.save()
+    return writer.metrics_file_path
+
+
+
+def fit_rows(steps_per_epoch: int = 8, epochs: int = 3, lr: float = 0.01) -> list[tuple[int, dict[str, Any]]]:
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for e in range(epochs):
+        for b in range(steps_per_epoch):
+            s = e * steps_per_epoch + b
+            rows.append((s, {"lr-Adam": lr}))
+            rows.append((s, {"epoch": e, "train_loss_step": 5.0 / (s + 1), "grad_2.0_norm_total": 2.0 + s,
+                             "grad_2.0_norm/net.0.weight": 1.0 + s, "grad_2.0_norm/net.0.bias": 0.5}))
+        last = (e + 1) * steps_per_epoch - 1
+        rows.append((last, {"epoch": e, "val_loss": 3.0 - e}))
+        rows.append((last, {"epoch": e, "train_loss_epoch": 4.0 - e}))
+    return rows
+
+
+
+def write_run(logdir: str, series: dict[str, list[tuple[int, float]]], *, suffix: str = "") -> str:
+    """Writes scalars with SummaryWriter; returns the event file's path."""
+    w = SummaryWriter(log_dir=logdir, filename_suffix=suffix)
+    events = sorted((step, tag, value) for tag, pts in series.items() for step, value in pts)
+    for step, tag, value in events:
+        w.add_scalar(tag, value, global_step=step)
+    w.close()
+    files = sorted(glob.glob(os.path.join(logdir, "*tfevents*")), key=os.path.getmtime)
+    return files[-1]
+
+
+
+def hf_style(n: int = 20, eval_every: int = 5) -> dict[str, list[tuple[int, float]]]:
+    """The tags transformers' TensorBoardCallback writes (logging_steps=1)."""
+    return {
+        "train/loss": [(s, 4.0 - 0.05 * s) for s in range(1, n + 1)],
+        "train/grad_norm": [(s, 0.5 + 0.01 * s) for s in range(1, n + 1)],
+        "train/learning_rate": [(s, 1e-3 * (1 - s / (n + 1))) for s in range(1, n + 1)],
+        "train/epoch": [(s, s / 8) for s in range(1, n + 1)],
+        "eval/loss": [(s, 4.1 - 0.05 * s) for s in range(eval_every, n + 1, eval_every)],
+        "eval/runtime": [(s, 0.01) for s in range(eval_every, n + 1, eval_every)],
+        "train/train_loss": [(n, 3.5)],
+    }
