@@ -9,7 +9,10 @@ import sys
 import pytest
 import torch
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# tiny models run fastest on one intra-op thread, and the suite shares 2 cores with its own
+# subprocesses (which inherit this)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def _global_hook_counts() -> tuple[int, int, int, int]:
