@@ -859,8 +859,8 @@ LOSS_SPIKE_FACTOR = 3.0
 #: ... and at least this many robust standard deviations of the record-to-record noise above it
 #: (so that losses noisy by nature, e.g. reinforcement-learning objectives, need more).
 LOSS_SPIKE_Z = 6.0
-#: A single per-step record counts only from this factor on; below it a spike must last two
-#: steps. One hard batch lifts one record; damaged weights lift the records that follow.
+#: In the first records of a curve (fewer than 5 before it: no noise estimate yet) a spike
+#: must reach this factor.
 LOSS_SPIKE_SINGLE = 10.0
 #: A spike must undo at least this fraction of the progress the loss had made (initial level
 #: minus the level before the spike); smaller ones do not set the run back.
@@ -908,44 +908,69 @@ def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
 
     Running level: median of the previous ``max(window, 10)`` records; running noise: 1.4826 x
     the median absolute residual about the smooth level over the same records (from 5 records
-    on). A record is high when it is at least ``LOSS_SPIKE_FACTOR`` times the level and
-    ``LOSS_SPIKE_Z`` noise units above it, and the jump is material (``LOSS_SPIKE_MATERIAL``).
-    With fewer than 5 earlier records (the first steps, where the noise is unknown) only a jump
-    of ``LOSS_SPIKE_SINGLE`` times the level counts. Consecutive high records form one event;
-    on a per-step curve an event needs 2 records or a factor of ``LOSS_SPIKE_SINGLE``.
+    on), capped at the whole curve's noise (a window that holds an earlier spike overstates
+    it). A record starts a spike when it is at least ``LOSS_SPIKE_FACTOR`` times the level and
+    ``LOSS_SPIKE_Z`` noise units above it, and the jump is material (``LOSS_SPIKE_MATERIAL``);
+    with fewer than 5 earlier records (the first steps, where the noise is unknown) only a jump
+    of ``LOSS_SPIKE_SINGLE`` times the level does. The spike goes on while the following
+    records pass the same test against the level *before* it (a trailing median would soon
+    absorb the spike itself).
+
+    On an averaged curve (validation passes, foreign records averaging many steps) one record
+    is a spike. On a per-step curve (one record per batch) a single record never is (one hard
+    or corrupt batch lifts one record; weights knocked off course lift the records that
+    follow), and a run of L records counts only when independent outliers would not make one:
+    with p the run's own rate of isolated one-record outliers at least as high as the spike's
+    lowest record, n p**L < 0.05. Late in a classification run, where a few percent of batches
+    carry a confidently wrong example at 10-25x the median, two in a row are then expected and
+    need a third; in a run without such outliers two records suffice.
     """
     if curve is None or curve.n < 6:
         return []
-    v = pd.Series(curve.values)
+    v = curve.values
+    n = curve.n
     W = max(curve.window, 10)
-    prev = v.shift(1).rolling(W, min_periods=1)
+    prev = pd.Series(v).shift(1).rolling(W, min_periods=1)
     level = prev.median().to_numpy()
     count = prev.count().to_numpy()
-    resid = pd.Series(np.abs(curve.values - curve.smooth))
-    sigma = 1.4826 * resid.shift(1).rolling(W, min_periods=5).median().to_numpy()
-    jump = curve.values - level
-    progress = np.maximum(curve.initial - level, 0.0)
+    resid = pd.Series(np.abs(v - curve.smooth))
+    sigma = np.nan_to_num(1.4826 * resid.shift(1).rolling(W, min_periods=5).median().to_numpy(), nan=0.0)
+    # a window holding an earlier spike overstates the noise: never above the run's own noise
+    sigma = np.minimum(sigma, curve.noise)
     early = np.nan_to_num(count, nan=0.0) < 5
-    factor = np.where(early, LOSS_SPIKE_SINGLE, LOSS_SPIKE_FACTOR)
-    with np.errstate(invalid="ignore"):
-        high = (np.isfinite(level) & (jump >= (factor - 1.0) * np.abs(level))
-                & (early | (jump >= LOSS_SPIKE_Z * np.nan_to_num(sigma, nan=0.0)))
-                & (jump >= LOSS_SPIKE_MATERIAL * progress) & (jump > 0))
-    events: list[LossSpike] = []
+
+    def high(k: int, lvl: float, sig: float, is_early: bool) -> bool:
+        if not np.isfinite(lvl):
+            return False
+        jump = v[k] - lvl
+        factor = LOSS_SPIKE_SINGLE if is_early else LOSS_SPIKE_FACTOR
+        return bool(jump > 0 and jump >= (factor - 1.0) * abs(lvl) and (is_early or jump >= LOSS_SPIKE_Z * sig)
+                    and jump >= LOSS_SPIKE_MATERIAL * max(curve.initial - lvl, 0.0))
+
+    found: list[LossSpike] = []
     i = 0
-    n = curve.n
     while i < n:
-        if not high[i]:
+        if not high(i, level[i], sigma[i], early[i]):
             i += 1
             continue
         j = i
-        while j + 1 < n and high[j + 1]:
+        while j + 1 < n and high(j + 1, level[i], sigma[i], early[i]):
             j += 1
-        ev = LossSpike(curve, i, j, level[i], float(np.nan_to_num(sigma[i], nan=0.0)))
-        if not curve.per_step or ev.records >= 2 or ev.factor >= LOSS_SPIKE_SINGLE:
-            events.append(ev)
+        found.append(LossSpike(curve, i, j, level[i], float(sigma[i])))
         i = j + 1
-    return events
+    if not curve.per_step:
+        return found
+    isolated = np.array([e.factor for e in found if e.records == 1])
+    out = []
+    for e in found:
+        if e.records < 2:
+            continue
+        seg = v[e.start:e.end + 1]
+        low = float(seg.min() / e.level) if e.level > 0 else 1.0 + float(seg.min() - e.level) / max(abs(e.level), 1e-300)
+        p = float((isolated >= low).sum()) / n  # the run's rate of lone outliers at least this high
+        if n * p ** e.records < 0.05:
+            out.append(e)
+    return out
 
 
 def init_scale_norm(shape: list[int] | tuple[int, ...]) -> float:

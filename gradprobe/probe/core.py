@@ -341,6 +341,7 @@ class Probe:
                 relu_like=isinstance(mod, RELU_TYPES),
             )
             self._module_info[mod] = info
+            self.meta.setdefault("modules", {})[full] = info.cls
             if not self.auto:
                 self._handles.append(mod.register_forward_pre_hook(self._on_forward_pre))
                 self._handles.append(
@@ -636,6 +637,8 @@ class Probe:
                 with torch.no_grad():
                     v = v.float().sum()
             (seg.inner_roots if self._in_step is not None else seg.roots).append(v)
+            if self.deep is not None and self._open.sampled and r.grad_fn is not None:
+                self.deep.on_backward_root(r)
             fn = r.grad_fn
             if fn is not None:
                 s = _Sentinel(self._open.index)

@@ -12,8 +12,9 @@ grad       parameter name       ``nonfinite_count`` (exact count of NaN/Inf entr
 weight     parameter name       ``nonfinite_count`` after the optimizer step
 activation module name          ``mean std absmax nonfinite`` of the output (index =
                                 call order in the step), ``saturated_frac`` (sigmoid/
-                                tanh modules), ``dead_frac`` (ReLU-family: units never
-                                active over the batch), ``input_dead_frac`` (Linear/
+                                tanh modules), ``dead_frac`` (ReLU/ReLU6: units never
+                                active over the batch of ``dead_rows`` rows),
+                                ``input_dead_frac`` (Linear/
                                 Conv input features that are exactly 0 for the whole
                                 batch: units killed by a functional ReLU upstream)
 gates      module.l<k>.<gate>   ``low_frac`` (< 0.01), ``high_frac`` (> 0.99) for
@@ -25,7 +26,11 @@ input      module name          ``numel nonfinite mean std absmax feature_std_mi
                                 enter the model (the root module) and the first
                                 parametric layer (``first_layer``)
 target     loss function        ``numel nonfinite mean std var absmax integer
-                                n_classes`` of the target, and ``pred_*`` of the input
+                                n_classes reduction class_entropy`` of the target (reduction:
+                                0 mean, 1 sum, 2 none, 3 batchmean; class_entropy: entropy of
+                                the batch's class frequencies), and ``pred_*`` of the input;
+                                also found from the loss's autograd node when the loss
+                                function was bound before watch()
 bptt       recurrent module     ``profile`` (index k = steps back from the last output),
                                 ``hidden_size``; ``horizon``, ``growth_per_step``,
                                 ``far_over_near``, ``lookback`` are derived from the
@@ -57,13 +62,28 @@ if TYPE_CHECKING:
 
 ACT_STATS = ("mean", "std", "absmax", "nonfinite")
 INPUT_STATS = ("numel", "nonfinite", "mean", "std", "absmax", "feature_std_min", "feature_std_max", "integer")
-TARGET_STATS = ("numel", "nonfinite", "mean", "std", "var", "absmax", "integer", "n_classes")
+TARGET_STATS = ("numel", "nonfinite", "mean", "std", "var", "absmax", "integer", "n_classes", "reduction", "class_entropy")
+#: reduction of the loss call, as recorded in the ``reduction`` target stat
+REDUCTIONS = {"mean": 0.0, "sum": 1.0, "none": 2.0, "batchmean": 3.0}
+#: autograd nodes of loss functions: backward roots reveal a loss the F-patch could not see
+#: (a loss function bound by name before watch())
+LOSS_NODES = {
+    "MseLossBackward0": "mse_loss",
+    "NllLossBackward0": "nll_loss",
+    "SmoothL1LossBackward0": "smooth_l1_loss",
+    "HuberLossBackward0": "huber_loss",
+    "BinaryCrossEntropyBackward0": "binary_cross_entropy",
+    "BinaryCrossEntropyWithLogitsBackward0": "binary_cross_entropy_with_logits",
+    "L1LossBackward0": "l1_loss",
+}
+#: units whose negative side passes no gradient: only these can die
+DEAD_CAPABLE = (nn.ReLU, nn.ReLU6)
 PARAMETRIC = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
 
 
-def _float_stats(x: torch.Tensor) -> torch.Tensor:
+def _float_stats(x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
     """[numel, nonfinite, mean, std, absmax, feature_std_min, feature_std_max, integer]
-    over finite entries; features = last dimension."""
+    over finite entries; features along ``feature_dim`` (channels of a conv input: 1)."""
     with torch.no_grad():
         xf = x.detach().float()
         fin = torch.isfinite(xf)
@@ -73,8 +93,9 @@ def _float_stats(x: torch.Tensor) -> torch.Tensor:
         mean = z.sum() / cnt
         var = (torch.where(fin, (xf - mean) ** 2, torch.zeros((), device=xf.device))).sum() / cnt
         absmax = z.abs().max() if z.numel() else torch.zeros((), device=xf.device)
-        if xf.dim() >= 2 and xf.shape[-1] > 1:
-            feat = z.reshape(-1, xf.shape[-1])
+        fd = feature_dim % xf.dim() if xf.dim() else 0
+        if xf.dim() >= 2 and xf.shape[fd] > 1:
+            feat = z.movedim(fd, -1).reshape(-1, xf.shape[fd])
             fstd = feat.std(dim=0, unbiased=False)
             fmin, fmax = fstd.min(), fstd.max()
         else:
@@ -112,6 +133,7 @@ class DeepProbes:
         self._cell_calls: dict[int, tuple[nn.Module, "ModuleInfo", list[torch.Tensor], Any, Any]] = {}
         self._gate_acc: dict[str, list[torch.Tensor]] = {}
         self._side = False
+        self._loss_seen = False
         self._dtype = torch.float32
 
     # ------------------------------------------------------------------ helpers --------
@@ -125,6 +147,7 @@ class DeepProbes:
             self._call_order = 0
             self._first_layer_done = False
             self._roots_done = set()
+            self._loss_seen = False
             self._captures = {}
             self._cell_calls = {}
 
@@ -138,20 +161,22 @@ class DeepProbes:
         self._new_step()
         if any(module is m for _, m in self.probe._roots) and id(module) not in self._roots_done:
             self._roots_done.add(id(module))
-            self._guard("input", self._input_stats, "input", info.name, args)
+            self._guard("input", self._input_stats, "input", info.name, args, None)
         if not self._first_layer_done and isinstance(module, PARAMETRIC) and not isinstance(module, nn.Embedding):
             self._first_layer_done = True
-            self._guard("input", self._input_stats, "first_layer", info.name, args)
+            self._guard("input", self._input_stats, "first_layer", info.name, args, module)
         elif not self._first_layer_done and isinstance(module, nn.Embedding):
             self._first_layer_done = True  # token ids: not features
 
-    def _input_stats(self, probe: str, target: str, args: Any) -> None:
+    def _input_stats(self, probe: str, target: str, args: Any, module: nn.Module | None) -> None:
         for k, t in enumerate(a for a in args if isinstance(a, torch.Tensor)):
             if k >= 2:
                 break
             name = target if k == 0 else f"{target}[{k}]"
             if t.is_floating_point():
-                self._sample(probe, name, INPUT_STATS, _float_stats(t))
+                # features: channels for conv layers and image-like (N, C, H, W...) inputs, else the last dim
+                conv = isinstance(module, nn.modules.conv._ConvNd) or (module is None and t.dim() >= 4)
+                self._sample(probe, name, INPUT_STATS, _float_stats(t, 1 if conv and t.dim() >= 3 else -1))
             elif not t.is_complex() and t.dtype != torch.bool:
                 self._sample(probe, name, INPUT_STATS, _int_stats(t))
 
@@ -188,13 +213,14 @@ class DeepProbes:
                 else:
                     sat = (y.abs() > 0.99).float().mean()
                 self._sample("activation", info.name, "saturated_frac", sat, index=order)
-            if info.relu_like and y.dim() >= 2:
+            if isinstance(module, DEAD_CAPABLE) and y.dim() >= 2:
                 dim = 1 if y.dim() >= 4 else y.dim() - 1
                 units = y.movedim(dim, -1).reshape(-1, y.shape[dim])
                 active = (units > 0).any(dim=0)
                 poisoned = (~torch.isfinite(units)).any(dim=0)  # NaN is not "never active"
                 dead = (~active & ~poisoned).float().mean()
                 self._sample("activation", info.name, "dead_frac", dead, index=order)
+                self._sample("activation", info.name, "dead_rows", float(units.shape[0]), index=order)
             if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and args and isinstance(args[0], torch.Tensor):
                 x = args[0].detach()
                 if x.is_floating_point() and x.dim() >= 2:
@@ -342,23 +368,61 @@ class DeepProbes:
                 self.probe._meta_dirty = True
 
     # ------------------------------------------------------------------ loss ------------
+    def on_backward_root(self, root: torch.Tensor) -> None:
+        """A loss bound before watch() (``from torch.nn.functional import mse_loss``) is not
+        seen by the F-patch; its autograd node still names it and saves its target."""
+        if self._loss_seen or self._side:
+            return
+        self._guard("target", self._target_from_graph, root)
+
+    def _target_from_graph(self, root: torch.Tensor) -> None:
+        node = root.grad_fn
+        for _ in range(4):
+            if node is None:
+                return
+            kind = LOSS_NODES.get(type(node).__name__)
+            if kind is not None:
+                target = getattr(node, "_saved_target", None)
+                pred = getattr(node, "_saved_self", None)
+                if isinstance(target, torch.Tensor):
+                    self._loss_seen = True
+                    self._target_sample(kind, pred, target, "mean")
+                    if kind not in self.probe._loss_functions:
+                        self.probe._loss_functions.add(kind)
+                        self.probe.meta["loss_functions"] = sorted(self.probe._loss_functions)
+                        self.probe._meta_dirty = True
+                return
+            nxt = [n for n, _ in node.next_functions if n is not None]
+            node = nxt[0] if nxt else None
+
     def on_loss_fn(self, name: str, args: Any, kwargs: Any, out: torch.Tensor) -> None:
         self._guard("target", self._target_stats, name, args, kwargs)
 
     def _target_stats(self, name: str, args: Any, kwargs: Any) -> None:
+        self._loss_seen = True
         pred = args[0] if args else kwargs.get("input")
         target = args[1] if len(args) > 1 else kwargs.get("target")
+        self._target_sample(name, pred, target, kwargs.get("reduction", "mean"))
+
+    def _target_sample(self, name: str, pred: Any, target: Any, reduction: Any) -> None:
         n_classes = 0.0
         if isinstance(pred, torch.Tensor) and name in ("cross_entropy", "nll_loss") and pred.dim() >= 1:
             n_classes = float(pred.shape[1] if pred.dim() >= 2 else pred.shape[0])
+        red = REDUCTIONS.get(str(reduction), -1.0)
         if isinstance(target, torch.Tensor):
+            dev = target.device
+            extra = [torch.tensor(n_classes, device=dev), torch.tensor(red, device=dev), torch.zeros((), device=dev)]
             if target.is_floating_point():
                 s = _float_stats(target)
-                var = s[3] * s[3]
-                vals = torch.stack([s[0], s[1], s[2], s[3], var, s[4], s[7], torch.tensor(n_classes, device=s.device)])
+                vals = torch.stack([s[0], s[1], s[2], s[3], s[3] * s[3], s[4], s[7], *extra])
             else:
                 s = _int_stats(target)
-                vals = torch.stack([s[0], s[1], s[2], s[3], s[3] * s[3], s[4], s[7], torch.tensor(n_classes, device=s.device)])
+                if n_classes >= 2 and target.numel():
+                    # entropy of the batch's class frequencies: the loss of predicting the class prior
+                    counts = torch.bincount(target.detach().reshape(-1).clamp(min=0).long(), minlength=int(n_classes)).float()
+                    p = counts / counts.sum().clamp(min=1)
+                    extra[2] = -(p * torch.log(p.clamp(min=1e-12))).sum()
+                vals = torch.stack([s[0], s[1], s[2], s[3], s[3] * s[3], s[4], s[7], *extra])
             self._sample("target", name, TARGET_STATS, vals)
         if isinstance(pred, torch.Tensor) and pred.is_floating_point():
             s = _float_stats(pred)

@@ -1,3 +1,777 @@
-"""GP6xx: data and initialization (input-scale, degenerate-targets, poor-initialization, saturated-activations, dead-units)."""
+"""GP6xx: data and activations (input-scale, degenerate-targets, poor-initialization,
+saturated-activations, dead-units).
+
+The mechanics these rules reason from. PyTorch's initialisers (and Xavier/Kaiming) are
+designed for unit-scale inputs: with inputs of scale s, a Linear layer's pre-activations have
+scale ~s, so the initialisation, the nonlinearity's useful range (tanh/sigmoid saturate past
+|z| ~ 3) and the learning rate (an Adam step moves a weight by ~lr, which moves a
+pre-activation by ~lr x s x fan_in) are all off by the factor s. A good initialisation keeps
+the activation scale roughly constant from layer to layer (gain 5/3 for tanh, sqrt 2 for ReLU,
+1 for linear); a gain g off by a factor f multiplies the scale by ~f per layer, so after L
+layers the signal is f**L of its input: 0.001**4 = 1e-12 is gone. A tanh/sigmoid unit at its
+bound passes less than 2% of its gradient (derivative < 0.02 past |tanh| = 0.99); a ReLU unit
+that is negative for every input passes none and never recovers by itself.
+
+All statistics come from the sampled deep probes (``gradprobe/probe/deep.py``): ``input`` and
+``first_layer`` (float features where they enter the model and its first parametric layer;
+token ids and embedding lookups are not features), ``target`` (the loss function's target and
+prediction), ``activation`` (output statistics of parametric, saturating and ReLU-family
+modules by call order, on grad-enabled forwards only) and ``gates`` (recurrent gates).
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradprobe.analysis import RunContext, layer_forward_order, trivial_loss
+from gradprobe.report import Finding, Recommendation
+from gradprobe.rules.base import Explanation, Rule, register
+
+#: GP601: features of scale above 10 (a decade above unit) with a largest magnitude above 10.
+INPUT_LARGE = 10.0
+#: GP601: features of scale below 0.01 (two decades below unit) with a largest magnitude below 0.1.
+INPUT_SMALL = 1e-2
+#: GP602: a target scale (RMS) at or below 1e-3.
+TARGET_TINY = 1e-3
+#: GP602: a std this small relative to the targets' magnitude is a constant (float32 rounding).
+TARGET_CONSTANT = 1e-6
+#: GP602: MSE at or below 1e-4 of the target variance (R^2 >= 0.9999).
+LEAKAGE_RATIO = 1e-4
+#: GP603: two decades of activation scale lost (or gained) across the hidden layers at step 0.
+INIT_DECADES = 2.0
+#: GP603 without activation samples: three decades between the first and last weight gradients.
+INIT_GRAD_DECADES = 3.0
+#: GP604: half of a module's outputs (or of a gate's values) at their bounds.
+SATURATED = 0.5
+#: GP605: half of a layer's units never active over a batch; 99% is an error.
+DEAD = 0.5
+DEAD_ALL = 0.99
+
+
+# ------------------------------------------------------------------------------ helpers --
+def _wide(ctx: RunContext, probe: str) -> pd.DataFrame:
+    """Samples of ``probe`` one row per (step, target, call): stats as columns. ``call`` is the
+    ordinal of the target's calls within the step (a module used twice has calls 0 and 1).
+    Cached on the context (several rules read the same table)."""
+    store = ctx.__dict__.setdefault("_gp6_wide", {})
+    if probe not in store:
+        store[probe] = _make_wide(ctx, probe)
+    return store[probe]
+
+
+def _make_wide(ctx: RunContext, probe: str) -> pd.DataFrame:
+    s = ctx.samples(probe)
+    if s.empty:
+        return pd.DataFrame()
+    s = s.assign(target=s["target"].astype(str), stat=s["stat"].astype(str))
+    s = s.assign(occ=s.groupby(["step", "target", "index", "stat"]).cumcount())
+    w = s.pivot_table(index=["step", "target", "index", "occ"], columns="stat", values="value", aggfunc="first")
+    w = w.reset_index()
+    w["call"] = w.sort_values(["step", "target", "index", "occ"]).groupby(["step", "target"]).cumcount()
+    return w.sort_values(["step", "index", "occ"]).reset_index(drop=True)
+
+
+def _sustained(values: np.ndarray, threshold: float) -> bool:
+    """At least 3 samples, the median of the later half at or above ``threshold`` and the last
+    sample at or above 0.8 x threshold: the condition holds through the run, not only at one
+    moment (init) or one batch."""
+    v = values[np.isfinite(values)]
+    if v.size < 3:
+        return False
+    late = v[v.size // 2:]
+    return bool(np.median(late) >= threshold and v[-1] >= 0.8 * threshold)
+
+
+def _first_layer_name(ctx: RunContext) -> str | None:
+    s = ctx.samples("first_layer")
+    if s.empty:
+        return None
+    names = [t for t in s["target"].astype(str) if "[" not in t]
+    return max(set(names), key=names.count) if names else None
+
+
+def _nonlinearity(ctx: RunContext) -> str:
+    """The nonlinearity the network mostly uses, from the sampled activation modules:
+    ``relu`` (ReLU family: dead_frac samples), ``tanh``/``sigmoid`` (saturating modules; a mean
+    above 0.25 is a sigmoid's (0, 1) range) or ``linear``."""
+    act = _wide(ctx, "activation")
+    if act.empty:
+        return "linear"
+    relu = int(act["dead_frac"].notna().sum()) if "dead_frac" in act else 0
+    sat = act[act["saturated_frac"].notna()] if "saturated_frac" in act else act.iloc[0:0]
+    if relu == 0 and sat.empty:
+        return "linear"
+    if relu >= len(sat):
+        return "relu"
+    return "sigmoid" if float(sat["mean"].median()) > 0.25 else "tanh"
+
+
+INIT_SNIPPETS = {
+    "relu": ("kaiming_normal_(m.weight, nonlinearity=\"relu\")", "sqrt(2)"),
+    "tanh": ("xavier_uniform_(m.weight, gain=nn.init.calculate_gain(\"tanh\"))", "5/3"),
+    "sigmoid": ("xavier_uniform_(m.weight, gain=1.0)", "1"),
+    "linear": ("xavier_uniform_(m.weight, gain=1.0)", "1"),
+}
+
+
+def _init_snippet(nonlin: str, recurrent: bool = False) -> str:
+    call, gain = INIT_SNIPPETS[nonlin]
+    rec = (
+        "    elif isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):\n"
+        "        for name, p in m.named_parameters():\n"
+        "            if \"weight_ih\" in name:\n"
+        "                nn.init.xavier_uniform_(p)   # gain 1: the gates see unit-scale inputs\n"
+        "            elif \"weight_hh\" in name:\n"
+        "                nn.init.orthogonal_(p)       # gain 1: the state keeps its scale over time\n"
+        "            elif \"bias\" in name:\n"
+        "                nn.init.zeros_(p)\n"
+    ) if recurrent else ""
+    return (
+        "import torch.nn as nn\n\n"
+        "def init_weights(m):\n"
+        "    if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):\n"
+        f"        nn.init.{call}  # gain {gain}: keeps the activation scale ~constant layer to layer\n"
+        "        if m.bias is not None:\n"
+        "            nn.init.zeros_(m.bias)\n"
+        f"{rec}\n"
+        "model.apply(init_weights)"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class InputScale(Rule):
+    """Fires when the float features entering the first parametric layer (``first_layer``
+    samples; the model's own input when there is none; token ids and embedding lookups are
+    skipped) are far from unit scale, on the median of the sampled batches:
+
+    * too large: the features' scale (RMS, sqrt(mean^2 + std^2)) or the largest per-feature
+      std is above 10 and the largest magnitude is above 10. Initialisers assume unit-scale
+      inputs: a decade more puts tanh/sigmoid pre-activations past their useful range (|z| ~ 3)
+      and makes every Adam step on the first layer a decade larger than intended.
+    * too small: the scale is below 0.01 and the largest magnitude below 0.1: the first layer
+      starts two decades below its design scale, its pre-activations are dominated by the
+      biases, and it must grow its weights 100x before the input matters.
+
+    Standardised data with heavy tails (scale ~1, a few |x| > 10) is not a finding; raw
+    pixels (0-255), physical units, timestamps and counts are.
+
+    Confidence: 0.5 + 0.5 x min(1, decades past the threshold / 2).
+    """
+
+    code = "GP601"
+    slug = "input-scale"
+    severity = "warning"
+    title = "Input features are far from unit scale"
+    requires = ("inputs",)
+    causes = ()
+    computes = {}
+    explanation = Explanation(
+        what="Float features entering the first layers far from unit scale: raw pixels in 0-255, physical units, "
+        "counts or timestamps (max |x| > 10 and scale > 10), or features squeezed below 0.01.",
+        why="Initialisation and learning rates assume unit-scale inputs. Large inputs saturate tanh/sigmoid units and "
+        "make the first layer's updates a decade too large; tiny inputs leave the first layer starting from nothing.",
+        causes="Missing normalisation in the data pipeline; statistics computed but not applied; a feature in different "
+        "units from the others (meters next to millimeters).",
+        fix="Standardise each feature with the training set's mean and std (or scale images to [0, 1] and normalise "
+        "per channel).",
+        example="Features with mean 1.2e4 and std 3e3 entering nn.Linear: x = (x - 1.2e4) / 3e3.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        probe = "first_layer"
+        w = _wide(ctx, probe)
+        if w.empty:
+            w = _wide(ctx, "input")
+            probe = "input"
+        if w.empty or "std" not in w:
+            return []
+        w = w[~w["target"].str.contains(r"\[", regex=True)]
+        if "integer" in w:
+            w = w[w["integer"].fillna(0) < 0.5]
+        if w.empty:
+            return []
+        target = w["target"].mode().iloc[0]
+        w = w[w["target"] == target]
+        med = {k: float(w[k].median()) for k in ("mean", "std", "absmax", "feature_std_min", "feature_std_max") if k in w}
+        mean, std, absmax = med.get("mean", 0.0), med.get("std", 0.0), med.get("absmax", 0.0)
+        fmax = med.get("feature_std_max", std)
+        scale = math.sqrt(mean * mean + std * std)
+        big = max(scale, fmax if math.isfinite(fmax) else 0.0)
+        first = int(w["step"].min())
+        ev = {"layer": target, "where": probe, "mean": mean, "std": std, "absmax": absmax, "scale": scale,
+              "feature_std_max": fmax, "feature_std_min": med.get("feature_std_min"), "samples": int(len(w))}
+        if absmax > INPUT_LARGE and big > INPUT_LARGE:
+            decades = math.log10(big / INPUT_LARGE)
+            kind = "large"
+            msg = (f"The features entering {target} have mean {mean:.3g}, std {std:.3g} (largest feature std "
+                   f"{fmax:.3g}) and reach |x| = {absmax:.3g}: {big:.3g}x unit scale.")
+        elif 0 < scale < INPUT_SMALL and absmax < 10 * INPUT_SMALL:
+            decades = math.log10(INPUT_SMALL / scale)
+            kind = "small"
+            msg = (f"The features entering {target} have mean {mean:.3g}, std {std:.3g} and never exceed "
+                   f"|x| = {absmax:.3g}: {1 / scale:.3g}x below unit scale.")
+        else:
+            return []
+        ev["problem"] = kind
+        conf = 0.5 + 0.5 * min(1.0, decades / 2.0)
+        sd = std if std > 0 else 1.0
+        snippet = (
+            f"# gradprobe measured the features entering {target}: mean {mean:.3g}, std {std:.3g}, max |x| {absmax:.3g}\n"
+            f"# standardise every feature with statistics of the training set (not of each batch):\n"
+            f"feat_mean = X_train.mean(dim=0, keepdim=True)\n"
+            f"feat_std = X_train.std(dim=0, keepdim=True).clamp_min(1e-8)\n"
+            f"x = (x - feat_mean) / feat_std\n"
+            f"# first approximation from the measured statistics: x = (x - {mean:.3g}) / {sd:.3g}"
+        )
+        recs = [Recommendation.code("Standardise the input features", snippet)]
+        return [self.finding(confidence=conf, message=msg, first_step=first, layer=target, evidence=ev,
+                             recommendations=recs)]
+
+
+def tiny_targets(ctx: RunContext) -> dict[str, dict[str, float]]:
+    """Regression loss functions whose float targets have an RMS (median over the sampled
+    batches of sqrt(mean^2 + std^2)) of at most 1e-3 and a largest magnitude of at most 1e-2:
+    ``{loss function: {rms, absmax, mean, std}}``. Classification targets (integer labels,
+    cross-entropy, BCE probabilities) are not a scale. Shared by GP602 (which reports them) and
+    GP501 (whose loss-based evidence means nothing at such a scale)."""
+    store = ctx.__dict__.setdefault("_gp6_tiny", {})
+    if "v" in store:
+        return store["v"]
+    out: dict[str, dict[str, float]] = {}
+    w = _wide(ctx, "target")
+    if not w.empty and "std" in w and "mean" in w:
+        for name, g in w.groupby("target", sort=False):
+            g = g.dropna(subset=["std", "mean"])
+            if g.empty or str(name).startswith("binary_cross_entropy") or name in ("cross_entropy", "nll_loss"):
+                continue
+            if "integer" in g and bool((g["integer"].fillna(0) > 0.5).all()):
+                continue
+            mean = g["mean"].to_numpy(dtype=np.float64)
+            std = g["std"].to_numpy(dtype=np.float64)
+            absmax = g["absmax"].to_numpy(dtype=np.float64) if "absmax" in g else np.abs(mean)
+            rms = float(np.median(np.sqrt(mean ** 2 + std ** 2)))
+            amax = float(np.median(absmax))
+            if 0 < rms <= TARGET_TINY and amax <= 10 * TARGET_TINY:
+                out[str(name)] = {"rms": rms, "absmax": amax, "mean": float(np.median(mean)), "std": float(np.median(std))}
+    store["v"] = out
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class DegenerateTargets(Rule):
+    """Fires on the loss functions' targets (``target`` samples), in three cases:
+
+    * constant targets (error): in every sampled batch the targets' std is at most 1e-6 of
+      their magnitude (float32 rounding of a constant) and their mean is the same across
+      batches, for every loss function of the run: there is nothing to learn. Batches that are
+      constant but differ from each other (an unshuffled, sorted dataset; a GAN's real/fake
+      labels through one loss function) are not this, nor is a penalty term such as
+      ``mse_loss(h, zeros)`` next to a loss with real targets.
+    * tiny targets (warning): float regression targets whose RMS is at most 1e-3. The trivial
+      predictor's MSE is then at most 1e-6, so every loss looks converged, and the model's
+      outputs, initialised at unit scale, must shrink 1000x: one Adam step at its default lr
+      of 1e-3 already moves a prediction by about the whole target range.
+    * a loss near zero judged against the target variance (warning): under MSE (on the
+      baseline's scale, see :class:`gradprobe.analysis.TrivialLoss`) the loss reached 1e-4 of
+      the target variance or less (R^2 >= 0.9999) on a sampled step: noiseless targets or a
+      target leaking into the inputs. Not when the fit is memorisation: a validation loss at
+      1% of the variance or above, or the same input batch at every sampled step.
+
+    Confidence: constant 0.9 (1.0 over 3+ batches); tiny 0.5 + 0.5 x min(1, decades below 1e-3
+    / 3); near-zero loss 0.5 + 0.1 x decades below 1e-4 (at most 0.8).
+    """
+
+    code = "GP602"
+    slug = "degenerate-targets"
+    severity = "warning"
+    title = "Targets are constant, of a vanishing scale, or fit suspiciously well"
+    requires = ("targets",)
+    causes = ()
+    computes = {}
+    explanation = Explanation(
+        what="Targets with (near) zero variance, targets of a vanishing scale (RMS <= 1e-3) that make every loss look "
+        "tiny, or an MSE near zero compared with the target variance (possible leakage).",
+        why="Constant targets teach nothing; tiny targets hide a model that learned nothing behind a loss of 1e-8 and "
+        "sit below the step size of the optimizer; a near-perfect fit usually means the answer is in the input.",
+        causes="A label column filled with a default; targets in the wrong units (returns of 1e-7, volts in megavolts); "
+        "the target (or a shifted copy of it) among the features.",
+        fix="Standardise the targets (and un-standardise predictions); check the label pipeline; drop features that "
+        "contain the target.",
+        example="Targets with RMS 3e-7 under MSE: the loss is 1e-13 from step 0; y = (y - mean) / std.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        w = _wide(ctx, "target")
+        if w.empty or "std" not in w:
+            return []
+        out: list[Finding] = []
+        constants: list[Finding] = []
+        n_functions = 0
+        for name, g in w.groupby("target", sort=False):
+            n_functions += 1
+            g = g.dropna(subset=["std"])
+            if g.empty:
+                continue
+            mean = g["mean"].to_numpy(dtype=np.float64)
+            std = g["std"].to_numpy(dtype=np.float64)
+            absmax = g["absmax"].to_numpy(dtype=np.float64) if "absmax" in g else np.abs(mean)
+            mag = np.maximum(np.abs(mean), absmax)
+            first = int(g["step"].min())
+            integer = bool((g.get("integer", pd.Series([0.0])).fillna(0) > 0.5).all())
+            constant = bool(np.all(std <= TARGET_CONSTANT * np.maximum(mag, 1e-30)))
+            same = bool(np.ptp(mean) <= TARGET_CONSTANT * max(float(np.max(mag)), 1e-30)) if mean.size else False
+            if constant and same:
+                val = float(np.median(mean))
+                ev = {"loss_function": name, "value": val, "std": float(np.max(std)), "batches": int(len(g))}
+                constants.append(self.finding(
+                    confidence=1.0 if len(g) >= 3 else 0.9, severity="error", first_step=first, evidence=ev,
+                    message=f"The targets of {name} are the constant {val:.6g} in every sampled batch ({len(g)}): "
+                    f"there is nothing to learn.",
+                    recommendations=[Recommendation.code(
+                        "Check the label pipeline", "y = torch.cat([y for _, y in loader])\n"
+                        "print(y.unique(return_counts=True))   # one value: the labels were lost upstream")]))
+                continue
+            if integer or name.startswith("binary_cross_entropy") or name in ("cross_entropy", "nll_loss"):
+                continue
+            tiny = tiny_targets(ctx).get(str(name))
+            if tiny is not None:
+                rms, amax, m, s = tiny["rms"], tiny["absmax"], tiny["mean"], tiny["std"]
+                decades = math.log10(TARGET_TINY / rms)
+                ev = {"loss_function": name, "rms": rms, "mean": m, "std": s, "absmax": amax, "batches": int(len(g))}
+                lf = ctx.col("loss_fn")
+                lf = lf[np.isfinite(lf)]
+                if lf.size:
+                    ev["loss_initial"] = float(lf[0])
+                snippet = (f"# gradprobe measured targets of mean {m:.3g} and std {s:.3g}\n"
+                           f"y_mean, y_std = y_train.mean(), y_train.std()\n"
+                           f"y_scaled = (y - y_mean) / y_std          # train on unit-scale targets\n"
+                           f"prediction = model(x) * y_std + y_mean   # and map predictions back")
+                out.append(self.finding(
+                    confidence=0.5 + 0.5 * min(1.0, decades / 3.0), first_step=first, evidence=ev,
+                    message=f"The targets of {name} have RMS {rms:.3g} (max |y| {amax:.3g}): the loss of a model that "
+                    f"predicts 0 is already {rms * rms:.3g}, so every loss looks converged, and one optimizer step "
+                    f"moves a prediction by about the whole target range.",
+                    recommendations=[Recommendation.code("Standardise the targets", snippet)]))
+                continue
+            if name == "mse_loss":
+                tl = trivial_loss(ctx)
+                if tl.consistent and not tl.table.empty and tl.kinds == ["mean"]:
+                    r = tl.table["ratio"].dropna()
+                    r = r[r > 0]
+                    low = r[r <= LEAKAGE_RATIO]
+                    if len(low) and not self._memorised(ctx, float(tl.table["baseline"].median())):
+                        step0 = int(low.index[0])
+                        best = float(r.min())
+                        ev = {"loss_function": name, "loss_over_variance": best, "step": step0,
+                              "target_variance": float(tl.table.loc[step0, "baseline"]),
+                              "loss": float(tl.table.loc[step0, "loss_fn"])}
+                        conf = min(0.8, 0.5 + 0.1 * math.log10(LEAKAGE_RATIO / max(best, 1e-300)))
+                        out.append(self.finding(
+                            confidence=conf, first_step=step0, evidence=ev,
+                            message=f"At step {step0} the MSE was {best:.2g} of the target variance (R^2 = "
+                            f"{1 - best:.6f}): the targets are noiseless or leak into the inputs.",
+                            recommendations=[Recommendation.code(
+                                "Look for a feature that contains the target",
+                                "X, y = next(iter(loader))\n"
+                                "corr = [torch.corrcoef(torch.stack([X[:, j], y.flatten()]))[0, 1] for j in range(X.shape[1])]\n"
+                                "print(sorted(enumerate(corr), key=lambda t: -abs(t[1]))[:5])  # |r| ~ 1: leakage")]))
+        if constants and len(constants) == n_functions:
+            out = constants + out
+        return out
+
+    @staticmethod
+    def _memorised(ctx: RunContext, variance: float) -> bool:
+        """A near-perfect training fit that is memorisation, not leakage: the validation loss
+        stayed at 1% of the target variance or above (the fit does not carry over to new data,
+        whereas a leaked target does), or every sampled batch had the same input statistics (the
+        same few examples every step, which a large enough model can always fit exactly)."""
+        ev = ctx.eval_loss
+        if len(ev) >= 2 and variance > 0 and float(ev.iloc[-max(1, len(ev) // 4):].median()) >= 1e-2 * variance:
+            return True
+        for probe in ("first_layer", "input"):
+            w = _wide(ctx, probe)
+            if w.empty or "mean" not in w or "std" not in w:
+                continue
+            w = w[~w["target"].str.contains(r"\[", regex=True)]
+            if len(w) >= 3:
+                return bool(w["mean"].nunique() == 1 and w["std"].nunique() == 1)
+        return False
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class PoorInitialization(Rule):
+    """Fires when the activation scale collapses or explodes layer over layer at the first
+    sampled step (step 0: the initialisation): the output std of the parametric layers (Linear,
+    Conv, recurrent, attention: modules that own parameters) taken in call order, without the
+    output head (whose scale is often set small on purpose), preceded by the std of the
+    features entering the first layer when those are of unit scale (0.1 to 10; other scales
+    are GP601's), falls or grows by at least 2 decades (100x) from the first to the last, with
+    at least 2/3 of the transitions going the same way (a trend, not one odd layer). At least
+    3 layers, or the input and one layer (a first layer that alone shrinks unit-scale features
+    100x, e.g. a recurrent layer initialised with gain 0.001, erases the input as surely). A good
+    initialisation keeps the scale within a factor ~2 over any depth; 100x means the deep
+    layers see the input through a signal 100 times weaker (or stronger) than the biases and
+    nonlinearities were set up for. Normalised networks (BatchNorm/LayerNorm between layers)
+    reset the scale and do not fire.
+
+    Without activation samples (light profile), the per-element RMS of the weight gradients at
+    the first step, in forward order, with a 3-decade spread and the same 2/3 trend rule
+    (gradient sizes legitimately differ by fan-in, hence the extra decade).
+
+    Recommends an initialisation for the nonlinearity the network uses (Kaiming for ReLU, Xavier
+    with gain 5/3 for tanh, 1 for sigmoid/linear): gains that keep the scale constant. Never a
+    tiny gain: a gain of 0.001 is exactly what starves a network.
+
+    A first layer whose output is exactly constant (std 0 over batch and units) while its input
+    varies is the limit case: a zero (or constant) initialisation erased the input, and every
+    unit after it gets the same gradient (error, confidence 1).
+
+    Severity: warning; error from 6 decades (the signal is below float32's relative resolution
+    of the values it is added to). Confidence: 0.5 + 0.5 x min(1, (decades - 2) / 4).
+    """
+
+    code = "GP603"
+    slug = "poor-initialization"
+    severity = "warning"
+    title = "Initial activations collapse or explode layer over layer"
+    requires = ("activations|layer_grad",)
+    causes = ()
+    computes = {}
+    explanation = Explanation(
+        what="At initialisation the activation scale shrinks or grows by orders of magnitude from the first layer to "
+        "the last (or the weight gradients do).",
+        why="A collapsed signal carries nothing of the input to the output and its gradients vanish with it; an "
+        "exploding one saturates units and makes the first steps huge.",
+        causes="Init gains far from the nonlinearity's (xavier gain 0.001 or 0.01 'for stability'); normal(0, 1) "
+        "weights in wide layers; PyTorch's default init in a deep ReLU stack without normalisation.",
+        fix="Initialise with the gain the nonlinearity needs (Kaiming for ReLU, Xavier gain 5/3 for tanh), or add "
+        "normalisation layers. Never shrink gains below 1 to 'stabilise' a network.",
+        example="A 6-layer tanh MLP with xavier gain 0.001: activation std 0.6, 6e-4, 6e-7, ...: use gain 5/3.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        res = self._activations(ctx)
+        source = "activations"
+        if res is None and ctx.samples("activation").empty:
+            res = self._gradients(ctx)
+            source = "gradients"
+        if res is None:
+            return []
+        names, scales, step = res
+        nonlin = _nonlinearity(ctx)
+        if source == "activations":
+            if scales[0] == 0.0 and self._input_varies(ctx, step):
+                return [self._zeroed(names, scales, step, nonlin, bool(ctx.recurrent))]
+            names, scales = names[:-1], scales[:-1]  # without the output head: often small on purpose
+            inp = self._unit_input_std(ctx, step)
+            if inp is not None and names:
+                names, scales = ["input", *names], [inp, *scales]  # the first layer's own gain counts too
+            if len(names) < 3 and not (inp is not None and len(names) == 2):
+                return []
+        logs = np.log10(np.maximum(np.asarray(scales, dtype=np.float64), 1e-30))
+        total = float(logs[-1] - logs[0])
+        need = INIT_DECADES if source == "activations" else INIT_GRAD_DECADES
+        if abs(total) < need:
+            return []
+        d = np.diff(logs)
+        trend = float(np.mean(np.sign(d) == np.sign(total)))
+        if trend < 2 / 3:
+            return []
+        per_layer = 10 ** (total / (len(logs) - 1))
+        decades = abs(total)
+        kind = "collapse" if total < 0 else "explode"
+        conf = 0.5 + 0.5 * min(1.0, (decades - need) / 4.0)
+        sev = "error" if decades >= 6 else "warning"
+        what = "activation std" if source == "activations" else "weight-gradient RMS"
+        seq = ", ".join(f"{n}: {s:.2g}" for n, s in list(zip(names, scales))[:8])
+        msg = (f"At step {step} the {what} {'shrinks' if total < 0 else 'grows'} by {decades:.1f} decades from {names[0]} "
+               f"to {names[-1]} ({per_layer:.2g}x per layer: {seq}{', ...' if len(names) > 8 else ''}).")
+        ev = {"source": source, "step": step, "layers": names, "scales": [float(s) for s in scales],
+              "decades": total, "per_layer_factor": per_layer, "trend": trend, "nonlinearity": nonlin}
+        _, gain = INIT_SNIPPETS[nonlin]
+        recs = [Recommendation.code(
+            f"Initialise for {nonlin} (gain {gain}) so the scale stays constant layer to layer",
+            _init_snippet(nonlin, bool(ctx.recurrent)),
+            reason=f"each layer currently multiplies the scale by {per_layer:.2g}; the gain must change by about "
+            f"{1 / per_layer:.2g}x, to the standard gain for {nonlin}")]
+        return [self.finding(confidence=conf, message=msg, first_step=step, layer=names[-1], evidence=ev,
+                             recommendations=recs, severity=sev, title=f"Initial activations {kind} layer over layer")]
+
+    def _zeroed(self, names: list[str], scales: list[float], step: int, nonlin: str, recurrent: bool) -> Finding:
+        ev = {"source": "activations", "step": step, "layers": names, "scales": [float(x) for x in scales],
+              "zero_output": names[0], "nonlinearity": nonlin}
+        _, gain = INIT_SNIPPETS[nonlin]
+        msg = (f"At step {step} the output of {names[0]}, the first layer, is exactly constant over the batch and its "
+               f"units while its input varies: a zero (or constant) initialisation erases the input there, and every "
+               f"unit after it receives the same (zero) gradient.")
+        recs = [Recommendation.code(f"Initialise for {nonlin} (gain {gain}) instead of zeros", _init_snippet(nonlin, recurrent))]
+        return self.finding(confidence=1.0, message=msg, first_step=step, layer=names[0], evidence=ev,
+                            recommendations=recs, severity="error", title="Initial activations collapse to zero")
+
+    @staticmethod
+    def _unit_input_std(ctx: RunContext, step: int) -> float | None:
+        """The std of the float features entering the first parametric layer at ``step`` when
+        they are of unit scale (0.1 to 10: the scale initialisers are designed for; other
+        scales are GP601's), else None."""
+        w = _wide(ctx, "first_layer")
+        if w.empty or "std" not in w:
+            return None
+        w = w[(w["step"] == step) & ~w["target"].str.contains(r"\[", regex=True)]
+        if "integer" in w:
+            w = w[w["integer"].fillna(0) < 0.5]
+        if not len(w):
+            return None
+        sd = float(w["std"].iloc[0])
+        return sd if 0.1 <= sd <= 10.0 else None
+
+    @staticmethod
+    def _input_varies(ctx: RunContext, step: int) -> bool:
+        for probe in ("first_layer", "input"):
+            w = _wide(ctx, probe)
+            if w.empty or "std" not in w:
+                continue
+            w = w[(w["step"] == step) & ~w["target"].str.contains(r"\[", regex=True)]
+            if len(w):
+                return bool((w["std"] > 0).any())
+        return False
+
+    @staticmethod
+    def _activations(ctx: RunContext) -> tuple[list[str], list[float], int] | None:
+        act = _wide(ctx, "activation")
+        if act.empty or "std" not in act:
+            return None
+        step = int(act["step"].min())
+        if step > 3:
+            return None
+        modules = {str(info.get("module")) for info in ctx.layer_info.values() if info.get("module") is not None}
+        a = act[(act["step"] == step) & act["target"].isin(modules) & (act["call"] == 0)].sort_values("index")
+        if "nonfinite" in a:
+            a = a[a["nonfinite"].fillna(0) == 0]
+        names = a["target"].tolist()
+        scales = a["std"].to_numpy(dtype=np.float64).tolist()
+        if len(names) < 2:
+            return None
+        return names, scales, step
+
+    @staticmethod
+    def _gradients(ctx: RunContext) -> tuple[list[str], list[float], int] | None:
+        lg = ctx.layer_grads()
+        if lg.empty:
+            return None
+        row = lg.iloc[0]
+        step = int(lg.index[0])
+        order = layer_forward_order(ctx)
+        names, scales = [], []
+        for name in sorted(lg.columns, key=lambda n: order.get(n, math.inf)):
+            shape = ctx.layer_info.get(str(name), {}).get("shape") or []
+            g = float(row[name])
+            if len(shape) < 2 or not math.isfinite(g):
+                continue
+            numel = float(np.prod(shape))
+            names.append(str(name))
+            scales.append(g / math.sqrt(numel))
+        if len(names) < 3:
+            return None
+        return names, scales, step
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class SaturatedActivations(Rule):
+    """Fires when sigmoid/tanh units stay at their bounds beyond what the architecture intends:
+    at least half of a module's outputs (``saturated_frac``: |tanh| > 0.99, sigmoid < 0.01 or
+    > 0.99), of a recurrent gate's values stuck closed (``gates`` ``low_frac``: < 0.01), or of
+    a recurrent tanh candidate at +-1 (``sat_frac``), sustained through the run
+    (:func:`_sustained`: at least 3 samples, the later half's median >= 0.5 and the last
+    sample >= 0.4). Past those bounds the derivative is below 0.02: half of the units pass
+    less than 2% of their gradient.
+
+    Gates count only when closed: a closed gate blocks both its signal and its gradient (an
+    input gate at 0 makes the cell ignore its input, an output gate at 0 silences it, a forget
+    or GRU update gate at 0 erases the memory every step), while an open gate is a
+    pass-through: an LSTM forget gate or a GRU update gate near 1 is the designed memory path
+    (and the usual forget-bias initialisation puts it there), and gates that learned to open
+    fully are doing their job. Not counted either: a saturating module that produces the
+    model's output (confident predictions are the goal of a sigmoid output under BCE);
+    saturation only at initialisation that training resolves.
+
+    Confidence: 0.5 + 0.5 x min(1, (fraction - 0.5) / 0.4) for the worst module.
+    """
+
+    code = "GP604"
+    slug = "saturated-activations"
+    severity = "warning"
+    title = "Sigmoid/tanh units are stuck at their bounds"
+    requires = ("activations|gates",)
+    causes = ("input-scale", "poor-initialization", "lr-too-high", "missing-weight-decay")
+    computes = {}
+    explanation = Explanation(
+        what="Sigmoid or tanh units (LSTM/GRU gates included) that sit at their bounds for most inputs throughout "
+        "training, beyond what the architecture intends (an LSTM forget gate near 1 is by design and not flagged).",
+        why="A saturated unit's derivative is below 0.02: gradients through it vanish and the unit stops learning; "
+        "saturated gates make a recurrent cell ignore its input or its state.",
+        causes="Unnormalised inputs; initial weights too large for tanh/sigmoid; a learning rate that blew the weights "
+        "up; weights that grew without weight decay.",
+        fix="Normalise the inputs, initialise with Xavier (gain 5/3 for tanh), add LayerNorm before the nonlinearity, "
+        "lower the learning rate.",
+        example="nn.Tanh after a Linear fed raw features of scale 100: 93% of the outputs at +-1 from step 0 to the end.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        hits: list[dict[str, Any]] = []
+        act = _wide(ctx, "activation")
+        if not act.empty and "saturated_frac" in act:
+            first_step = int(act["step"].min())
+            first = act[act["step"] == first_step]
+            output_module = str(first.sort_values("index")["target"].iloc[-1]) if len(first) else None
+            sat = act[act["saturated_frac"].notna()]
+            for (name, call), g in sat.groupby(["target", "call"], sort=False):
+                if name == output_module and call == 0:
+                    continue
+                g = g.sort_values("step")
+                v = g["saturated_frac"].to_numpy(dtype=np.float64)
+                if _sustained(v, SATURATED):
+                    hits.append({"layer": str(name), "kind": "module", "fraction": float(np.median(v[v.size // 2:])),
+                                 "first_step": int(g.loc[g["saturated_frac"] >= SATURATED, "step"].min()),
+                                 "samples": int(v.size)})
+        gates = _wide(ctx, "gates")
+        if not gates.empty:
+            for name, g in gates.groupby("target", sort=False):
+                gate = str(name).rsplit(".", 1)[-1]
+                g = g.sort_values("step")
+                if "sat_frac" in g and g["sat_frac"].notna().any():
+                    v = g["sat_frac"].to_numpy(dtype=np.float64)
+                elif "low_frac" in g:
+                    v = g["low_frac"].to_numpy(dtype=np.float64)  # closed; open gates pass signal and gradient
+                else:
+                    continue
+                if _sustained(v, SATURATED):
+                    steps = g["step"].to_numpy()
+                    hits.append({"layer": str(name), "kind": "gate", "gate": gate,
+                                 "fraction": float(np.median(v[v.size // 2:])),
+                                 "first_step": int(steps[np.argmax(v >= SATURATED)]), "samples": int(v.size)})
+        if not hits:
+            return []
+        worst = max(hits, key=lambda h: h["fraction"])
+        conf = 0.5 + 0.5 * min(1.0, (worst["fraction"] - SATURATED) / 0.4)
+        listed = ", ".join(f"{h['layer']} ({h['fraction']:.0%})" for h in sorted(hits, key=lambda h: -h["fraction"])[:6])
+        msg = (f"Sigmoid/tanh outputs stay at their bounds through the run: {listed}. Units there pass less than 2% of "
+               f"their gradient.")
+        snippet = ("# keep the pre-activations O(1): standardised inputs, xavier init with the tanh gain,\n"
+                   "# or a LayerNorm in front of the nonlinearity\n"
+                   "nn.init.xavier_uniform_(linear.weight, gain=nn.init.calculate_gain(\"tanh\"))\n"
+                   "block = nn.Sequential(nn.Linear(d_in, d), nn.LayerNorm(d), nn.Tanh())")
+        ev = {"saturated": hits[:20], "threshold": SATURATED}
+        return [self.finding(confidence=conf, message=msg, first_step=min(h["first_step"] for h in hits),
+                             layer=worst["layer"], evidence=ev,
+                             recommendations=[Recommendation.code("Bring the pre-activations back into range", snippet)])]
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class DeadUnits(Rule):
+    """Fires when ReLU-family units never activate: a module's ``dead_frac`` (units not
+    positive for any example of the batch) or, for a Linear/Conv fed by a functional ReLU, its
+    ``input_dead_frac`` (input features exactly 0 for the whole batch) is at least 0.5,
+    sustained through the run (:func:`_sustained`: at least 3 samples, the later half's median
+    >= 0.5, the last >= 0.4). A dead ReLU passes no gradient, so nothing revives it: half the
+    layer's capacity is gone. At initialisation a unit with zero-mean pre-activations is off
+    for a batch of 32 with probability 2**-32; even trained networks rarely exceed 10-20%.
+
+    Not counted: the first layer's input features (raw data may be legitimately all-zero, e.g.
+    image borders or sparse one-hot features); a module whose outputs average below 0 (a
+    LeakyReLU/ELU/GELU/SiLU: its negative side still passes gradient); an input_dead_frac
+    right after an activation module (a ReLU module's zeros are its own dead_frac; a tanh's
+    exact zeros are a zero initialisation, not dead ReLUs); batches of fewer than 8 examples
+    (a healthy unit is off for all of them too often).
+
+    Severity: error when some layer is at least 99% dead (it passes essentially nothing, so
+    every layer before it stops learning), warning otherwise. Confidence: 0.5 + 0.5 x min(1,
+    (fraction - 0.5) / 0.4) for the worst layer.
+    """
+
+    code = "GP605"
+    slug = "dead-units"
+    severity = "warning"
+    title = "ReLU units never activate"
+    requires = ("activations",)
+    causes = ("lr-too-high", "poor-initialization", "input-scale")
+    computes = {}
+    explanation = Explanation(
+        what="ReLU-family units that are zero for every example of the batch, sampled through the run: dead units.",
+        why="A dead ReLU has zero gradient, so nothing brings it back; a layer with most units dead passes almost "
+        "nothing, and every layer before it stops learning.",
+        causes="A learning-rate spike that pushed the biases negative; negative bias initialisation; inputs or "
+        "initial weights of the wrong scale; a large weight decay on a small layer.",
+        fix="Lower the learning rate (or add warmup), initialise biases at 0 and weights with Kaiming, or use "
+        "LeakyReLU/GELU, which keep a gradient on the negative side.",
+        example="nn.init.constant_(layer.bias, -5.0): 100% of the 64 units of relu1 dead from step 0.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        act = _wide(ctx, "activation")
+        if act.empty:
+            return []
+        tw = _wide(ctx, "target")
+        if not tw.empty and "numel" in tw and float(tw["numel"].median()) < 8:
+            return []
+        first_layer = _first_layer_name(ctx)
+        hits: list[dict[str, Any]] = []
+        # calls of activation modules (ReLU family, tanh/sigmoid): an input_dead_frac right after
+        # one is that module's own zeros (assessed through dead_frac, or tanh(0) of a zero init)
+        act_at: set[tuple[int, int]] = set()
+        for stat in ("dead_frac", "saturated_frac"):
+            if stat in act:
+                m = act[act[stat].notna()]
+                act_at |= {(int(s), int(i)) for s, i in zip(m["step"], m["index"])}
+        if "dead_frac" in act:
+            dead = act[act["dead_frac"].notna()]
+            for (name, call), g in dead.groupby(["target", "call"], sort=False):
+                g = g.sort_values("step")
+                if "mean" in g and float(g["mean"].median()) < 0:
+                    continue
+                v = g["dead_frac"].to_numpy(dtype=np.float64)
+                if _sustained(v, DEAD):
+                    hits.append(self._hit(str(name), "units", g, v))
+        if "input_dead_frac" in act:
+            inp = act[act["input_dead_frac"].notna()]
+            for (name, call), g in inp.groupby(["target", "call"], sort=False):
+                if name == first_layer and call == 0:
+                    continue
+                g = g.sort_values("step")
+                after_act = np.mean([(int(s), int(i) - 1) in act_at for s, i in zip(g["step"], g["index"])])
+                if after_act >= 0.5:
+                    continue
+                v = g["input_dead_frac"].to_numpy(dtype=np.float64)
+                if _sustained(v, DEAD):
+                    hits.append(self._hit(str(name), "inputs", g, v))
+        if not hits:
+            return []
+        worst = max(hits, key=lambda h: h["fraction"])
+        sev = "error" if worst["fraction"] >= DEAD_ALL else "warning"
+        conf = 0.5 + 0.5 * min(1.0, (worst["fraction"] - DEAD) / 0.4)
+        listed = ", ".join(
+            f"{h['layer']} ({h['fraction']:.0%} of its {'units' if h['what'] == 'units' else 'input features'})"
+            for h in sorted(hits, key=lambda h: -h["fraction"])[:6])
+        msg = f"ReLU units never activate over the sampled batches: {listed}. Dead units pass no gradient and do not recover."
+        snippet = ("# keep a gradient on the negative side, and start the units alive\n"
+                   "act = nn.LeakyReLU(0.01)            # or nn.GELU()\n"
+                   "nn.init.kaiming_normal_(linear.weight, nonlinearity=\"relu\")\n"
+                   "nn.init.zeros_(linear.bias)         # not negative")
+        ev = {"dead": hits[:20], "threshold": DEAD}
+        return [self.finding(confidence=conf, message=msg, first_step=min(h["first_step"] for h in hits),
+                             layer=worst["layer"], evidence=ev, severity=sev,
+                             recommendations=[Recommendation.code("Revive the units", snippet)])]
+
+    @staticmethod
+    def _hit(name: str, what: str, g: pd.DataFrame, v: np.ndarray) -> dict[str, Any]:
+        steps = g["step"].to_numpy()
+        return {"layer": name, "what": what, "fraction": float(np.median(v[v.size // 2:])),
+                "first_step": int(steps[np.argmax(v >= DEAD)]), "samples": int(v.size)}
