@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import sys
+import warnings
 from typing import Optional
 
 import typer
@@ -44,9 +45,19 @@ class FailOn(str, enum.Enum):
     never = "never"
 
 
+#: every character ``str.splitlines`` breaks at, written as its escape
+_LINE_BREAKS = {c: ascii(chr(c))[1:-1] for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: line breaks inside it (a path or a log's string holding a
+    newline) are written as escapes (``\\n``), so the error stays one line."""
+    return text.translate(_LINE_BREAKS)
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Prints one line on stderr and exits (no traceback)."""
-    sys.stderr.write(f"gradprobe: {message}\n")
+    sys.stderr.write(f"gradprobe: {one_line(message)}\n")
     raise typer.Exit(code)
 
 
@@ -94,21 +105,25 @@ def analyze(
     from gradprobe.engine import analyze as run_analysis
     from gradprobe.runlog import LogError
 
-    try:
-        report = run_analysis(path)
-    except LogError as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else "not a readable log")
-    except RecursionError:
-        fail(f"{path}: log too deeply nested to read")
-    except MemoryError:
-        fail(f"{path}: log too large to read in memory")
-    except Exception as exc:  # noqa: BLE001 - bad input must never show a traceback
-        fail(f"{path}: cannot analyze ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
     color = output is None and format == ReportFormat.text and sys.stdout.isatty()
-    try:
-        text = render_report(report, format.value, color=color)
-    except Exception as exc:  # noqa: BLE001
-        fail(f"cannot render the report ({type(exc).__name__}: {exc})")
+    # numeric warnings raised by a log's wild values (overflow, all-NaN slices) are not the
+    # user's business: stderr carries the one-line error or nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            report = run_analysis(path)
+        except LogError as exc:
+            fail(str(exc) or "not a readable log")
+        except RecursionError:
+            fail(f"{path}: log too deeply nested to read")
+        except MemoryError:
+            fail(f"{path}: log too large to read in memory")
+        except Exception as exc:  # noqa: BLE001 - bad input must never show a traceback
+            fail(f"{path}: cannot analyze ({type(exc).__name__}: {str(exc)[:200]})")
+        try:
+            text = render_report(report, format.value, color=color)
+        except Exception as exc:  # noqa: BLE001
+            fail(f"cannot render the report ({type(exc).__name__}: {str(exc)[:200]})")
     write_output(text, output)
     raise typer.Exit(1 if report.fails(fail_on.value) else 0)
 

@@ -27,14 +27,14 @@ import os
 
 from gradprobe.readers.mapping import DEFAULT_RULES, NameRule, active_rules, register_tag, unregister_tag
 from gradprobe.runlog import LogError, RunLog
-from gradprobe.runlog.runlog import is_run_dir
+from gradprobe.runlog.runlog import is_run_dir, open_regular
 
 __all__ = ["load", "detect", "register_tag", "unregister_tag", "active_rules", "DEFAULT_RULES", "NameRule"]
 
 
 def _sniff_text(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(4096)
     except OSError:
         return None
@@ -76,10 +76,10 @@ def detect(path: str | os.PathLike[str]) -> str:
             if any(tensorboard.is_event_file(f) for f in filenames):
                 return tensorboard.KIND
         for dirpath, _, filenames in os.walk(p):
-            if hf.FILE_NAME in filenames:
+            if hf.FILE_NAME in filenames and os.path.isfile(os.path.join(dirpath, hf.FILE_NAME)):
                 return hf.KIND
         for dirpath, _, filenames in os.walk(p):
-            if lightning.FILE_NAME in filenames:
+            if lightning.FILE_NAME in filenames and os.path.isfile(os.path.join(dirpath, lightning.FILE_NAME)):
                 return lightning.KIND
         raise LogError(
             f"{p}: no log found in this directory (looked for a gradprobe run, TensorBoard event "

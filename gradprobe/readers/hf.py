@@ -26,6 +26,7 @@ from typing import Any
 
 from gradprobe.readers.records import RawRecords, build_runlog, to_float, to_step
 from gradprobe.runlog import LogError, RunLog
+from gradprobe.runlog.runlog import open_regular
 
 KIND = "hf-trainer-state"
 FILE_NAME = "trainer_state.json"
@@ -70,7 +71,7 @@ def read_trainer_state(path: str) -> RunLog:
     """Reads a ``trainer_state.json`` (or any file holding a ``TrainerState``)."""
     name = os.path.basename(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
     except OSError as exc:
         raise LogError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -133,7 +134,7 @@ def read_trainer_state(path: str) -> RunLog:
 
 def _global_step(path: str) -> int:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(4096).decode("utf-8", "replace")
         m = re.search(r'"global_step"\s*:\s*(\d+)', head)
         return int(m.group(1)) if m else -1
@@ -147,8 +148,8 @@ def find_trainer_state(root: str) -> str | None:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        if FILE_NAME in filenames:
-            p = os.path.join(dirpath, FILE_NAME)
+        p = os.path.join(dirpath, FILE_NAME)
+        if FILE_NAME in filenames and os.path.isfile(p):  # not a dangling link, a FIFO, a device
             found.append((_global_step(p), os.path.getmtime(p), p))
     if not found:
         return None

@@ -24,6 +24,7 @@ import os
 from gradprobe.readers import mapping as M
 from gradprobe.readers.records import RawRecords, build_runlog, to_float, to_step, training_steps
 from gradprobe.runlog import LogError, RunLog
+from gradprobe.runlog.runlog import open_regular
 
 KIND = "lightning-csv"
 FILE_NAME = "metrics.csv"
@@ -38,7 +39,7 @@ def parse_metrics_csv(path: str) -> tuple[RawRecords, list[str]]:
     """The raw records of a ``metrics.csv`` and notes on what was skipped."""
     name = os.path.basename(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
     except OSError as exc:
         raise LogError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -123,8 +124,8 @@ def find_metrics_csv(root: str) -> tuple[str | None, list[tuple[str, int]]]:
     found: list[tuple[int, float, str]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        if FILE_NAME in filenames:
-            p = os.path.join(dirpath, FILE_NAME)
+        p = os.path.join(dirpath, FILE_NAME)
+        if FILE_NAME in filenames and os.path.isfile(p):  # not a dangling link, a FIFO, a device
             try:
                 raw, _ = parse_metrics_csv(p)
                 steps = training_steps(raw)

@@ -32,7 +32,7 @@ from typing import Any
 from gradprobe.readers import mapping as M
 from gradprobe.readers.records import RawRecords, build_runlog, training_steps
 from gradprobe.runlog import LogError, RunLog
-from gradprobe.runlog.runlog import is_run_dir
+from gradprobe.runlog.runlog import is_run_dir, open_regular
 
 KIND = "tensorboard"
 _HEADER = struct.Struct("<QI")
@@ -52,7 +52,7 @@ def framed_records(path: str) -> tuple[int, int]:
     size = os.path.getsize(path)
     n = 0
     offset = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while offset < size:
             hdr = f.read(_HEADER.size)
             if len(hdr) < _HEADER.size:
@@ -70,7 +70,7 @@ def framed_records(path: str) -> tuple[int, int]:
 def sniff_event_file(path: str) -> bool:
     """True if the file's first record parses as a TensorBoard ``Event``."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             hdr = f.read(_HEADER.size)
             if len(hdr) < _HEADER.size:
                 return False

@@ -8,11 +8,13 @@ says what was left out. Input that is not a readable log at all raises :class:`L
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 import pandas as pd
@@ -247,10 +249,12 @@ class RunLog:
             meta["layer_segments"] = []
         write_json_atomic(os.path.join(path, S.META_FILE), meta)
         steps = normalize_steps(self.steps)
-        arrays = [pa.array(steps[n].tolist() if t == pa.string() else steps[n].to_numpy(), type=t) for n, t, _ in S.STEP_COLUMNS]
+        arrays = [pa.array(_strings(steps[n]) if t == pa.string() else steps[n].to_numpy(), type=t) for n, t, _ in S.STEP_COLUMNS]
         _write_table(os.path.join(path, S.STEPS_FILE), pa.RecordBatch.from_arrays(arrays, schema=S.STEPS_SCHEMA))
         if names:
-            lw = self.layer_weight.reindex(index=self.layer_grad.index, columns=names).fillna(S.MISSING) if not self.layer_weight.empty else None
+            # steps or layers the weights lack are "not measured"; a NaN norm stays NaN (non-finite)
+            lw = self.layer_weight.reindex(index=self.layer_grad.index, columns=names, fill_value=S.MISSING) \
+                if not self.layer_weight.empty else None
             sch = S.layers_schema(len(names))
             arrs = [pa.array(self.layer_grad.index.to_numpy(dtype=np.int64), type=pa.int64())]
             arrs += [pa.array(self.layer_grad[n].to_numpy(dtype=np.float32), type=pa.float32()) for n in names]
@@ -305,6 +309,13 @@ def _layer_frame(data: pd.DataFrame | dict[str, Any] | None, steps: pd.DataFrame
     return df.astype(np.float32)
 
 
+def _strings(col: pd.Series) -> list[str | None]:
+    """A string column as Python strings with None for missing (pandas' string dtype holds
+    missing values as NaN, which Arrow will not take as a string)."""
+    return [v if isinstance(v, str) else None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+            for v in col.tolist()]
+
+
 def _write_table(path: str, batch: pa.RecordBatch) -> None:
     with open(path, "wb") as f:
         sink = pa.PythonFile(f, mode="w")
@@ -312,11 +323,26 @@ def _write_table(path: str, batch: pa.RecordBatch) -> None:
             w.write_batch(batch)
 
 
+def open_regular(path: str) -> BinaryIO:
+    """Opens ``path`` for binary reading if it is a regular file (links followed); raises
+    ``OSError`` otherwise. A log is never a FIFO (``open`` would block until a writer comes)
+    nor a device such as ``/dev/zero`` (reading it would never end)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_stream(path: str, skipped: list[str]) -> pa.Table | None:
     """Reads an Arrow IPC stream up to its first unreadable batch."""
     name = os.path.basename(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read()
     except OSError as exc:
         skipped.append(f"{name}: unreadable ({exc.strerror or exc})")
@@ -326,13 +352,16 @@ def read_stream(path: str, skipped: list[str]) -> pa.Table | None:
         return None
     try:
         reader = pa.ipc.open_stream(pa.BufferReader(data))
-    except (pa.ArrowException, OSError, ValueError) as exc:
+        reader.schema.names  # noqa: B018 - field names that are not UTF-8 fail here, not later
+    except (pa.ArrowException, OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         skipped.append(f"{name}: not an Arrow stream ({str(exc).splitlines()[0][:120]})")
         return None
     batches = []
     while True:
         try:
-            batches.append(reader.read_next_batch())
+            batch = reader.read_next_batch()
+            batch.validate(full=True)  # a damaged batch can decode with buffers too short for its rows
+            batches.append(batch)
         except StopIteration:
             break
         except (pa.ArrowException, OSError, ValueError) as exc:
@@ -349,9 +378,78 @@ def read_stream(path: str, skipped: list[str]) -> pa.Table | None:
         return None
 
 
+#: event fields that hold text: a message that reads "NaN" stays a string
+_EVENT_TEXT_FIELDS = frozenset({"kind", "where", "type", "message", "module", "class", "detail", "what", "how", "location",
+                                "error", "dtype", "output_dtype", "device", "part", "state_age_module", "signal", "name"})
+
+
+#: the columns of samples.arrow and scalars.arrow as read back (dictionary strings as plain)
+_SAMPLE_FIELDS = pa.schema([("step", pa.int64()), ("probe", pa.string()), ("target", pa.string()), ("stat", pa.string()),
+                            ("index", pa.int32()), ("value", pa.float64())])
+_SCALAR_FIELDS = pa.schema([("step", pa.int64()), ("name", pa.string()), ("value", pa.float64())])
+
+
+def _cast(col: Any, typ: pa.DataType) -> Any:
+    return col if col.type.equals(typ) else col.cast(typ)  # a safe cast: overflow raises
+
+
+def conform(tbl: pa.Table, schema: pa.Schema, name: str, skipped: list[str], *, all_required: bool) -> pa.Table | None:
+    """``tbl`` with the columns of ``schema`` cast to their types (a stream written by
+    something else, or damaged: columns missing, duplicated, of another type, with nulls).
+
+    A column that is absent or cannot be cast is dropped and named in ``skipped``; with
+    ``all_required`` the whole table is skipped instead (None). Nulls in numeric and boolean
+    step columns become that column's 'absent' default; rows with a null in a required
+    column are dropped.
+    """
+    cols, names, bad = [], [], []
+    have = tbl.column_names
+    for fld in schema:
+        n = have.count(fld.name)
+        if n != 1:
+            if n or all_required:
+                bad.append(f"{fld.name} {'missing' if not n else f'{n} times'}")
+            continue
+        try:
+            col = _cast(tbl.column(fld.name), fld.type)
+        except (pa.ArrowException, ValueError, TypeError):
+            bad.append(f"{fld.name}: {tbl.schema.field(fld.name).type}")
+            continue
+        if col.null_count and not all_required and fld.type != pa.string() and fld.name in _STEP_DEFAULTS:
+            col = col.fill_null(pa.scalar(_STEP_DEFAULTS[fld.name], type=fld.type))
+        cols.append(col)
+        names.append(fld.name)
+    if bad:
+        shown = ", ".join(bad)[:160]
+        if all_required:
+            skipped.append(f"{name}: not the expected columns ({shown}); skipped")
+            return None
+        skipped.append(f"{name}: columns missing or of an unexpected type ignored ({shown})")
+    out = pa.Table.from_arrays(cols, names=names) if cols else pa.table({})
+    if out.num_rows:
+        if all_required:
+            kept = out.drop_null()
+        elif "step" in names and out.column("step").null_count:
+            import pyarrow.compute as pc
+
+            kept = out.filter(pc.is_valid(out.column("step")))
+        else:
+            kept = out
+        if kept.num_rows < out.num_rows:
+            skipped.append(f"{name}: {out.num_rows - kept.num_rows} row(s) with missing values skipped")
+        out = kept
+    return out
+
+
 def _parse_json_value(v: Any) -> Any:
+    """The writer stores non-finite floats as the strings "NaN", "Infinity", "-Infinity"
+    (strict JSON): turn them back into floats, in nested lists and objects too."""
     if isinstance(v, str) and v in ("NaN", "Infinity", "-Infinity"):
         return float(v.replace("Infinity", "inf"))
+    if isinstance(v, list):
+        return [_parse_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _parse_json_value(x) for k, x in v.items()}
     return v
 
 
@@ -360,20 +458,133 @@ def read_events(path: str, skipped: list[str]) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return events
     bad = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                e = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                bad += 1
-                continue
-            if isinstance(e, dict):
-                events.append(e)
-            else:
-                bad += 1
+    try:
+        with open_regular(path) as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        skipped.append(f"{S.EVENTS_FILE}: unreadable ({exc.strerror or exc})")
+        return events
+    for raw in lines:
+        try:
+            e = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            bad += 1
+            continue
+        if isinstance(e, dict):
+            events.append(e)
+        else:
+            bad += 1
     if bad:
         skipped.append(f"{S.EVENTS_FILE}: {bad} unreadable line(s) skipped")
     return events
+
+
+#: The shape of every metadata field the analysis reads (``gradprobe.json`` as the probe
+#: writes it). A field of another type (a hand-edited or corrupt file) is dropped on load and
+#: named in ``source["skipped"]``, so the analysis sees a log with less information rather
+#: than failing on it.
+_META_LISTS = ("models", "recurrent", "optimizers", "scalers", "layer_segments")
+_META_DICTS = ("autocast", "probe_failures", "config")
+_META_INTS = ("rank", "world_size", "steps", "pid")
+_META_STRINGS = ("schema", "device", "memory_kind", "mode", "created", "closed", "gradprobe_version", "torch_version", "python")
+#: within list entries: field -> type it must have (absent is fine)
+_ENTRY_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "models": {"name": (str,), "class": (str,)},
+    "recurrent": {"module": (str,), "class": (str,)},
+    "optimizers": {"class": (str,), "param_groups": (list,)},
+    "scalers": {"class": (str,)},
+    "layer_segments": {"layers": (list,)},
+}
+#: within list entries: integer fields (an integral float is taken, anything else dropped)
+_ENTRY_INTS: dict[str, tuple[str, ...]] = {
+    "recurrent": ("hidden_size", "lookback", "num_layers", "input_size"),
+    "models": ("parameters",),
+    "scalers": ("growth_interval",),
+}
+
+
+def _as_int(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return None
+
+
+def sanitize_meta(meta: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
+    """Drops metadata fields whose type is not the one the probe writes (see
+    ``_META_*``); returns the cleaned copy and notes what went in ``skipped``."""
+    if not meta:
+        return meta
+    meta = dict(meta)
+    bad: list[str] = []
+    for key in _META_LISTS:
+        if key not in meta:
+            continue
+        v = meta[key]
+        if not isinstance(v, list):
+            bad.append(key)
+            del meta[key]
+            continue
+        kept = []
+        for entry in v:
+            if not isinstance(entry, dict):
+                bad.append(f"{key}[]")
+                continue
+            entry = dict(entry)
+            for fld, types in _ENTRY_FIELDS.get(key, {}).items():
+                if fld in entry and not isinstance(entry[fld], types):
+                    if entry[fld] is not None:
+                        bad.append(f"{key}[].{fld}")
+                    del entry[fld]
+            for fld in _ENTRY_INTS.get(key, ()):
+                if fld in entry and entry[fld] is not None:
+                    as_int = _as_int(entry[fld])
+                    if as_int is None:
+                        bad.append(f"{key}[].{fld}")
+                        del entry[fld]
+                    else:
+                        entry[fld] = as_int
+            if key == "optimizers" and "param_groups" in entry:
+                entry["param_groups"] = [g for g in entry["param_groups"] if isinstance(g, dict)]
+            if key == "layer_segments" and "layers" in entry:
+                entry["layers"] = [layer for layer in entry["layers"] if isinstance(layer, dict)]
+            kept.append(entry)
+        meta[key] = kept
+    for key in _META_DICTS:
+        if key in meta and not isinstance(meta[key], dict):
+            bad.append(key)
+            del meta[key]
+    if isinstance(meta.get("autocast"), dict):
+        clean = {}
+        for module, entry in meta["autocast"].items():
+            if isinstance(entry, dict) and isinstance(entry.get("dtype", ""), str):
+                clean[module] = entry
+            else:
+                bad.append("autocast{}")
+        meta["autocast"] = clean
+    for key in _META_INTS:
+        if key in meta and meta[key] is not None:
+            v = _as_int(meta[key])
+            if v is None:
+                bad.append(key)
+                del meta[key]
+            else:
+                meta[key] = v
+    for key in _META_STRINGS:
+        if key in meta and meta[key] is not None and not isinstance(meta[key], str):
+            bad.append(key)
+            del meta[key]
+    if "loss_functions" in meta and not (isinstance(meta["loss_functions"], list)
+                                         and all(isinstance(x, str) for x in meta["loss_functions"])):
+        bad.append("loss_functions")
+        del meta["loss_functions"]
+    if bad:
+        shown = ", ".join(dict.fromkeys(bad))
+        skipped.append(f"{S.META_FILE}: fields of an unexpected type ignored ({shown[:200]})")
+    return meta
 
 
 def is_run_dir(path: str) -> bool:
@@ -393,13 +604,14 @@ def load_run_dir(path: str) -> RunLog:
     has_meta = os.path.exists(meta_path)
     if has_meta:
         try:
-            with open(meta_path, "rb") as f:
+            with open_regular(meta_path) as f:
                 loaded = json.loads(f.read().decode("utf-8"))
             if not isinstance(loaded, dict):
                 raise ValueError("not an object")
             meta = loaded
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             skipped.append(f"{S.META_FILE}: unreadable metadata ({str(exc).splitlines()[0][:80]}); run information is missing")
+    meta = sanitize_meta(meta, skipped)
     schema_name = str(meta.get("schema", S.RUN_SCHEMA if not meta else ""))
     if meta and not schema_name.startswith("gradprobe.run/"):
         raise LogError(f"{path}: {S.META_FILE} is not gradprobe run metadata (schema {schema_name!r})")
@@ -420,7 +632,8 @@ def load_run_dir(path: str) -> RunLog:
                 raise LogError(f"{path}: {skipped[-1] if skipped else 'unreadable run log'}")
             steps_df = normalize_steps(pd.DataFrame())
         else:
-            steps_df = normalize_steps(tbl.to_pandas())
+            conformed = conform(tbl, S.STEPS_SCHEMA, S.STEPS_FILE, skipped, all_required=False)
+            steps_df = normalize_steps(conformed.to_pandas() if conformed is not None and conformed.num_columns else pd.DataFrame())
     if not meta and steps_df.empty:
         raise LogError(f"{path}: not a readable gradprobe log ({'; '.join(skipped) or 'no data'})")
 
@@ -439,8 +652,12 @@ def load_run_dir(path: str) -> RunLog:
         if tbl is None or tbl.num_rows == 0:
             continue
         n = (tbl.num_columns - 1) // 2
-        if n != len(names):
+        if n != len(names) or tbl.num_columns != 1 + 2 * n:
             skipped.append(f"{S.layers_file(seg_id)}: {n} layers on disk but {len(names)} in metadata; skipped")
+            continue
+        tbl = conform(tbl.rename_columns(S.layers_schema(n).names), S.layers_schema(n), S.layers_file(seg_id), skipped,
+                      all_required=True)
+        if tbl is None or tbl.num_rows == 0:
             continue
         idx = pd.Index(tbl.column(0).to_numpy(), name="step")
         g = np.column_stack([tbl.column(1 + i).to_numpy(zero_copy_only=False) for i in range(n)]) if n else np.empty((len(idx), 0), np.float32)
@@ -461,6 +678,8 @@ def load_run_dir(path: str) -> RunLog:
     if os.path.exists(sp):
         tbl = read_stream(sp, skipped)
         if tbl is not None and tbl.num_rows:
+            tbl = conform(tbl, _SAMPLE_FIELDS, S.SAMPLES_FILE, skipped, all_required=True)
+        if tbl is not None and tbl.num_rows:
             samples = tbl.to_pandas()
             for c in ("probe", "target", "stat"):
                 samples[c] = samples[c].astype(object)
@@ -469,12 +688,15 @@ def load_run_dir(path: str) -> RunLog:
     if os.path.exists(scp):
         tbl = read_stream(scp, skipped)
         if tbl is not None and tbl.num_rows:
+            tbl = conform(tbl, _SCALAR_FIELDS, S.SCALARS_FILE, skipped, all_required=True)
+        if tbl is not None and tbl.num_rows:
             scalars = tbl.to_pandas()
             scalars["name"] = scalars["name"].astype(object)
     events = read_events(os.path.join(path, S.EVENTS_FILE), skipped)
     for e in events:
         for k, v in list(e.items()):
-            e[k] = _parse_json_value(v)
+            if k not in _EVENT_TEXT_FIELDS:
+                e[k] = _parse_json_value(v)
     return RunLog(
         meta=meta,
         steps=steps_df,

@@ -285,12 +285,12 @@ torch.manual_seed(0)
 model = nn.Linear(512, 512)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 kept = []
-for step in range(200):
+for step in range(400):
     out = model(torch.randn(8192, 512))          # 16 MiB of activations per step...
     kept.append(out)                            # ...kept alive with their graph
     loss = out.pow(2).mean()
     opt.zero_grad(); loss.backward(); opt.step()
-    if psutil.Process().memory_info().rss > 2 * 2**30:
+    if psutil.Process().memory_info().rss > 3 * 2**30:
         raise SystemExit(99)                    # safety net: the limit did not work
 print("never reached")
 """
@@ -298,13 +298,13 @@ print("never reached")
 
 def test_memory_limit_turns_growth_into_a_reported_error(tmp_path):
     write(tmp_path / "grow.py", MEMORY_GROWTH)
-    got = gp("--logdir", "log", "--memory-limit", "700M", "grow.py", cwd=tmp_path)
+    got = gp("--logdir", "log", "--memory-limit", "1200M", "grow.py", cwd=tmp_path)
     assert got.returncode == 1, got.stderr[-2000:]
-    assert "MemoryError" in got.stderr and "exceeded --memory-limit 700 MiB" in got.stderr
+    assert "MemoryError" in got.stderr and "exceeded --memory-limit 1200 MiB" in got.stderr
     report_part(got.stderr)
     ev = events(tmp_path / "log")
     hit = [e for e in ev if e["kind"] == "memory_limit"]
-    assert len(hit) == 1 and hit[0]["limit"] == 700 * 2**20 and hit[0]["memory"] > hit[0]["limit"]
+    assert len(hit) == 1 and hit[0]["limit"] == 1200 * 2**20 and hit[0]["memory"] > hit[0]["limit"]
     assert [e["type"] for e in ev if e["kind"] == "exception"] == ["MemoryError"]
     steps = load(tmp_path / "log").steps
     assert len(steps) >= 5
