@@ -180,9 +180,12 @@ class RunContext:
         loss functions seen without grad, else a foreign log's eval_loss."""
         sc = self.log.scalars
         if not sc.empty:
-            names = [n for n in sc["name"].astype(str).unique() if _EVAL_NAME.search(n)]
+            counts = sc["name"].astype(str).value_counts()
+            names = [n for n in counts.index if _EVAL_NAME.search(n)]
             if names:
-                names.sort(key=lambda n: (0 if "loss" in n.lower() else 1, n))
+                # the series with the most evaluations describes the run (the recorder adds a
+                # one-record "eval_loss" for an evaluation after the last step), then losses
+                names.sort(key=lambda n: (-int(counts[n]), 0 if "loss" in n.lower() else 1, n))
                 s = self.log.scalar(names[0])
                 return s.astype(np.float64)
         ev = self.steps["eval_loss"].to_numpy(dtype=np.float64)
@@ -555,6 +558,31 @@ def nonfinite_timeline(ctx: RunContext) -> NonfiniteTimeline:
 SPIKE_FACTOR = 10.0
 #: Steps in the trailing window that defines the running level of a per-step series.
 RUNNING_WINDOW = 20
+#: A spike must also exceed the highest running level the run sustained before it by this
+#: factor: batch-to-batch scatter of a norm about its level reaches 2-3x, so a norm within 3x
+#: of a level the run already trained at is inside its ordinary range (see GradSpikes).
+SPIKE_ABOVE_SUSTAINED = 3.0
+#: A value this many times its running median (the 20 finite values before it) has risen:
+#: batch-to-batch noise of a loss or a gradient norm does not reach 3x; a divergence does.
+RISE_FACTOR = 3.0
+
+
+def risen_before(x: np.ndarray, i0: int) -> tuple[float, float] | None:
+    """(last finite value before row ``i0``, its ratio to the median of the 20 finite values
+    before it) when that ratio is at least :data:`RISE_FACTOR` and the value is above all of
+    those 20: the series was running away right before ``i0`` (a divergence), else None. A
+    noisy series (the gradient norm of small batches scatters by 5x and more) reaches 3x its
+    median now and then, but not a new high every time; a divergence climbs to one. Needs 3
+    finite values before ``i0``."""
+    before = x[:i0][np.isfinite(x[:i0])]
+    if before.size < 3:
+        return None
+    window = before[-21:-1]
+    med = float(np.median(window))
+    last = float(before[-1])
+    if med > 0 and last / med >= RISE_FACTOR and last > float(window.max()):
+        return last, last / med
+    return None
 
 
 def trailing_level(x: np.ndarray, window: int = RUNNING_WINDOW) -> np.ndarray:
@@ -582,12 +610,21 @@ def optimizer_family(ctx: RunContext) -> str | None:
 class GradSpikes:
     """Spikes of the pre-clip total gradient norm above its running level.
 
+    A spike must also reach :data:`SPIKE_ABOVE_SUSTAINED` times the highest running level the
+    run had sustained before it (the running maximum of ``level``): a run's gradient norm
+    shrinks as the loss falls (most of all when it memorises its data), and its ordinary
+    batch-to-batch scatter then reaches 10x the shrunken level while staying within the
+    scale the run already trained at, typically at its start, without harm. Such a norm
+    is not an explosion; one far above anything the run sustained is.
+
     Attributes (arrays are per row of ``ctx.steps``):
         norm: pre-clip gradient norm (NaN: not measured).
         level: running level, :func:`trailing_level` of ``norm``.
+        sustained: the highest running level up to each row (running maximum of ``level``).
         ratio: ``norm / level`` where both are finite and the level is > 0, else NaN.
         floor: 1e-3 x the median of the first tenth of the finite norms (at least 3).
-        spike: ``ratio >= SPIKE_FACTOR`` and ``norm >= floor``.
+        spike: ``ratio >= SPIKE_FACTOR``, ``norm >= floor`` and
+            ``norm >= SPIKE_ABOVE_SUSTAINED x sustained``.
         rows: row indices of the spikes.
         first: row of the first spike (None: none).
         max_ratio: largest ratio among the spikes (0.0: no spike).
@@ -606,7 +643,9 @@ class GradSpikes:
         #: norms below this are ignored as spikes: 1e-3 of the run's starting scale, far below
         #: any step the learning rate can take (a converged run's 1e-20 -> 1e-15 is no spike)
         self.floor = 1e-3 * float(np.median(head)) if head.size else 0.0
-        self.spike = (np.nan_to_num(ratio, nan=0.0) >= SPIKE_FACTOR) & (np.nan_to_num(norm, nan=0.0) >= self.floor)
+        self.sustained = np.fmax.accumulate(np.nan_to_num(self.level, nan=0.0)) if norm.size else norm
+        self.spike = ((np.nan_to_num(ratio, nan=0.0) >= SPIKE_FACTOR) & (np.nan_to_num(norm, nan=0.0) >= self.floor)
+                      & (np.nan_to_num(norm, nan=0.0) >= SPIKE_ABOVE_SUSTAINED * self.sustained))
         self.rows = np.flatnonzero(self.spike)
         self.first = int(self.rows[0]) if self.rows.size else None
         spiked = ratio[self.spike]
@@ -816,6 +855,62 @@ class LossCurve:
             return 0.0
         return (self.start - self.final) / abs(self.start)
 
+    @property
+    def settled_start(self) -> float:
+        """Where the loss started, judged on levels that mini-batch noise does not decide: the
+        first window's median, or the first record (the untrained model) when it lies more
+        than 5 noise units away from that median. A window median scatters by ~1.25 x noise /
+        sqrt(window), a single record by the noise itself, and per-batch losses are skewed to
+        the right (a mean of squared errors or log-losses: a hard batch reaches 3-4 noise units
+        far more often than Gaussian noise would): one easy or hard first batch must not move
+        the start, while a loss that falls fast (the first record far above the window) or
+        blows up in its first steps (far below it) is measured from where it was."""
+        if not self.n:
+            return math.nan
+        first = float(self.values[0])
+        return first if abs(first - self.initial) > 5.0 * self.noise else self.initial
+
+    @property
+    def settled_progress(self) -> float:
+        """(settled_start - final) / |settled_start|: the fraction of its starting level the
+        loss lost, robust to the first batch's noise."""
+        st = self.settled_start
+        if not self.n or st == 0:
+            return 0.0
+        return (st - self.final) / abs(st)
+
+    @property
+    def fell(self) -> bool:
+        """The loss ended below :attr:`settled_start` by more than :func:`level_significance`
+        (10% of the start and 3 standard errors of a window median; 5 noise units when the
+        start is the single first record): it made progress that noise does not explain."""
+        if self.n < 2:
+            return False
+        st = self.settled_start
+        sig = level_significance(self)
+        if st != self.initial:
+            sig = max(sig, 5.0 * self.noise)
+        return bool(st - self.final >= sig)
+
+    @property
+    def rose(self) -> bool:
+        """The loss ended above :attr:`settled_start` by more than :func:`level_significance`
+        (and by 5 noise units when the start is the single first record)."""
+        if self.n < 2:
+            return False
+        st = self.settled_start
+        sig = level_significance(self)
+        if st != self.initial:
+            sig = max(sig, 5.0 * self.noise)
+        return bool(self.final - st >= sig)
+
+def level_significance(curve: LossCurve) -> float:
+    """Smallest difference between two levels of ``curve`` that noise does not explain: 3
+    standard errors of a window median (1.25 x noise / sqrt(window): the median's standard
+    error for Gaussian noise), and at least 10% of the starting level."""
+    se = 1.25 * curve.noise / math.sqrt(max(curve.window, 1))
+    return max(3.0 * se, 0.10 * abs(curve.start))
+
 
 def _per_step_records(steps: np.ndarray) -> bool:
     if steps.size < 2:
@@ -912,7 +1007,10 @@ def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
     it). A record starts a spike when it is at least ``LOSS_SPIKE_FACTOR`` times the level and
     ``LOSS_SPIKE_Z`` noise units above it, and the jump is material (``LOSS_SPIKE_MATERIAL``);
     with fewer than 5 earlier records (the first steps, where the noise is unknown) only a jump
-    of ``LOSS_SPIKE_SINGLE`` times the level does. The spike goes on while the following
+    of ``LOSS_SPIKE_SINGLE`` times the level does, the level there being the lower of the
+    running median and the first record (the untrained model's loss: a loss that climbs over
+    its first records, as an oversized first step makes it, would otherwise carry its own
+    median level up with it). The spike goes on while the following
     records pass the same test against the level *before* it (a trailing median would soon
     absorb the spike itself).
 
@@ -920,10 +1018,16 @@ def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
     is a spike. On a per-step curve (one record per batch) a single record never is (one hard
     or corrupt batch lifts one record; weights knocked off course lift the records that
     follow), and a run of L records counts only when independent outliers would not make one:
-    with p the run's own rate of isolated one-record outliers at least as high as the spike's
-    lowest record, n p**L < 0.05. Late in a classification run, where a few percent of batches
-    carry a confidently wrong example at 10-25x the median, two in a row are then expected and
-    need a third; in a run without such outliers two records suffice.
+    with p the run's own rate of records at least as far above their running level as the
+    spike's lowest record (the spike's own records included: the rate is estimated from this
+    run, and the spike is part of it), n p**L < 0.05. Late in a classification run, where a
+    few percent of batches carry a confidently wrong example at 10-25x the median, two in a
+    row are then expected and need a third; in a run without other such records two suffice
+    once it is longer than 80 records (n (2/n)**2 < 0.05): in a shorter one, two high records
+    in a row are what its own heavy-tailed batches can make. Two exceptions, where chance is
+    not an explanation: a spike in the first records (10x the untrained model's loss, held to
+    ``LOSS_SPIKE_SINGLE``), and a spike the run never came back from (it went non-finite right
+    after its last record).
     """
     if curve is None or curve.n < 6:
         return []
@@ -938,6 +1042,10 @@ def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
     # a window holding an earlier spike overstates the noise: never above the run's own noise
     sigma = np.minimum(sigma, curve.noise)
     early = np.nan_to_num(count, nan=0.0) < 5
+    # the first records: the untrained model's loss bounds the level (a loss climbing over its
+    # first records, as an oversized first step makes it, would carry a median level up with it)
+    level = level.copy()
+    level[1:] = np.where(early[1:], np.fmin(level[1:], v[0]), level[1:])
 
     def high(k: int, lvl: float, sig: float, is_early: bool) -> bool:
         if not np.isfinite(lvl):
@@ -960,14 +1068,28 @@ def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
         i = j + 1
     if not curve.per_step:
         return found
-    isolated = np.array([e.factor for e in found if e.records == 1])
+    with np.errstate(all="ignore"):
+        rel = np.where(level > 0, v / level, np.nan)
+    known = np.isfinite(rel) & ~early
+    n_known = max(int(known.sum()), 1)
+    broke = curve.nonfinite_step is not None
     out = []
     for e in found:
         if e.records < 2:
             continue
+        if early[e.start]:
+            out.append(e)  # 10x the untrained model's loss, twice: no batch of the first steps does that
+            continue
+        if broke and e.end == n - 1 and curve.nonfinite_step > e.end_step:
+            out.append(e)  # the run never came back: it went non-finite right after
+            continue
         seg = v[e.start:e.end + 1]
         low = float(seg.min() / e.level) if e.level > 0 else 1.0 + float(seg.min() - e.level) / max(abs(e.level), 1e-300)
-        p = float((isolated >= low).sum()) / n  # the run's rate of lone outliers at least this high
+        # the run's rate of records at least this far above their running level, the spike's own
+        # records included: the rate is estimated from this run, and the spike is part of it
+        inside = np.zeros(n, dtype=bool)
+        inside[e.start:e.end + 1] = True
+        p = float((known & ~inside & (np.nan_to_num(rel, nan=0.0) >= low)).sum() + e.records) / n_known
         if n * p ** e.records < 0.05:
             out.append(e)
     return out
@@ -1135,7 +1257,7 @@ class TrivialLoss:
             lf = float(loss_fn.get(step, math.nan))
             rows.append({"step": int(step), "baseline": base, "loss_fn": lf, "ratio": lf / base if math.isfinite(lf) else math.nan,
                          "expected_initial": expected, "kinds": ",".join(sorted(set(kinds)))})
-            if spread:
+            if spread and np.isfinite(spread).any():
                 spreads[int(step)] = float(np.nanmax(spread))
         if not rows:
             return

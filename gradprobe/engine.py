@@ -67,6 +67,17 @@ def analyze_ranks(path: str, dirs: dict[int, str]) -> Report:
     if not logs:
         raise LogError(f"{path}: no readable rank log ({'; '.join(notes)})")
     reports = {r: analyze_runlog(log) for r, log in logs.items()}
+    from gradprobe.rules.distributed import RankDivergence
+
+    ctxs = {r: RunContext(log) for r, log in logs.items()}
+    try:
+        across = RankDivergence().check_ranks(ctxs)
+    except Exception as exc:  # noqa: BLE001
+        across = []
+        notes.append(f"rank comparison failed: {type(exc).__name__}: {exc}")
+    # the rank a fault started on: a finding every rank shows from the same step (NaN
+    # gradients after the all-reduce) is told from that rank's point of view
+    origin = next((f.evidence.get("rank") for f in across if "where" in f.evidence), None)
     merged: dict[str, tuple[int, Finding, list[int]]] = {}
     for r, rep in reports.items():
         for f in rep.findings:
@@ -78,7 +89,7 @@ def analyze_ranks(path: str, dirs: dict[int, str]) -> Report:
             seen.append(r)
             s_new = f.first_step if f.first_step is not None else 1 << 62
             s_old = f0.first_step if f0.first_step is not None else 1 << 62
-            if s_new < s_old:
+            if s_new < s_old or (s_new == s_old and r == origin):
                 merged[key] = (r, f, seen)
     findings: list[Finding] = []
     multi = len(logs) > 1
@@ -88,13 +99,7 @@ def analyze_ranks(path: str, dirs: dict[int, str]) -> Report:
             f.evidence = {"rank": r, "ranks": sorted(set(seen)), **f.evidence}
             f.message = f"[rank {r}] {f.message}"
         findings.append(f)
-    from gradprobe.rules.distributed import RankDivergence
-
-    ctxs = {r: RunContext(log) for r, log in logs.items()}
-    try:
-        findings.extend(RankDivergence().check_ranks(ctxs))
-    except Exception as exc:  # noqa: BLE001
-        notes.append(f"rank comparison failed: {type(exc).__name__}: {exc}")
+    findings.extend(across)
     _link_causes(findings)
     findings = _order(findings)
     suggested = _merge_hyperparameters(findings)
@@ -149,11 +154,34 @@ def analyze_runlog(log: RunLog) -> Report:
 
 
 def _link_causes(findings: list[Finding]) -> None:
+    """Links each symptom to the root causes its rule lists (``Rule.causes``) that are in the
+    report and started no later than it. A rule that named its causes from evidence keeps
+    exactly those. A link that would close a cycle (the cause is itself, directly or through
+    other links, a consequence of the symptom) is not made: causation runs one way."""
     present = {f.rule: f for f in findings}
     by_slug = {cls.slug: cls for cls in registry()}
-    for f in findings:
+    named = {f.rule for f in findings if f.caused_by}
+
+    def reaches(src: str, dst: str) -> bool:
+        """``dst`` is among the (transitive) causes of ``src``."""
+        seen: set[str] = set()
+        stack = [src]
+        while stack:
+            r = stack.pop()
+            for c in present[r].caused_by if r in present else []:
+                if c == dst:
+                    return True
+                if c not in seen:
+                    seen.add(c)
+                    stack.append(c)
+        return False
+
+    def when(f: Finding) -> int:
+        return f.first_step if f.first_step is not None else 1 << 62
+
+    for f in sorted(findings, key=when):
         cls = by_slug.get(f.rule)
-        if cls is None or f.caused_by:
+        if cls is None or f.rule in named:
             continue  # a rule that named its causes from evidence keeps exactly those
         for cause in cls.causes:
             c = present.get(cause)
@@ -162,13 +190,15 @@ def _link_causes(findings: list[Finding]) -> None:
             # a cause must not start after its symptom
             if c.first_step is not None and f.first_step is not None and c.first_step > f.first_step:
                 continue
+            # a cause that is itself a consequence of this symptom is not its cause
+            if reaches(cause, f.rule):
+                continue
             f.caused_by.append(cause)
-    # no cycles: a finding cannot be both cause and symptom of the same other finding
+    # no cycles between causes rules named from evidence either: keep the earlier one's link
     for f in findings:
         for cause in list(f.caused_by):
             c = present.get(cause)
             if c is not None and f.rule in c.caused_by:
-                # keep the link from the earlier (or more severe) one
                 later = f if (f.first_step or 0) >= (c.first_step or 0) else c
                 earlier = c if later is f else f
                 if earlier.rule in later.caused_by and later.rule in earlier.caused_by:
@@ -192,10 +222,26 @@ def _order(findings: list[Finding]) -> list[Finding]:
 
 
 def _merge_hyperparameters(findings: list[Finding]) -> dict[str, Any]:
+    """One value per canonical name, the root cause's winning (findings come ordered, roots
+    first). A symptom whose cause recommends hyperparameters of its own is not merged: its
+    numbers were measured on a run that cause distorted (an lr computed from steps that
+    over-clipping shrank, a max_norm from spikes a too-high lr produced), fixing the cause
+    changes them, and merged next to the cause's they would contradict it. The symptom's
+    finding keeps them, marked as such. A symptom whose cause has only a code fix keeps its
+    numbers in the merge (the tunable workaround, e.g. bfloat16 for raw inputs that
+    overflow float16)."""
     merged: dict[str, Any] = {}
     source: dict[str, str] = {}
+    tuned = {f.rule for f in findings if f.severity != "info"
+             and any(r.kind == "hyperparameter" and r.suggested is not None for r in f.recommendations)}
     for f in findings:
         if f.severity == "info":
+            continue
+        causes = [c for c in f.caused_by if c in tuned and c != f.rule]
+        if causes:
+            for rec in f.recommendations:
+                if rec.kind == "hyperparameter" and "(not merged" not in rec.reason:
+                    rec.reason += f" (not merged: a symptom of {', '.join(causes)}; fix that first)"
             continue
         for rec in f.recommendations:
             if rec.kind != "hyperparameter" or rec.name is None or rec.suggested is None:

@@ -22,6 +22,7 @@ modules by call order, on grad-enabled forwards only) and ``gates`` (recurrent g
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,29 @@ def _sustained(values: np.ndarray, threshold: float) -> bool:
         return False
     late = v[v.size // 2:]
     return bool(np.median(late) >= threshold and v[-1] >= 0.8 * threshold)
+
+
+_NORM_CLASS = re.compile(r"(Batch|Layer|Group|Instance|RMS)Norm")
+
+
+def _normalised(ctx: RunContext) -> bool:
+    """The watched model has normalisation layers (from the module classes in the metadata)."""
+    return any(_NORM_CLASS.search(str(c)) for c in (ctx.meta.get("modules") or {}).values())
+
+
+def _input_constant(ctx: RunContext) -> bool:
+    """The float features entering the model (or its first layer) did not vary over the batch
+    on most sampled steps (std exactly 0): every unit downstream then sees one input."""
+    for probe in ("first_layer", "input"):
+        w = _wide(ctx, probe)
+        if w.empty or "std" not in w:
+            continue
+        w = w[~w["target"].str.contains(r"\[", regex=True)]
+        if "integer" in w:
+            w = w[w["integer"].fillna(0) < 0.5]
+        if len(w):
+            return bool((w["std"] == 0).mean() >= 0.5)
+    return False
 
 
 def _first_layer_name(ctx: RunContext) -> str | None:
@@ -418,8 +442,11 @@ class PoorInitialization(Rule):
     100x, e.g. a recurrent layer initialised with gain 0.001, erases the input as surely). A good
     initialisation keeps the scale within a factor ~2 over any depth; 100x means the deep
     layers see the input through a signal 100 times weaker (or stronger) than the biases and
-    nonlinearities were set up for. Normalised networks (BatchNorm/LayerNorm between layers)
-    reset the scale and do not fire.
+    nonlinearities were set up for. Networks with normalisation layers (a BatchNorm,
+    LayerNorm, GroupNorm, InstanceNorm or RMSNorm module) reset the scale at each of them, so
+    no gain compounds through their depth: their activation form is not judged (the sampled
+    activations are of the parametric layers only, so a norm layer's reset, e.g. of raw
+    inputs of scale 1e3 to unit scale, would read as a collapse).
 
     Without activation samples (light profile), the per-element RMS of the weight gradients at
     the first step, in forward order, with a 3-decade spread and the same 2/3 trend rule
@@ -469,6 +496,8 @@ class PoorInitialization(Rule):
         if source == "activations":
             if scales[0] == 0.0 and self._input_varies(ctx, step):
                 return [self._zeroed(names, scales, step, nonlin, bool(ctx.recurrent))]
+            if _normalised(ctx):
+                return []  # every norm layer resets the scale: an init gain cannot compound
             names, scales = names[:-1], scales[:-1]  # without the output head: often small on purpose
             inp = self._unit_input_std(ctx, step)
             if inp is not None and names:
@@ -602,6 +631,10 @@ class SaturatedActivations(Rule):
     model's output (confident predictions are the goal of a sigmoid output under BCE);
     saturation only at initialisation that training resolves.
 
+    Causes (linked by the engine when present and not later): unnormalised inputs, a poor
+    initialisation, a too-high lr, weights grown without decay, or an exploding step that
+    blew the weights up.
+
     Confidence: 0.5 + 0.5 x min(1, (fraction - 0.5) / 0.4) for the worst module.
     """
 
@@ -610,7 +643,7 @@ class SaturatedActivations(Rule):
     severity = "warning"
     title = "Sigmoid/tanh units are stuck at their bounds"
     requires = ("activations|gates",)
-    causes = ("input-scale", "poor-initialization", "lr-too-high", "missing-weight-decay")
+    causes = ("input-scale", "poor-initialization", "lr-too-high", "missing-weight-decay", "exploding-gradients")
     computes = {}
     explanation = Explanation(
         what="Sigmoid or tanh units (LSTM/GRU gates included) that sit at their bounds for most inputs throughout "
@@ -690,7 +723,16 @@ class DeadUnits(Rule):
     LeakyReLU/ELU/GELU/SiLU: its negative side still passes gradient); an input_dead_frac
     right after an activation module (a ReLU module's zeros are its own dead_frac; a tanh's
     exact zeros are a zero initialisation, not dead ReLUs); batches of fewer than 8 examples
-    (a healthy unit is off for all of them too often).
+    (a healthy unit is off for all of them too often); a run whose input features do not vary
+    over the batch (std exactly 0 on most sampled steps: every unit then sees one input and is
+    on or off for the whole batch, which says nothing about the unit).
+
+    Causes (linked by the engine when present and not later): a too-high lr or an exploding
+    step that pushed the pre-activations negative, a poor initialisation, unnormalised inputs,
+    saturated or closed recurrent units upstream (a closed LSTM output gate feeds the next
+    layer a constant, which the same argument leaves uninformative), and constant targets
+    (the loss is lowest for a constant output, and the gradient turns the units off to
+    produce one).
 
     Severity: error when some layer is at least 99% dead (it passes essentially nothing, so
     every layer before it stops learning), warning otherwise. Confidence: 0.5 + 0.5 x min(1,
@@ -702,7 +744,8 @@ class DeadUnits(Rule):
     severity = "warning"
     title = "ReLU units never activate"
     requires = ("activations",)
-    causes = ("lr-too-high", "poor-initialization", "input-scale")
+    causes = ("lr-too-high", "poor-initialization", "input-scale", "exploding-gradients", "saturated-activations",
+              "degenerate-targets")
     computes = {}
     explanation = Explanation(
         what="ReLU-family units that are zero for every example of the batch, sampled through the run: dead units.",
@@ -722,6 +765,8 @@ class DeadUnits(Rule):
         tw = _wide(ctx, "target")
         if not tw.empty and "numel" in tw and float(tw["numel"].median()) < 8:
             return []
+        if _input_constant(ctx):
+            return []  # one input for the whole batch: every unit is on or off for all of it
         first_layer = _first_layer_name(ctx)
         hits: list[dict[str, Any]] = []
         # calls of activation modules (ReLU family, tanh/sigmoid): an input_dead_frac right after

@@ -23,13 +23,17 @@ from gradprobe.analysis import (
     layer_forward_order,
     log_ratio_confidence,
     loss_curve,
+    loss_spikes,
     optimizer_family,
     rank_correlation,
     suggested_max_norm,
     trailing_level,
+    trivial_loss,
 )
 from gradprobe.report import Finding, Recommendation
 from gradprobe.rules.base import Explanation, Rule, register
+from gradprobe.rules.data import tiny_targets
+from gradprobe.rules.nonfinite import cause_present
 from gradprobe.runlog import MISSING
 
 #: float32 machine epsilon: a relative change of a weight below it is rounded away.
@@ -87,10 +91,18 @@ class Overclipping(Rule):
       grad_norm`` over clipped steps; Adam-like, the eps-suppression ratio above. A factor of
       5 is as large as the steps of a typical learning-rate search grid: it changes outcomes;
     * the training loss barely moves: its final level (median of the last smoothing window,
-      :class:`~gradprobe.analysis.LossCurve`) is within 10% of where it started
-      (``|progress| < 0.1``; a loss rising beyond that is not what clipping causes). Healthy
-      runs cut their loss by well over 10% in their first hundreds of steps; a run whose
-      steps are cut 5x or more barely moves.
+      :class:`~gradprobe.analysis.LossCurve`) did not fall below where it started by 10% and
+      by 3 standard errors of a window median (``LossCurve.fell``; the start is the first
+      window's median, or the first record when that lies beyond 5 noise units of it, so one
+      easy or hard first batch decides nothing), or, where the loss of a model that ignores
+      its input is known (:class:`~gradprobe.analysis.TrivialLoss`), the second half of the
+      run is still at 0.8x to 2x of it (the level of an untrained model, whose predictions add
+      their own variance to the targets': it learned almost nothing, whatever it drifted;
+      far above it the run blew up, which clipping does not do);
+      and it did not rise (``LossCurve.rose``: by 3 standard errors of a window median and
+      10% of the start; a loss rising beyond that is not what clipping causes).
+      Healthy runs cut their loss by well over 10% in their first hundreds of steps; a run
+      whose steps are cut 5x or more barely moves.
 
     Recommended ``max_norm``: the 95th percentile of pre-clip norms in the stable window
     (:func:`~gradprobe.analysis.stable_window`: finite norms after warm-up, spikes and their
@@ -177,9 +189,15 @@ class Overclipping(Rule):
         curve = loss_curve(ctx)
         if curve.n < 6 or not curve.start > 0:
             return []
-        rel = curve.progress
-        if not (-0.1 < rel < 0.1):
+        rel = curve.settled_progress
+        if curve.rose:
             return []
+        if curve.fell:
+            tl = trivial_loss(ctx)
+            mid = int(curve.steps[curve.n // 2])
+            late = tl.ratio_between(mid, int(curve.steps[-1])) if tl.consistent else math.nan
+            if not (0.8 <= late <= 2.0):
+                return []  # it learned (or blew up: not what clipping does); clipping is its regime
         evidence.update(loss_first=curve.start, loss_last=curve.final, relative_loss_decrease=rel)
         lr0 = ctx.lr0
         if lr0 is not None and math.isfinite(lr0):
@@ -321,7 +339,11 @@ class ExplodingGradients(Rule):
       earlier step suffices, so an explosion at step 1 is seen). Mini-batch noise moves the
       norm by a factor of 2-3; explosions by 10x-1e6x (``SPIKE_FACTOR``). Norms below 1e-3 of
       the run's starting scale (median of the first tenth of the norms) are never spikes: a
-      converged run's 1e-20 -> 1e-15 is far below any step the learning rate can take.
+      converged run's 1e-20 -> 1e-15 is far below any step the learning rate can take. Nor
+      are norms below 3x the highest running level the run sustained before them
+      (``SPIKE_ABOVE_SUSTAINED``): as a run converges or memorises its data its gradient norm
+      shrinks, and ordinary scatter then reaches 10x the shrunken level while staying inside
+      the scale the run already trained at.
     * geometric growth: the norm, smoothed by a trailing median of 5 steps (so that one
       small batch followed by one large one is not growth), rises >= 100x (two decades) over
       >= 4 steps from its minimum of the previous 50, increasing on >= 60% of those steps: a
@@ -338,10 +360,23 @@ class ExplodingGradients(Rule):
     reached >= 100x; ``warning`` when not contained (no clipping bounded the step), or when
     clipping contained spikes on >= 5% of the steps; ``info`` when clipping contained rare
     spikes (the guard doing its job). Contained: clipping ran on every spike step and the
-    clipped norm stayed <= 3x the running level.
+    clipped norm stayed <= 3x the larger of the running level and the highest level the run
+    sustained before (a step of that size is one the run already trained with).
 
     Recommended ``max_norm`` (only when the run never clips): the 95th percentile of pre-clip
     norms in the stable window, as GP201/GP204.
+
+    Not judged on tiny regression targets (RMS <= 1e-3, GP602) unless non-finite values
+    follow: the gradient is proportional to the residual, and the first optimizer step moves
+    the predictions from the targets' scale to the step's own scale, multiplying the residual,
+    and the gradient with it, by orders of magnitude without anything exploding.
+
+    Causes: when the spike starts on a record of a training-loss spike (GP504: the loss of that
+    very batch was already several times its level), the large gradient is that loss's: the
+    gradient scales with the loss, and the loss of step s is computed before step s's update,
+    so the gradient spike cannot have caused it. The finding then names ``loss-spike`` as its
+    cause (with the static causes present in the report); otherwise the engine links the
+    static causes.
 
     Confidence: log-scale distance of the largest ratio (or growth factor) past 10x (0.5 at
     10x, 1.0 at 1000x), times 0.7 + 0.3 * min(1, events / 3).
@@ -402,12 +437,15 @@ class ExplodingGradients(Rule):
 
         clip_calls = ctx.clip_mask
         s = ctx.step_grad_norm
-        bounded = np.nan_to_num(s[event_rows], nan=np.inf) <= 3 * np.nan_to_num(sp.level[event_rows], nan=0.0)
+        scale = np.fmax(np.nan_to_num(sp.level[event_rows], nan=0.0), sp.sustained[event_rows])
+        bounded = np.nan_to_num(s[event_rows], nan=np.inf) <= 3 * scale
         contained_rows = clip_calls[event_rows] & bounded
         contained = bool(contained_rows.all()) and bool(clip_calls.any())
         nonfinite = ~np.isfinite(ctx.loss) & (ctx.col("loss_nonfinite", bool) | ctx.col("loss_fn_nonfinite", bool))
         nonfinite |= ctx.col("grad_nonfinite_layers", np.int64) > 0
         nonfinite_after = np.flatnonzero(nonfinite[onset_row:])
+        if tiny_targets(ctx) and not nonfinite_after.size:
+            return []  # the residual, and the gradient, jump from the targets' scale to the step's (GP602)
         jump = _loss_jump(ctx, onset_row)
         harmed = bool(nonfinite_after.size) or (jump is not None and jump >= 1.5)
         spike_fraction = n_events / max(1, int(np.isfinite(sp.norm).sum()))
@@ -438,6 +476,12 @@ class ExplodingGradients(Rule):
             evidence["loss_after_over_before"] = jump
         if nonfinite_after.size:
             evidence["nonfinite_step"] = ctx.step_at(onset_row + int(nonfinite_after[0]))
+        caused_by: list[str] = []
+        onset_step = ctx.step_at(onset_row)
+        same_batch = [e for e in loss_spikes(loss_curve(ctx)) if e.step <= onset_step <= e.end_step]
+        if same_batch:
+            evidence["loss_spike_step"] = same_batch[0].step
+            caused_by = ["loss-spike"] + [c for c in self.causes if cause_present(ctx, c, first_step)]
 
         conf = log_ratio_confidence(max_ratio, SPIKE_FACTOR, 2.0) * (0.7 + 0.3 * min(1.0, n_events / 3))
         recs = []
@@ -471,8 +515,11 @@ class ExplodingGradients(Rule):
         else:
             after.append("nothing clipped it")
         message = what + where + " Then " + "; ".join(after) + "."
+        if same_batch:
+            message += (f" The loss of that batch had already jumped (loss spike from step {same_batch[0].step}): the "
+                        "gradient follows the loss.")
         return [self.finding(confidence=conf, message=message, first_step=first_step, layer=layer,
-                             evidence=evidence, recommendations=recs, severity=severity)]
+                             evidence=evidence, recommendations=recs, severity=severity, caused_by=caused_by)]
 
 
 def _embedding_layers(ctx: RunContext, names: list[str], order: dict[str, float]) -> set[str]:
@@ -505,14 +552,25 @@ class VanishingGradients(Rule):
     correlation of position and log ratio >= 0.7), not one odd layer. Under an Adam-like
     optimizer, which normalises per parameter, the depth form is ``info`` unless the early
     layers' per-element gradient RMS is below the optimizer's eps (the update is then
-    suppressed as well).
+    suppressed as well). A layer whose gradient is exactly zero on half of the steps or more
+    takes no part: an exactly zero gradient is not a small one but no gradient path at all (a
+    zero input, a dead or saturated path, an unused layer: GP605/GP604/GP505), and its ratio
+    has no scale to decay from.
 
     Negligible form (``error``): on >= 80% of the steps the total gradient is exactly zero,
     or too small to change the weights: SGD-like, lr * ||g|| / ||w|| < float32 epsilon
     (1.19e-7: the update is rounded away); Adam-like, per-element RMS ||g|| / sqrt(N) < eps
-    (eps dominates the denominator). And the loss is not moving (LossCurve progress < 10%)
+    (eps dominates the denominator). And the loss is not moving (``LossCurve.fell`` false: no
+    fall by 10% and by 3 standard errors of a window median)
     and not converged (its final level is above 1e-3 of its start): at convergence gradients
-    vanish by design.
+    vanish by design. Under SGD the criterion involves the learning rate, so a tiny lr (GP502)
+    makes it true with ordinary gradients: when GP502 finds the lr too low, the negligible
+    form names lr-too-low as its cause (the depth form never does: a ratio that decays
+    through depth is the gradient's, and GP502's small steps are then its symptom).
+
+    Causes (linked by the engine when present and not later): a poor initialisation,
+    saturated or dead units, float16 without a scaler, unnormalised inputs, and an exploding
+    step that threw the weights into saturation.
 
     Confidence: depth form: log-scale distance of the ratio past 1e3 (0.5 at 3 decades, 1.0
     at 6) times min(1, rank correlation / 0.9). Negligible form: the fraction of negligible
@@ -524,7 +582,8 @@ class VanishingGradients(Rule):
     severity = "warning"
     title = "Vanishing gradients"
     requires = ("grad_norm",)
-    causes = ("poor-initialization", "saturated-activations", "dead-units", "amp-without-scaler", "input-scale")
+    causes = ("poor-initialization", "saturated-activations", "dead-units", "amp-without-scaler", "input-scale",
+              "exploding-gradients")
     computes: dict[str, str] = {}
     explanation = Explanation(
         what=(
@@ -582,7 +641,7 @@ class VanishingGradients(Rule):
             return []
         curve = loss_curve(ctx)
         if curve.n >= 6:
-            if curve.progress >= 0.1:
+            if curve.fell:
                 return []
             if curve.start > 0 and curve.final <= 1e-3 * curve.start:
                 return []
@@ -597,8 +656,11 @@ class VanishingGradients(Rule):
             f"On {100 * frac:.0f}% of the steps the gradient is negligible ({criterion}; median total norm "
             f"{evidence['median_grad_norm']:.3g}) and the loss is not moving: the run is not learning."
         )
+        caused_by = ["lr-too-low"] if fam == "sgd" and cause_present(ctx, "lr-too-low", None) else []
+        if caused_by:
+            message += " The learning rate is what makes the steps negligible (see lr-too-low)."
         return [self.finding(confidence=frac, message=message, first_step=first, evidence=evidence,
-                             severity="error", title="All gradients negligible")]
+                             severity="error", title="All gradients negligible", caused_by=caused_by)]
 
     def _depth(self, ctx: RunContext) -> list[Finding]:
         lg = _layer_table(ctx)
@@ -610,6 +672,11 @@ class VanishingGradients(Rule):
         order = layer_forward_order(ctx)
         emb = _embedding_layers(ctx, names, order)
         names = [n for n in names if n not in emb]
+        if len(names) < 4:
+            return []
+        present = lg[names]
+        zero_frac = (present == 0).sum(axis=0) / present.notna().sum(axis=0).clip(lower=1)
+        names = [n for n in names if float(zero_frac.get(n, 0.0)) < 0.5]  # no gradient path: not vanishing
         if len(names) < 4:
             return []
         names.sort(key=lambda n: order.get(n, math.inf))

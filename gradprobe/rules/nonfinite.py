@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradprobe.analysis import RunContext, layer_forward_order, nonfinite_timeline
+from gradprobe.analysis import RunContext, layer_forward_order, nonfinite_timeline, risen_before
 from gradprobe.report import Finding, Recommendation
 from gradprobe.rules.base import Explanation, Rule, get_rule, register
 
@@ -52,22 +52,17 @@ def _first_index(mask: np.ndarray) -> int | None:
     return int(idx[0]) if idx.size else None
 
 
-#: Root causes outside this family a non-finite value can follow from when the run diverged.
-DIVERGENCE_CAUSES = ("exploding-gradients", "lr-too-high")
-#: A value at least this many times its running median (the 20 finite values before it) has
-#: risen: batch-to-batch noise of a loss or a gradient norm does not reach 3x; a divergence does.
-RISE_FACTOR = 3.0
+#: Root causes outside this family a non-finite value can follow from when the run diverged
+#: (unnormalised inputs make the first layer's gradient, and an SGD step on it, as large as
+#: the features: the first updates overshoot).
+DIVERGENCE_CAUSES = ("exploding-gradients", "lr-too-high", "input-scale")
 
 
-def _risen(x: np.ndarray, i0: int) -> tuple[float, float] | None:
-    """(last finite value before row i0, its ratio to the running median) if it had risen."""
-    before = x[:i0][np.isfinite(x[:i0])]
-    if before.size < 3:
-        return None
-    med = float(np.median(before[-21:-1])) if before.size > 1 else float(before[-1])
-    if med > 0 and before[-1] / med >= RISE_FACTOR:
-        return float(before[-1]), float(before[-1] / med)
-    return None
+def _no_history(x: np.ndarray, i0: int) -> bool:
+    """1 or 2 finite values before row ``i0``: too early to judge a rise (the run went
+    non-finite right after its first updates, where only a cause present from the start can
+    drive it). With none, the untrained model's own forward made it: no update did."""
+    return 1 <= int(np.isfinite(x[:i0]).sum()) < 3
 
 
 def cause_present(ctx: RunContext, slug: str, step: int | None) -> bool:
@@ -80,7 +75,7 @@ def cause_present(ctx: RunContext, slug: str, step: int | None) -> bool:
     if slug not in cache:
         firsts: list[int | None] = []
         cls = get_rule(slug)
-        if cls is not None and all(sig in ctx.signals for sig in cls.requires):
+        if cls is not None and all(any(alt in ctx.signals for alt in sig.split("|")) for sig in cls.requires):
             try:
                 firsts = [f.first_step for f in cls().check(ctx)]
             except Exception:  # noqa: BLE001 - another rule's failure is reported by the engine
@@ -219,9 +214,11 @@ class NonfiniteLoss(Rule):
 
     "Had risen" means the last finite value was at least 3x the median of the 20 finite
     values before it (a factor no ordinary batch-to-batch noise of a loss or a gradient norm
-    reaches, and the signature of a divergence running away). Only then, and when the data
-    was clean, is the loss linked to exploding-gradients / lr-too-high (if present): a NaN
-    batch is never blamed on the learning rate.
+    reaches, and the signature of a divergence running away). Only then (or when the loss
+    went non-finite after only 1 or 2 finite records, too early for a history to rise from,
+    but after an update), and
+    when the data was clean, is the loss linked to exploding-gradients / lr-too-high /
+    input-scale (if present): a NaN batch is never blamed on the learning rate.
 
     Severity error when the run did not recover (the last recorded loss is non-finite, the
     parameters went non-finite) or at least 5% of steps had a non-finite loss (one batch in
@@ -268,8 +265,8 @@ class NonfiniteLoss(Rule):
         gn = ctx.grad_norm[:i0][np.isfinite(ctx.grad_norm[:i0])]
         if gn.size:
             ev["last_finite_grad_norm"] = float(gn[-1])
-        loss_rise = _risen(loss, i0)
-        grad_rise = _risen(ctx.grad_norm, i0)
+        loss_rise = risen_before(loss, i0)
+        grad_rise = risen_before(ctx.grad_norm, i0)
         if loss_rise:
             ev["loss_rise"] = round(loss_rise[1], 2)
             context.append(f"the loss had risen to {loss_rise[1]:.1f}x its running median")
@@ -289,7 +286,7 @@ class NonfiniteLoss(Rule):
         data = tl.input_step is not None and tl.input_step <= first
         if data:
             context.append(f"the data carried NaN/Inf (from step {tl.input_step})")
-        elif loss_rise or grad_rise or (tl.grad_step is not None and tl.grad_step < first):
+        elif loss_rise or grad_rise or (tl.grad_step is not None and tl.grad_step < first) or _no_history(loss, i0):
             caused_by += [c for c in _divergence_causes(ctx, first) if c not in caused_by]
         module = self._first_module(ctx, first)
         if module is not None:
@@ -341,7 +338,9 @@ class NonfiniteGradients(Rule):
 
     Causes: the stages before it (inputs, loss, earlier non-finite parameters), float16
     overflow, and, only when the gradient norm had risen to >= 3x its running median right
-    before (a divergence, not a bad batch), exploding-gradients / lr-too-high if present.
+    before (a divergence, not a bad batch) or the gradients went non-finite after only 1 or 2
+    finite ones (too early for a history to rise from), exploding-gradients / lr-too-high /
+    input-scale if present.
 
     Severity error when an optimizer applied them or the run did not recover; warning when
     every counted step was left without an optimizer step and the parameters stayed finite.
@@ -400,10 +399,10 @@ class NonfiniteGradients(Rule):
         caused_by: list[str] = []
         if tl.param_step is not None and tl.param_step < first:
             caused_by.append("nonfinite-parameters")
-        grad_rise = _risen(ctx.grad_norm, i0)
+        grad_rise = risen_before(ctx.grad_norm, i0)
         if grad_rise:
             ev["grad_norm_rise"] = round(grad_rise[1], 2)
-        if grad_rise and not (tl.input_step is not None and tl.input_step <= first):
+        if (grad_rise or _no_history(ctx.grad_norm, i0)) and not (tl.input_step is not None and tl.input_step <= first):
             caused_by += _divergence_causes(ctx, first)
         applied = bool((ctx.col("optimizer_steps")[tl.grad] > 0).any())
         measured = np.flatnonzero(np.isfinite(ctx.grad_norm) | tl.grad_raw)  # rows that had gradients
@@ -446,7 +445,8 @@ class NonfiniteParameters(Rule):
     (the optimizer applied them: ``caused_by`` nonfinite-gradients); finite gradients with an
     Adam-type optimizer and ``eps`` = 0 (m / (sqrt(v) + eps) is 0/0 = NaN for every entry
     whose gradient has always been 0, e.g. embedding rows never looked up); finite gradients
-    otherwise (the update overflowed: linked to lr-too-high / exploding-gradients when present).
+    otherwise (the update overflowed: linked to lr-too-high / exploding-gradients / input-scale when
+    present).
     The named layer is the
     first, in forward order, that went non-finite with a finite gradient (else the first).
 

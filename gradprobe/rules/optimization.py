@@ -27,12 +27,16 @@ from gradprobe.analysis import (
     TARGET_UPDATE_RATIO,
     LossCurve,
     RunContext,
+    RISE_FACTOR,
     eval_curve,
+    grad_spikes,
+    level_significance,
     loss_curve,
     loss_spikes,
     nice,
     nonfinite_timeline,
     optimizer_family,
+    risen_before,
     trivial_loss,
     update_ratio_by_step,
 )
@@ -60,6 +64,11 @@ LATE_GROWTH = 0.10
 MAX_DECAY_PER_STEP = 0.01
 #: GP505: the plateau must cover at least this fraction of the run (and 2 smoothing windows).
 PLATEAU_FRACTION = 0.30
+#: GP505: a run shorter than this is too young to call stuck: a freshly initialised network
+#: sits at the trivial loss for its first tens of steps (an Adam step of lr 1e-3 moves a weight
+#: of scale 0.1 by 1%; an SGD step, lr x a gradient that starts small), so a short run that has
+#: not left it yet has not stopped improving, it has not started.
+MIN_PLATEAU_RECORDS = 50
 #: GP505: an improvement counts when the smoothed loss beats its best by 1% (and by the noise).
 PLATEAU_IMPROVEMENT = 0.01
 #: GP506: the validation loss must end at least 10% above its minimum ...
@@ -79,13 +88,6 @@ def _median_lr(ctx: RunContext, steps: Any) -> float | None:
     if not vals.size:
         return ctx.lr0
     return float(np.median(vals))
-
-
-def _significance(curve: LossCurve) -> float:
-    """Smallest level difference that noise does not explain: 3 standard errors of a window
-    median (1.25 x noise / sqrt(window)), and at least 10% of the starting level."""
-    se = 1.25 * curve.noise / math.sqrt(max(curve.window, 1))
-    return max(3.0 * se, 0.10 * abs(curve.start))
 
 
 def loss_harm(ctx: RunContext) -> dict[str, dict[str, Any]]:
@@ -120,8 +122,8 @@ def loss_harm(ctx: RunContext) -> dict[str, dict[str, Any]]:
     if bad_steps:
         out["nonfinite"] = {"step": int(min(bad_steps)), "strength": 1.0}
     if curve.n >= 10:
-        sig = _significance(curve)
-        if curve.final - curve.start >= sig and curve.final > curve.start:
+        sig = level_significance(curve)
+        if curve.rose:
             above = np.flatnonzero(curve.smooth > curve.start + sig)
             onset = int(curve.steps[above[0]]) if above.size else int(curve.steps[-1])
             out["diverged"] = {"step": onset, "strength": 1.0, "start": curve.start, "final": curve.final}
@@ -144,6 +146,82 @@ def loss_harm(ctx: RunContext) -> dict[str, dict[str, Any]]:
 def _onset(harm: dict[str, dict[str, Any]]) -> int | None:
     steps = [h["step"] for h in harm.values() if h.get("step") is not None]
     return int(min(steps)) if steps else None
+
+
+def _diverged_into_nonfinite(ctx: RunContext, step: int) -> bool:
+    """The optimizer drove the run to NaN/Inf at ``step``: the loss or the gradient norm had
+    risen to 3x its running median right before (:func:`gradprobe.analysis.risen_before`: a
+    divergence running away), or the parameters went non-finite first, from a finite loss
+    and finite gradients (the update itself overflowed), with an optimizer whose eps is not 0
+    (Adam's eps=0 makes 0/0 = NaN at any learning rate: GP403). A NaN that appears first in
+    the loss or the gradients of a steady run is a loss or backward bug (GP401/GP402)."""
+    if not ctx.n:
+        return False
+    i0 = int(np.searchsorted(ctx.step, step))
+    if risen_before(ctx.loss, i0) or risen_before(ctx.grad_norm, i0):
+        return True
+    tl = nonfinite_timeline(ctx)
+    if tl.param_step != step:
+        return False
+    if (tl.loss_step is not None and tl.loss_step <= step) or (tl.grad_step is not None and tl.grad_step <= step):
+        return False
+    eps = ctx.hparams.get("eps")
+    return not (ctx.adaptive and isinstance(eps, (int, float)) and eps == 0)
+
+
+def _stable_before(ctx: RunContext, curve: LossCurve, step: int) -> bool:
+    """The run trained stably at the same learning rate for a long stretch before ``step``:
+    ``step`` lies at least 25% of the records and 2 smoothing windows into the run, the loss
+    level in the window before it had improved on the start by more than
+    :func:`gradprobe.analysis.level_significance`, and the lr at ``step`` is no more than 1.5x
+    the median lr over the records before it (it did not climb)."""
+    k = curve.index_at(step)
+    if k >= curve.n or k < max(2 * curve.window, int(0.25 * curve.n)):
+        return False
+    if not curve.level_before(k) < curve.start - level_significance(curve):
+        return False
+    lr = ctx.lr
+    idx = np.clip(np.searchsorted(ctx.step, curve.steps[:k]), 0, max(ctx.n - 1, 0))
+    before = lr[idx]
+    before = before[np.isfinite(before) & (before > 0)]
+    i = min(int(np.searchsorted(ctx.step, step)), ctx.n - 1)
+    if not before.size or not np.isfinite(lr[i]):
+        return True
+    return bool(lr[i] <= 1.5 * float(np.median(before)))
+
+
+def _clean_gradient_spike(ctx: RunContext) -> int | None:
+    """The step of the first gradient spike (GP202's: >= 10x its running level and above
+    anything the run sustained) that clipping did not bound (no clip, or a clipped norm above
+    3x the larger of the running and sustained levels) and whose batch had an ordinary loss
+    (at most 3x the median of the 10 losses before it): the gradient exploded on its own (a
+    recurrent Jacobian, a singular op, a scaling bug), not because a too-large step had
+    already moved the weights somewhere bad, which shows in the loss first. Only the run's
+    first spike is considered, and not when it falls in the warm-up (the first max(1,
+    min(50, n // 10)) steps, as the stable window's): there the weights are still leaving
+    their initialisation and a too-large first update shows as a gradient jump before the
+    loss catches up, and every later spike happens in a run already knocked about. None if
+    none."""
+    sp = grad_spikes(ctx)
+    if not sp.rows.size:
+        return None
+    loss = ctx.loss
+    clip = ctx.clip_mask
+    s = ctx.step_grad_norm
+    warm = max(1, min(50, ctx.n // 10))
+    for r in sp.rows[:1]:  # the first spike: after it the run is no longer the ordinary one
+        if r < warm:
+            return None  # the first steps: a too-large first update shows as a gradient jump first
+        scale = max(float(np.nan_to_num(sp.level[r], nan=0.0)), float(sp.sustained[r]))
+        if clip[r] and np.isfinite(s[r]) and s[r] <= 3.0 * scale:
+            continue  # contained by clipping: no harm can come from it
+        before = loss[max(0, r - 10):r]
+        before = before[np.isfinite(before)]
+        if not before.size or not np.isfinite(loss[r]):
+            continue
+        if loss[r] <= RISE_FACTOR * float(np.median(before)):
+            return ctx.step_at(int(r))
+    return None
 
 
 def _lr_following(ctx: RunContext, onset: int | None) -> dict[str, Any] | None:
@@ -196,10 +274,50 @@ class LrTooHigh(Rule):
     (:func:`loss_harm`): it went non-finite, ended above where it started (by 10% and more
     than 3 standard errors of the window medians), gave back at least half of the progress it
     had made, spiked (GP504's events), or ended with under 10% progress at the trivial
-    predictor's level (at least 0.8x the loss of a model that ignores its input: the run
-    collapsed); or, with none of these, it made under 10% progress while the ratio is at
-    least 1e-1 (an lr so large the run cannot settle). A large ratio on a run that learns
+    predictor's level (at least 0.8x the loss of a model that ignores its input over the
+    second half of the run: the run collapsed, whatever progress it shows from a start the
+    first oversized steps may have blown up); or, with none of these, it made no progress
+    beyond noise (``LossCurve.fell`` false) while the ratio is at least 1e-1 (an lr so large
+    the run cannot settle). A large ratio on a run that learns
     well is not a finding.
+
+    The harm must be the learning rate's, not another fault's that any lr would suffer:
+
+    * non-finite values count only when the optimizer drove the run there
+      (:func:`_diverged_into_nonfinite`: the loss or gradient norm had risen 3x right before,
+      or the parameters overflowed from finite gradients with eps > 0). A NaN that appears
+      first in a steady loss or in the gradients of a finite loss is a loss or backward bug
+      (GP401/GP402), and Adam with eps=0 makes NaN at any lr (GP403).
+    * spikes, a regression, a divergence or non-finite values do not count when they began
+      after the run had trained stably at the same lr for a long stretch (:func:`_stable_before`: at least 25%
+      of the records, the loss improved by more than noise and 10%, the lr not climbing):
+      the lr was not what changed at the onset (a bad batch, a gradient spike, a carried state
+      did), and those have their own rules.
+    * the loss stalled at the trivial predictor's level (or without progress at all) counts
+      only from a ratio of 1e-1, taken as the larger of the median above and the median over
+      the sampled steps of the first two smoothing windows (step 0 left out): a net whose
+      every step rewrites a tenth of its weights can collapse to predicting the mean, and it
+      does so early, while the steps are largest relative to the weights (under a too-high lr
+      the weights then grow until the relative step shrinks); at smaller steps a run stuck
+      there from the start cannot learn from its data or model (GP505 and its causes),
+      whatever the lr.
+    * a regression counts only from a best point below the trivial predictor's level (0.8x of
+      it around the best, where known): a loss that never left that level has no progress to
+      give back, and the minimum of a noisy flat curve always lies somewhat below its ends.
+    * harm that began after a gradient exploded on a batch whose loss was ordinary (at most
+      3x the 10 losses before it) and that clipping did not bound
+      (:func:`_clean_gradient_spike`; a regression from a best point up to one smoothing
+      window before it, the smoothing's lag) is that explosion's aftermath (GP202, and GP204 when
+      nothing clips), and so is a stall whose measurement window (the second half) follows
+      it: a too-large step shows in the loss first (the weights move somewhere bad, then the
+      gradient there is large), a gradient that explodes on an ordinary batch was made by
+      the recurrence or the op, at whatever lr.
+
+    Small networks (fan-in of a few dozen) have weight RMS ~0.2, so Adam at its usual lr
+    already steps at a ratio ~1e-2: the ratio threshold alone cannot tell them from a run at
+    a too-high lr; the harm tests above do. Unnormalised inputs scale the first layer's
+    gradient, and so its SGD step: the finding links input-scale (GP601) as its cause when
+    present.
 
     Not judged when the regression targets are tiny (RMS <= 1e-3, GP602): one step of any
     optimizer then moves a prediction by the whole target range, so the loss's spikes and
@@ -231,7 +349,7 @@ class LrTooHigh(Rule):
     severity = "warning"
     title = "Learning rate too high: updates are large relative to the weights and the loss suffers"
     requires = ("loss",)
-    causes = ()
+    causes = ("input-scale",)
     computes = {
         "lr": "lr x 1e-3 / median update-to-weight ratio of the weight matrices before the harm began "
         "(without ratios: the lr one smoothing window before the instability began)",
@@ -258,6 +376,22 @@ class LrTooHigh(Rule):
         if tiny_targets(ctx):
             return []  # a loss on targets of 1e-3 or less moves by a whole target range per step at any lr (GP602)
         harm = dict(loss_harm(ctx))
+        if "nonfinite" in harm and not _diverged_into_nonfinite(ctx, harm["nonfinite"]["step"]):
+            del harm["nonfinite"]  # a loss or backward bug, or eps=0: not the step size
+        for k in ("nonfinite", "spikes", "regressed", "diverged"):
+            if k in harm and _stable_before(ctx, curve, harm[k]["step"]):
+                del harm[k]  # trained stably at this lr before: something else changed at the onset
+        if "regressed" in harm:
+            tl0 = trivial_loss(ctx)
+            b = harm["regressed"]["step"]
+            if tl0.consistent and tl0.ratio_between(b - curve.window, b + curve.window) >= TRIVIAL_LEVEL:
+                del harm["regressed"]  # its best was still at the trivial level: no progress to give back
+        exploded = _clean_gradient_spike(ctx)
+        if exploded is not None:
+            # the aftermath of a gradient that exploded on an ordinary batch (GP202); a regression's
+            # step is the smoothed best, which the smoothing puts up to a window before the jump
+            for k in [k for k, h in harm.items() if h["step"] >= exploded - (curve.window if k == "regressed" else 0)]:
+                del harm[k]
         onset = _onset(harm)
         ratios = update_ratio_by_step(ctx)
         family = optimizer_family(ctx)
@@ -274,15 +408,24 @@ class LrTooHigh(Rule):
             used = [int(s) for s in pre.index]
             if ratio < RATIO_HIGH:
                 return []
-            if curve.n >= 10 and curve.progress < BARELY_MOVES:
+            if curve.n >= 10:
                 tl = trivial_loss(ctx)
                 mid = int(curve.steps[curve.n // 2])
+                # at (or above) the trivial level in the second half: collapsed, whatever the loss
+                # "fell" from a start the first oversized steps blew up
                 at_trivial = tl.consistent and tl.ratio_between(mid, int(curve.steps[-1])) >= TRIVIAL_LEVEL
-                if at_trivial:
-                    harm["stalled"] = {"step": int(curve.steps[0]), "strength": 0.8, "progress": curve.progress,
-                                       "at_trivial_loss": True}
-                elif ratio >= RATIO_RUNAWAY and not harm:
-                    harm["stalled"] = {"step": int(curve.steps[0]), "strength": 0.6, "progress": curve.progress}
+                # a collapse happens while the steps are largest relative to the weights: under a
+                # too-high lr the weights then grow until the relative step shrinks
+                early_end = int(curve.steps[min(curve.n - 1, 2 * curve.window)])
+                early = ratios[(ratios.index >= 1) & (ratios.index <= early_end)]
+                stall_ratio = max(ratio, float(early.median()) if len(early) >= 2 else ratio)
+                wrecked = exploded is not None and exploded <= mid  # a stall after an explosion is its aftermath
+                if at_trivial and stall_ratio >= RATIO_RUNAWAY and not wrecked:
+                    harm["stalled"] = {"step": int(curve.steps[0]), "strength": 0.8, "progress": curve.settled_progress,
+                                       "at_trivial_loss": True, "early_update_ratio": stall_ratio}
+                elif stall_ratio >= RATIO_RUNAWAY and not harm and not wrecked and not curve.fell:
+                    harm["stalled"] = {"step": int(curve.steps[0]), "strength": 0.6, "progress": curve.settled_progress,
+                                       "early_update_ratio": stall_ratio}
             if not harm:
                 return []
             onset = _onset(harm)
@@ -364,7 +507,7 @@ class LrTooHigh(Rule):
                 what.append(f"ended at the level of a model that ignores its input ({curve.start:.4g} -> "
                             f"{curve.final:.4g})")
             else:
-                what.append(f"barely moved ({curve.progress:.1%} progress)")
+                what.append(f"barely moved ({curve.settled_progress:.1%} progress)")
         if ratio is not None:
             msg = (f"Optimizer steps change the weight matrices by {ratio:.2g} of their norm (median over sampled "
                    f"steps), {ratio / TARGET_UPDATE_RATIO:.0f}x the ~1e-3 at which training moves steadily, and the "
@@ -389,8 +532,11 @@ class LrTooLow(Rule):
     """Fires when the median update-to-weight ratio of the weight matrices, over the sampled
     steps taken at the configured learning rate (lr at least half its maximum, so a scheduler's
     decay towards its floor does not count), is at most 1e-4 (a decade below ~1e-3), AND the
-    training loss barely moved (it lost less than 10% of its starting level, measured on the
-    window medians and on the first record), AND it is far from converged: its level is at
+    training loss barely moved (it did not fall by 10% of its starting level and by 3
+    standard errors of a window median: ``LossCurve.fell``, the start being the first
+    window's median, or the first record when that lies beyond 5 noise units of it; small
+    regression batches scatter their losses by tens of percent, and a 10% "progress" within
+    that scatter is none), AND it is far from converged: its level is at
     least half of the trivial predictor's loss (the target variance under MSE, ln n_classes
     under cross-entropy; used only when the first sampled loss matches the baseline's scale),
     or, without that baseline, neither the lr nor the gradient norm decayed (a converged run's
@@ -407,6 +553,12 @@ class LrTooLow(Rule):
     target size; linear in lr for Adam-like and SGD-like optimizers alike, see the module
     docstring).
 
+    A symptom when the gradient itself is what is small: under SGD the step is lr x gradient,
+    and a gradient starved by an initialisation far below design scale (GP603), saturated
+    units (GP604), dead units (GP605), vanishing through depth (GP203) or over-clipping
+    (GP201) makes the same tiny steps at a sane lr. The engine then links that cause, and the lr computed here is not merged into
+    the report's suggestions (raising the lr 1000x would not fix a starved gradient).
+
     Confidence: 0.5 x c_ratio + 0.5 x c_still, with c_ratio = 0.5 at 1e-4 rising to 1.0 two
     decades lower (log scale) and c_still = 1 - progress / 0.1.
     """
@@ -416,7 +568,7 @@ class LrTooLow(Rule):
     severity = "warning"
     title = "Learning rate too low: updates are tiny and the loss barely moves"
     requires = ("loss", "update_ratio")
-    causes = ()
+    causes = ("overclipping", "poor-initialization", "saturated-activations", "dead-units", "vanishing-gradients")
     computes = {"lr": "lr x 1e-3 / median update-to-weight ratio of the weight matrices at the configured lr"}
     explanation = Explanation(
         what="Optimizer steps that change the weights by a tiny fraction of their size (update-to-weight ratio far "
@@ -456,11 +608,8 @@ class LrTooLow(Rule):
             ok = ctx.clip_mask & np.isfinite(gn) & np.isfinite(sg) & (gn > 0)
             if ok.any() and float(np.median(sg[ok] / gn[ok])) < 0.5:
                 return []  # the gradient is clipped to a fraction of itself: the steps are small by GP201, not by lr
-        first_rec = float(curve.values[0])
-        prog_first = (first_rec - curve.final) / abs(first_rec) if first_rec != 0 else 0.0
-        prog_window = (curve.initial - curve.final) / abs(curve.initial) if curve.initial != 0 else 0.0
-        progress = max(prog_first, prog_window)
-        if progress >= BARELY_MOVES:
+        progress = curve.settled_progress
+        if curve.fell:
             return []
         tl = trivial_loss(ctx)
         lo, hi = int(curve.steps[0]), int(curve.steps[-1])
@@ -573,6 +722,13 @@ class MissingWeightDecay(Rule):
     per step is not this rule's: the weights are blowing up (divergence, GP501/GP202), and a
     decay that strong would erase what the weights learn.
 
+    ``first_step`` is the step after the growth onset (norms are measured after the optimizer
+    step: the next forward is the first to run with the grown weights).
+
+    A symptom when an exploding gradient (GP202) came first: one step on a gradient 1000x its
+    level inflates the weights by orders of magnitude at once, and the growth that follows is
+    that step's aftermath, not a missing decay (the engine links it when present and earlier).
+
     Confidence: 0.5 + 0.25 x min(1, log10(growth)) (the full 0.25 at 10x) + 0.25 if instability
     followed the growth.
     """
@@ -582,7 +738,7 @@ class MissingWeightDecay(Rule):
     severity = "warning"
     title = "Weights grow without bound and there is no weight decay"
     requires = ("weights", "optimizer")
-    causes = ()
+    causes = ("exploding-gradients",)
     computes = {"weight_decay": "r / lr: r = growth rate of ln(weight norm) per step over the second half of the run, "
                 "lr = the learning rate there (decoupled decay shrinks the weights by lr x weight_decay per step)"}
     explanation = Explanation(
@@ -667,7 +823,11 @@ class MissingWeightDecay(Rule):
         ev = {"layer": name, "growth": g["total"], "start_norm": g["start"], "reference_norm": g["initial"],
               "final_norm": g["final"], "late_growth": g["late"], "growth_rate_per_step": r, "growth_onset_step": onset,
               "weight_decay": 0.0, "instability_after": sorted(harm), "unproductive": useless}
-        return [self.finding(confidence=conf, message=msg, first_step=onset, layer=name, evidence=ev, recommendations=recs)]
+        # the norms are measured after the optimizer step: the forward of the next step is the
+        # first to run with the grown weights (and a gradient spike of the onset step itself,
+        # computed before that update, cannot be this growth's doing)
+        return [self.finding(confidence=conf, message=msg, first_step=onset + 1, layer=name, evidence=ev,
+                             recommendations=recs)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -681,13 +841,16 @@ class LossSpike(Rule):
     entirely of the hardest examples. The spike lasts while later records stay that far above
     the level before it. On a per-step training loss a single record never counts (one hard
     or corrupt batch lifts one record; weights knocked off course lift the losses that
-    follow), and a spike of L records counts only if the run's own isolated outliers would not
-    produce L in a row (n p**L < 0.05, p the rate of lone outliers at least as high as the
-    spike's lowest record). Validation records (and foreign logs' records averaging many
+    follow), and a spike of L records counts only if the run's own outliers would not produce
+    L in a row (n p**L < 0.05, p the run's rate of records at least as far above their running
+    level as the spike's lowest record, the spike's own included; so in a run of 80 records or
+    fewer two records are not enough). Validation records (and foreign logs' records averaging many
     steps) average a whole pass and count alone.
 
     A symptom: ``caused_by`` names the root cause found in the same run (an undetached
-    state, exploding gradients, a too-high lr, float16 overflow, ...).
+    state, exploding gradients, a too-high lr, float16 overflow, ...; for the validation
+    loss, overfitting: a validation loss that climbs fast while the training loss falls
+    crosses 3x its running level).
 
     Severity: error when the loss did not come back below half-way between its level and the
     peak (the run is broken); warning otherwise. Confidence: 0.5 + 0.5 x min(1, log10(factor
@@ -701,7 +864,7 @@ class LossSpike(Rule):
     requires = ("loss",)
     causes = ("undetached-hidden-state", "graph-retained-across-steps", "exploding-gradients", "missing-gradient-clipping",
               "long-lookback", "lr-too-high", "missing-weight-decay", "fp16-overflow", "scaler-misuse", "nonfinite-inputs",
-              "input-scale", "degenerate-targets")
+              "input-scale", "degenerate-targets", "overfitting")
     computes = {}
     explanation = Explanation(
         what="The training loss (two steps or more) or the validation loss jumps to several times its running level.",
@@ -754,6 +917,20 @@ class LossSpike(Rule):
                              severity="error" if unrecovered else "warning")]
 
 
+def _stuck_since(tl: Any, end: int) -> int | None:
+    """The first step from which every sampled loss up to ``end`` sat at the trivial
+    predictor's level (ratio >= TRIVIAL_LEVEL), None if the last one did not. The first
+    sample is the untrained model, at that level by construction: a loss there from the first
+    sample on got stuck at the first update, the step after it."""
+    r = tl.table.loc[tl.table.index <= end, "ratio"].dropna()
+    if r.empty or r.iloc[-1] < TRIVIAL_LEVEL:
+        return None
+    below = np.flatnonzero(r.to_numpy() < TRIVIAL_LEVEL)
+    if below.size:
+        return int(r.index[below[-1] + 1])
+    return int(r.index[0]) + 1
+
+
 def _plateau_start(curve: LossCurve) -> int:
     """Record index where the loss stopped improving (see :class:`LossPlateau`)."""
     w = curve.window
@@ -794,9 +971,15 @@ class LossPlateau(Rule):
     reduction="sum", not re-weighted). Within 20% of the trivial loss the model has learned
     (almost) nothing about its input.
 
-    Not judged: runs with several optimizers (GANs, multi-objective loops: their summed
-    losses are adversarial and need not decrease), and a loss that ended above where it
-    started by 10% and by noise (divergence: GP501, GP504).
+    Not judged: runs with fewer than 50 finite loss records (``MIN_PLATEAU_RECORDS``: too
+    young to call stuck); runs with several optimizers (GANs, multi-objective loops: their
+    summed losses are adversarial and need not decrease); a loss that ended above where it started
+    by 10% and by noise (``LossCurve.rose``; divergence: GP501, GP504), and, where the trivial
+    loss is known, by 10% relative to it too (the median loss/baseline ratio of the second
+    half against the first: batches of different target variance move the raw loss while the
+    model stays at the trivial level); a loss that went non-finite and never came back (the
+    run broke, GP401-GP403: its finite part ends where it broke, not where the run meant to
+    end, and a young model's first steps are no plateau).
 
     Without target statistics (foreign logs, custom losses) it fires only when the loss never
     moved at all: under 5% below both its first record and its first window and not 5% above
@@ -806,7 +989,13 @@ class LossPlateau(Rule):
     learned and then flattened at a low level (e.g. ReduceLROnPlateau at its floor) is not a
     finding.
 
-    A symptom: ``caused_by`` names the root cause found (lr-too-low, dead units, saturation...).
+    A symptom: ``caused_by`` names the root cause found (lr-too-low, dead units, saturation,
+    or an overflow or explosion that wrecked the weights before the plateau...). Its
+    ``first_step`` is where the loss got stuck: the plateau's start, or, at the trivial level,
+    the first sampled step from which every sampled loss sat at that level when that is
+    earlier (a loss that never left the trivial level was stuck from the start, whatever
+    noise made its last "improvement"), so that a fault that began later (units dying in a
+    run that never learned anything) is not linked as its cause.
     Confidence: 0.5 + 0.3 x min(1, (plateau fraction - 0.3) / 0.4) + 0.2 when the predictions
     do not vary with the input (across-batch spread < 5% of the target std, or of 1 nat for
     logits); 0.4 + 0.3 x the same fraction term without a baseline.
@@ -818,7 +1007,8 @@ class LossPlateau(Rule):
     title = "The loss stopped decreasing at a level that is not convergence"
     requires = ("loss",)
     causes = ("lr-too-low", "dead-units", "saturated-activations", "vanishing-gradients", "poor-initialization",
-              "overclipping", "input-scale", "degenerate-targets", "amp-without-scaler", "lr-too-high")
+              "overclipping", "input-scale", "degenerate-targets", "amp-without-scaler", "lr-too-high",
+              "fp16-overflow", "exploding-gradients", "undetached-hidden-state")
     computes = {}
     explanation = Explanation(
         what="The training loss stopped improving long before the run ended, stuck at (or above) the loss of a model "
@@ -836,20 +1026,29 @@ class LossPlateau(Rule):
     def check(self, ctx: RunContext) -> list[Finding]:
         curve = loss_curve(ctx)
         n = curve.n
-        if n < 20 or len(ctx.meta.get("optimizers") or []) > 1:
+        if n < MIN_PLATEAU_RECORDS or len(ctx.meta.get("optimizers") or []) > 1:
             return []
+        if curve.nonfinite_step is not None and not (curve.steps > curve.nonfinite_step).any():
+            return []  # the run broke (GP401-GP403): its finite part ends there, not where the run meant to end
         w = curve.window
         last = _plateau_start(curve)
         length = n - 1 - last
         frac = length / n
         if frac < PLATEAU_FRACTION or length < 2 * w:
             return []
-        if curve.final - curve.start >= _significance(curve) and curve.final > curve.start:
-            return []  # a rising loss is divergence (GP501/GP504), not a plateau
         level = float(np.median(curve.values[last:]))
         start = int(curve.steps[last])
         end = int(curve.steps[-1])
         tl = trivial_loss(ctx)
+        if tl.consistent:
+            # judged against the trivial level: batches of different variance move the raw loss
+            lo, mid = int(curve.steps[0]), int(curve.steps[n // 2])
+            early, late = tl.ratio_between(lo, mid), tl.ratio_between(mid, end)
+            rose = math.isfinite(early) and math.isfinite(late) and late - early >= 0.1 * early and curve.rose
+        else:
+            rose = curve.rose
+        if rose:
+            return []  # a rising loss is divergence (GP501/GP504), not a plateau
         base_ratio = math.nan
         if tl.consistent:
             in_plateau = tl.table.loc[(tl.table.index >= start) & (tl.table.index <= end), "ratio"].dropna()
@@ -859,6 +1058,7 @@ class LossPlateau(Rule):
             base_ratio = float(in_plateau.median()) if len(in_plateau) >= 2 else level / baseline
         ev: dict[str, Any] = {"plateau_start_step": start, "plateau_level": level, "plateau_fraction": frac,
                               "loss_initial": float(curve.values[0]), "records": n}
+        first_step = start
         f_term = min(1.0, max(0.0, (frac - PLATEAU_FRACTION) / 0.4))
         constant_pred = False
         if math.isfinite(base_ratio):
@@ -878,6 +1078,11 @@ class LossPlateau(Rule):
                    f"learned (almost) nothing from its input.")
             if constant_pred:
                 msg += " Its predictions barely vary across the batch."
+            stuck = _stuck_since(tl, end)
+            if stuck is not None and stuck < start:
+                ev["at_trivial_since_step"] = stuck
+                msg += f" It has sat at that level since step {stuck}."
+                first_step = stuck
         else:
             first = float(curve.values[0])
             moved = max(curve.progress, (first - curve.final) / abs(first) if first != 0 else 0.0)
@@ -898,7 +1103,7 @@ class LossPlateau(Rule):
             "loss_fn(model(x), y).backward()\n"
             "for n, p in model.named_parameters():\n"
             "    print(n, p.grad.norm().item() if p.grad is not None else None)  # ~0 early on: vanishing")]
-        return [self.finding(confidence=conf, message=msg, first_step=start, evidence=ev, recommendations=recs)]
+        return [self.finding(confidence=conf, message=msg, first_step=first_step, evidence=ev, recommendations=recs)]
 
 
 # ------------------------------------------------------------------------------------------

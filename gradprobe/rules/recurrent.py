@@ -384,6 +384,10 @@ class LongLookback(Rule):
     Exploding: floor(ln(10) / ln(growth_per_step)), the window over which the amplification
     stays within 10x. Never above the current window.
 
+    Causes: the exploding form follows recurrent weights of spectral radius above 1, which a
+    too-high learning rate produces by blowing the weights up; the engine links lr-too-high
+    when present and not later.
+
     Confidence: vanishing: log-scale distance of T/h past 4 (0.5 at 4, 1.0 at 40), times the
     fraction of the used samples that meet the condition. Exploding: log-scale distance of
     far_over_near past 10 (0.5 at 10, 1.0 at 1000), times that fraction.
@@ -394,7 +398,7 @@ class LongLookback(Rule):
     severity = "warning"
     title = "BPTT window far longer than the gradient horizon"
     requires = ("bptt",)
-    causes = ()
+    causes = ("lr-too-high",)
     computes = {
         "lookback": "vanishing: ceil(2 x median gradient horizon) (horizon: steps back until the "
                     "gradient-through-time profile falls below 1e-3 of its peak); exploding: "

@@ -218,6 +218,19 @@ def test_gp603_healthy_or_shallow_inits_are_quiet(stds):
     quiet(gradprobe.analyze(build(_chain(stds), m=_chain_meta(len(stds)))), "GP603")
 
 
+def test_gp603_normalised_networks_are_not_judged_on_activations():
+    # a LayerNorm resets the scale: raw inputs of scale 1e3 through a first layer (std 800)
+    # then a norm (std 0.6) read as a collapse, and no init gain compounds through depth
+    stds = [820.0, 350.0, 0.63, 0.2, 0.41, 0.6, 0.18, 0.43]
+    m = _chain_meta(len(stds))
+    m["modules"] = {f"l{i}": "Linear" for i in range(len(stds))} | {"norm1": "LayerNorm"}
+    quiet(gradprobe.analyze(build(_chain(stds), m=m)), "GP603")
+    collapse = [6e-4, 6e-7, 6e-10, 6e-13, 6e-16, 1e-16]
+    m = _chain_meta(6)
+    m["modules"] = {f"l{i}": "Linear" for i in range(6)}  # no norm layer: judged
+    assert only(gradprobe.analyze(build(_chain(collapse), m=m)), "GP603")
+
+
 def test_gp603_judges_initialisation_only():
     # the same collapse seen first at step 40 is not an initialisation (the log starts late)
     stds = [6e-4, 6e-7, 6e-10, 6e-13, 1e-16]
@@ -311,6 +324,27 @@ def test_gp605_functional_relu_is_seen_through_the_next_layer_input():
 ])
 def test_gp605_quiet_cases(kw):
     quiet(gradprobe.analyze(build(_relu_samples(**kw))), "GP605")
+
+
+def test_gp605_a_batch_that_does_not_vary_says_nothing_about_the_units():
+    # every example of the batch is the same input (a preprocessing bug feeding zeros): each
+    # unit is on or off for the whole batch, so "off for every example" is no evidence
+    samples = []
+    for s in SAMPLED:
+        samples += act(s, "0", 0, mean=0.0, std=0.3, absmax=1.0, nonfinite=0)
+        samples += act(s, "1", 1, mean=0.2, std=0.3, absmax=1.0, nonfinite=0, dead_frac=0.55)
+        samples += act(s, "2", 2, mean=0.0, std=1.0, absmax=3.0, nonfinite=0)
+    quiet(gradprobe.analyze(build(samples + input_samples(0.0, 0.0, 0.0))), "GP605")
+    assert only(gradprobe.analyze(build(samples + input_samples(0.0, 1.0, 3.0))), "GP605")
+
+
+def test_gp605_after_closed_recurrent_gates_is_their_symptom():
+    samples = []
+    for s in SAMPLED:
+        samples += act(s, "1", 1, mean=0.2, std=0.5, absmax=2.0, nonfinite=0, dead_frac=0.7)
+        samples += [(s, "gates", "rnn.l0.input", "low_frac", 0, 0.99), (s, "gates", "rnn.l0.input", "mean", 0, 1e-4)]
+    report = gradprobe.analyze(build(samples + input_samples(0.0, 1.0, 3.0)))
+    assert only(report, "GP604") and only(report, "GP605").caused_by == ["saturated-activations"]
 
 
 # ================================================================== real runs ===============

@@ -118,13 +118,43 @@ def test_gp501_uses_the_ratio_before_the_harm_began():
     # an explosion inflates the late ratios (SGD: lr x huge gradient); the early ones count
     n = 260
     loss = decaying(n)
-    loss[150:] = np.linspace(0.5, 40.0, n - 150)
-    ratios = [0.02 if s < 150 else 5.0 for s in SAMPLED]
+    loss[40:] = np.linspace(1.2, 40.0, n - 40)
+    ratios = [0.02 if s < 40 else 5.0 for s in SAMPLED]
     log = build(n, noisy(loss), samples=ratio_samples(ratios), m=meta("SGD", 0.1), lr=[0.1] * n)
     f = only(gradprobe.analyze(log), "GP501")
     assert f.evidence["update_ratio"] == pytest.approx(0.02)
     assert hp(f, "lr").suggested == pytest.approx(0.1 * 1e-3 / 0.02)
     assert "SGD step is lr x gradient" in hp(f, "lr").reason
+
+
+def test_gp501_harm_after_a_long_stable_stretch_at_the_same_lr_is_not_the_lr():
+    # 150 of 260 steps trained well at lr 0.1, then the loss climbs: the lr did not change,
+    # something else did at step 150 (a batch, a gradient spike, a state): not GP501's
+    n = 260
+    loss = decaying(n)
+    loss[150:] = np.linspace(0.5, 40.0, n - 150)
+    ratios = [0.02 if s < 150 else 5.0 for s in SAMPLED]
+    log = build(n, noisy(loss), samples=ratio_samples(ratios), m=meta("SGD", 0.1), lr=[0.1] * n)
+    quiet(gradprobe.analyze(log), "GP501")
+    # ... unless the lr climbed to where the harm began (a warmup or a bad schedule)
+    lr = [0.1] * 140 + [0.5] * (n - 140)
+    f = only(gradprobe.analyze(build(n, noisy(loss), samples=ratio_samples(ratios), m=meta("SGD", 0.1), lr=lr)),
+             "GP501")
+    assert "diverged" in f.evidence["harm"]
+
+
+def test_gp501_nan_from_a_steady_run_is_not_the_lr_but_a_divergence_is():
+    n = 120
+    ratios = ratio_samples(0.05, [s for s in SAMPLED if s < n])
+    loss = list(noisy(decaying(n)))
+    steady = loss[:20] + [float("nan")] * (n - 20)  # NaN out of a steady loss: a loss or backward bug
+    log = build(n, steady, samples=ratios, loss_nonfinite=[False] * 20 + [True] * (n - 20))
+    f = gradprobe.analyze(log).finding("lr-too-high")
+    assert f is None or "nonfinite" not in f.evidence["harm"]
+    rising = loss[:16] + [loss[15] * 4, loss[15] * 16, loss[15] * 80, loss[15] * 400] + [float("nan")] * (n - 20)
+    log = build(n, rising, samples=ratios, loss_nonfinite=[False] * 20 + [True] * (n - 20))
+    f = only(gradprobe.analyze(log), "GP501")
+    assert "nonfinite" in f.evidence["harm"] and f.severity == "error"
 
 
 def test_gp501_early_spikes_the_run_outgrows_recommend_warmup_not_a_lower_lr():
@@ -177,6 +207,75 @@ def test_gp501_and_gp502_defer_to_tiny_targets():
                                   m=meta("SGD", 1e-3))), "GP502")
 
 
+def test_gp501_a_nan_after_an_ordinary_high_gradient_of_a_noisy_run_is_not_a_divergence():
+    # small-batch gradient norms scatter 5x and more: 3.4x the median just before a NaN, below
+    # the highs the run already had, is no runaway
+    rng = np.random.default_rng(22)
+    n = 120
+    grad = rng.lognormal(0, 0.8, n)
+    grad[59] = 3.4 * np.median(grad[39:59])
+    grad[59] = min(grad[59], 0.9 * grad[39:59].max())
+    loss = list(noisy(decaying(n), 0.05))
+    loss = loss[:60] + [float("nan")] * (n - 60)
+    log = build(n, loss, samples=ratio_samples(0.05, [s for s in SAMPLED if s < n]), grad_norm=list(grad),
+                loss_nonfinite=[False] * 60 + [True] * (n - 60))
+    f = gradprobe.analyze(log).finding("lr-too-high")
+    assert f is None or "nonfinite" not in f.evidence["harm"]
+
+
+def test_gp501_collapse_judged_on_the_early_ratio_when_the_weights_grow():
+    # AdamW at lr 0.3: the first steps rewrite the weights (ratio 0.9 -> 0.1), the weights then
+    # grow until the relative step is small; the loss sits at ln 3 from the start
+    n = 80
+    steps = [s for s in SAMPLED if s < n]
+    ratios = [0.9, 0.41, 0.25, 0.17, 0.1, 0.075, 0.045, 0.022, 0.009, 0.002, 0.002, 0.002, 0.003][:len(steps)]
+    loss = noisy(np.full(n, math.log(3)), 0.03)
+    loss[1:5] = [6.5, 4.2, 3.9, 2.1]
+    ce = []
+    for st in steps:
+        stats = {"numel": 16, "nonfinite": 0, "mean": 1.0, "std": 0.8, "var": 0.66, "absmax": 2, "integer": 1,
+                 "n_classes": 3, "pred_std": 0.01, "pred_mean": 0.0, "pred_feature_std_max": 0.001}
+        ce += [(st, "target", "cross_entropy", k, 0, float(v)) for k, v in stats.items()]
+    f = only(gradprobe.analyze(build(n, loss, samples=ratio_samples(ratios, steps) + ce, m=meta("AdamW", 0.3),
+                                     lr=[0.3] * n)), "GP501")
+    assert f.evidence["harm"]["stalled"]["early_update_ratio"] >= 0.1
+    # the same stall at ratios of 1e-2 throughout is the data's or the model's (GP505), not the lr's
+    flat = [0.02] * len(steps)
+    quiet(gradprobe.analyze(build(n, loss, samples=ratio_samples(flat, steps) + ce, m=meta("AdamW", 3e-3),
+                                  lr=[3e-3] * n)), "GP501")
+
+
+def test_gp501_leaves_the_aftermath_of_a_gradient_that_exploded_on_an_ordinary_batch_to_gp202():
+    # the batch of step 30 had an ordinary loss but a 200x gradient (a recurrence, a scaling
+    # bug), nothing clipped it, and the loss jumped after: the explosion's doing, at any lr
+    n = 120
+    loss = decaying(n)
+    loss[31:] = loss[31:] * 20
+    grad = np.full(n, 1.0)
+    grad[30] = 200.0
+    report = gradprobe.analyze(build(n, noisy(loss, 0.02), samples=ratio_samples(0.05), grad_norm=list(grad)))
+    quiet(report, "GP501")
+    assert report.findings[0].code == "GP202"
+    # a loss that climbs first and drags the gradient along is the step size's (GP501)
+    loss2 = decaying(n)
+    loss2[8:] = np.geomspace(loss2[8], loss2[8] * 500, n - 8)
+    grad2 = np.full(n, 1.0)
+    grad2[12:] = np.geomspace(1.0, 1e4, n - 12)
+    f = only(gradprobe.analyze(build(n, noisy(loss2, 0.02), samples=ratio_samples(0.05), grad_norm=list(grad2))),
+             "GP501")
+    assert f.severity == "error"
+
+
+def test_gp501_names_raw_inputs_as_its_cause():
+    n = 260
+    inp = [(s, "first_layer", "0", k, 0, float(v)) for s in SAMPLED for k, v in
+           zip(("numel", "nonfinite", "mean", "std", "absmax", "feature_std_min", "feature_std_max", "integer"),
+               (256, 0, 1e3, 1e3, 4e3, 1e3, 1e3, 0))]
+    report = gradprobe.analyze(build(n, noisy(np.linspace(1.0, 3.0, n)), samples=ratio_samples(0.5) + inp,
+                                     m=meta("SGD", 0.05), lr=[0.05] * n))
+    assert only(report, "GP501").caused_by == ["input-scale"] and report.findings[0].code == "GP601"
+
+
 # ================================================================== GP502 ===================
 def test_gp502_tiny_ratio_and_a_flat_loss_at_the_trivial_level_fires():
     n = 260
@@ -207,6 +306,34 @@ def test_gp502_sgd_steps_shrunk_by_clipping_are_overclipping_not_a_low_lr():
     log = build(n, loss, samples=samples, m=meta("SGD", 0.05), lr=[0.05] * n, grad_norm=[2.0] * n,
                 step_grad_norm=[0.002] * n, clip_calls=[1] * n, clip_max_norm=[0.002] * n)
     quiet(gradprobe.analyze(log), "GP502")
+
+
+def test_gp502_behind_overclipping_is_a_symptom_and_its_lr_is_not_merged():
+    # clipping called on only 40% of the steps: GP502 judges the run, GP201 too (the steps
+    # that clip are cut 1000x); the lr GP502 computes is then not merged next to max_norm
+    n = 260
+    loss = noisy(np.full(n, 1.05), 0.03)
+    samples = ratio_samples(1e-6) + mse_targets(SAMPLED, np.full(n, 1.05))
+    clip = (np.arange(n) % 5 < 2)  # clip_grad_norm_ called on 40% of the steps only
+    log = build(n, loss, samples=samples, m=meta("SGD", 0.05), lr=[0.05] * n, grad_norm=[2.0] * n,
+                step_grad_norm=list(np.where(clip, 0.002, 2.0)), clip_calls=list(clip.astype(int)),
+                clip_max_norm=list(np.where(clip, 0.002, np.nan)))
+    report = gradprobe.analyze(log)
+    low = only(report, "GP502")
+    assert low.caused_by == ["overclipping"] and report.findings[0].code == "GP201"
+    assert "lr" not in report.suggested_hyperparameters and "max_norm" in report.suggested_hyperparameters
+    assert "not merged" in hp(low, "lr").reason
+
+
+def test_gp502_flat_loss_judged_beyond_one_hard_first_batch():
+    # the first batch happened to be hard (1.2x the level, 4 noise units): it is no progress
+    n = 260
+    rng = np.random.default_rng(9)
+    loss = 1.0 + 0.05 * rng.standard_normal(n)
+    loss[0] = 1.2
+    samples = ratio_samples(1e-7) + mse_targets(SAMPLED, np.full(n, 1.0))
+    f = only(gradprobe.analyze(build(n, list(loss), samples=samples, m=meta("SGD", 1e-6), lr=[1e-6] * n)), "GP502")
+    assert f.evidence["progress"] < 0.1
 
 
 def test_gp502_tiny_ratio_while_the_loss_keeps_falling_is_quiet():
@@ -335,6 +462,29 @@ def test_gp504_validation_spike_from_probe_log_fires():
     assert f.first_step == val_steps[12] and "validation" in f.evidence
 
 
+def test_gp504_a_climb_over_the_first_records_is_measured_from_the_untrained_loss():
+    # an oversized first step: 1.5 -> 110 -> 138 -> 8.6 -> ... the running median of the first
+    # records climbs with the loss, the untrained model's loss does not
+    n = 80
+    loss = noisy(decaying(n, 1.5, 0.4, 0.1), 0.02)
+    loss[1:5] = [110.0, 138.0, 8.6, 14.0]
+    f = only(gradprobe.analyze(build(n, loss)), "GP504")
+    assert f.first_step == 1 and f.evidence["training"]["events"][0]["records"] >= 2
+
+
+def test_gp504_two_high_records_in_a_short_noisy_run_are_not_enough_unless_the_run_broke():
+    # 80 records: two batches at 4x among them is what heavy-tailed batches make now and then
+    rng = np.random.default_rng(21)
+    n = 80
+    loss = list(0.32 * rng.lognormal(0, 0.3, n))
+    loss[66:68] = [1.40, 1.13]
+    quiet(gradprobe.analyze(build(n, loss)), "GP504")
+    # the same two records followed by NaN for good: the run never came back, not chance
+    broken = loss[:68] + [float("nan")] * (n - 68)
+    f = only(gradprobe.analyze(build(n, broken, loss_nonfinite=[False] * 68 + [True] * (n - 68))), "GP504")
+    assert f.first_step == 66
+
+
 def test_gp504_heavy_minibatch_noise_and_a_fast_initial_drop_are_quiet():
     n = 400
     rng = np.random.default_rng(3)
@@ -364,6 +514,28 @@ def test_gp505_cross_entropy_stuck_at_ln_classes_fires():
         samples += [(s, "target", "cross_entropy", k, 0, float(v)) for k, v in stats.items()]
     f = only(gradprobe.analyze(build(n, loss, samples=samples)), "GP505")
     assert "uniform" in f.message and f.evidence["trivial_kinds"] == ["uniform"]
+
+
+def test_gp505_stuck_from_the_start_is_not_caused_by_units_that_died_later():
+    # targets that carry no signal: the loss sits at ln 3 from the first update; ReLU units
+    # die at step 10 (a net that can only predict the prior turns them off): not the cause
+    n = 200
+    level = np.full(n, math.log(3))
+    level[:60] *= 1.08  # a slow drift down within the trivial level: the last "improvement" ends at ~60
+    loss = noisy(level, 0.01)
+    samples = []
+    for s in SAMPLED:
+        stats = {"numel": 32, "nonfinite": 0, "mean": 1.0, "std": 0.8, "var": 0.66, "absmax": 2, "integer": 1,
+                 "n_classes": 3, "pred_std": 0.01, "pred_mean": 0.0, "pred_feature_std_max": 0.001}
+        samples += [(s, "target", "cross_entropy", k, 0, float(v)) for k, v in stats.items()]
+        samples += [(s, "activation", "1", k, 1, v) for k, v in
+                    (("mean", 0.2), ("std", 0.5), ("absmax", 2.0), ("nonfinite", 0.0),
+                     ("dead_frac", 0.9 if s >= 10 else 0.05))]
+    samples += [(s, "first_layer", "0", k, 0, v) for s in SAMPLED for k, v in (("std", 1.0), ("mean", 0.0))]
+    report = gradprobe.analyze(build(n, loss, samples=samples))
+    f = only(report, "GP505")
+    assert f.first_step == 1 and f.evidence["at_trivial_since_step"] == 1
+    assert "dead-units" not in f.caused_by and report.findings[0].code == "GP505"
 
 
 def test_gp505_converged_low_loss_is_not_a_plateau():
@@ -406,6 +578,17 @@ def test_gp506_validation_rising_while_training_falls_fires():
     f = only(gradprobe.analyze(_overfit_log(val, decaying(n, 2.0, 0.01, 0.2))), "GP506")
     assert f.first_step == 99 and f.evidence["val_rise"] > 0.5
     assert any(r.kind == "code" and "best.pt" in r.snippet for r in f.recommendations)
+
+
+def test_gp506_is_the_cause_of_a_validation_loss_that_climbs_past_3x():
+    # memorising 16 examples: the validation loss climbs 7x while the training loss falls
+    n = 250
+    val = list(np.concatenate([np.linspace(0.42, 0.16, 3), np.linspace(0.2, 1.2, 22)]))
+    report = gradprobe.analyze(_overfit_log(val, decaying(n, 1.1, 0.02, 0.1)))
+    assert only(report, "GP506")
+    spike = report.finding("loss-spike")
+    assert spike is None or spike.caused_by == ["overfitting"]
+    assert report.findings[0].code == "GP506"
 
 
 def test_gp506_is_quiet_when_validation_follows_training_or_both_rise():
