@@ -474,7 +474,13 @@ class NonfiniteTimeline:
         input_observed_step: first sampled step with non-finite inputs or targets.
         input_step: the first step bounded with the per-step evidence: the first step after
             the last clean sample, at or before ``input_observed_step``, whose loss or
-            gradients went non-finite while the parameters were still finite.
+            gradients went non-finite while the parameters were still finite; or, exactly,
+            ``data_step`` when that is earlier.
+        data: row mask, the recorder counted NaN/Inf entries in the step's data (the watched
+            models' first input, float loss targets; column ``data_nonfinite``, every step)
+            at or before ``param_step``.
+        data_step: first step of ``data`` (None: never, or not measured).
+        data_measured: the log has the per-step data count.
     """
 
     def __init__(self, ctx: RunContext) -> None:
@@ -501,6 +507,16 @@ class NonfiniteTimeline:
         self.input_step: int | None = None
         self.last_clean_input_step: int | None = None
         self._inputs(ctx)
+        counts = st["data_nonfinite"].to_numpy() if "data_nonfinite" in st else np.full(len(st), -1)
+        self.data_measured = bool((counts >= 0).any())
+        self.data = counts > 0
+        if self.param_step is not None:  # a chained model's input can come from NaN weights
+            self.data &= ctx.step <= self.param_step
+        self.data_counts = counts
+        self.data_step = ctx.first_step_where(self.data)
+        if self.data_step is not None:  # observed, not inferred: the first observation wins
+            seen = [self.data_step] + ([self.input_observed_step] if self.input_observed_step is not None else [])
+            self.input_step = min(seen)
 
     def _inputs(self, ctx: RunContext) -> None:
         s = ctx.log.samples

@@ -37,6 +37,7 @@ SIGNALS: dict[str, str] = {
     "gates": "sampled recurrent gate saturation",
     "inputs": "sampled input statistics",
     "targets": "sampled target statistics",
+    "data_finiteness": "NaN/Inf entries counted in each step's data (model input, loss targets)",
     "bptt": "sampled gradient-through-time profiles of recurrent modules",
     "duplicates": "raw log records (to find duplicated steps)",
     "ranks": "several ranks' logs of one distributed run (checked across ranks)",
@@ -76,6 +77,8 @@ def available_signals(log: "RunLog") -> set[str]:
             out.add("grad_norm")
         if "lr" not in out and np.isfinite(st["lr"].to_numpy()).any():
             out.add("lr")
+        if "data_nonfinite" in st and (st["data_nonfinite"].to_numpy() >= 0).any():
+            out.add("data_finiteness")
     if not log.scalars.empty:
         names = set(log.scalars["name"].astype(str))
         if any(("val" in n.lower() or "eval" in n.lower() or "test" in n.lower()) and "loss" in n.lower() for n in names):

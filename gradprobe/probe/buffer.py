@@ -180,6 +180,8 @@ class PendingBatch:
             cols["retain_graph"].append(h["retain_graph"])
             cols["memory"].append(h["memory"])
             cols["local_grad_norm"].append(vals.get("local_grad", math.nan))
+            data_bad = vals.get("data_nonfinite", -1.0)
+            cols["data_nonfinite"].append(int(data_bad) if math.isfinite(data_bad) else -1)
             cols["sampled"].append(h["sampled"])
         samples.extend(derived_samples(samples))
         steps = np.asarray(cols["step"], dtype=np.int64)

@@ -938,6 +938,13 @@ class Probe:
             if info is None and depth == 0 and not _functorch_active():
                 self._add_root(module)
                 info = self._module_info.get(module)
+        if id(module) in self._root_ids and args and torch.is_grad_enabled() \
+                and not (self.deep is not None and self.deep._side):
+            # the data of every training forward, counted on every step: a NaN batch between
+            # two sampled steps is still seen, and named, at its step (GP404)
+            x = args[0]
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                self._open.current.count_data(x)
         if info is not None and self.deep is not None and self._open.sampled and torch.is_grad_enabled():
             self.deep.on_forward_pre(module, info, args)
 
@@ -1098,6 +1105,9 @@ class Probe:
             self._meta_dirty = True
         if torch.is_grad_enabled() and out.requires_grad:
             self._open.current.loss_fn.append(v)
+            target = args[1] if len(args) > 1 else kwargs.get("target")
+            if isinstance(target, torch.Tensor) and target.is_floating_point() and not target.requires_grad:
+                self._open.current.count_data(target)
             if self.deep is not None and self._open.sampled:
                 self.deep.on_loss_fn(name, args, kwargs, out)
         else:
@@ -1168,6 +1178,8 @@ class Probe:
             rec.add("loss_fn", v)
         for v in seg.eval_loss:
             rec.add("eval_loss", v)
+        if seg.data_nonfinite is not None:
+            rec.add("data_nonfinite", seg.data_nonfinite)
         for idx, norms in seg.grad_pieces:
             rec.add("grad", norms, idx)
         for idx, value, max_norm in seg.clip_pieces:

@@ -40,6 +40,8 @@ class Segment:
     scale_before: torch.Tensor | None = None
     scaled_by: Any = None  # the GradScaler whose scale() produced a root in this segment
     scale_tampered: bool = False
+    # NaN/Inf entries counted in the data (model inputs, loss targets), summed on the device
+    data_nonfinite: torch.Tensor | None = None
 
     def empty(self) -> bool:
         return self.n_backward == 0 and not self.loss_fn and not self.eval_loss and not self.grad_pieces
@@ -68,6 +70,15 @@ class Segment:
         if later.scaled_by is not None:
             self.scaled_by = later.scaled_by
         self.scale_tampered |= later.scale_tampered
+        if later.data_nonfinite is not None:
+            self.data_nonfinite = later.data_nonfinite if self.data_nonfinite is None \
+                else self.data_nonfinite + later.data_nonfinite
+
+    def count_data(self, t: torch.Tensor) -> None:
+        """Adds the NaN/Inf entries of a data tensor (a device reduction, no sync)."""
+        with torch.no_grad():
+            bad = torch.isfinite(t.detach()).logical_not_().sum()
+        self.data_nonfinite = bad if self.data_nonfinite is None else self.data_nonfinite + bad
 
 
 @dataclass

@@ -33,7 +33,7 @@ from gradprobe.runlog.schema import STEP_COLUMNS
 
 _TYPES = {n: t for n, t, _ in STEP_COLUMNS}
 _INT_DEFAULTS = {"grad_nonfinite_layers": 0, "param_nonfinite_layers": -1, "state_age": 0, "graphs_alive": 0,
-                 "memory": 0, "n_backward": 1, "clip_calls": 0, "optimizer_steps": 1}
+                 "memory": 0, "n_backward": 1, "clip_calls": 0, "optimizer_steps": 1, "data_nonfinite": -1}
 #: columns where NaN means "not logged": a logged non-finite value is kept as +inf
 _NAN_IS_ABSENT = ("grad_norm", "step_grad_norm", "eval_loss", "clip_total_norm", "weight_norm")
 #: columns whose presence means a training step happened (eval-only rows do not count)

@@ -118,19 +118,25 @@ def _nan_layers_at(frame: Any, step: int) -> set[str]:
 # ------------------------------------------------------------------------------------------
 @register
 class NonfiniteInputs(Rule):
-    """Fires when a sampled batch carried NaN/Inf: the ``nonfinite`` count of the model's
-    input, of the input to the first parametric layer, or of a loss function's target was
-    above 0. Zero is the only threshold: a finite-valued dataset never has one.
+    """Fires when a batch carried NaN/Inf. Two observations count, zero being the only
+    threshold (a finite-valued dataset never has one):
 
-    Only samples that cannot come from non-finite parameters count (the model's first input
-    always; a carried state, the first layer's input or a target only on steps before the
-    parameters went non-finite). Samples exist only on sampled steps, so the first step is
-    bounded with the per-step evidence: the first step after the last clean sample, at or
-    before the first bad one, whose loss or gradients went non-finite while the parameters
-    were still finite.
+    * the recorder's per-step count (``data_nonfinite``): NaN/Inf entries in the watched
+      models' first input of every training forward and in the float targets of observed
+      loss functions. It is exact: the step it names is the step the bad batch entered;
+    * the sampled ``nonfinite`` count of the model's input, of the input to the first
+      parametric layer, or of a loss function's target (sampled steps only; it also sees
+      inputs passed as a second argument or to the first layer after a preprocessing step).
 
-    Confidence: 0.6 + 0.2 * min(1, bad samples / 3) + 0.2 if the loss or gradients of the
-    bounded first step were non-finite too (corroborated).
+    Only observations that cannot come from non-finite parameters count (the model's first
+    input always; a carried state, the first layer's input, a target or the per-step count
+    only on steps up to the one where the parameters went non-finite). A log with samples but
+    without the per-step count (older logs) bounds the first step with the per-step evidence:
+    the first step after the last clean sample, at or before the first bad one, whose loss or
+    gradients went non-finite while the parameters were still finite.
+
+    Confidence: 0.6 + 0.2 * min(1, bad steps observed / 3) + 0.2 if the loss or gradients of
+    the first step were non-finite too (corroborated).
     """
 
     code = "GP404"
@@ -139,7 +145,7 @@ class NonfiniteInputs(Rule):
     title = "NaN/Inf in the inputs or targets"
     #: the sampled ``inputs`` or ``targets`` signal, either one (a model called with keyword
     #: arguments only has target samples)
-    requires = ("inputs|targets",)
+    requires = ("inputs|targets|data_finiteness",)
     causes = ()
     computes = {}
     explanation = Explanation(
@@ -156,46 +162,59 @@ class NonfiniteInputs(Rule):
     )
 
     def check(self, ctx: RunContext) -> list[Finding]:
-        if not {"inputs", "targets"} & ctx.signals:
+        if not {"inputs", "targets", "data_finiteness"} & ctx.signals:
             return []
         tl = nonfinite_timeline(ctx)
-        if not tl.inputs:
+        if not tl.inputs and tl.data_step is None:
             return []
-        bad = sorted(tl.inputs, key=lambda r: (r["step"], STAGE_ORDER.get(r["probe"], 9)))
+        sampled = sorted(tl.inputs, key=lambda r: (r["step"], STAGE_ORDER.get(r["probe"], 9)))
+        data_rows = np.flatnonzero(tl.data)
+        # the per-step count: one observation per bad step, no module to name
+        per_step = [{"step": int(ctx.step[i]), "probe": "data", "target": "", "nonfinite": float(tl.data_counts[i]),
+                     "numel": math.nan} for i in data_rows]
+        bad = sorted(per_step + sampled, key=lambda r: r["step"])
         first_bad = bad[0]
         places: dict[str, dict[str, Any]] = {}
         for r in bad:
             key = f"{r['probe']}:{r['target']}"
             p = places.setdefault(key, {"probe": r["probe"], "target": r["target"], "first_step": r["step"],
-                                        "sampled_steps": 0, "max_nonfinite": 0.0, "numel": r["numel"]})
-            p["sampled_steps"] += 1
+                                        "steps": 0, "max_nonfinite": 0.0, "numel": r["numel"]})
+            p["steps"] += 1
             p["max_nonfinite"] = max(p["max_nonfinite"], r["nonfinite"])
         first = tl.input_step if tl.input_step is not None else first_bad["step"]
         i0 = _first_index(ctx.step == first)
         corroborated = i0 is not None and bool(tl.loss[i0] or tl.grad_raw[i0])
-        conf = 0.6 + 0.2 * min(1.0, len(bad) / 3.0) + (0.2 if corroborated else 0.0)
-        what = {"input": "the model's input", "first_layer": "the input of the first layer", "target": "the target of"}
+        n_steps = len({r["step"] for r in bad})
+        conf = 0.6 + 0.2 * min(1.0, n_steps / 3.0) + (0.2 if corroborated else 0.0)
+        what = {"input": "the model's input", "first_layer": "the input of the first layer", "target": "the target of",
+                "data": "the step's data (model input and loss targets)"}
         desc = []
         for p in list(places.values())[:4]:
             frac = p["max_nonfinite"] / p["numel"] if p["numel"] and math.isfinite(p["numel"]) else math.nan
-            name = f"{what.get(p['probe'], p['probe'])} {p['target']}"
+            name = f"{what.get(p['probe'], p['probe'])} {p['target']}".rstrip()
+            if p["probe"] == "data":
+                desc.append(f"{name}: up to {p['max_nonfinite']:.0f} non-finite entries on {p['steps']} step(s), "
+                            f"first at step {p['first_step']}")
+                continue
             desc.append(f"{name}: up to {p['max_nonfinite']:.0f} non-finite entries"
                         + (f" of {p['numel']:.0f} ({frac:.2%})" if math.isfinite(frac) else "")
                         + f", first seen at step {p['first_step']}")
         ev: dict[str, Any] = {
-            "first_observed_step": tl.input_observed_step,
+            "first_observed_step": tl.input_observed_step if tl.data_step is None else first,
             "last_clean_sample_step": tl.last_clean_input_step,
             "places": list(places.values())[:10],
-            "bad_samples": len(bad),
+            "bad_samples": len(sampled),
+            "bad_steps": int(data_rows.size),
         }
         msg = "NaN/Inf entered with the data: " + "; ".join(desc) + "."
-        if tl.input_step is not None and tl.input_observed_step is not None and tl.input_step < tl.input_observed_step:
+        if tl.data_step is None and tl.input_step is not None and tl.input_observed_step is not None \
+                and tl.input_step < tl.input_observed_step:
             msg += (f" Samples are taken on some steps only; the loss/gradients were already non-finite at step "
                     f"{tl.input_step}, after the last clean sample"
                     + (f" at step {tl.last_clean_input_step}" if tl.last_clean_input_step is not None else "")
                     + ", so the bad batch most likely entered there.")
         return [self.finding(
-            confidence=conf, message=msg, first_step=first, layer=first_bad["target"], evidence=ev,
+            confidence=conf, message=msg, first_step=first, layer=sampled[0]["target"] if sampled else None, evidence=ev,
             recommendations=[Recommendation.code("Find and remove the non-finite rows at the source", INPUT_SNIPPET)],
         )]
 

@@ -61,6 +61,7 @@ _STEP_DEFAULTS: dict[str, Any] = {
     "retain_graph": False,
     "memory": 0,
     "local_grad_norm": np.nan,
+    "data_nonfinite": -1,
     "sampled": False,
 }
 

@@ -112,6 +112,26 @@ def test_gp404_targets_count_and_late_model_dependent_samples_do_not():
     assert "GP404" not in codes(r2)
 
 
+def test_gp404_per_step_data_count_names_the_exact_step():
+    steps = diverged_from(healthy_steps(), 12, params=False)
+    steps["data_nonfinite"] = [0] * 12 + [3] + [0] * 17  # one bad batch, no sample on it
+    for i in range(13, 30):  # the loop skipped it: later steps finite again
+        steps["loss"][i], steps["loss_nonfinite"][i] = 0.5, False
+        steps["grad_norm"][i], steps["grad_nonfinite_layers"][i] = 1.0, 0
+    r = analyze(steps, {}, samples=input_samples(SAMPLED, {}))
+    f = r.finding("GP404")
+    assert f.first_step == 12 and f.evidence["bad_steps"] == 1 and "on 1 step(s), first at step 12" in f.message
+    assert "nonfinite-inputs" in r.finding("GP401").caused_by
+
+
+def test_gp404_per_step_count_after_the_parameters_went_nan_is_not_data():
+    steps = diverged_from(healthy_steps(), 8)  # parameters NaN after step 8
+    steps["data_nonfinite"] = [0] * 20 + [5] * 10  # a chained model's input, made from NaN weights
+    assert "GP404" not in codes(analyze(steps))
+    steps["data_nonfinite"] = [-1] * 30  # not measured
+    assert "GP404" not in codes(analyze(steps))
+
+
 def test_gp404_quiet_on_clean_samples():
     r = analyze(healthy_steps(), {}, samples=input_samples(SAMPLED, {}))
     assert "GP404" not in codes(r)
@@ -278,11 +298,40 @@ def test_real_inf_target(logdir):
     assert r.finding("GP401").caused_by == ["nonfinite-inputs"]
 
 
-def test_real_nan_batch_on_unsampled_step_bounds_with_the_loss(logdir):
-    r = _mlp_run(logdir, nan_at=4)  # not sampled: no input evidence, the loss names the step
-    assert "GP404" not in codes(r)
-    f = r.finding("GP401")
-    assert f.first_step == 4 and "batch" in f.message
+def test_real_nan_batch_on_unsampled_step_is_counted_at_its_step(logdir):
+    r = _mlp_run(logdir, nan_at=4)  # not sampled: the per-step data count still sees it
+    f = r.finding("GP404")
+    assert f.first_step == 4 and f.evidence["bad_steps"] == 1 and f.evidence["bad_samples"] == 0
+    assert f.evidence["places"][0]["probe"] == "data" and f.evidence["places"][0]["max_nonfinite"] == 1.0
+    assert nf_findings(r)[0] == "GP404"
+    assert r.finding("GP401").caused_by == ["nonfinite-inputs"]
+    steps = gradprobe.RunLog.load(logdir).steps
+    assert steps["data_nonfinite"].tolist() == [0, 0, 0, 0, 1] + [0] * 11
+
+
+def test_real_guarded_nan_batches_between_samples(logdir):
+    # one bad batch at 13 (not sampled), the loop skips it: the run recovers, the data is named
+    r = _mlp_run(logdir, nan_at=13, n=40, guard=True)
+    f = r.finding("GP404")
+    assert f.first_step == 13 and nf_findings(r)[0] == "GP404"
+    assert r.finding("GP401").severity == "warning" and r.finding("GP401").caused_by == ["nonfinite-inputs"]
+
+
+def test_real_data_count_does_not_change_training(tmp_path):
+    def train(watch: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = mlp((8, 32, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ctx = gradprobe.watch(model, opt, logdir=str(tmp_path / "w")) if watch else None
+        for x, y in regression_batches(8):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        if ctx is not None:
+            ctx.close()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(train(False), train(True))
 
 
 def test_real_guarded_nan_batch_is_a_warning(logdir):
