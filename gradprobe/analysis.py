@@ -161,14 +161,19 @@ class RunContext:
 
     def layer_grads(self) -> pd.DataFrame:
         """Per-layer pre-clip gradient norms with missing values as NaN (non-finite kept as
-        inf; NaN norms become +inf so 'missing' and 'non-finite' stay distinct)."""
+        inf; NaN norms become +inf so 'missing' and 'non-finite' stay distinct). Built once per
+        context (several rules read it; do not modify the frame)."""
+        if "_layer_grads" in self.__dict__:
+            return self.__dict__["_layer_grads"]
         lg = self.log.layer_grad
         if lg.empty:
             return lg
         arr = lg.to_numpy(dtype=np.float64, copy=True)
         arr[np.isnan(arr)] = np.inf
         arr[arr == MISSING] = np.nan
-        return pd.DataFrame(arr, index=lg.index, columns=lg.columns)
+        out = pd.DataFrame(arr, index=lg.index, columns=lg.columns)
+        self.__dict__["_layer_grads"] = out
+        return out
 
     # ---- samples & scalars -------------------------------------------------------------------
     def samples(self, probe: str, stat: str | None = None) -> pd.DataFrame:
@@ -609,6 +614,19 @@ def trailing_level(x: np.ndarray, window: int = RUNNING_WINDOW) -> np.ndarray:
     return s.shift(1).rolling(window, min_periods=1).median().to_numpy()
 
 
+def trailing_level_at(x: np.ndarray, i: int, window: int = RUNNING_WINDOW) -> np.ndarray:
+    """``trailing_level(x[:, j])[i]`` for every column ``j`` of a 2-D ``x`` (one row of
+    each column's running level without computing the whole series): the median of the
+    finite values among the ``window`` rows before row ``i``; NaN where there is none."""
+    seg = x[max(0, i - window):max(0, i)]
+    seg = np.where(np.isfinite(seg), seg, np.nan)
+    out = np.full(x.shape[1], np.nan)
+    have = ~np.isnan(seg).all(axis=0)
+    if have.any():
+        out[have] = np.nanmedian(seg[:, have], axis=0)
+    return out
+
+
 def optimizer_family(ctx: RunContext) -> str | None:
     """How the update scales with the gradient: ``"adaptive"`` (Adam-like: normalised per
     parameter, a uniform rescaling barely changes the step), ``"sgd"`` (SGD-like: the step is
@@ -1047,6 +1065,8 @@ def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
     """
     if curve is None or curve.n < 6:
         return []
+    if "_loss_spikes" in curve.__dict__:  # computed once per curve (several rules ask)
+        return list(curve.__dict__["_loss_spikes"])
     v = curve.values
     n = curve.n
     W = max(curve.window, 10)
@@ -1063,33 +1083,42 @@ def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
     level = level.copy()
     level[1:] = np.where(early[1:], np.fmin(level[1:], v[0]), level[1:])
 
-    def high(k: int, lvl: float, sig: float, is_early: bool) -> bool:
-        if not np.isfinite(lvl):
-            return False
-        jump = v[k] - lvl
-        factor = LOSS_SPIKE_SINGLE if is_early else LOSS_SPIKE_FACTOR
-        return bool(jump > 0 and jump >= (factor - 1.0) * abs(lvl) and (is_early or jump >= LOSS_SPIKE_Z * sig)
-                    and jump >= LOSS_SPIKE_MATERIAL * max(curve.initial - lvl, 0.0))
+    def high(vals: np.ndarray, lvl: Any, sig: Any, is_early: Any) -> np.ndarray:
+        # elementwise: records ``vals`` high against level ``lvl`` (arrays, or one event's scalars)
+        with np.errstate(invalid="ignore", over="ignore"):
+            jump = vals - lvl
+            factor = np.where(is_early, LOSS_SPIKE_SINGLE, LOSS_SPIKE_FACTOR)
+            return (np.isfinite(lvl) & (jump > 0) & (jump >= (factor - 1.0) * np.abs(lvl))
+                    & (is_early | (jump >= LOSS_SPIKE_Z * sig))
+                    & (jump >= LOSS_SPIKE_MATERIAL * np.maximum(curve.initial - lvl, 0.0)))
 
     found: list[LossSpike] = []
-    i = 0
-    while i < n:
-        if not high(i, level[i], sigma[i], early[i]):
-            i += 1
-            continue
-        j = i
-        while j + 1 < n and high(j + 1, level[i], sigma[i], early[i]):
-            j += 1
+    nxt = 0
+    for i in np.flatnonzero(high(v, level, sigma, early)).tolist():
+        if i < nxt:
+            continue  # inside the previous event
+        # the event goes on while the records stay high against the level before it
+        j, chunk = i, 64
+        while j + 1 < n:
+            seg = high(v[j + 1:j + 1 + chunk], level[i], sigma[i], early[i])
+            stop = np.flatnonzero(~seg)
+            if stop.size:
+                j += int(stop[0])
+                break
+            j += int(seg.size)
+            chunk *= 2
         found.append(LossSpike(curve, i, j, level[i], float(sigma[i])))
-        i = j + 1
+        nxt = j + 1
     if not curve.per_step:
-        return found
+        curve.__dict__["_loss_spikes"] = found
+        return list(found)
     with np.errstate(all="ignore"):
         rel = np.where(level > 0, v / level, np.nan)
     known = np.isfinite(rel) & ~early
     n_known = max(int(known.sum()), 1)
     broke = curve.nonfinite_step is not None
     out = []
+    known_rel: np.ndarray | None = None  # sorted ratios of the known records (on first need)
     for e in found:
         if e.records < 2:
             continue
@@ -1103,12 +1132,17 @@ def loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
         low = float(seg.min() / e.level) if e.level > 0 else 1.0 + float(seg.min() - e.level) / max(abs(e.level), 1e-300)
         # the run's rate of records at least this far above their running level, the spike's own
         # records included: the rate is estimated from this run, and the spike is part of it
-        inside = np.zeros(n, dtype=bool)
-        inside[e.start:e.end + 1] = True
-        p = float((known & ~inside & (np.nan_to_num(rel, nan=0.0) >= low)).sum() + e.records) / n_known
+        # (counted as all known records >= low minus those inside the spike: one sort, not one pass per event)
+        if known_rel is None:
+            known_rel = np.sort(rel[known])
+        above = known_rel.size - int(np.searchsorted(known_rel, low, side="left"))
+        with np.errstate(invalid="ignore"):
+            above -= int((known[e.start:e.end + 1] & (rel[e.start:e.end + 1] >= low)).sum())
+        p = float(above + e.records) / n_known
         if n * p ** e.records < 0.05:
             out.append(e)
-    return out
+    curve.__dict__["_loss_spikes"] = out
+    return list(out)
 
 
 def init_scale_norm(shape: list[int] | tuple[int, ...]) -> float:

@@ -27,7 +27,7 @@ from gradprobe.analysis import (
     optimizer_family,
     rank_correlation,
     suggested_max_norm,
-    trailing_level,
+    trailing_level_at,
     trivial_loss,
 )
 from gradprobe.report import Finding, Recommendation
@@ -264,7 +264,7 @@ def _start_layer(ctx: RunContext, base_row: int, onset_row: int) -> tuple[str | 
         return None, []
     arr = lg.to_numpy(dtype=np.float64)
     names = list(lg.columns)
-    base = np.array([trailing_level(arr[:, j])[base_row + 1] for j in range(arr.shape[1])])
+    base = trailing_level_at(arr, base_row + 1)  # each layer's trailing_level at base_row + 1
     window = arr[base_row + 1 : onset_row + 1]
     with np.errstate(all="ignore"):
         rise = window / np.where(base > 0, base, np.nan)

@@ -18,6 +18,7 @@ by design; it is one when the loss barely moves while far from converged.
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any
 
@@ -938,15 +939,31 @@ def _plateau_start(curve: LossCurve) -> int:
     nb = curve.n // w
     if nb < 2:
         return 0
-    edges = [k * w for k in range(nb)] + [curve.n]
-    blocks = np.array([np.median(v[edges[k]:edges[k + 1]]) for k in range(nb)])
+    # block medians: the full blocks as the rows of one array, the last block with the remainder
+    blocks = np.empty(nb)
+    blocks[:-1] = np.median(v[:(nb - 1) * w].reshape(nb - 1, w), axis=1)
+    blocks[-1] = np.median(v[(nb - 1) * w:])
     se = 1.25 * curve.noise / math.sqrt(w)
-    last_improved = -1
-    for k in range(nb - 1):
+    # the last improved block k: scan back from the end, the median of the blocks after k kept
+    # exactly by two heaps (lower half as a max-heap of negatives, upper half as a min-heap)
+    # instead of a median of the whole suffix per block (quadratic on long runs)
+    lower: list[float] = []
+    upper: list[float] = []
+    for k in range(nb - 2, -1, -1):
+        x = float(blocks[k + 1])
+        if lower and x > -lower[0]:
+            heapq.heappush(upper, x)
+        else:
+            heapq.heappush(lower, -x)
+        if len(lower) > len(upper) + 1:
+            heapq.heappush(upper, -heapq.heappop(lower))
+        elif len(upper) > len(lower):
+            heapq.heappush(lower, -heapq.heappop(upper))
+        med = -lower[0] if len(lower) > len(upper) else (-lower[0] + upper[0]) / 2
         tol = max(PLATEAU_IMPROVEMENT * abs(blocks[k]), 4.0 * se)
-        if blocks[k] - float(np.median(blocks[k + 1:])) > tol:
-            last_improved = k
-    return int(edges[last_improved + 1]) if last_improved >= 0 else 0
+        if blocks[k] - med > tol:
+            return int(k + 1) * w
+    return 0
 
 
 # ------------------------------------------------------------------------------------------
