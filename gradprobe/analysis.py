@@ -810,6 +810,14 @@ def fp16_trained_modules(ctx: RunContext) -> list[str]:
 #: few thousand steps can move it by its own scale, and no single step can overshoot. GP501 and
 #: GP502 act only a decade or more away from it, and only together with evidence in the loss.
 TARGET_UPDATE_RATIO = 1e-3
+#: GP501's lr suggestion aims here, half a decade above the centre. A too-high lr is measured
+#: on the run's first steps (before the harm), where Adam moves every element by the full lr
+#: (m / sqrt(v) is exactly +-1 at the first step, a fraction of it once the moments average
+#: the noise) and SGD steps on the largest gradients of the run: extrapolating that ratio
+#: linearly to a new lr overstates the new lr's steady ratio by a factor of a few. Aiming at
+#: 10**-2.5 keeps a sqrt(10) margin under GP501's threshold (1e-2) if the extrapolation is
+#: exact, and does not give away the 3x of progress per step that aiming at the centre would.
+SUGGEST_RATIO_WHEN_TOO_HIGH = 10 ** -2.5
 
 
 def smoothing_window(n: int) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gradprobe.analysis import (
+    SUGGEST_RATIO_WHEN_TOO_HIGH,
     TARGET_UPDATE_RATIO,
     LossCurve,
     RunContext,
@@ -257,10 +258,10 @@ def _lr_reason(family: str | None, ratio: float, target: float) -> str:
     if family == "sgd":
         return (f"the measured update-to-weight ratio was {ratio:.2g}; an SGD step is lr x gradient, and at a given "
                 f"point of training the gradient does not depend on lr, so the ratio scales with lr: "
-                f"lr x {target:g} / ratio gives steps of {target:g} of the weights' size")
+                f"lr x {target:.2g} / ratio gives steps of {target:.2g} of the weights' size")
     return (f"the measured update-to-weight ratio was {ratio:.2g}; an Adam-like step is about lr per element "
-            f"(the gradient is normalised by its RMS), so the ratio scales with lr: lr x {target:g} / ratio "
-            f"gives steps of {target:g} of the weights' size")
+            f"(the gradient is normalised by its RMS), so the ratio scales with lr: lr x {target:.2g} / ratio "
+            f"gives steps of {target:.2g} of the weights' size")
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,9 +330,11 @@ class LrTooHigh(Rule):
     improving before it): instability that follows the lr.
 
     Severity: error when the loss went non-finite, diverged, collapsed to the trivial level,
-    or a spike never recovered; warning otherwise. Recommends ``lr`` = lr x 1e-3 / ratio (the
-    lr at which the measured steps had the target size; see the module docstring for why
-    this holds for Adam- and SGD-like optimizers; LBFGS and other line-search or sign-based
+    or a spike never recovered; warning otherwise. Recommends ``lr`` = lr x 10**-2.5 / ratio (the
+    lr at which the measured steps had a size half a decade above the target, inside the
+    healthy band with a sqrt(10) margin under this rule's 1e-2: the first steps a too-high lr
+    is measured on overstate the steady ratio, see ``SUGGEST_RATIO_WHEN_TOO_HIGH``; the module
+    docstring says why the ratio scales with lr for Adam- and SGD-like optimizers; LBFGS and other line-search or sign-based
     optimizers get no number), or, without ratios, the lr one smoothing window before the
     onset. When the instability was early (onset in the first 25% of the run) and the run
     recovered from every spike, the lr suits the steady state and only the start is too
@@ -364,7 +367,7 @@ class LrTooHigh(Rule):
         causes="A learning rate copied from a different model size or optimizer (SGD's 0.1 used with Adam); no warmup "
         "for Adam or a Transformer; a batch-size change without rescaling lr; a loss summed instead of averaged "
         "under SGD (the step grows with the batch).",
-        fix="Lower the learning rate to the suggested value (it gives updates of ~1e-3 of the weights per step); "
+        fix="Lower the learning rate to the suggested value (it gives updates of ~3e-3 of the weights per step); "
         "when only the first steps are unstable, add a linear warmup instead.",
         example="Adam(lr=1.0) on an MLP: updates of 0.3x the weights per step, the loss climbs from 2.3 to 40: "
         "lr=0.0033 restores a decreasing loss.",
@@ -475,8 +478,9 @@ class LrTooHigh(Rule):
                 f"the loss spiked from step {onset} and had settled by step {warm}; the run then trained at the full "
                 f"lr, so a linear warmup over those {warm} steps keeps the start below it"))
         elif ratio is not None and lr_now and family in ("adaptive", "sgd"):
-            suggested = nice(lr_now * TARGET_UPDATE_RATIO / ratio)
-            recs.append(Recommendation.hyperparameter("lr", lr_now, suggested, _lr_reason(family, ratio, TARGET_UPDATE_RATIO)))
+            suggested = nice(lr_now * SUGGEST_RATIO_WHEN_TOO_HIGH / ratio)
+            recs.append(Recommendation.hyperparameter("lr", lr_now, suggested,
+                                                      _lr_reason(family, ratio, SUGGEST_RATIO_WHEN_TOO_HIGH)))
         elif follow is not None:
             suggested = nice(follow["lr_stable"])
             recs.append(Recommendation.hyperparameter(
