@@ -121,9 +121,10 @@ class NonfiniteInputs(Rule):
     """Fires when a batch carried NaN/Inf. Two observations count, zero being the only
     threshold (a finite-valued dataset never has one):
 
-    * the recorder's per-step count (``data_nonfinite``): NaN/Inf entries in the watched
-      models' first input of every training forward and in the float targets of observed
-      loss functions. It is exact: the step it names is the step the bad batch entered;
+    * the recorder's per-step check (``data_nonfinite``): how many data tensors held a NaN/Inf
+      (the watched models' first input of every training forward, the float targets of
+      observed loss functions). It is exact: the step it names is the step the bad batch
+      entered;
     * the sampled ``nonfinite`` count of the model's input, of the input to the first
       parametric layer, or of a loss function's target (sampled steps only; it also sees
       inputs passed as a second argument or to the first layer after a preprocessing step).
@@ -193,8 +194,7 @@ class NonfiniteInputs(Rule):
             frac = p["max_nonfinite"] / p["numel"] if p["numel"] and math.isfinite(p["numel"]) else math.nan
             name = f"{what.get(p['probe'], p['probe'])} {p['target']}".rstrip()
             if p["probe"] == "data":
-                desc.append(f"{name}: up to {p['max_nonfinite']:.0f} non-finite entries on {p['steps']} step(s), "
-                            f"first at step {p['first_step']}")
+                desc.append(f"{name}: NaN/Inf on {p['steps']} step(s), first at step {p['first_step']}")
                 continue
             desc.append(f"{name}: up to {p['max_nonfinite']:.0f} non-finite entries"
                         + (f" of {p['numel']:.0f} ({frac:.2%})" if math.isfinite(frac) else "")

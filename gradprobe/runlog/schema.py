@@ -70,7 +70,7 @@ STEP_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("retain_graph", pa.bool_(), "a backward this step used retain_graph=True"),
     ("memory", pa.int64(), "bytes: CUDA allocated memory on GPU, process RSS on CPU"),
     ("local_grad_norm", pa.float32(), "DistributedDataParallel: this rank's gradient norm before the all-reduce (NaN: not DDP)"),
-    ("data_nonfinite", pa.int32(), "NaN/Inf entries in the step's data: the watched models' first tensor input on training forwards and the targets of observed loss functions (-1: not measured)"),
+    ("data_nonfinite", pa.int32(), "data tensors holding NaN/Inf this step: the watched models' first tensor input on training forwards and the float targets of observed loss functions (-1: not measured)"),
     ("sampled", pa.bool_(), "the sampled deep probes ran on this step"),
 ]
 
