@@ -796,6 +796,8 @@ LONG_RUN_SCRIPT = textwrap.dedent(
                 max_pending = max(max_pending, len(probe._records))
             if i in checkpoints:
                 gc_pending = len(probe._records)
+                if trace:  # in-flight records (a writer lagging under load) are not retained memory
+                    probe.flush()
                 out["points"].append({"step": i, "rss": rss(), "gradprobe_bytes": gradprobe_bytes() if trace else None,
                                       "seconds": time.perf_counter() - t0, "pending_records": gc_pending,
                                       "writer_queue": probe.writer._q.qsize(), "sentinels": len(probe._sentinels)})

@@ -20,7 +20,7 @@ from tests.robustness import fuzz as FZ
 from tests.robustness import harness as H
 
 QUICK = 20
-DEEP = 250
+DEEP = 100
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 
 
