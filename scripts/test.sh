@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -c constraints/dev.txt -e ".[dev]"
-python -m pytest -q
-python -m pytest -q -m slow
+python -m pytest -q --durations=10
+python -m pytest -q -m slow --durations=20
