@@ -130,3 +130,48 @@ def test_torch_func_keeps_working_under_watch(logdir):
         loss_fn(dict(model.named_parameters()), x, y).backward()
         opt.step()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_no_host_sync_from_gradprobe_on_unsampled_steps(tmp_path, monkeypatch, deep):
+    """The default path keeps step records on the device: on steps without sampled probes,
+    gradprobe's code on the training thread never calls ``item``/``cpu``/``tolist``/
+    ``numpy`` or converts a tensor to a Python number or bool (each a host-device sync on a
+    GPU)."""
+    import os
+    import sys
+    import threading
+
+    root = os.path.dirname(gradprobe.__file__)
+    calls: list[str] = []
+    main = threading.get_ident()
+
+    def spy(name: str):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            if threading.get_ident() == main:
+                f = sys._getframe(1)
+                if f.f_code.co_filename.startswith(root):
+                    calls.append(f"{name} at {f.f_code.co_filename}:{f.f_lineno}")
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    torch.manual_seed(0)
+    model = mlp((8, 32, 32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    cfg = ProbeConfig(schedule=Schedule(every=1000, early_until=0), deep=deep)  # step 0 sampled only
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    with gradprobe.watch(model, opt, logdir=str(tmp_path), config=cfg):
+        for step in range(12):
+            if step == 2:  # steps 2.. are unsampled: spy from here on
+                for name in ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__"):
+                    spy(name)
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        monkeypatch.undo()
+    assert calls == []

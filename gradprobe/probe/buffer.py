@@ -164,7 +164,7 @@ class PendingBatch:
             cols["clip_total_norm"].append(vals.get("clip_total", math.nan))
             cols["clip_calls"].append(h["clip_calls"])
             cols["clip_on_scaled"].append(h["clip_on_scaled"])
-            cols["lr"].append(h["lr"])
+            cols["lr"].append(vals.get("lr_dev", h["lr"]))
             cols["optimizer_steps"].append(h["optimizer_steps"])
             cols["scale"].append(vals.get("scale_after", vals.get("scale_before", math.nan)))
             cols["scale_before"].append(vals.get("scale_before", math.nan))

@@ -1143,10 +1143,15 @@ class Probe:
             keep.popleft()
         self._sentinels = keep
         lr = float("nan")
+        lr_dev = None
         if self._optimizers and self._optimizers[0].optimizer.param_groups:
             v = self._optimizers[0].optimizer.param_groups[0].get("lr", float("nan"))
             if isinstance(v, torch.Tensor):
-                v = float(v) if v.device.type == "cpu" and v.numel() == 1 else float("nan")
+                if v.device.type == "cpu" and v.numel() == 1:
+                    v = float(v)
+                else:  # a device lr (capturable optimizers): read with the record, no sync now
+                    lr_dev = v.detach().reshape(-1)[:1].clone() if v.numel() else None
+                    v = float("nan")
             lr = float(v)
         rec = StepRecord(
             host={
@@ -1178,6 +1183,8 @@ class Probe:
             rec.add("loss_fn", v)
         for v in seg.eval_loss:
             rec.add("eval_loss", v)
+        if lr_dev is not None:
+            rec.add("lr_dev", lr_dev)
         if seg.data_nonfinite is not None:
             rec.add("data_nonfinite", seg.data_nonfinite)
         for idx, norms in seg.grad_pieces:
