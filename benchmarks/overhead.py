@@ -8,7 +8,9 @@ order (baseline, gradprobe light = per-step signals only, gradprobe default = pe
 signals + deep probes at the default interval, and the peers: torch.autograd.detect_anomaly,
 a naive per-parameter ``p.grad.norm().item()`` probe as Cockpit's GradNorm does, and
 ``wandb.watch(model, log="all", log_freq=1)`` offline when wandb is installed). The figure
-is the median seconds per step of a mode over the median of the baseline. A gradprobe block
+is the median seconds per step of a mode over the median of the baseline, in steady state:
+attaching and closing a probe (thread start, file creation, the final flush) happen once per
+run and are timed apart and printed separately. A gradprobe block
 opens a fresh probe whose schedule has no early burst (``early_until=0``), and blocks are a
 multiple of the sampling interval, so each block samples at exactly the steady-state rate.
 
@@ -112,6 +114,11 @@ def train_steps(case: dict[str, Any], n: int, *, anomaly: bool = False, naive: b
         opt.step()
 
 
+#: one-time cost of attaching and closing a probe (seconds), per mode: measured apart from
+#: the per-step figure, which is the steady state of a long run
+ATTACH_CLOSE: dict[str, list[float]] = {}
+
+
 def run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
     n = case["block"]
     if case["x"].is_cuda:
@@ -121,8 +128,15 @@ def run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
         train_steps(case, n)
     elif mode in ("gradprobe-light", "gradprobe-default"):
         cfg = ProbeConfig(schedule=Schedule(every=INTERVAL, early_until=0), deep=(mode == "gradprobe-default"))
-        with gradprobe.watch(case["model"], case["opt"], logdir=tempfile.mkdtemp(dir=tmp), config=cfg):
-            train_steps(case, n)
+        probe = gradprobe.watch(case["model"], case["opt"], logdir=tempfile.mkdtemp(dir=tmp), config=cfg)
+        t1 = time.perf_counter()
+        train_steps(case, n)
+        if case["x"].is_cuda:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        probe.close()
+        ATTACH_CLOSE.setdefault(mode, []).append((t1 - t0) + (time.perf_counter() - t2))
+        return (t2 - t1) / n
     elif mode == "detect_anomaly":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -215,9 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.device.startswith("cuda"):
                 entry["syncs_per_run"] = count_syncs(case, tmp)
             results["models"][name] = entry
+    results["attach_close_ms"] = {m: statistics.median(v) * 1e3 for m, v in ATTACH_CLOSE.items()}
     print(f"{'model':<12} " + " ".join(f"{m:>18}" for m in modes))
     for name, e in results["models"].items():
         print(f"{name:<12} " + " ".join(f"{e['ratio'][m]:>17.3f}x" for m in modes))
+    for m, v in results["attach_close_ms"].items():
+        print(f"{m}: attach + close once per run, median {v:.0f} ms (not in the per-step figures)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -70,6 +70,10 @@ class ModuleInfo:
     amp_eval: tuple[bool, str, str | None] | None = None  # the same in no-grad (evaluation) forwards
     device_type: str | None = None
     aged: bool = False
+    # no parameters of its own, not a root, recurrent or loss module: what enters it reaches
+    # the next module that has parameters (whose age walk goes through this one's node), so
+    # its hooks only serve the sampled activation probes and skip every other step
+    light: bool = False
 
 
 @dataclass
@@ -202,6 +206,9 @@ class Probe:
         self._last_close = self._t_start
         self._last_flush = self._t_start
         self._open = OpenStep(index=0, sampled=0 in self.config.schedule)
+        # activation modules without parameters: hooked only while a sampled step is open
+        self._light_modules: list[nn.Module] = []
+        self._light_handles: list[Any] = []
         self._pending_scalars: list[tuple[str, Any]] = []
         self._loss_functions: set[str] = set()
         self._meta_dirty = False
@@ -285,6 +292,7 @@ class Probe:
             from gradprobe.probe.deep import DeepProbes
 
             self.deep = DeepProbes(self)
+            self._sync_light_hooks()
 
         patches.activate(self)
         _LIVE.add(self)
@@ -340,13 +348,21 @@ class Probe:
                 saturating=isinstance(mod, SATURATING_TYPES),
                 relu_like=isinstance(mod, RELU_TYPES),
             )
+            info.light = (mod is not model and not info.recurrent and not info.is_loss
+                          and next(mod.parameters(recurse=False), None) is None)
             self._module_info[mod] = info
             self.meta.setdefault("modules", {})[full] = info.cls
+            if info.light and not (info.saturating or info.relu_like):
+                continue  # nothing to measure on it: no hooks (containers, dropout, reshapes)
+            if info.light and not self.auto:
+                self._light_modules.append(mod)  # the activation probes' hooks, on sampled steps
+                continue
             if not self.auto:
                 self._handles.append(mod.register_forward_pre_hook(self._on_forward_pre))
                 self._handles.append(
                     mod.register_forward_hook(self._on_forward_post, with_kwargs=True, always_call=True)
                 )
+        self._sync_light_hooks()
         ddp = _is_ddp(model)
         if ddp:
             self._watch_local_grads(model)
@@ -911,11 +927,30 @@ class Probe:
         if not self._scaler_mode and all(self._open.has_stepped(o.optimizer) for o in self._optimizers):
             self._close_step()
 
+    def _sync_light_hooks(self) -> None:
+        """Hooks the parameter-free activation modules while a sampled step with deep probes
+        is open, and unhooks them otherwise: on the other steps nothing is measured there, and
+        a module with hooks takes PyTorch's slower call path (~20 us per call on a CPU)."""
+        want = self.deep is not None and self._open.sampled and not self._closed
+        if want and not self._light_handles:
+            for mod in self._light_modules:
+                self._light_handles.append(mod.register_forward_pre_hook(self._on_forward_pre))
+                self._light_handles.append(
+                    mod.register_forward_hook(self._on_forward_post, with_kwargs=True, always_call=True))
+        elif not want and self._light_handles:
+            for h in self._light_handles:
+                h.remove()
+            self._light_handles = []
+
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
         if self._closed or self._forked:
             return None
         if patches._is_compiling():
             return None
+        if not self.auto:
+            info = self._module_info.get(module)
+            if info is not None and info.light and not self._open.sampled:
+                return None  # hot path: an activation module on an unsampled step
         self.guard.call("forward", self._forward_pre, module, args)
         return None
 
@@ -953,6 +988,10 @@ class Probe:
             return None
         if patches._is_compiling():
             return None
+        if not self.auto:
+            info = self._module_info.get(module)
+            if info is not None and info.light and not self._open.sampled:
+                return None
         self.guard.call("forward", self._forward_post, module, args, kwargs, output)
         return None
 
@@ -1229,6 +1268,8 @@ class Probe:
         self._consumed = False
         nxt = step + 1
         self._open = OpenStep(index=nxt, sampled=nxt in self.config.schedule)
+        if self._light_modules:
+            self._sync_light_hooks()
         if carry is not None:
             self._open.current = carry
         if now - self._last_flush >= self.config.flush_seconds or len(self._records) >= self.config.flush_steps:
@@ -1400,12 +1441,13 @@ class Probe:
         finally:
             self._closed = True
             self._stop.set()
-            for h in self._handles:
+            for h in self._handles + self._light_handles:
                 try:
                     h.remove()
                 except Exception:  # noqa: BLE001
                     pass
             self._handles = []
+            self._light_handles = []
             patches.deactivate(self)
             _LIVE.discard(self)
             self.meta["closed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
