@@ -926,25 +926,19 @@ class LossCurve:
         """The loss ended below :attr:`settled_start` by more than :func:`level_significance`
         (10% of the start and 3 standard errors of a window median; 5 noise units when the
         start is the single first record): it made progress that noise does not explain."""
-        if self.n < 2:
-            return False
-        st = self.settled_start
-        sig = level_significance(self)
-        if st != self.initial:
-            sig = max(sig, 5.0 * self.noise)
-        return bool(st - self.final >= sig)
+        return self.n >= 2 and bool(self.settled_start - self.final >= self._change_significance())
 
     @property
     def rose(self) -> bool:
         """The loss ended above :attr:`settled_start` by more than :func:`level_significance`
         (and by 5 noise units when the start is the single first record)."""
-        if self.n < 2:
-            return False
-        st = self.settled_start
+        return self.n >= 2 and bool(self.final - self.settled_start >= self._change_significance())
+
+    def _change_significance(self) -> float:
+        """The change :attr:`fell` and :attr:`rose` require: :func:`level_significance`, and
+        at least 5 noise units when the settled start is not the first record."""
         sig = level_significance(self)
-        if st != self.initial:
-            sig = max(sig, 5.0 * self.noise)
-        return bool(self.final - st >= sig)
+        return max(sig, 5.0 * self.noise) if self.settled_start != self.initial else sig
 
 def level_significance(curve: LossCurve) -> float:
     """Smallest difference between two levels of ``curve`` that noise does not explain: 3

@@ -10,6 +10,7 @@ seen, so thresholds come from the mechanics of training, not from a sample run.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
@@ -38,7 +39,7 @@ class Explanation:
     )
 
 
-class Rule:
+class Rule(abc.ABC):
     """Base class. Subclasses set the class attributes and implement :meth:`check`."""
 
     code: ClassVar[str]
@@ -54,8 +55,9 @@ class Rule:
     computes: ClassVar[dict[str, str]] = {}
     explanation: ClassVar[Explanation]
 
-    def check(self, ctx: "RunContext") -> list[Finding]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def check(self, ctx: "RunContext") -> list[Finding]:
+        """The rule's findings on ``ctx`` (empty when it does not fire)."""
 
     def finding(
         self,

@@ -348,20 +348,6 @@ def test_gp605_after_closed_recurrent_gates_is_their_symptom():
 
 
 # ================================================================== real runs ===============
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    cache: dict[str, Report] = {}
-
-    def get(name: str) -> Report:
-        if name not in cache:
-            d = str(tmp_path_factory.mktemp(name) / "run")
-            (R.HEALTHY.get(name) or getattr(R, name))(d)
-            cache[name] = gradprobe.analyze(d)
-        return cache[name]
-
-    return get
-
-
 def test_real_dead_relus_from_negative_biases(real):
     report = real("dead_relus")
     f = only(report, "GP605")

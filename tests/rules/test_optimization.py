@@ -608,21 +608,6 @@ def test_gp506_one_noisy_evaluation_is_not_overfitting():
 
 
 # ================================================================== real runs ===============
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    """Each real run once per module (they are shared by several tests)."""
-    cache: dict[str, Report] = {}
-
-    def get(name: str) -> Report:
-        if name not in cache:
-            d = str(tmp_path_factory.mktemp(name) / "run")
-            (R.HEALTHY.get(name) or getattr(R, name))(d)
-            cache[name] = gradprobe.analyze(d)
-        return cache[name]
-
-    return get
-
-
 def test_real_adam_with_a_huge_lr(real):
     report = real("adam_huge_lr")
     f = only(report, "GP501")
