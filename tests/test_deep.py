@@ -138,6 +138,67 @@ def test_update_ratio_activation_input_and_target_stats(logdir):
     assert _sample(log, "input", "sequential", "nonfinite") == 0
 
 
+def _finite_reference(x: torch.Tensor, feature_dim: int) -> list[float]:
+    """[numel, nonfinite, mean, std, absmax, feature_std_min, feature_std_max] in float64."""
+    a = x.double().numpy()
+    fin = np.isfinite(a)
+    v = a[fin]
+    z = np.where(fin, a, 0.0)
+    feats = np.moveaxis(z, feature_dim, -1).reshape(-1, a.shape[feature_dim])
+    fstd = feats.std(axis=0) if feats.shape[1] > 1 else np.array([v.std() if v.size else 0.0])  # one feature: the std
+    return [a.size, (~fin).sum(), v.mean() if v.size else 0.0, v.std() if v.size else 0.0,
+            np.abs(v).max() if v.size else 0.0, fstd.min(), fstd.max()]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_input_stats_over_finite_entries_equal_float64_reference(seed):
+    """The few-pass statistics (NaN/Inf zeroed, two-pass variance) against numpy in float64,
+    on data with offsets, scales and NaN/+Inf/-Inf entries."""
+    from gradprobe.probe.deep import _float_stats, _nonfinite_count
+
+    g = torch.Generator().manual_seed(seed)
+    shape, fd = [((64, 12), -1), ((8, 3, 5, 5), 1), ((5, 1), -1)][seed % 3]
+    x = torch.randn(*shape, generator=g) * 10.0 ** (seed - 2) + 3.0 * 10.0 ** (seed % 4)
+    if seed % 2:
+        idx = torch.randperm(x.numel(), generator=g)[: x.numel() // 4 + 1]
+        x.view(-1)[idx] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(len(idx))[: len(idx)]
+    got = _float_stats(x, fd).tolist()
+    ref = _finite_reference(x, fd % x.dim())
+    assert got[0] == ref[0] and got[1] == ref[1]
+    assert got[1] == float(_nonfinite_count(x)) == float((~torch.isfinite(x)).sum())
+    for k in (2, 3, 4, 5, 6):
+        assert got[k] == pytest.approx(ref[k], rel=2e-3, abs=1e-6 * max(1.0, abs(ref[2]))), k
+
+
+def test_activation_stats_and_dead_units_with_nonfinite_entries(logdir):
+    """A NaN in a ReLU unit's column makes it poisoned, not dead; the activation moments are
+    over the finite entries; the exact NaN/Inf counts of gradients and weights match."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    with torch.no_grad():
+        model[0].bias[:3] = -50.0  # three units never active...
+    x = torch.randn(16, 4)
+    x[0, 0] = float("nan")  # ...but a NaN in row 0 reaches every unit: none is "dead"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradprobe.watch(model, opt, logdir=logdir, config=EVERY):
+        opt.zero_grad()
+        h = model[0](x).detach()
+        nn.functional.mse_loss(model(x), torch.zeros(16, 1)).backward()
+        g = {n: float((~torch.isfinite(p.grad)).sum()) for n, p in model.named_parameters()}
+        opt.step()
+        w = {n: float((~torch.isfinite(p)).sum()) for n, p in model.named_parameters()}
+    log = gradprobe.RunLog.load(logdir)
+    assert _sample(log, "activation", "1", "dead_frac") == 0.0
+    assert _sample(log, "activation", "0", "nonfinite") == float((~torch.isfinite(h)).sum()) == 6.0
+    fin = h[1:]
+    assert _sample(log, "activation", "0", "mean") == pytest.approx(float(fin.mean()), rel=1e-5)
+    assert _sample(log, "activation", "0", "std") == pytest.approx(float(fin.std(unbiased=False)), rel=1e-4)
+    assert _sample(log, "activation", "0", "absmax") == pytest.approx(float(fin.abs().max()), rel=1e-6)
+    for name in g:
+        assert _sample(log, "grad", name, "nonfinite_count") == g[name]
+        assert _sample(log, "weight", name, "nonfinite_count") == w[name]
+    assert g["0.weight"] > 0
+
+
 def test_token_ids_are_recorded_as_integers_not_features(logdir):
     model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(24, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -179,6 +179,74 @@ def test_clip_imported_by_name_and_clip_on_scaled(logdir):
     assert (log.steps["clip_total_norm"] / log.steps["grad_norm"]).round().tolist() == [1024.0] * 4
 
 
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_clip_norms_reused_without_a_second_pass(logdir, norm_type):
+    """clip_grad_norm_ already computes every gradient's 2-norm: the probe keeps those
+    (one ``_foreach_norm`` over the gradients per step, the clip's own) and adds only the
+    weight pass; with another norm type it measures the gradients itself. Either way the
+    recorded norms are the brute-force ones, and ``torch._foreach_norm`` is left as it was."""
+    model = mlp((8, 16, 16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    orig = torch._foreach_norm
+    calls: list[int] = []
+
+    def counting(tensors, *a, **k):
+        calls.append(len(tensors))
+        return orig(tensors, *a, **k)
+
+    ref = []
+    torch._foreach_norm = counting
+    try:
+        with gradprobe.watch(model, opt, logdir=logdir, config=gradprobe.ProbeConfig.profile("light")):
+            for x, y in regression_batches(5):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                ref.append(_norms(model))
+                clip_grad_norm_(model.parameters(), 0.1, norm_type=norm_type)
+                opt.step()
+    finally:
+        assert torch._foreach_norm is counting  # restored to what it was during the call
+        torch._foreach_norm = orig
+    n_params = len(list(model.parameters()))
+    per_step = 2 if norm_type == 2.0 else 3  # the clip's pass, the weights (, the gradients)
+    assert calls == [n_params] * (per_step * len(ref))
+    log = gradprobe.RunLog.load(logdir)
+    for i, pre in enumerate(ref):
+        for name, v in pre.items():
+            assert log.layer_grad.loc[i, name] == pytest.approx(v, rel=1e-5)
+
+
+def test_clip_norms_of_a_subset_and_of_half_gradients_are_measured_right(logdir):
+    """The clip's norms are used only when they cover the gradients measured, in float32:
+    clipping one layer leaves the others to the probe's own pass, and float16 norms
+    (which overflow at 65504) are never recorded."""
+    model = mlp((8, 16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = []
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for x, y in regression_batches(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            ref.append(_norms(model))
+            clip_grad_norm_(model[0].parameters(), 0.1)
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    for i, pre in enumerate(ref):
+        for name, v in pre.items():
+            assert log.layer_grad.loc[i, name] == pytest.approx(v, rel=1e-5)
+    half = torch.full((4,), 60000.0, dtype=torch.float16)
+    p = nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    opt2 = torch.optim.SGD([p], lr=0.0)
+    with gradprobe.watch(nn.ParameterList([p]), opt2, logdir=logdir + "-half"):
+        p.grad = half.clone()
+        (p.float().sum() * 0).backward()
+        p.grad = half.clone()
+        clip_grad_norm_([p], 1e9)  # its float16 norm is inf (120000 > 65504)
+        opt2.step()
+    row = gradprobe.RunLog.load(logdir + "-half").steps.iloc[0]
+    assert row["grad_norm"] == pytest.approx(120000.0, rel=1e-3) and row["grad_nonfinite_layers"] == 0
+
+
 def test_state_age_grows_when_state_is_carried_and_is_zero_when_detached(tmp_path):
     def run(detach: bool, path: str) -> gradprobe.RunLog:
         model = SeqRegressor("gru", hidden=8)

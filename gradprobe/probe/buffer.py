@@ -30,7 +30,8 @@ class StepRecord:
     Fields: ``loss``/``loss_fn``/``eval_loss`` (one value per root/call), ``grad`` and
     ``weight`` (meta: layer indices), ``clip`` (the clip's total norm; meta: layer indices and
     max_norm), ``clip_coef`` (meta: layer indices), ``clip_total``,
-    ``clip_max``, ``scale_before``, ``scale_after``, ``found_inf``, ``sample`` (meta:
+    ``clip_max``, ``scale_before``, ``scale_after``, ``found_inf``, ``data_sum`` (one float32
+    sum per data tensor: non-finite when the tensor holds NaN/Inf), ``sample`` (meta:
     ``(probe, target, stat, index0)``), ``scalar`` (meta: name).
     """
 
@@ -40,7 +41,9 @@ class StepRecord:
     host_samples: list[tuple[str, str, str, int, float]] = field(default_factory=list)
     host_scalars: list[tuple[str, float]] = field(default_factory=list)
 
-    def add(self, name: str, tensor: torch.Tensor, meta: Any = None) -> None:
+    def add(self, name: str, tensor: torch.Tensor | list[torch.Tensor], meta: Any = None) -> None:
+        """One layout entry: a tensor, or a list of 0-d tensors (per-layer norms as
+        ``torch._foreach_norm`` returns them: stacked once per flush, not once per step)."""
         self.layout.append((name, meta))
         self.tensors.append(tensor)
 
@@ -54,13 +57,34 @@ class PendingBatch:
         self.segment = segment
         self._event: Any = None
         self._host: torch.Tensor | None = None
-        tensors = [t for r in records for t in r.tensors]
-        self._sizes = [t.numel() for t in tensors]
-        if not tensors:
+        # every entry's (offset, size) in one flat float32 vector: tensors with a shape first,
+        # then all 0-d values of the batch (losses, per-layer norms...) in one stack
+        vectors: list[torch.Tensor] = []
+        scalars: list[torch.Tensor] = []
+        places: list[tuple[bool, int, int]] = []  # (in the scalar part, offset within it, size)
+        nv = 0
+        for r in records:
+            for t in r.tensors:
+                if isinstance(t, (list, tuple)):
+                    places.append((True, len(scalars), len(t)))
+                    scalars.extend(t)
+                elif t.dim() == 0:
+                    places.append((True, len(scalars), 1))
+                    scalars.append(t)
+                else:
+                    n = t.numel()
+                    places.append((False, nv, n))
+                    vectors.append(t)
+                    nv += n
+        self._places = [(off + nv if in_scalars else off, size) for in_scalars, off, size in places]
+        if not vectors and not scalars:
             self._host = torch.empty(0)
             return
         with torch.no_grad():
-            flat = torch.cat([_flat32(t, device) for t in tensors])
+            parts = [_flat32(t, device) for t in vectors]
+            if scalars:
+                parts.append(_flat32(torch.stack([_on(t.detach(), device) for t in scalars]), device))
+            flat = torch.cat(parts) if len(parts) > 1 else parts[0]
             if flat.device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
                 host.copy_(flat, non_blocking=True)
@@ -80,8 +104,7 @@ class PendingBatch:
             self._event.synchronize()
         assert self._host is not None
         flat = self._host.numpy().astype(np.float64)
-        pos = 0
-        sizes = iter(self._sizes)
+        places = iter(self._places)
         L = self.n_layers
         n = len(self.records)
         cols: dict[str, Any] = {name: [] for name, _, _ in S.STEP_COLUMNS}
@@ -99,10 +122,10 @@ class PendingBatch:
             evals: list[float] = []
             vals: dict[str, float] = {}
             has_weight = False
+            data_bad = -1 if not any(name == "data_sum" for name, _ in rec.layout) else 0
             for name, meta in rec.layout:
-                size = next(sizes)
+                pos, size = next(places)
                 v = flat[pos : pos + size]
-                pos += size
                 if name == "grad":
                     g[meta] = v
                 elif name == "weight":
@@ -120,6 +143,8 @@ class PendingBatch:
                     loss_fn.extend(v.tolist())
                 elif name == "eval_loss":
                     evals.extend(v.tolist())
+                elif name == "data_sum":  # one float32 sum per data tensor: non-finite iff it holds NaN/Inf
+                    data_bad += int(np.count_nonzero(~np.isfinite(v)))
                 elif name == "local_grad":
                     with np.errstate(all="ignore"):
                         vals["local_grad"] = math.sqrt(float(np.sum(np.square(v)))) if size else math.nan
@@ -180,8 +205,7 @@ class PendingBatch:
             cols["retain_graph"].append(h["retain_graph"])
             cols["memory"].append(h["memory"])
             cols["local_grad_norm"].append(vals.get("local_grad", math.nan))
-            data_bad = vals.get("data_nonfinite", -1.0)
-            cols["data_nonfinite"].append(int(data_bad) if math.isfinite(data_bad) else -1)
+            cols["data_nonfinite"].append(data_bad)
             cols["sampled"].append(h["sampled"])
         samples.extend(derived_samples(samples))
         steps = np.asarray(cols["step"], dtype=np.int64)
@@ -189,10 +213,12 @@ class PendingBatch:
         return cols, (steps, g_all, w_all, sampled), samples, scalars
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 def _flat32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = t.detach().reshape(-1)
-    if t.device != device:
-        t = t.to(device, non_blocking=True)
+    t = _on(t.detach().reshape(-1), device)
     if t.dtype != torch.float32:
         t = t.float()
     return t

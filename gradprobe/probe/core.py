@@ -208,7 +208,11 @@ class Probe:
         self._open = OpenStep(index=0, sampled=0 in self.config.schedule)
         # activation modules without parameters: hooked only while a sampled step is open
         self._light_modules: list[nn.Module] = []
+        # non-root modules with parameters: their forward-pre hook only serves the sampled
+        # probes (the post hook, which dates what they output, stays on every step)
+        self._pre_modules: list[nn.Module] = []
         self._light_handles: list[Any] = []
+        self._light_handles_stale = False
         self._pending_scalars: list[tuple[str, Any]] = []
         self._loss_functions: set[str] = set()
         self._meta_dirty = False
@@ -358,10 +362,14 @@ class Probe:
                 self._light_modules.append(mod)  # the activation probes' hooks, on sampled steps
                 continue
             if not self.auto:
-                self._handles.append(mod.register_forward_pre_hook(self._on_forward_pre))
+                if mod is model:
+                    self._handles.append(mod.register_forward_pre_hook(self._on_forward_pre))
+                else:
+                    self._pre_modules.append(mod)
                 self._handles.append(
                     mod.register_forward_hook(self._on_forward_post, with_kwargs=True, always_call=True)
                 )
+        self._light_handles_stale = True
         self._sync_light_hooks()
         ddp = _is_ddp(model)
         if ddp:
@@ -554,27 +562,32 @@ class Probe:
         self._meta_dirty = True
 
     # ------------------------------------------------------------------ measurements ----
-    def _norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Per-tensor 2-norms (float32) in one ``_foreach_norm`` pass per device."""
+    def _norms(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-tensor 2-norms as 0-d float32 tensors on the probe's device, from one
+        ``_foreach_norm`` pass when the tensors share a device (not stacked here: the record
+        stacks every 0-d value of a batch of steps at once when it is flushed)."""
         with torch.no_grad():
-            dense = [t for t in tensors if not t.is_sparse]
-            if len(dense) == len(tensors):
-                devs = {t.device for t in tensors}
-                if len(devs) == 1:
+            if not any(t.is_sparse for t in tensors):
+                dev = tensors[0].device
+                if all(t.device == dev for t in tensors):
                     try:
-                        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+                        norms = list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
                     except (TypeError, RuntimeError):
                         norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
-                    out = torch.stack(norms)
-                    return out if out.device == self._device else out.to(self._device, non_blocking=True)
+                    return norms if dev == self._device else [n.to(self._device, non_blocking=True) for n in norms]
             norms = []
             for t in tensors:
                 v = t.coalesce().values() if t.is_sparse else t
                 norms.append(torch.linalg.vector_norm(v, dtype=torch.float32).to(self._device, non_blocking=True))
-            return torch.stack(norms)
+            return norms
 
-    def _measure(self, scope: list[int], scale: torch.Tensor | None = None) -> None:
-        """Per-layer gradient norms for ``scope`` unless measured since the last backward."""
+    def _measure(self, scope: list[int], scale: torch.Tensor | None = None,
+                 known: tuple[list[int], list[torch.Tensor]] | None = None) -> None:
+        """Per-layer gradient norms for ``scope`` unless measured since the last backward.
+
+        ``known``: (ids of gradients, their 2-norms) that ``clip_grad_norm_`` has just
+        computed itself; used instead of a second pass over the gradients when they cover
+        every gradient to measure."""
         self._ensure_layout()
         epoch = self._grad_epoch
         todo: list[int] = []
@@ -590,10 +603,25 @@ class Probe:
                 grads.append(g)
         if not grads:
             return
-        norms = self._norms(grads)
+        norms: list[torch.Tensor] | None = None
+        if known is not None:
+            where = {i: k for k, i in enumerate(known[0])}
+            ks = [where.get(id(g)) for g in grads]
+            if None not in ks:
+                norms = [known[1][k] for k in ks]
+        if norms is None:
+            norms = self._norms(grads)
         if scale is not None:
-            norms = norms / scale.to(norms.device)
+            with torch.no_grad():
+                norms = list(torch._foreach_div(norms, scale.to(norms[0].device)))
         self._open.current.grad_pieces.append((todo, norms))
+
+    def _usable_norms(self, known: tuple[list[int], list[torch.Tensor]]) -> bool:
+        """Norms ``clip_grad_norm_`` computed are used as recorded ones when they are what
+        the probe's own pass would give: float32 on the probe's device (half-precision norms
+        overflow at 65504)."""
+        norms = known[1]
+        return bool(norms) and all(n.dtype == torch.float32 and n.device == self._device for n in norms)
 
     def _scale_for(self, opt: Any) -> torch.Tensor | None:
         """The scale the current gradients are still multiplied by, or None."""
@@ -733,7 +761,8 @@ class Probe:
         self._flush(force=True)
 
     @guarded("clip")
-    def _on_clip(self, params: list[torch.Tensor], max_norm: Any, total_norm: Any, after: bool = False) -> None:
+    def _on_clip(self, params: list[torch.Tensor], max_norm: Any, total_norm: Any, after: bool = False,
+                 known: tuple[list[int], list[torch.Tensor]] | None = None) -> None:
         if not self._live():
             return
         scope = self._scope_of_params(params)
@@ -744,7 +773,7 @@ class Probe:
         scale = self._scale_for(opt)
         seg = self._open.current
         if not after:
-            self._measure(scope, scale)
+            self._measure(scope, scale, known if known is not None and self._usable_norms(known) else None)
         if scale is not None:
             seg.clip_on_scaled = True
         if isinstance(total_norm, torch.Tensor):
@@ -916,31 +945,37 @@ class Probe:
             self._measure(self._scope(info), None)
         scope = self._scope(info)
         params = [self._layers[i].param for i in scope]
+        weights = self._norms(params) if params else []
         if params:
-            self._open.weight_pieces.append((list(scope), self._norms([p.detach() for p in params])))
+            self._open.weight_pieces.append((list(scope), weights))
         self._open.optimizer_steps += 1
         self._open.stepped.append(opt)
         self._open.seal()
         self._consumed = False
         if self.deep is not None and self._open.sampled:
-            self.deep.on_post_step(info)
+            self.deep.on_post_step(info, weights)
         if not self._scaler_mode and all(self._open.has_stepped(o.optimizer) for o in self._optimizers):
             self._close_step()
 
     def _sync_light_hooks(self) -> None:
-        """Hooks the parameter-free activation modules while a sampled step with deep probes
-        is open, and unhooks them otherwise: on the other steps nothing is measured there, and
-        a module with hooks takes PyTorch's slower call path (~20 us per call on a CPU)."""
+        """Hooks the parameter-free activation modules, and the forward-pre side of the
+        other non-root modules, while a sampled step with deep probes is open, and unhooks
+        them otherwise: on the other steps nothing is measured there (the root's pre hook
+        counts the data; the post hooks date what modules output), and every hook call is
+        Python on the training thread."""
         want = self.deep is not None and self._open.sampled and not self._closed
+        if self._light_handles and (not want or self._light_handles_stale):
+            for h in self._light_handles:
+                h.remove()
+            self._light_handles = []
+        self._light_handles_stale = False
         if want and not self._light_handles:
+            for mod in self._pre_modules:
+                self._light_handles.append(mod.register_forward_pre_hook(self._on_forward_pre))
             for mod in self._light_modules:
                 self._light_handles.append(mod.register_forward_pre_hook(self._on_forward_pre))
                 self._light_handles.append(
                     mod.register_forward_hook(self._on_forward_post, with_kwargs=True, always_call=True))
-        elif not want and self._light_handles:
-            for h in self._light_handles:
-                h.remove()
-            self._light_handles = []
 
     def _on_forward_pre(self, module: nn.Module, args: Any) -> None:
         if self._closed or self._forked:
@@ -998,6 +1033,8 @@ class Probe:
     def _forward_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.auto:
             self._depth = max(0, self._depth - 1)
+        elif self._consumed:  # a forward after clipping with no step: see _forward_pre
+            self._maybe_abandon()
         info = self._module_info.get(module)
         if info is None or _functorch_active():
             return
@@ -1224,8 +1261,8 @@ class Probe:
             rec.add("eval_loss", v)
         if lr_dev is not None:
             rec.add("lr_dev", lr_dev)
-        if seg.data_nonfinite is not None:
-            rec.add("data_nonfinite", seg.data_nonfinite)
+        if seg.data_sums:
+            rec.add("data_sum", seg.data_sums)
         for idx, norms in seg.grad_pieces:
             rec.add("grad", norms, idx)
         for idx, value, max_norm in seg.clip_pieces:
@@ -1251,7 +1288,7 @@ class Probe:
             else:
                 rec.host_samples.append((probe, target, stat, index, float(value)))
         if self._local_norms:
-            rec.add("local_grad", torch.stack(list(self._local_norms.values())))
+            rec.add("local_grad", list(self._local_norms.values()))
             self._local_norms = {}
         for name, value in self._pending_scalars:
             if isinstance(value, torch.Tensor):
@@ -1268,7 +1305,7 @@ class Probe:
         self._consumed = False
         nxt = step + 1
         self._open = OpenStep(index=nxt, sampled=nxt in self.config.schedule)
-        if self._light_modules:
+        if self._light_modules or self._pre_modules:
             self._sync_light_hooks()
         if carry is not None:
             self._open.current = carry

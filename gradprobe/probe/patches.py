@@ -144,14 +144,20 @@ def _install() -> None:
 
         @functools.wraps(orig_clip)
         def clip_grads_with_norm_(parameters: Any, max_norm: Any, total_norm: Any, *args: Any, **kwargs: Any) -> Any:
+            seen = getattr(_local, "clip_norms", None)
+            if seen is not None:
+                _local.clip_norms = None
             if _active and not _is_compiling():
                 params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+                known = seen[1:] if seen is not None and seen[0] is total_norm else None
                 for p in _active:
-                    p._on_clip(params, max_norm, total_norm)
+                    p._on_clip(params, max_norm, total_norm, known=known)
                 parameters = params
             return orig_clip(parameters, max_norm, total_norm, *args, **kwargs)
 
         _patch(clip_mod, "_clip_grads_with_norm_", clip_grads_with_norm_)
+        if hasattr(clip_mod, "_get_total_norm"):
+            _patch(clip_mod, "_get_total_norm", _total_norm_wrapper(clip_mod._get_total_norm))
     else:  # torch < 2.6: only calls through the module attributes are seen
         orig_cgn = clip_mod.clip_grad_norm_
 
@@ -229,6 +235,52 @@ def _install() -> None:
         if orig is None:
             continue
         _patch(F, name, _loss_wrapper(name, orig))
+
+
+def _total_norm_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """``clip_grad_norm_`` computes every gradient's 2-norm (one ``torch._foreach_norm``)
+    before it clips: keep those norms for the probe instead of a second pass over the
+    gradients. The original function runs unchanged; while it runs, ``torch._foreach_norm``
+    (looked up at call time) is a pass-through that also hands its result to this thread.
+    The norms are kept only when that one call covered exactly the given tensors, in order.
+    """
+
+    @functools.wraps(orig)
+    def get_total_norm(tensors: Any, norm_type: Any = 2.0, *args: Any, **kwargs: Any) -> Any:
+        if not _active or _is_compiling() or getattr(_local, "capture", None) is not None:
+            return orig(tensors, norm_type, *args, **kwargs)
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        try:
+            two = float(norm_type) == 2.0
+        except (TypeError, ValueError):
+            two = False
+        if not two or not tensors:
+            return orig(tensors, norm_type, *args, **kwargs)
+        prev = torch._foreach_norm
+        calls: list[tuple[Any, Any]] = []
+
+        def foreach_norm(ts: Any, *a: Any, **k: Any) -> Any:
+            out = prev(ts, *a, **k)
+            if getattr(_local, "capture", None) is calls:
+                calls.append((ts, out))
+            return out
+
+        _local.capture = calls
+        torch._foreach_norm = foreach_norm
+        try:
+            total = orig(tensors, norm_type, *args, **kwargs)
+        finally:
+            if torch._foreach_norm is foreach_norm:
+                torch._foreach_norm = prev
+            _local.capture = None
+        if len(calls) == 1:
+            ts, out = calls[0]
+            if len(ts) == len(tensors) and len(out) == len(tensors) and all(a is b for a, b in zip(ts, tensors)):
+                # ids, not the gradients: nothing here may keep a gradient alive
+                _local.clip_norms = (total, [id(t) for t in tensors], list(out))
+        return total
+
+    return get_total_norm
 
 
 def _loss_wrapper(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:

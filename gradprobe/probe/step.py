@@ -40,8 +40,8 @@ class Segment:
     scale_before: torch.Tensor | None = None
     scaled_by: Any = None  # the GradScaler whose scale() produced a root in this segment
     scale_tampered: bool = False
-    # data tensors (model inputs, loss targets) holding NaN/Inf, counted on the device
-    data_nonfinite: torch.Tensor | None = None
+    # one float32 sum per data tensor (model inputs, loss targets): non-finite iff it holds NaN/Inf
+    data_sums: list[torch.Tensor] = field(default_factory=list)
 
     def empty(self) -> bool:
         return self.n_backward == 0 and not self.loss_fn and not self.eval_loss and not self.grad_pieces
@@ -70,21 +70,18 @@ class Segment:
         if later.scaled_by is not None:
             self.scaled_by = later.scaled_by
         self.scale_tampered |= later.scale_tampered
-        if later.data_nonfinite is not None:
-            self.data_nonfinite = later.data_nonfinite if self.data_nonfinite is None \
-                else self.data_nonfinite + later.data_nonfinite
+        self.data_sums += later.data_sums
 
     def count_data(self, t: torch.Tensor) -> None:
-        """Counts ``t`` if it holds a NaN/Inf (a device reduction, no sync).
+        """Keeps a float32-accumulated sum of ``t`` (a device reduction, no sync); the record
+        counts the sums that are non-finite.
 
-        One float32-accumulated sum instead of an element-wise ``isfinite``: a sum is
-        non-finite when any entry is NaN/Inf (NaN propagates, and +Inf and -Inf give NaN),
-        and finite entries can only overflow it past 3.4e38, a scale no data reaches. It
-        costs a tenth of ``isfinite(t).sum()`` on a CPU (a vectorised reduction, no mask).
+        A sum is non-finite when any entry is NaN/Inf (NaN propagates, and +Inf and -Inf give
+        NaN), and finite entries can only overflow it past 3.4e38, a scale no data reaches.
+        One reduction costs a tenth of ``isfinite(t).sum()`` on a CPU (vectorised, no mask),
+        and the finiteness test of the 0-d sums is done on the host when the record is read.
         """
-        with torch.no_grad():
-            bad = torch.isfinite(t.detach().sum(dtype=torch.float32)).logical_not_().to(torch.int32)
-        self.data_nonfinite = bad if self.data_nonfinite is None else self.data_nonfinite + bad
+        self.data_sums.append(t.detach().sum(dtype=torch.float32))
 
 
 @dataclass
