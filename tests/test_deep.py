@@ -27,23 +27,31 @@ def _sample(log: gradprobe.RunLog, probe: str, target: str, stat: str, step: int
     return float(sel["value"].iloc[0])
 
 
-def test_gradient_through_time_equals_jacobian():
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_gradient_through_time_equals_jacobian(batch_first):
+    """One backward per projection, and all projections in one backward over a batch
+    repeated once per projection (the probe's way), both equal the Jacobian's profile."""
     torch.manual_seed(0)
-    rnn = nn.RNN(3, 5, batch_first=True)
-    x = torch.randn(2, 7, 3)
+    rnn = nn.RNN(3, 5, batch_first=batch_first)
+    h0 = torch.randn(1, 2, 5)
+    x = torch.randn(2, 7, 3) if batch_first else torch.randn(7, 2, 3)
+    bd, td = (0, 1) if batch_first else (1, 0)
 
     def last(xs: torch.Tensor) -> torch.Tensor:
-        return rnn(xs)[0][:, -1]
+        out = rnn(xs, torch.cat([h0] * (xs.shape[bd] // 2), dim=1))[0]
+        return out[:, -1] if batch_first else out[-1]
 
     vs = [torch.randn(2, 5) for _ in range(4)]
-    profile = gradient_through_time(last, x, time_dim=1, projections=vs)
-    J = torch.autograd.functional.jacobian(last, x)  # (B, H, B, T, I)
+    J = torch.autograd.functional.jacobian(last, x)  # (B, H, *x.shape)
     expected = torch.zeros(7)
     for v in vs:
-        g = torch.einsum("bh,bhcti->cti", v, J)  # d(v·h_T)/dx: (B, T, I)
-        expected += g.pow(2).sum(dim=(0, 2)).sqrt()
+        g = torch.einsum("bh,bh...->...", v, J)  # d(v·h_T)/dx, shaped like x
+        expected += g.pow(2).sum(dim=bd).sum(dim=-1).sqrt()
     expected = (expected / len(vs)).flip(0)
-    assert torch.allclose(profile, expected, rtol=1e-5, atol=1e-7)
+    one_by_one = gradient_through_time(last, x, time_dim=td, projections=vs)
+    batched = gradient_through_time(last, x, time_dim=td, projections=vs, batch_dim=bd)
+    assert torch.allclose(one_by_one, expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(batched, expected, rtol=1e-5, atol=1e-7)
     assert not any(p.grad is not None for p in rnn.parameters())  # .grad never touched
 
 

@@ -13,7 +13,6 @@ float64, by :func:`resolve`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,6 @@ import torch
 from gradprobe.runlog import schema as S
 
 
-@dataclass
 class StepRecord:
     """One closed step: host values and device tensors described by ``layout``.
 
@@ -33,19 +31,73 @@ class StepRecord:
     ``clip_max``, ``scale_before``, ``scale_after``, ``found_inf``, ``data_sum`` (one float32
     sum per data tensor: non-finite when the tensor holds NaN/Inf), ``sample`` (meta:
     ``(probe, target, stat, index0)``), ``scalar`` (meta: name).
+
+    When the step closes, :meth:`compact` stacks all its 0-d values into one vector: a
+    buffered step then holds a few objects instead of one tensor per value, so the records
+    of the last second do not make the garbage collector's generations grow (on a small
+    model a full collection of the process costs more than the statistics themselves).
     """
 
-    host: dict[str, Any]
-    layout: list[tuple[str, Any]] = field(default_factory=list)
-    tensors: list[torch.Tensor] = field(default_factory=list)
-    host_samples: list[tuple[str, str, str, int, float]] = field(default_factory=list)
-    host_scalars: list[tuple[str, float]] = field(default_factory=list)
+    __slots__ = ("host", "layout", "tensors", "places", "host_samples", "host_scalars")
+
+    def __init__(self, host: dict[str, Any]) -> None:
+        self.host = host
+        self.layout: list[tuple[str, Any]] = []
+        # a tensor or a list of 0-d tensors per layout entry; after compact(): the parts
+        self.tensors: list[Any] = []
+        # after compact(): (part, offset, size) of each layout entry
+        self.places: list[tuple[int, int, int]] | None = None
+        self.host_samples: list[tuple[str, str, str, int, float]] | None = None
+        self.host_scalars: list[tuple[str, float]] | None = None
 
     def add(self, name: str, tensor: torch.Tensor | list[torch.Tensor], meta: Any = None) -> None:
         """One layout entry: a tensor, or a list of 0-d tensors (per-layer norms as
-        ``torch._foreach_norm`` returns them: stacked once per flush, not once per step)."""
+        ``torch._foreach_norm`` returns them)."""
         self.layout.append((name, meta))
-        self.tensors.append(tensor)
+        if self.places is None:
+            self.tensors.append(tensor)
+            return
+        # added after compact() (a trailing evaluation loss): a part of its own
+        with torch.no_grad():
+            part = torch.stack(list(tensor)) if isinstance(tensor, (list, tuple)) else tensor.detach().reshape(-1)
+        self.places.append((len(self.tensors), 0, part.numel()))
+        self.tensors.append(part)
+
+    def host_sample(self, row: tuple[str, str, str, int, float]) -> None:
+        if self.host_samples is None:
+            self.host_samples = []
+        self.host_samples.append(row)
+
+    def host_scalar(self, row: tuple[str, float]) -> None:
+        if self.host_scalars is None:
+            self.host_scalars = []
+        self.host_scalars.append(row)
+
+    def compact(self, device: torch.device) -> None:
+        """Stacks every 0-d value (and list of them) into one float32 vector on ``device``
+        (one ``torch.stack``); tensors with a shape stay parts of their own."""
+        if self.places is not None:
+            return
+        zs: list[torch.Tensor] = []
+        parts: list[torch.Tensor] = []
+        places: list[tuple[int, int, int]] = []
+        for t in self.tensors:
+            if isinstance(t, (list, tuple)):
+                places.append((0, len(zs), len(t)))
+                zs.extend(t)
+            elif t.dim() == 0:
+                places.append((0, len(zs), 1))
+                zs.append(t)
+            else:
+                parts.append(t)
+                places.append((len(parts), 0, t.numel()))
+        with torch.no_grad():
+            if zs:
+                stacked = torch.stack([z if z.device == device else z.to(device, non_blocking=True) for z in zs])
+            else:
+                stacked = torch.empty(0, device=device)
+        self.tensors = [stacked, *parts]
+        self.places = places
 
 
 class PendingBatch:
@@ -57,33 +109,26 @@ class PendingBatch:
         self.segment = segment
         self._event: Any = None
         self._host: torch.Tensor | None = None
-        # every entry's (offset, size) in one flat float32 vector: tensors with a shape first,
-        # then all 0-d values of the batch (losses, per-layer norms...) in one stack
-        vectors: list[torch.Tensor] = []
-        scalars: list[torch.Tensor] = []
-        places: list[tuple[bool, int, int]] = []  # (in the scalar part, offset within it, size)
-        nv = 0
+        # every entry's (offset, size) in one flat float32 vector of all the records' parts
+        parts: list[torch.Tensor] = []
+        self._places: list[tuple[int, int]] = []
+        pos = 0
         for r in records:
+            r.compact(device)
+            assert r.places is not None
+            base = []
             for t in r.tensors:
-                if isinstance(t, (list, tuple)):
-                    places.append((True, len(scalars), len(t)))
-                    scalars.extend(t)
-                elif t.dim() == 0:
-                    places.append((True, len(scalars), 1))
-                    scalars.append(t)
-                else:
-                    n = t.numel()
-                    places.append((False, nv, n))
-                    vectors.append(t)
-                    nv += n
-        self._places = [(off + nv if in_scalars else off, size) for in_scalars, off, size in places]
-        if not vectors and not scalars:
+                base.append(pos)
+                parts.append(t)
+                pos += t.numel()
+            self._places.extend((base[part] + off, size) for part, off, size in r.places)
+        if not pos:
             self._host = torch.empty(0)
+            for r in records:
+                r.tensors = []
             return
         with torch.no_grad():
-            parts = [_flat32(t, device) for t in vectors]
-            if scalars:
-                parts.append(_flat32(torch.stack([_on(t.detach(), device) for t in scalars]), device))
+            parts = [_flat32(t, device) for t in parts if t.numel()]
             flat = torch.cat(parts) if len(parts) > 1 else parts[0]
             if flat.device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
@@ -112,31 +157,33 @@ class PendingBatch:
         w_all = np.full((n, L), S.MISSING, dtype=np.float32)
         samples: list[tuple[int, str, str, str, int, float]] = []
         scalars: list[tuple[int, str, float]] = []
+        coef_all = np.ones((n, L), dtype=np.float64)
+        has_w = np.zeros(n, dtype=bool)
         for k, rec in enumerate(self.records):
             step = int(rec.host["step"])
-            g = g_all[k]
-            w = w_all[k]
-            coef = np.ones(L, dtype=np.float64)
             losses: list[float] = []
             loss_fn: list[float] = []
             evals: list[float] = []
             vals: dict[str, float] = {}
-            has_weight = False
-            data_bad = -1 if not any(name == "data_sum" for name, _ in rec.layout) else 0
+            data_bad = -1
             for name, meta in rec.layout:
                 pos, size = next(places)
                 v = flat[pos : pos + size]
                 if name == "grad":
-                    g[meta] = v
+                    g_all[k, list(meta)] = v
                 elif name == "weight":
-                    w[meta] = v
-                    has_weight = True
+                    w_all[k, list(meta)] = v
+                    has_w[k] = True
                 elif name == "clip_coef":
-                    coef[meta] = v[0]
+                    coef_all[k, list(meta)] = v[0]
                 elif name == "clip":
                     idx, max_norm = meta
-                    with np.errstate(all="ignore"):
-                        coef[idx] = min(max_norm / (v[0] + 1e-6), 1.0) if np.isfinite(v[0]) else (0.0 if v[0] == np.inf else np.nan)
+                    t = float(v[0])
+                    if math.isfinite(t):
+                        c = min(max_norm / (t + 1e-6), 1.0)
+                    else:
+                        c = 0.0 if t == math.inf else math.nan
+                    coef_all[k, list(idx)] = c
                 elif name == "loss":
                     losses.extend(v.tolist())
                 elif name == "loss_fn":
@@ -144,33 +191,21 @@ class PendingBatch:
                 elif name == "eval_loss":
                     evals.extend(v.tolist())
                 elif name == "data_sum":  # one float32 sum per data tensor: non-finite iff it holds NaN/Inf
-                    data_bad += int(np.count_nonzero(~np.isfinite(v)))
+                    data_bad = max(data_bad, 0) + sum(1 for x in v.tolist() if not math.isfinite(x))
                 elif name == "local_grad":
-                    with np.errstate(all="ignore"):
-                        vals["local_grad"] = math.sqrt(float(np.sum(np.square(v)))) if size else math.nan
+                    vals["local_grad"] = math.sqrt(math.fsum(x * x for x in v.tolist())) if size else math.nan
                 elif name == "sample":
                     samples.extend(expand_sample(step, meta, v))
                 elif name == "scalar":
                     scalars.append((step, meta, float(v[0]) if size else math.nan))
                 else:
                     vals[name] = float(v[0]) if size else math.nan
-            for probe, target, stat, index, x in rec.host_samples:
+            for probe, target, stat, index, x in rec.host_samples or ():
                 samples.append((step, probe, target, stat, index, x))
-            for name, x in rec.host_scalars:
+            for name, x in rec.host_scalars or ():
                 scalars.append((step, name, x))
-            present = g != S.MISSING
-            g64 = g.astype(np.float64)
-            with np.errstate(all="ignore"):
-                grad_norm = math.sqrt(float(np.sum(np.square(g64[present])))) if present.any() else math.nan
-                step_norm = math.sqrt(float(np.sum(np.square(g64[present] * coef[present])))) if present.any() else math.nan
-                if np.isnan(g64[present]).any():
-                    grad_norm = step_norm = math.nan
-                wp = w != S.MISSING
-                weight_norm = math.sqrt(float(np.sum(np.square(w[wp].astype(np.float64))))) if has_weight and wp.any() else math.nan
-                if has_weight and np.isnan(w[wp]).any():
-                    weight_norm = math.nan
-            loss = math.fsum(losses) if losses and all(math.isfinite(x) for x in losses) else (sum(losses) if losses else math.nan)
-            lfn = sum(loss_fn) if loss_fn else math.nan
+            finite_losses = all(math.isfinite(x) for x in losses)
+            loss = (math.fsum(losses) if finite_losses else sum(losses)) if losses else math.nan
             h = rec.host
             cols["step"].append(step)
             cols["wall_time"].append(h["wall_time"])
@@ -178,13 +213,10 @@ class PendingBatch:
             cols["backward_time"].append(h["backward_time"])
             cols["n_backward"].append(h["n_backward"])
             cols["loss"].append(loss)
-            cols["loss_nonfinite"].append(bool(losses) and not all(math.isfinite(x) for x in losses))
-            cols["loss_fn"].append(lfn)
+            cols["loss_nonfinite"].append(bool(losses) and not finite_losses)
+            cols["loss_fn"].append(sum(loss_fn) if loss_fn else math.nan)
             cols["loss_fn_nonfinite"].append(bool(loss_fn) and not all(math.isfinite(x) for x in loss_fn))
-            cols["eval_loss"].append(float(np.mean(evals)) if evals else math.nan)
-            cols["grad_norm"].append(grad_norm)
-            cols["step_grad_norm"].append(step_norm)
-            cols["grad_nonfinite_layers"].append(int(np.sum(~np.isfinite(g))))
+            cols["eval_loss"].append(sum(evals) / len(evals) if evals else math.nan)
             cols["clip_max_norm"].append(vals.get("clip_max", h.get("clip_max_norm", math.nan)))
             cols["clip_total_norm"].append(vals.get("clip_total", math.nan))
             cols["clip_calls"].append(h["clip_calls"])
@@ -193,12 +225,10 @@ class PendingBatch:
             cols["optimizer_steps"].append(h["optimizer_steps"])
             cols["scale"].append(vals.get("scale_after", vals.get("scale_before", math.nan)))
             cols["scale_before"].append(vals.get("scale_before", math.nan))
-            cols["skipped"].append(bool(vals.get("found_inf", 0.0) > 0.0))
+            cols["skipped"].append(vals.get("found_inf", 0.0) > 0.0)
             cols["scaler_updated"].append(h["scaler_updated"])
             cols["scale_tampered"].append(h["scale_tampered"])
             cols["abandoned"].append(h["abandoned"])
-            cols["param_nonfinite_layers"].append(int(np.sum(~np.isfinite(w))) if has_weight else -1)
-            cols["weight_norm"].append(weight_norm)
             cols["state_age"].append(h["state_age"])
             cols["state_age_module"].append(h["state_age_module"])
             cols["graphs_alive"].append(h["graphs_alive"])
@@ -207,6 +237,27 @@ class PendingBatch:
             cols["local_grad_norm"].append(vals.get("local_grad", math.nan))
             cols["data_nonfinite"].append(data_bad)
             cols["sampled"].append(h["sampled"])
+        # the per-step totals of the whole batch at once (float64): the norm over the
+        # measured layers, NaN if one is NaN or none was measured
+        with np.errstate(all="ignore"):
+            present = g_all != S.MISSING
+            g64 = np.where(present, g_all.astype(np.float64), 0.0)
+            any_g = present.any(axis=1)
+            nan_g = np.isnan(g64).any(axis=1) | ~any_g
+            grad_norm = np.sqrt(np.sum(g64 * g64, axis=1))
+            gc = g64 * coef_all
+            step_norm = np.sqrt(np.sum(gc * gc, axis=1))
+            grad_norm[nan_g] = np.nan
+            step_norm[nan_g] = np.nan
+            wp = w_all != S.MISSING
+            w64 = np.where(wp, w_all.astype(np.float64), 0.0)
+            weight_norm = np.sqrt(np.sum(w64 * w64, axis=1))
+            weight_norm[~has_w | ~wp.any(axis=1) | np.isnan(w64).any(axis=1)] = np.nan
+        cols["grad_norm"] = grad_norm.tolist()
+        cols["step_grad_norm"] = step_norm.tolist()
+        cols["grad_nonfinite_layers"] = (~np.isfinite(g_all)).sum(axis=1).tolist()
+        cols["param_nonfinite_layers"] = np.where(has_w, (~np.isfinite(w_all)).sum(axis=1), -1).tolist()
+        cols["weight_norm"] = weight_norm.tolist()
         samples.extend(derived_samples(samples))
         steps = np.asarray(cols["step"], dtype=np.int64)
         sampled = np.asarray(cols["sampled"], dtype=bool)

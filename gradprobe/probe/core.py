@@ -139,8 +139,11 @@ def _json_hparam(v: Any) -> Any:
     return str(v)
 
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _functorch_active() -> bool:
-    f = getattr(torch._C, "_are_functorch_transforms_active", None)
+    f = _FUNCTORCH_ACTIVE
     try:
         return bool(f()) if f is not None else False
     except Exception:  # noqa: BLE001
@@ -614,7 +617,7 @@ class Probe:
         if scale is not None:
             with torch.no_grad():
                 norms = list(torch._foreach_div(norms, scale.to(norms[0].device)))
-        self._open.current.grad_pieces.append((todo, norms))
+        self._open.current.grad_pieces.append((tuple(todo), norms))  # tuples of ints: never tracked by the GC
 
     def _usable_norms(self, known: tuple[list[int], list[torch.Tensor]]) -> bool:
         """Norms ``clip_grad_norm_`` computed are used as recorded ones when they are what
@@ -781,9 +784,9 @@ class Probe:
             seg.clip_total_norm = tn
             if isinstance(max_norm, torch.Tensor):  # rare: the coefficient on the device
                 with torch.no_grad():
-                    seg.clip_pieces.append((scope, torch.clamp(max_norm / (tn.float() + 1e-6), max=1.0), None))
+                    seg.clip_pieces.append((tuple(scope), torch.clamp(max_norm / (tn.float() + 1e-6), max=1.0), None))
             else:  # the coefficient min(max_norm / (total + 1e-6), 1) is computed on the host
-                seg.clip_pieces.append((scope, tn, float(max_norm)))
+                seg.clip_pieces.append((tuple(scope), tn, float(max_norm)))
         if isinstance(max_norm, torch.Tensor):
             seg.clip_max_norm_tensor = max_norm.detach()
             seg.clip_max_norm = None
@@ -947,7 +950,7 @@ class Probe:
         params = [self._layers[i].param for i in scope]
         weights = self._norms(params) if params else []
         if params:
-            self._open.weight_pieces.append((list(scope), weights))
+            self._open.weight_pieces.append((tuple(scope), weights))
         self._open.optimizer_steps += 1
         self._open.stepped.append(opt)
         self._open.seal()
@@ -1084,7 +1087,9 @@ class Probe:
         reach = step
         carried_reach = step  # oldest reach among inputs made in an earlier step
         oldest_pos = -1
-        for pos, t in enumerate(_iter_tensors((args, kwargs))):
+        # hot path: one tensor argument, no keywords (a Linear, a conv...)
+        inputs = args if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) else _iter_tensors((args, kwargs))
+        for pos, t in enumerate(inputs):
             if t.grad_fn is None:
                 continue
             mr = self._reach(t)
@@ -1100,7 +1105,7 @@ class Probe:
             if made < step and r < carried_reach:
                 carried_reach = r
                 oldest_pos = pos
-        for t in _iter_tensors(output):
+        for t in (output,) if isinstance(output, torch.Tensor) else _iter_tensors(output):
             fn = t.grad_fn
             if fn is not None:
                 meta = fn.metadata
@@ -1286,7 +1291,7 @@ class Probe:
             if isinstance(value, torch.Tensor):
                 rec.add("sample", value, (probe, target, stat, index))
             else:
-                rec.host_samples.append((probe, target, stat, index, float(value)))
+                rec.host_sample((probe, target, stat, index, float(value)))
         if self._local_norms:
             rec.add("local_grad", list(self._local_norms.values()))
             self._local_norms = {}
@@ -1294,10 +1299,11 @@ class Probe:
             if isinstance(value, torch.Tensor):
                 rec.add("scalar", value, name)
             else:
-                rec.host_scalars.append((name, float(value)))
+                rec.host_scalar((name, float(value)))
         self._pending_scalars = []
         if self.deep is not None and st.sampled:
             self.deep.on_close(st, rec)
+        rec.compact(self._device)
         self._last_memory = rec.host["memory"]
         with self._flush_lock:
             self._records.append(rec)
@@ -1326,7 +1332,7 @@ class Probe:
                     if isinstance(value, torch.Tensor):
                         rec.add("scalar", value, name)
                     else:
-                        rec.host_scalars.append((name, float(value)))
+                        rec.host_scalar((name, float(value)))
                 self._pending_scalars = []
                 return
         if evals:  # the last step is already on disk: keep the value as a scalar of that step
@@ -1440,7 +1446,7 @@ class Probe:
                     if isinstance(value, torch.Tensor):
                         rec.add("scalar", value, name)
                     else:
-                        rec.host_scalars.append((name, float(value)))
+                        rec.host_scalar((name, float(value)))
                     return
         if isinstance(value, torch.Tensor):
             value = float(value.cpu())  # rare path: the step already went to disk

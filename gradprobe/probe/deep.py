@@ -359,7 +359,13 @@ class DeepProbes:
             hx = tuple(h.to(self._dtype) for h in hx)
         elif hx is not None:
             hx = hx.to(self._dtype)
-        profile = self._profile(lambda xs: _last_output(module, xs, hx), x, time_dim=1 if module.batch_first else 0)
+        bd = 0 if module.batch_first else 1
+        B = x.shape[bd]
+
+        def run(xs: torch.Tensor) -> torch.Tensor:  # hx's batch dimension is 1
+            return _last_output(module, xs, _repeat_batch(hx, xs.shape[bd] // B, 1))
+
+        profile = self._profile(run, x, time_dim=1 if module.batch_first else 0, batch_dim=bd)
         self._emit_profile(info.name, profile, int(getattr(module, "hidden_size", 0)))
         self._set_lookback(info.name, T)
 
@@ -370,8 +376,10 @@ class DeepProbes:
         self._dtype = _param_dtype(module)
         state = tuple(s.to(self._dtype) if s is not None else None for s in state)
 
+        B = x.shape[1]
+
         def run(seq: torch.Tensor) -> torch.Tensor:
-            h, c = state
+            h, c = _repeat_batch(state, seq.shape[1] // B, 0)
             for t in range(seq.shape[0]):
                 if isinstance(module, nn.LSTMCell):
                     h, c = nn.LSTMCell.forward(module, seq[t], (h, c) if h is not None else None)
@@ -379,15 +387,15 @@ class DeepProbes:
                     h = type(module).forward(module, seq[t], h)
             return h
 
-        profile = self._profile(run, x, time_dim=0)
+        profile = self._profile(run, x, time_dim=0, batch_dim=1)
         self._emit_profile(info.name, profile, int(getattr(module, "hidden_size", 0)))
         self._set_lookback(info.name, len(xs))
 
-    def _profile(self, fn: Any, x: torch.Tensor, time_dim: int) -> torch.Tensor:
+    def _profile(self, fn: Any, x: torch.Tensor, time_dim: int, batch_dim: int | None = None) -> torch.Tensor:
         dev = x.device
         devices = [dev] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            return gradient_through_time(fn, x.to(self._dtype), time_dim, max(1, self.cfg.bptt_projections))
+            return gradient_through_time(fn, x.to(self._dtype), time_dim, max(1, self.cfg.bptt_projections), batch_dim)
 
     def _emit_profile(self, name: str, profile: torch.Tensor, hidden: int) -> None:
         self._sample("bptt", name, "profile", profile)
@@ -540,7 +548,7 @@ class DeepProbes:
             if isinstance(value, torch.Tensor):
                 rec.add("sample", value, (probe, target, stat, index))
             else:
-                rec.host_samples.append((probe, target, stat, index, float(value)))
+                rec.host_sample((probe, target, stat, index, float(value)))
 
     def _run_side(self, fn: Any, module: nn.Module, info: "ModuleInfo", *rest: Any) -> None:
         was_training = module.training
@@ -566,21 +574,42 @@ def _param_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def gradient_through_time(fn: Any, x: torch.Tensor, time_dim: int, projections: int | list[torch.Tensor]) -> torch.Tensor:
+def gradient_through_time(fn: Any, x: torch.Tensor, time_dim: int, projections: int | list[torch.Tensor],
+                          batch_dim: int | None = None) -> torch.Tensor:
     """The gradient-through-time profile of ``fn`` (input sequence -> last output h_T).
 
     ``profile[k]`` = mean over projections v of ||d(v·h_T)/d x_{T-1-k}||, the norm taken over
     batch and features: how much of the output's gradient reaches the input k steps back.
     ``projections`` is a count (random unit vectors per batch row, drawn from the current
-    RNG: callers fork it) or explicit tensors shaped like h_T. One backward per projection
-    through ``torch.autograd.grad``, so no ``.grad`` is touched.
+    RNG: callers fork it) or explicit tensors shaped like h_T. Gradients come from
+    ``torch.autograd.grad``, so no ``.grad`` is touched.
+
+    With ``batch_dim`` (the batch dimension of ``x``; h_T's is 0), the P projections share
+    one forward and one backward: ``x`` is repeated P times along the batch (``fn`` must
+    repeat its own initial state to match), copy p is projected on v_p, and since the
+    sequences of a batch do not interact, the gradient of copy p is the gradient for v_p.
+    Without it, one backward per projection.
     """
     dev = x.device
+    vs = projections if isinstance(projections, list) else None
+    P = len(vs) if vs is not None else int(projections)
     with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
+        if batch_dim is not None and P > 1:
+            xs = torch.cat([x.detach()] * P, dim=batch_dim).requires_grad_(True)
+            hT = fn(xs)
+            if vs is not None:
+                v = torch.cat([u.to(hT.dtype) for u in vs], dim=0)
+            else:
+                v = torch.randn_like(hT)
+                v = v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            (g,) = torch.autograd.grad((hT * v).sum(), xs)
+            acc = torch.zeros(xs.shape[time_dim], device=dev, dtype=torch.float32)
+            for gp in g.chunk(P, dim=batch_dim):
+                dims = [d for d in range(gp.dim()) if d != time_dim]
+                acc = acc + gp.float().pow(2).sum(dim=dims).sqrt()
+            return (acc / P).flip(0).detach()
         xs = x.detach().clone().requires_grad_(True)
         hT = fn(xs)
-        vs = projections if isinstance(projections, list) else None
-        P = len(vs) if vs is not None else int(projections)
         acc = torch.zeros(xs.shape[time_dim], device=dev, dtype=torch.float32)
         for k in range(P):
             if vs is not None:
@@ -592,6 +621,16 @@ def gradient_through_time(fn: Any, x: torch.Tensor, time_dim: int, projections: 
             dims = [d for d in range(g.dim()) if d != time_dim]
             acc = acc + g.float().pow(2).sum(dim=dims).sqrt()
         return (acc / P).flip(0).detach()
+
+
+def _repeat_batch(state: Any, reps: int, dim: int) -> Any:
+    """A recurrent state (tensor, tuple of tensors or None) repeated ``reps`` times along its
+    batch dimension, as :func:`gradient_through_time` repeats the input."""
+    if reps == 1 or state is None:
+        return state
+    if isinstance(state, tuple):
+        return tuple(_repeat_batch(s, reps, dim) for s in state)
+    return torch.cat([state] * reps, dim=dim)
 
 
 def _slice(t: Any, B: int) -> Any:
@@ -622,11 +661,17 @@ def _initial_state(module: nn.RNNBase, hx: Any, k: int, batch: int, ref: torch.T
     return hx.detach()[k, :batch].to(ref.dtype), None
 
 
-def _cell_gates(module: nn.Module, x: torch.Tensor, h: torch.Tensor, c: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: Any, b_hh: Any) -> dict[str, torch.Tensor]:
-    x = x.float()
+def _cell_gates(module: nn.Module, x: torch.Tensor | None, h: torch.Tensor, c: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: Any, b_hh: Any, gi: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The gates of one cell step; ``gi`` (the input projection x W_ih^T + b_ih) may be
+    given precomputed, ``w_hh`` is then already transposed and float."""
     h = h.float()
-    gi = x @ w_ih.float().t() + (b_ih.float() if b_ih is not None else 0)
-    gh = h @ w_hh.float().t() + (b_hh.float() if b_hh is not None else 0)
+    if gi is None:
+        gi = x.float() @ w_ih.float().t() + (b_ih.float() if b_ih is not None else 0)
+        gh = h @ w_hh.float().t()
+    else:
+        gh = h @ w_hh
+    if b_hh is not None:
+        gh = gh + b_hh
     if isinstance(module, (nn.LSTM, nn.LSTMCell)):
         i, f, g, o = (gi + gh).chunk(4, dim=-1)
         return {"input": torch.sigmoid(i), "forget": torch.sigmoid(f), "cell": torch.tanh(g), "output": torch.sigmoid(o)}
@@ -643,25 +688,53 @@ def _cell_gates(module: nn.Module, x: torch.Tensor, h: torch.Tensor, c: Any, w_i
 
 
 def _run_layer(module: nn.RNNBase, seq: torch.Tensor, h: torch.Tensor, c: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: Any, b_hh: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Runs one layer/direction step by step; returns outputs (T,B,H) and stacked gates."""
+    """Runs one layer/direction step by step; returns outputs (T,B,H) and stacked gates.
+    The input projections of all T steps are one matrix product; the loop does the rest."""
     hs = []
     acc: dict[str, list[torch.Tensor]] = {}
     h = h.float()
     c = c.float() if c is not None else None
+    gi_all = seq.float() @ w_ih.float().t()
+    if b_ih is not None:
+        gi_all = gi_all + b_ih.float()
+    whh_t = w_hh.float().t()
+    bhh = b_hh.float() if b_hh is not None else None
+    lstm, gru = isinstance(module, nn.LSTM), isinstance(module, nn.GRU)
+    if lstm and c is not None:
+        # the LSTM in few ops per step: both biases folded into the input projection, one
+        # addmm for the pre-activations, one sigmoid over all four blocks (the cell block's
+        # is unused), gates sliced after stacking
+        H = whh_t.shape[1] // 4
+        if bhh is not None:
+            gi_all = gi_all + bhh
+        sig, cell = [], []
+        for t in range(seq.shape[0]):
+            z = torch.addmm(gi_all[t], h, whh_t)
+            s = torch.sigmoid(z)
+            g = torch.tanh(z[:, 2 * H : 3 * H])
+            c = torch.addcmul(s[:, H : 2 * H] * c, s[:, :H], g)
+            h = s[:, 3 * H :] * torch.tanh(c)
+            sig.append(s)
+            cell.append(g)
+            hs.append(h)
+        S_, G_ = torch.stack(sig), torch.stack(cell)
+        return torch.stack(hs), {"input": S_[..., :H], "forget": S_[..., H : 2 * H], "cell": G_, "output": S_[..., 3 * H :]}
+    relu = getattr(module, "nonlinearity", "tanh") != "tanh"
     for t in range(seq.shape[0]):
-        gates = _cell_gates(module, seq[t], h, c, w_ih, w_hh, b_ih, b_hh)
-        for k, v in gates.items():
-            acc.setdefault(k, []).append(v)
-        if isinstance(module, nn.LSTM):
+        if lstm or gru or not relu:
+            gates = _cell_gates(module, None, h, c, w_ih, whh_t, None, bhh, gi=gi_all[t])
+            for k, v in gates.items():
+                acc.setdefault(k, []).append(v)
+        if lstm:
             c = gates["forget"] * c + gates["input"] * gates["cell"]
             h = gates["output"] * torch.tanh(c)
-        elif isinstance(module, nn.GRU):
+        elif gru:
             h = (1 - gates["update"]) * gates["new"] + gates["update"] * h
+        elif relu:
+            pre = gi_all[t] + h @ whh_t
+            h = torch.relu(pre + bhh if bhh is not None else pre)
         else:
-            pre = seq[t].float() @ w_ih.float().t() + h @ w_hh.float().t()
-            if b_ih is not None:
-                pre = pre + b_ih.float() + b_hh.float()
-            h = torch.tanh(pre) if getattr(module, "nonlinearity", "tanh") == "tanh" else torch.relu(pre)
+            h = gates["h"]
         hs.append(h)
     return torch.stack(hs), {k: torch.stack(v) for k, v in acc.items()}
 

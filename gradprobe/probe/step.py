@@ -27,9 +27,9 @@ class Segment:
     n_backward: int = 0
     backward_time: float = 0.0
     retain_graph: bool = False
-    grad_pieces: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    grad_pieces: list[tuple[tuple[int, ...], list[torch.Tensor]]] = field(default_factory=list)
     # (layer indices, total norm, max_norm) per clip call; max_norm None: the tensor is the coefficient
-    clip_pieces: list[tuple[list[int], torch.Tensor, float | None]] = field(default_factory=list)
+    clip_pieces: list[tuple[tuple[int, ...], torch.Tensor, float | None]] = field(default_factory=list)
     clip_max_norm: float | None = None
     clip_max_norm_tensor: torch.Tensor | None = None
     clip_total_norm: torch.Tensor | None = None
@@ -93,7 +93,7 @@ class OpenStep:
     sealed: Segment = field(default_factory=Segment)
     current: Segment = field(default_factory=Segment)
     stepped: list[Any] = field(default_factory=list)  # optimizers that stepped (identity)
-    weight_pieces: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    weight_pieces: list[tuple[tuple[int, ...], list[torch.Tensor]]] = field(default_factory=list)
     optimizer_steps: int = 0
     found_inf: torch.Tensor | None = None
     scale_after: torch.Tensor | None = None

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from gradprobe.runlog import schema as S
-from gradprobe.runlog.writer import dumps, write_json_atomic
+from gradprobe.runlog.writer import NONFINITE_STRINGS, STRING_ESCAPE, dumps, write_json_atomic
 
 
 class LogError(Exception):
@@ -442,15 +442,20 @@ def conform(tbl: pa.Table, schema: pa.Schema, name: str, skipped: list[str], *, 
     return out
 
 
-def _parse_json_value(v: Any) -> Any:
+def _parse_json_value(v: Any, text: bool = False) -> Any:
     """The writer stores non-finite floats as the strings "NaN", "Infinity", "-Infinity"
-    (strict JSON): turn them back into floats, in nested lists and objects too."""
-    if isinstance(v, str) and v in ("NaN", "Infinity", "-Infinity"):
-        return float(v.replace("Infinity", "inf"))
+    (strict JSON): turn them back into floats, in nested lists and objects too (not in
+    ``text`` fields); a string the writer escaped (a leading NUL) is that string."""
+    if isinstance(v, str):
+        if v.startswith(STRING_ESCAPE):
+            return v[1:]
+        if not text and v in NONFINITE_STRINGS:
+            return float(v.replace("Infinity", "inf"))
+        return v
     if isinstance(v, list):
-        return [_parse_json_value(x) for x in v]
+        return [_parse_json_value(x, text) for x in v]
     if isinstance(v, dict):
-        return {k: _parse_json_value(x) for k, x in v.items()}
+        return {k: _parse_json_value(x, text) for k, x in v.items()}
     return v
 
 
@@ -696,8 +701,7 @@ def load_run_dir(path: str) -> RunLog:
     events = read_events(os.path.join(path, S.EVENTS_FILE), skipped)
     for e in events:
         for k, v in list(e.items()):
-            if k not in _EVENT_TEXT_FIELDS:
-                e[k] = _parse_json_value(v)
+            e[k] = _parse_json_value(v, text=k in _EVENT_TEXT_FIELDS)
     return RunLog(
         meta=meta,
         steps=steps_df,

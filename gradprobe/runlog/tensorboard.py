@@ -32,6 +32,9 @@ STEP_TAGS: dict[str, str] = {
     "gradprobe/weights/norm": "weight_norm",
 }
 
+#: step tags whose NaN means "not measured this step" (no clip call, no evaluation, no scaler)
+_NAN_IS_ABSENT = frozenset({"gradprobe/grad_norm/max_norm", "gradprobe/loss/eval", "gradprobe/amp/scale"})
+
 LAYER_GRAD_PREFIX = "gradprobe/layer_grad_norm/"
 LAYER_RATIO_PREFIX = "gradprobe/update_ratio/"
 USER_PREFIX = "gradprobe/user/"
@@ -84,22 +87,30 @@ class TensorBoardOutput:
         if vals:
             self._file_writer.add_summary(self._Summary(value=vals), int(step), walltime)
 
-    def steps(self, cols: dict[str, np.ndarray]) -> None:
+    def steps(self, cols: dict[str, Any]) -> None:
         n = len(cols["step"])
-        present = [(tag, cols[c]) for tag, c in STEP_TAGS.items() if c in cols]
+        Value = self._Summary.Value
+        columns = []
+        for tag, c in STEP_TAGS.items():
+            if c not in cols:
+                continue
+            raw = cols[c]
+            none = [v is None for v in raw] if any(v is None for v in raw) else None
+            vals = np.asarray([math.nan if v is None else v for v in raw] if none else raw, dtype=np.float64)
+            # absent signals are not NaN values: no point is written for them
+            with np.errstate(invalid="ignore"):
+                skip = np.isnan(vals) if tag in _NAN_IS_ABSENT else (vals < 0) if tag == "gradprobe/nonfinite/param_layers" else None
+            if none:
+                skip = np.asarray(none) if skip is None else (skip | np.asarray(none))
+            columns.append((tag, vals.tolist(), skip.tolist() if skip is not None and skip.any() else None))
+        steps = np.asarray(cols["step"], dtype=np.int64).tolist()
+        walls = np.asarray(cols["wall_time"], dtype=np.float64).tolist()
+        add = self._file_writer.add_summary
+        Summary = self._Summary
         for i in range(n):
-            vals = []
-            for tag, arr in present:
-                v = arr[i]
-                if v is None:
-                    continue
-                v = float(v)
-                if math.isnan(v) and tag in ("gradprobe/grad_norm/max_norm", "gradprobe/loss/eval", "gradprobe/amp/scale"):
-                    continue  # absent signal, not a NaN value
-                if tag == "gradprobe/nonfinite/param_layers" and v < 0:
-                    continue
-                vals.append((tag, v))
-            self._emit(int(cols["step"][i]), vals, float(cols["wall_time"][i]))
+            vals = [Value(tag=tag, simple_value=v[i]) for tag, v, skip in columns if skip is None or not skip[i]]
+            if vals:
+                add(Summary(value=vals), steps[i], walls[i])
 
     def layers(self, steps: np.ndarray, names: list[str], grad: np.ndarray, every: int, sampled: np.ndarray) -> None:
         for i, s in enumerate(steps):

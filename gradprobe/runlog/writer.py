@@ -33,12 +33,22 @@ def json_default(obj: Any) -> Any:
     return str(obj)
 
 
+#: non-finite floats are written as these strings (strict JSON has no NaN/Infinity)
+NONFINITE_STRINGS = frozenset({"NaN", "Infinity", "-Infinity"})
+#: prefix of a *string* that would otherwise read back as a float (or starts with it)
+STRING_ESCAPE = "\x00"
+
+
 def dumps(obj: Any) -> str:
-    """JSON with NaN/Inf written as strings, so every line stays strict JSON."""
+    """JSON with NaN/Inf written as strings, so every line stays strict JSON. A string that
+    reads "NaN"/"Infinity"/"-Infinity" (or starts with the escape) is written with a leading
+    NUL, so that it reads back as the string it was."""
 
     def fix(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+        if isinstance(v, str) and (v in NONFINITE_STRINGS or v.startswith(STRING_ESCAPE)):
+            return STRING_ESCAPE + v
         if isinstance(v, dict):
             return {str(k): fix(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
