@@ -175,3 +175,34 @@ def test_no_host_sync_from_gradprobe_on_unsampled_steps(tmp_path, monkeypatch, d
             opt.step()
         monkeypatch.undo()
     assert calls == []
+
+
+def test_buffered_steps_hold_few_objects_for_the_garbage_collector(logdir):
+    """A closed step waits up to a second for its flush: it must hold a handful of
+    GC-tracked objects (one stacked tensor, not one tensor per value), or the records of
+    the last second keep triggering collections of the whole process (a full one costs
+    ~0.2 s with torch imported)."""
+    import gc
+
+    model = mlp((16, 32, 32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    cfg = gradprobe.ProbeConfig(flush_seconds=3600.0, flush_steps=10**6, deep=False)
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    with gradprobe.watch(model, opt, logdir=logdir, config=cfg) as probe:
+        for _ in range(5):
+            step()
+        gc.collect()
+        n0 = len(gc.get_objects())
+        for _ in range(200):
+            step()
+        gc.collect()
+        held = (len(gc.get_objects()) - n0) / 200
+        assert len(probe._records) >= 200  # nothing was flushed meanwhile
+    assert held <= 6, f"{held:.1f} GC-tracked objects per buffered step"

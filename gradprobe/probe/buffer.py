@@ -13,6 +13,7 @@ float64, by :func:`resolve`.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -160,6 +161,8 @@ class PendingBatch:
         coef_all = np.ones((n, L), dtype=np.float64)
         has_w = np.zeros(n, dtype=bool)
         for k, rec in enumerate(self.records):
+            if k % 16 == 15:
+                time.sleep(0)  # let the training thread take the GIL back (see RunWriter)
             step = int(rec.host["step"])
             losses: list[float] = []
             loss_fn: list[float] = []

@@ -1030,7 +1030,14 @@ class Probe:
             info = self._module_info.get(module)
             if info is not None and info.light and not self._open.sampled:
                 return None
-        self.guard.call("forward", self._forward_post, module, args, kwargs, output)
+        guard = self.guard
+        if guard.inject or "forward" in guard.disabled:
+            guard.call("forward", self._forward_post, module, args, kwargs, output)
+            return None
+        try:  # Guard.call's hot path inlined: this runs for every module call
+            self._forward_post(module, args, kwargs, output)
+        except Exception as exc:  # noqa: BLE001 - isolation is the point
+            guard.fail("forward", exc)
         return None
 
     def _forward_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:

@@ -8,6 +8,7 @@ tag, so the writer thread does one protobuf per step, not one per tag.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -108,6 +109,8 @@ class TensorBoardOutput:
         add = self._file_writer.add_summary
         Summary = self._Summary
         for i in range(n):
+            if i % 16 == 15:
+                time.sleep(0)  # let the training thread take the GIL back (see RunWriter)
             vals = [Value(tag=tag, simple_value=v[i]) for tag, v, skip in columns if skip is None or not skip[i]]
             if vals:
                 add(Summary(value=vals), steps[i], walls[i])

@@ -98,6 +98,11 @@ class _Stream:
 class RunWriter:
     """Owns the files of one run directory; all writes happen on its thread.
 
+    Its Python loops (resolving a batch of steps, building TensorBoard summaries) yield the
+    GIL every few steps with ``time.sleep(0)``: a thread waiting for the GIL otherwise waits
+    up to the interpreter's switch interval (5 ms), and the training thread takes the GIL
+    back after every GIL-releasing call (``backward``) while this thread is busy.
+
     Args:
         logdir: the run directory (created).
         meta: initial metadata (``gradprobe.json``).
