@@ -11,16 +11,20 @@ a naive per-parameter ``p.grad.norm().item()`` probe as Cockpit's GradNorm does,
 is the median seconds per step of a mode over the median of the baseline, in steady state:
 attaching and closing a probe (thread start, file creation, the final flush) happen once per
 run and are timed apart and printed separately. A gradprobe block
-opens a fresh probe whose schedule has no early burst (``early_until=0``), and blocks are a
-multiple of the sampling interval, so each block samples at exactly the steady-state rate.
+opens a fresh probe whose schedule has no early burst (``early_until=0``), runs its first
+step untimed (every mode does), and times steps 1..n, a multiple of the sampling interval, so
+each block samples at exactly the steady-state rate.
 
 With ``--device cuda`` it also counts host-device synchronisations added per step with
-``torch.cuda.set_sync_debug_mode("warn")`` (target: zero).
+``torch.cuda.set_sync_debug_mode("warn")`` (target: zero). It also reports the time Python's
+garbage collector took per step in each mode (steps buffered for the writer must not keep
+triggering collections of the whole process).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -117,18 +121,42 @@ def train_steps(case: dict[str, Any], n: int, *, anomaly: bool = False, naive: b
 #: one-time cost of attaching and closing a probe (seconds), per mode: measured apart from
 #: the per-step figure, which is the steady state of a long run
 ATTACH_CLOSE: dict[str, list[float]] = {}
+#: time spent in Python's garbage collector (seconds) and steps, per mode: what the probe's
+#: buffered records cost the process's GC (a full collection with torch imported: ~0.2 s)
+GC_TIME: dict[str, list[float]] = {}
+_gc_clock = {"t0": 0.0, "total": 0.0}
+
+
+def _gc_callback(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_clock["t0"] = time.perf_counter()
+    else:
+        _gc_clock["total"] += time.perf_counter() - _gc_clock["t0"]
 
 
 def run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
+    gc_before = _gc_clock["total"]
+    try:
+        return _run_block(case, mode, tmp)
+    finally:
+        GC_TIME.setdefault(mode, [0.0, 0])
+        GC_TIME[mode][0] += _gc_clock["total"] - gc_before
+        GC_TIME[mode][1] += case["block"]
+
+
+def _run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
     n = case["block"]
     if case["x"].is_cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    if mode == "baseline":
-        train_steps(case, n)
-    elif mode in ("gradprobe-light", "gradprobe-default"):
+    if mode in ("gradprobe-light", "gradprobe-default"):
+        # attaching, the first step (the layer table, the run directory's metadata, the
+        # writer's TensorBoard file) and closing happen once per run: timed apart. The timed
+        # steps 1..n hold exactly n / INTERVAL sampled steps, the steady-state rate.
+        t0 = time.perf_counter()
         cfg = ProbeConfig(schedule=Schedule(every=INTERVAL, early_until=0), deep=(mode == "gradprobe-default"))
         probe = gradprobe.watch(case["model"], case["opt"], logdir=tempfile.mkdtemp(dir=tmp), config=cfg)
+        train_steps(case, 1)
+        probe.flush()
         t1 = time.perf_counter()
         train_steps(case, n)
         if case["x"].is_cuda:
@@ -137,6 +165,12 @@ def run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
         probe.close()
         ATTACH_CLOSE.setdefault(mode, []).append((t1 - t0) + (time.perf_counter() - t2))
         return (t2 - t1) / n
+    train_steps(case, 1)  # the same untimed first step as the gradprobe blocks
+    if case["x"].is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if mode == "baseline":
+        train_steps(case, n)
     elif mode == "detect_anomaly":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -211,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     rnd = random.Random(args.seed)
     results: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
                                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rounds": args.rounds, "models": {}}
+    gc.callbacks.append(_gc_callback)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             case = make_case(name, args.device)
@@ -228,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                      "ratio": {m: statistics.median(v) / base for m, v in times.items()}, "block_steps": case["block"]}
             if args.device.startswith("cuda"):
                 entry["syncs_per_run"] = count_syncs(case, tmp)
+            entry["gc_ms_per_step"] = {m: v[0] / max(v[1], 1) * 1e3 for m, v in GC_TIME.items()}
+            GC_TIME.clear()
             results["models"][name] = entry
     results["attach_close_ms"] = {m: statistics.median(v) * 1e3 for m, v in ATTACH_CLOSE.items()}
     print(f"{'model':<12} " + " ".join(f"{m:>18}" for m in modes))
@@ -235,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12} " + " ".join(f"{e['ratio'][m]:>17.3f}x" for m in modes))
     for m, v in results["attach_close_ms"].items():
         print(f"{m}: attach + close once per run, median {v:.0f} ms (not in the per-step figures)")
+    for name, e in results["models"].items():
+        print(f"{name}: garbage collector ms per step: " + ", ".join(f"{m} {v:.3f}" for m, v in e["gc_ms_per_step"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
