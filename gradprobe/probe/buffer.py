@@ -1,9 +1,9 @@
 """Device-side step records and their batched hand-over to the writer.
 
 While a step is open, everything it measures stays on the device: small tensors (the loss
-roots, per-layer norm vectors from one ``torch._foreach_norm`` pass, the scale...). A closed
-step becomes a :class:`StepRecord`: host values plus a list of those tensors with a layout.
-Every ``flush_seconds`` the buffered records are concatenated into one flat device vector
+roots, per-layer norms from one ``torch._foreach_norm`` pass, the scale...). A closed step
+becomes a :class:`StepRecord`: host values plus those values stacked into one device vector,
+with a layout. Every ``flush_seconds`` the buffered records are concatenated into one flat device vector
 and copied to the host in one transfer (non-blocking into pinned memory on CUDA, with an
 event the writer thread waits on), so the training thread never waits for the device.
 Statistics derived from the values (totals, non-finite counts) are computed on the host, in

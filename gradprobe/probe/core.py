@@ -567,8 +567,8 @@ class Probe:
     # ------------------------------------------------------------------ measurements ----
     def _norms(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-tensor 2-norms as 0-d float32 tensors on the probe's device, from one
-        ``_foreach_norm`` pass when the tensors share a device (not stacked here: the record
-        stacks every 0-d value of a batch of steps at once when it is flushed)."""
+        ``_foreach_norm`` pass when the tensors share a device (not stacked here: the closed
+        step's record stacks all its 0-d values at once, see ``StepRecord.compact``)."""
         with torch.no_grad():
             if not any(t.is_sparse for t in tensors):
                 dev = tensors[0].device
