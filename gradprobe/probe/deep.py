@@ -700,7 +700,7 @@ def _run_layer(module: nn.RNNBase, seq: torch.Tensor, h: torch.Tensor, c: Any, w
     whh_t = w_hh.float().t()
     bhh = b_hh.float() if b_hh is not None else None
     lstm, gru = isinstance(module, nn.LSTM), isinstance(module, nn.GRU)
-    if lstm and c is not None:
+    if lstm:  # an LSTM's initial state always has a cell state (_initial_state)
         # the LSTM in few ops per step: both biases folded into the input projection, one
         # addmm for the pre-activations, one sigmoid over all four blocks (the cell block's
         # is unused), gates sliced after stacking
@@ -721,14 +721,11 @@ def _run_layer(module: nn.RNNBase, seq: torch.Tensor, h: torch.Tensor, c: Any, w
         return torch.stack(hs), {"input": S_[..., :H], "forget": S_[..., H : 2 * H], "cell": G_, "output": S_[..., 3 * H :]}
     relu = getattr(module, "nonlinearity", "tanh") != "tanh"
     for t in range(seq.shape[0]):
-        if lstm or gru or not relu:
+        if gru or not relu:
             gates = _cell_gates(module, None, h, c, w_ih, whh_t, None, bhh, gi=gi_all[t])
             for k, v in gates.items():
                 acc.setdefault(k, []).append(v)
-        if lstm:
-            c = gates["forget"] * c + gates["input"] * gates["cell"]
-            h = gates["output"] * torch.tanh(c)
-        elif gru:
+        if gru:
             h = (1 - gates["update"]) * gates["new"] + gates["update"] * h
         elif relu:
             pre = gi_all[t] + h @ whh_t
