@@ -146,6 +146,42 @@ def test_update_ratio_activation_input_and_target_stats(logdir):
     assert _sample(log, "input", "sequential", "nonfinite") == 0
 
 
+class _ChangedAfterAct(nn.Module):
+    """Linear -> ReLU/ReLU6 -> (features 0..1 zeroed in place, or not) -> Linear."""
+
+    def __init__(self, act: nn.Module, zero_after: bool) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 6), act, nn.Linear(6, 1)
+        self.zero_after = zero_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        if self.zero_after:
+            h[:, :2] = 0.0  # in place, after the activation's hook ran (ReLU6 saves its input)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("act,zero_after", [(nn.ReLU(), False), (nn.ReLU(inplace=True), False), (nn.ReLU6(), False), (nn.ReLU6(), True)],
+                         ids=["relu", "relu-inplace", "relu6", "relu6-then-changed-in-place"])
+def test_input_dead_frac_after_a_relu_reuses_its_column_max_only_when_unchanged(logdir, act, zero_after):
+    """The next layer's dead-input fraction reuses the activation's per-unit max (one pass
+    less) only while that output is unmodified: an in-place change after it is seen."""
+    torch.manual_seed(0)
+    model = _ChangedAfterAct(act, zero_after)
+    with torch.no_grad():
+        model.fc1.bias[4:] = -50.0  # units 4, 5 never active
+        model.fc1.bias[:4] = 50.0  # units 0..3 always active
+    x = torch.randn(16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradprobe.watch(model, opt, logdir=logdir, config=EVERY):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert _sample(log, "activation", "act", "dead_frac") == pytest.approx(2 / 6)
+    assert _sample(log, "activation", "fc2", "input_dead_frac") == pytest.approx((4 if zero_after else 2) / 6)
+
+
 def _finite_reference(x: torch.Tensor, feature_dim: int) -> list[float]:
     """[numel, nonfinite, mean, std, absmax, feature_std_min, feature_std_max] in float64."""
     a = x.double().numpy()

@@ -83,14 +83,23 @@ PARAMETRIC = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.
 
 def _count_nan(poison: torch.Tensor) -> torch.Tensor:
     """Number of NaN entries of a tensor holding only 0 and NaN (``t * 0``: NaN exactly
-    where ``t`` is NaN/Inf), as a float32 0-d tensor: NaN -> 1, then one sum (a third of
-    the time of ``count_nonzero`` or ``isfinite().sum()`` on a CPU)."""
-    return torch.nan_to_num(poison, nan=1.0).sum(dtype=torch.float32)
+    where ``t`` is NaN/Inf), as a float32 0-d tensor: ``count_nonzero`` counts NaN (NaN != 0)
+    and not -0.0, in one pass over the tensor and no temporary of its size (``nan_to_num``
+    then ``sum`` is two passes and one more full-size allocation)."""
+    return torch.count_nonzero(poison).to(torch.float32)
 
 
 def _nonfinite_count(t: torch.Tensor) -> torch.Tensor:
     """Exact number of NaN/Inf entries of ``t`` (float32 0-d tensor, no sync)."""
     return _count_nan(t.detach() * 0)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference tensors, which have none)."""
+    try:
+        return int(t._version)
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def _finite_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,7 +120,7 @@ def _finite_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         return z, poison, n_bad, zero, zero, zero
     n_fin = (n - n_bad).clamp(min=1)
     mean = z.sum() / n_fin
-    d = torch.nan_to_num((y - mean).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)  # NaN/Inf entries: 0
+    d = torch.sub(y.reshape(-1), mean).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # NaN/Inf entries: 0
     std = (torch.dot(d, d) / n_fin).sqrt()
     lo, hi = torch.aminmax(z)
     return z, poison, n_bad, mean, std, torch.maximum(hi, -lo)
@@ -161,6 +170,9 @@ class DeepProbes:
         self._cell_calls: dict[int, tuple[nn.Module, "ModuleInfo", list[torch.Tensor], Any, Any]] = {}
         self._gate_acc: dict[str, list[torch.Tensor]] = {}
         self._stats_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: (id of a ReLU's output, feature dim) -> (the output, its version, per-feature max);
+        #: the next layer's input check reads it instead of a second pass over the same tensor
+        self._colmax: dict[tuple[int, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
         self._side = False
         self._loss_seen = False
         self._dtype = torch.float32
@@ -180,6 +192,7 @@ class DeepProbes:
             self._captures = {}
             self._cell_calls = {}
             self._stats_cache = {}
+            self._colmax = {}
 
     def _guard(self, part: str, fn: Any, *args: Any) -> Any:
         return self.probe.guard.call("deep." + part, fn, *args)
@@ -248,7 +261,16 @@ class DeepProbes:
                 units = y.movedim(dim, -1).reshape(-1, y.shape[dim])
                 # a unit is active if its largest output over the batch is > 0 (a NaN max is
                 # not > 0); NaN/Inf in a unit's column is "poisoned", not "never active"
-                active = units.amax(dim=0) > 0 if units.shape[0] else torch.zeros(units.shape[1], dtype=torch.bool, device=y.device)
+                if units.shape[0]:
+                    colmax = units.amax(dim=0)
+                    active = colmax > 0
+                    version = _version(out)
+                    if version is not None:
+                        # a ReLU's outputs are >= 0 (or NaN): their column max is the max of
+                        # |x| that the next layer's dead-input check needs
+                        self._colmax[(id(out), dim)] = (out, version, colmax)
+                else:
+                    active = torch.zeros(units.shape[1], dtype=torch.bool, device=y.device)
                 poisoned = poison.movedim(dim, -1).reshape(-1, y.shape[dim]).sum(dim=0).isnan()
                 dead = (~active & ~poisoned).float().mean()
                 self._sample("activation", info.name, "dead_frac", dead, index=order)
@@ -258,7 +280,12 @@ class DeepProbes:
                 if x.is_floating_point() and x.dim() >= 2:
                     dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else x.dim() - 1
                     feats = x.movedim(dim, -1).reshape(-1, x.shape[dim])
-                    dead_in = (feats.abs().amax(dim=0) == 0).float().mean() if feats.shape[0] else feats.new_ones(())
+                    hit = self._colmax.get((id(args[0]), dim))
+                    if hit is not None and hit[0] is args[0] and hit[1] == _version(args[0]):
+                        colmax = hit[2]
+                    else:
+                        colmax = feats.abs().amax(dim=0) if feats.shape[0] else None
+                    dead_in = (colmax == 0).float().mean() if colmax is not None else feats.new_ones(())
                     self._sample("activation", info.name, "input_dead_frac", dead_in, index=order)
 
     # ------------------------------------------------------------- recurrent gates ------
@@ -544,6 +571,7 @@ class DeepProbes:
             self._captures = {}
             self._cell_calls = {}
             self._stats_cache = {}
+            self._colmax = {}
         for probe, target, stat, index, value in st.samples[n0:]:
             if isinstance(value, torch.Tensor):
                 rec.add("sample", value, (probe, target, stat, index))
