@@ -989,9 +989,10 @@ class Probe:
             info = self._module_info.get(module)
             if info is not None and info.light and not self._open.sampled:
                 return None  # hot path: an activation module on an unsampled step
-        self.guard.call("forward", self._forward_pre, module, args)
+        self._forward_pre(module, args)
         return None
 
+    @guarded("forward")
     def _forward_pre(self, module: nn.Module, args: Any) -> None:
         if _functorch_active():
             if self.auto:
@@ -1030,16 +1031,10 @@ class Probe:
             info = self._module_info.get(module)
             if info is not None and info.light and not self._open.sampled:
                 return None
-        guard = self.guard
-        if guard.inject or "forward" in guard.disabled:
-            guard.call("forward", self._forward_post, module, args, kwargs, output)
-            return None
-        try:  # Guard.call's hot path inlined: this runs for every module call
-            self._forward_post(module, args, kwargs, output)
-        except Exception as exc:  # noqa: BLE001 - isolation is the point
-            guard.fail("forward", exc)
+        self._forward_post(module, args, kwargs, output)
         return None
 
+    @guarded("forward")
     def _forward_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self.auto:
             self._depth = max(0, self._depth - 1)
