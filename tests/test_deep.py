@@ -113,6 +113,96 @@ def test_lstm_gates_recomputed_from_weights_equal_manual(logdir):
     assert _sample(log, "gates", "lstm.l0.forget", "mean") == pytest.approx(float(torch.stack(fs).mean()), rel=1e-4)
 
 
+def _reference_gates(module: nn.RNNBase, x: torch.Tensor, hx) -> dict[str, dict[str, torch.Tensor]]:
+    """Gates of every layer's forward direction, cell by cell: each layer (both directions)
+    is a one-layer copy of the module, run by torch itself, giving the next layer's input."""
+    kind = type(module)
+    cell_cls = {nn.LSTM: nn.LSTMCell, nn.GRU: nn.GRUCell, nn.RNN: nn.RNNCell}[kind]
+    seq = x.transpose(0, 1) if module.batch_first else x
+    dirs = 2 if module.bidirectional else 1
+    h_all = hx[0] if isinstance(hx, tuple) else hx
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for layer in range(module.num_layers):
+        extra = {} if kind is not nn.RNN else {"nonlinearity": module.nonlinearity}
+        one = kind(seq.shape[-1], module.hidden_size, bidirectional=module.bidirectional, **extra)
+        cell = cell_cls(seq.shape[-1], module.hidden_size, **extra)
+        with torch.no_grad():
+            for sfx in ("", "_reverse")[:dirs]:
+                for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(one, f"{w}_l0{sfx}").copy_(getattr(module, f"{w}_l{layer}{sfx}"))
+            for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, w).copy_(getattr(module, f"{w}_l{layer}"))
+            h = h_all[layer * dirs] if h_all is not None else torch.zeros(seq.shape[1], module.hidden_size)
+            c = hx[1][layer * dirs] if isinstance(hx, tuple) else torch.zeros_like(h)
+            gates: dict[str, list[torch.Tensor]] = {}
+            for t in range(seq.shape[0]):
+                gi = seq[t] @ cell.weight_ih.t() + cell.bias_ih
+                gh = h @ cell.weight_hh.t() + cell.bias_hh
+                if kind is nn.LSTM:
+                    i, f, g, o = (gi + gh).chunk(4, dim=1)
+                    now = {"input": i.sigmoid(), "forget": f.sigmoid(), "cell": g.tanh(), "output": o.sigmoid()}
+                    h, c = cell(seq[t], (h, c))
+                elif kind is nn.GRU:
+                    r = (gi.chunk(3, 1)[0] + gh.chunk(3, 1)[0]).sigmoid()
+                    z = (gi.chunk(3, 1)[1] + gh.chunk(3, 1)[1]).sigmoid()
+                    now = {"reset": r, "update": z, "new": (gi.chunk(3, 1)[2] + r * gh.chunk(3, 1)[2]).tanh()}
+                    h = cell(seq[t], h)
+                else:
+                    h = cell(seq[t], h)
+                    now = {"h": h}
+                for k, v in now.items():
+                    gates.setdefault(k, []).append(v)
+            out[f"l{layer}"] = {k: torch.stack(v) for k, v in gates.items()}
+            layer_hx = None
+            if h_all is not None:
+                hs = h_all[layer * dirs : (layer + 1) * dirs]
+                layer_hx = (hs, hx[1][layer * dirs : (layer + 1) * dirs]) if isinstance(hx, tuple) else hs
+            seq = one(seq, layer_hx)[0]
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind,bidirectional,batch_first,with_hx",
+    [(nn.LSTM, False, True, False), (nn.LSTM, True, False, True), (nn.GRU, False, False, True),
+     (nn.GRU, True, True, False), (nn.RNN, True, True, True)],
+)
+def test_fused_layer_gates_equal_a_cell_by_cell_reference(logdir, kind, bidirectional, batch_first, with_hx):
+    """Every gate statistic of every layer of a 2-layer LSTM/GRU/RNN (uni- and
+    bidirectional, either batch layout, with and without an initial state) against the gates
+    computed cell by cell, each layer's input being the previous layer's real output."""
+    torch.manual_seed(3)
+    module = kind(3, 5, num_layers=2, bidirectional=bidirectional, batch_first=batch_first)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(3.0)  # gates spread over their whole range, some saturated
+    dirs = 2 if bidirectional else 1
+    x = torch.randn(4, 6, 3) if batch_first else torch.randn(6, 4, 3)
+    hx = None
+    if with_hx:
+        h0 = torch.randn(2 * dirs, 4, 5)
+        hx = (h0, torch.randn(2 * dirs, 4, 5)) if kind is nn.LSTM else h0
+    opt = torch.optim.SGD(module.parameters(), lr=0.0)
+    with gradprobe.watch(module, opt, logdir=logdir, config=EVERY):
+        out = module(x, hx)[0]
+        opt.zero_grad()
+        out.sum().backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    ref = _reference_gates(module, x, hx)
+    seen = 0
+    for layer, gates in ref.items():
+        for name, v in gates.items():
+            target = f"{type(module).__name__.lower()}.{layer}.{name}"
+            if name in ("cell", "new", "h"):
+                expect = {"sat_frac": (v.abs() > 0.99).float().mean(), "absmean": v.abs().mean()}
+            else:
+                expect = {"low_frac": (v < 0.01).float().mean(), "high_frac": (v > 0.99).float().mean(), "mean": v.mean()}
+            for stat, e in expect.items():
+                assert _sample(log, "gates", target, stat) == pytest.approx(float(e), abs=1e-5), (target, stat)
+                seen += 1
+    assert seen == 2 * {nn.LSTM: 11, nn.GRU: 8, nn.RNN: 2}[kind]  # every stat of every layer
+
+
 def test_update_ratio_activation_input_and_target_stats(logdir):
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
     with torch.no_grad():

@@ -299,8 +299,10 @@ class DeepProbes:
                 if x.dim() == 1:
                     x = x.unsqueeze(0)
                 hx = args[1] if len(args) > 1 else kwargs.get("hx")
-                h, c = _split_hx(hx, module, x)
-                gates = _cell_gates(module, x[:B], _slice(h, B), _slice(c, B), module.weight_ih, module.weight_hh, module.bias_ih if module.bias else None, module.bias_hh if module.bias else None)
+                h, _ = _split_hx(hx, module, x)
+                with torch.autocast(x.device.type, enabled=False):
+                    gates = _cell_gates(module, x[:B], _slice(h, B), module.weight_ih, module.weight_hh,
+                                        module.bias_ih if module.bias else None, module.bias_hh if module.bias else None)
                 self._gate_stats(info.name + ".l0", gates)
                 return
             if not isinstance(module, nn.RNNBase) or getattr(module, "proj_size", 0):
@@ -310,25 +312,14 @@ class DeepProbes:
                 x = x.unsqueeze(0 if module.batch_first else 1)
             if module.batch_first:
                 x = x.transpose(0, 1)
-            x = x[:, :B]
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
-            layer_in = x
-            dirs = 2 if module.bidirectional else 1
-            for layer in range(module.num_layers):
-                outs = []
-                for d in range(dirs):
-                    sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                    w_ih = getattr(module, "weight_ih" + sfx)
-                    w_hh = getattr(module, "weight_hh" + sfx)
-                    b_ih = getattr(module, "bias_ih" + sfx) if module.bias else None
-                    b_hh = getattr(module, "bias_hh" + sfx) if module.bias else None
-                    h0, c0 = _initial_state(module, hx, layer * dirs + d, layer_in.shape[1], layer_in)
-                    seq = layer_in.flip(0) if d == 1 else layer_in
-                    hs, gates = _run_layer(module, seq, h0, c0, w_ih, w_hh, b_ih, b_hh)
-                    if d == 0:
-                        self._gate_stats(f"{info.name}.l{layer}", gates)
-                    outs.append(hs.flip(0) if d == 1 else hs)
-                layer_in = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+            layer_in = x[:, :B].float()
+            # float32 whatever the autocast in force; cuDNN off: it would warn about the
+            # layer's weights not being one flattened buffer
+            with torch.autocast(x.device.type, enabled=False), torch.backends.cudnn.flags(enabled=False):
+                for layer in range(module.num_layers):
+                    layer_in, gates = _layer_gates(module, layer, layer_in, hx)
+                    self._gate_stats(f"{info.name}.l{layer}", gates)
 
     def _gate_stats(self, prefix: str, gates: dict[str, torch.Tensor]) -> None:
         for gname, v in gates.items():
@@ -689,17 +680,17 @@ def _initial_state(module: nn.RNNBase, hx: Any, k: int, batch: int, ref: torch.T
     return hx.detach()[k, :batch].to(ref.dtype), None
 
 
-def _cell_gates(module: nn.Module, x: torch.Tensor | None, h: torch.Tensor, c: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: Any, b_hh: Any, gi: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The gates of one cell step; ``gi`` (the input projection x W_ih^T + b_ih) may be
-    given precomputed, ``w_hh`` is then already transposed and float."""
-    h = h.float()
-    if gi is None:
-        gi = x.float() @ w_ih.float().t() + (b_ih.float() if b_ih is not None else 0)
-        gh = h @ w_hh.float().t()
-    else:
-        gh = h @ w_hh
+def _cell_gates(module: nn.Module, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                b_ih: Any, b_hh: Any) -> dict[str, torch.Tensor]:
+    """The gates of a cell (or of a layer at every time step at once: ``x`` and ``h`` may carry
+    leading time and batch dimensions, ``h`` being the state each step starts from), in
+    float32, from the raw weights; no cell state is needed for the gates themselves."""
+    gi = x.float() @ w_ih.float().t()
+    gh = h.float() @ w_hh.float().t()
+    if b_ih is not None:
+        gi = gi + b_ih.float()
     if b_hh is not None:
-        gh = gh + b_hh
+        gh = gh + b_hh.float()
     if isinstance(module, (nn.LSTM, nn.LSTMCell)):
         i, f, g, o = (gi + gh).chunk(4, dim=-1)
         return {"input": torch.sigmoid(i), "forget": torch.sigmoid(f), "cell": torch.tanh(g), "output": torch.sigmoid(o)}
@@ -711,57 +702,35 @@ def _cell_gates(module: nn.Module, x: torch.Tensor | None, h: torch.Tensor, c: A
         n = torch.tanh(inn + r * hn)
         return {"reset": r, "update": z, "new": n}
     nonlin = getattr(module, "nonlinearity", "tanh")
-    pre = gi + gh
-    return {"h": torch.tanh(pre)} if nonlin == "tanh" else {}
+    return {"h": torch.tanh(gi + gh)} if nonlin == "tanh" else {}
 
 
-def _run_layer(module: nn.RNNBase, seq: torch.Tensor, h: torch.Tensor, c: Any, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: Any, b_hh: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Runs one layer/direction step by step; returns outputs (T,B,H) and stacked gates.
-    The input projections of all T steps are one matrix product; the loop does the rest."""
-    hs = []
-    acc: dict[str, list[torch.Tensor]] = {}
-    h = h.float()
-    c = c.float() if c is not None else None
-    gi_all = seq.float() @ w_ih.float().t()
-    if b_ih is not None:
-        gi_all = gi_all + b_ih.float()
-    whh_t = w_hh.float().t()
-    bhh = b_hh.float() if b_hh is not None else None
-    lstm, gru = isinstance(module, nn.LSTM), isinstance(module, nn.GRU)
-    if lstm:  # an LSTM's initial state always has a cell state (_initial_state)
-        # the LSTM in few ops per step: both biases folded into the input projection, one
-        # addmm for the pre-activations, one sigmoid over all four blocks (the cell block's
-        # is unused), gates sliced after stacking
-        H = whh_t.shape[1] // 4
-        if bhh is not None:
-            gi_all = gi_all + bhh
-        sig, cell = [], []
-        for t in range(seq.shape[0]):
-            z = torch.addmm(gi_all[t], h, whh_t)
-            s = torch.sigmoid(z)
-            g = torch.tanh(z[:, 2 * H : 3 * H])
-            c = torch.addcmul(s[:, H : 2 * H] * c, s[:, :H], g)
-            h = s[:, 3 * H :] * torch.tanh(c)
-            sig.append(s)
-            cell.append(g)
-            hs.append(h)
-        S_, G_ = torch.stack(sig), torch.stack(cell)
-        return torch.stack(hs), {"input": S_[..., :H], "forget": S_[..., H : 2 * H], "cell": G_, "output": S_[..., 3 * H :]}
-    relu = getattr(module, "nonlinearity", "tanh") != "tanh"
-    for t in range(seq.shape[0]):
-        if gru or not relu:
-            gates = _cell_gates(module, None, h, c, w_ih, whh_t, None, bhh, gi=gi_all[t])
-            for k, v in gates.items():
-                acc.setdefault(k, []).append(v)
-        if gru:
-            h = (1 - gates["update"]) * gates["new"] + gates["update"] * h
-        elif relu:
-            pre = gi_all[t] + h @ whh_t
-            h = torch.relu(pre + bhh if bhh is not None else pre)
-        else:
-            h = gates["h"]
-        hs.append(h)
-    return torch.stack(hs), {k: torch.stack(v) for k, v in acc.items()}
+def _layer_gates(module: nn.RNNBase, layer: int, seq: torch.Tensor, hx: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One layer of ``module`` on ``seq`` (T, B, I), in float32: its output (T, B, dirs*H),
+    the next layer's input, and the gates of its forward direction at every time step.
+
+    The layer runs as the module's own fused kernel (one call, both directions, no dropout:
+    gate statistics describe the weights, not a dropout draw). The fused kernel does not
+    expose its gates, but they only depend on x_t and h_{t-1}, both known once the layer's
+    outputs are: they are recomputed for all time steps at once with two matrix products."""
+    kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if module.bias else ("weight_ih", "weight_hh")
+    sfxs = ("", "_reverse") if module.bidirectional else ("",)
+    weights = [getattr(module, f"{k}_l{layer}{sfx}").detach().float() for sfx in sfxs for k in kinds]
+    states = [_initial_state(module, hx, layer * len(sfxs) + d, seq.shape[1], seq) for d in range(len(sfxs))]
+    h0 = torch.stack([h for h, _ in states])
+    flags = (module.bias, 1, 0.0, False, module.bidirectional, False)  # one layer, no dropout, eval
+    if isinstance(module, nn.LSTM):
+        out = torch.lstm(seq, (h0, torch.stack([c for _, c in states])), weights, *flags)[0]
+    elif isinstance(module, nn.GRU):
+        out = torch.gru(seq, h0, weights, *flags)[0]
+    else:
+        tanh = getattr(module, "nonlinearity", "tanh") == "tanh"
+        out = (torch.rnn_tanh if tanh else torch.rnn_relu)(seq, h0, weights, *flags)[0]
+        return out, ({"h": out[..., : module.hidden_size]} if tanh else {})  # a plain RNN's gate is its output
+    H = module.hidden_size
+    h_prev = torch.cat([h0[:1], out[:-1, :, :H]])  # the state each step of the forward direction starts from
+    b_ih, b_hh = (weights[2], weights[3]) if module.bias else (None, None)
+    return out, _cell_gates(module, seq, h_prev, weights[0], weights[1], b_ih, b_hh)
 
 
 def _last_output(module: nn.RNNBase, xs: torch.Tensor, hx: Any) -> torch.Tensor:
