@@ -75,6 +75,42 @@ def _amp_run(logdir: str, fused: bool, steps: int = 30) -> tuple[gradprobe.RunLo
     return gradprobe.RunLog.load(logdir), expected
 
 
+class _AnyDtypeIn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.nan_to_num(x.float(), nan=0.0, posinf=1.0, neginf=-1.0) * 1e-6)
+
+
+def test_per_step_data_check_flags_nonfinite_batches_of_every_float_dtype(logdir):
+    """The per-step data count is exact on NaN, +Inf and -Inf in float32, float64, bfloat16
+    and float16 batches, and quiet on finite ones at large scales: float16 entries at its
+    maximum (a float16 norm would overflow; its check accumulates in float32) and entries of
+    1e15 in the others (their 2-norm is far from float32's overflow)."""
+    model = _AnyDtypeIn()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.ones(64, 4)
+    batches = [
+        (x * 1e15, 0), (x * 65504.0, 0), (x.half() * 65504, 0), (x.bfloat16() * 1e15, 0), (x.double() * 1e15, 0),
+        (x.clone().index_fill_(0, torch.tensor([3]), math.nan), 1),
+        (x.clone().index_fill_(0, torch.tensor([3]), math.inf), 1),
+        (x.clone().index_fill_(0, torch.tensor([3]), -math.inf), 1),
+        (x.half().index_fill_(0, torch.tensor([3]), math.nan), 1),
+        (x.half().index_fill_(0, torch.tensor([3]), -math.inf), 1),
+        (x.bfloat16().index_fill_(0, torch.tensor([3]), math.inf), 1),
+        (x.double().index_fill_(0, torch.tensor([3]), math.nan), 1),
+    ]
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for batch, _ in batches:
+            opt.zero_grad()
+            model(batch).sum().backward()
+            opt.step()
+    steps = gradprobe.RunLog.load(logdir).steps
+    assert steps["data_nonfinite"].tolist() == [bad for _, bad in batches]
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_amp_skipped_steps_counted_exactly(tmp_path, fused):
     log, expected = _amp_run(str(tmp_path / "r"), fused)

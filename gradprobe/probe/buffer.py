@@ -29,8 +29,9 @@ class StepRecord:
     Fields: ``loss``/``loss_fn``/``eval_loss`` (one value per root/call), ``grad`` and
     ``weight`` (meta: layer indices), ``clip`` (the clip's total norm; meta: layer indices and
     max_norm), ``clip_coef`` (meta: layer indices), ``clip_total``,
-    ``clip_max``, ``scale_before``, ``scale_after``, ``found_inf``, ``data_sum`` (one float32
-    sum per data tensor: non-finite when the tensor holds NaN/Inf), ``sample`` (meta:
+    ``clip_max``, ``scale_before``, ``scale_after``, ``found_inf``, ``data_check`` (one 0-d
+    reduction per data tensor: non-finite when the tensor holds NaN/Inf, see
+    :meth:`~gradprobe.probe.step.Segment.count_data`), ``sample`` (meta:
     ``(probe, target, stat, index0)``), ``scalar`` (meta: name).
 
     When the step closes, :meth:`compact` stacks all its 0-d values into one vector: a
@@ -193,7 +194,7 @@ class PendingBatch:
                     loss_fn.extend(v.tolist())
                 elif name == "eval_loss":
                     evals.extend(v.tolist())
-                elif name == "data_sum":  # one float32 sum per data tensor: non-finite iff it holds NaN/Inf
+                elif name == "data_check":  # one reduction per data tensor: non-finite iff it holds NaN/Inf
                     data_bad = max(data_bad, 0) + sum(1 for x in v.tolist() if not math.isfinite(x))
                 elif name == "local_grad":
                     vals["local_grad"] = math.sqrt(math.fsum(x * x for x in v.tolist())) if size else math.nan

@@ -1268,8 +1268,8 @@ class Probe:
             rec.add("eval_loss", v)
         if lr_dev is not None:
             rec.add("lr_dev", lr_dev)
-        if seg.data_sums:
-            rec.add("data_sum", seg.data_sums)
+        if seg.data_checks:
+            rec.add("data_check", seg.data_checks)
         for idx, norms in seg.grad_pieces:
             rec.add("grad", norms, idx)
         for idx, value, max_norm in seg.clip_pieces:

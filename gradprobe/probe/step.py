@@ -41,7 +41,7 @@ class Segment:
     scaled_by: Any = None  # the GradScaler whose scale() produced a root in this segment
     scale_tampered: bool = False
     # one float32 sum per data tensor (model inputs, loss targets): non-finite iff it holds NaN/Inf
-    data_sums: list[torch.Tensor] = field(default_factory=list)
+    data_checks: list[torch.Tensor] = field(default_factory=list)
 
     def empty(self) -> bool:
         return self.n_backward == 0 and not self.loss_fn and not self.eval_loss and not self.grad_pieces
@@ -70,18 +70,25 @@ class Segment:
         if later.scaled_by is not None:
             self.scaled_by = later.scaled_by
         self.scale_tampered |= later.scale_tampered
-        self.data_sums += later.data_sums
+        self.data_checks += later.data_checks
 
     def count_data(self, t: torch.Tensor) -> None:
-        """Keeps a float32-accumulated sum of ``t`` (a device reduction, no sync); the record
-        counts the sums that are non-finite.
+        """Keeps one 0-d reduction of ``t`` (on its device, no sync); the record counts those
+        that are non-finite, on the host, when it is read.
 
-        A sum is non-finite when any entry is NaN/Inf (NaN propagates, and +Inf and -Inf give
-        NaN), and finite entries can only overflow it past 3.4e38, a scale no data reaches.
-        One reduction costs a tenth of ``isfinite(t).sum()`` on a CPU (vectorised, no mask),
-        and the finiteness test of the 0-d sums is done on the host when the record is read.
+        The reduction is the 2-norm: non-finite when any entry is NaN/Inf, and otherwise only
+        when the squares of finite entries overflow (entries beyond ~1.8e19 / sqrt(numel) in
+        float32 or bfloat16: no real data reaches that scale; uninitialised memory does).
+        PyTorch's CPU kernel computes a whole-tensor 2-norm on the calling thread, where a
+        sum is an OpenMP parallel region whose thread wake-up costs more than the arithmetic:
+        in the MLP loop of ``benchmarks/overhead.py`` (a 256x512 batch), steps interleaved
+        with no check, a sum and a norm (``benchmarks/data_check.py``), the sum added
+        109-230 us per ~10 ms step and the norm 11-133 us, in five runs.
+        float16 data gets the float32-accumulated sum instead: its norm would come back in
+        float16 and overflow at 65504.
         """
-        self.data_sums.append(t.detach().sum(dtype=torch.float32))
+        t = t.detach()
+        self.data_checks.append(t.sum(dtype=torch.float32) if t.dtype == torch.float16 else torch.linalg.vector_norm(t))
 
 
 @dataclass
