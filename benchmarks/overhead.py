@@ -7,9 +7,15 @@ Each model trains in blocks of steps; every round runs one block per mode in a s
 order (baseline, gradprobe light = per-step signals only, gradprobe default = per-step
 signals + deep probes at the default interval, and the peers: torch.autograd.detect_anomaly,
 a naive per-parameter ``p.grad.norm().item()`` probe as Cockpit's GradNorm does, and
-``wandb.watch(model, log="all", log_freq=1)`` offline when wandb is installed). The figure
-is the median seconds per step of a mode over the median of the baseline, in steady state:
-attaching and closing a probe (thread start, file creation, the final flush) happen once per
+``wandb.watch(model, log="all", log_freq=1)`` offline when wandb is installed).
+
+The figure is the median over rounds of the paired ratio (a mode's seconds per step over the
+baseline's in the same round), with a bootstrap 90% interval of that median: the blocks of a
+round run within seconds of each other, so a slow phase of a shared machine slows both sides
+of a pair, where the ratio of the two overall medians (also written to ``--json``) takes the
+full brunt of it. The share of CPU time the hypervisor stole while a model was measured
+(``/proc/stat``) is printed with it: figures taken with much CPU stolen are noise. Steady
+state: attaching and closing a probe (thread start, file creation, the final flush) happen once per
 run and are timed apart and printed separately. A gradprobe block
 opens a fresh probe whose schedule has no early burst (``early_until=0``), runs its first
 step untimed (every mode does), and times steps 1..n, a multiple of the sampling interval, so
@@ -37,6 +43,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -225,6 +232,25 @@ def count_syncs(case: dict[str, Any], tmp: str, steps: int = 2 * INTERVAL) -> di
     return out
 
 
+def _stolen() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields[:8])) if len(fields) >= 8 else None
+
+
+def paired(mode_times: list[float], base_times: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Median over rounds of the per-round ratio mode / baseline, and a bootstrap 90%
+    percentile interval of that median (2000 resamples of the rounds)."""
+    r = np.asarray(mode_times) / np.asarray(base_times)
+    rng = np.random.default_rng(seed)
+    meds = np.median(r[rng.integers(0, len(r), size=(2000, len(r)))], axis=1)
+    return float(np.median(r)), float(np.percentile(meds, 5)), float(np.percentile(meds, 95))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lstm,mlp,transformer")
@@ -252,24 +278,33 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:  # warm up every code path once
                 run_block({**case, "block": 3}, mode, tmp)
             times: dict[str, list[float]] = {m: [] for m in modes}
+            steal0 = _stolen()
             for r in range(args.rounds):
                 order = modes[:]
                 rnd.shuffle(order)
                 for mode in order:
                     times[mode].append(run_block(case, mode, tmp))
                 print(f"{name} round {r + 1}/{args.rounds}: " + ", ".join(f"{m}={times[m][-1] * 1e3:.1f}ms" for m in modes), file=sys.stderr, flush=True)
+            steal1 = _stolen()
             base = statistics.median(times["baseline"])
             entry = {"step_ms": {m: statistics.median(v) * 1e3 for m, v in times.items()},
-                     "ratio": {m: statistics.median(v) / base for m, v in times.items()}, "block_steps": case["block"]}
+                     "paired": {m: paired(v, times["baseline"], args.seed) for m, v in times.items()},
+                     "ratio_of_medians": {m: statistics.median(v) / base for m, v in times.items()},
+                     "block_steps": case["block"],
+                     "stolen_pct": (100.0 * (steal1[0] - steal0[0]) / max(steal1[1] - steal0[1], 1)
+                                    if steal0 is not None and steal1 is not None else None)}
             if args.device.startswith("cuda"):
                 entry["syncs_per_run"] = count_syncs(case, tmp)
             entry["gc_ms_per_step"] = {m: v[0] / max(v[1], 1) * 1e3 for m, v in GC_TIME.items()}
             GC_TIME.clear()
             results["models"][name] = entry
     results["attach_close_ms"] = {m: statistics.median(v) * 1e3 for m, v in ATTACH_CLOSE.items()}
-    print(f"{'model':<12} " + " ".join(f"{m:>18}" for m in modes))
+    print("median paired ratio over rounds [bootstrap 90% interval]")
+    print(f"{'model':<12} " + " ".join(f"{m:>22}" for m in modes if m != "baseline") + "   CPU stolen")
     for name, e in results["models"].items():
-        print(f"{name:<12} " + " ".join(f"{e['ratio'][m]:>17.3f}x" for m in modes))
+        cells = [f"{e['paired'][m][0]:.3f} [{e['paired'][m][1]:.3f}-{e['paired'][m][2]:.3f}]" for m in modes if m != "baseline"]
+        stolen = f"{e['stolen_pct']:.0f}%" if e["stolen_pct"] is not None else "n/a"
+        print(f"{name:<12} " + " ".join(f"{c:>22}" for c in cells) + f"   {stolen:>10}")
     for m, v in results["attach_close_ms"].items():
         print(f"{m}: attach + close once per run, median {v:.0f} ms (not in the per-step figures)")
     for name, e in results["models"].items():
