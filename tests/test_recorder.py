@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -463,6 +464,32 @@ def test_tensorboard_events_read_back(logdir):
     charts = [c.title for cat in layout.category for c in cat.chart]
     assert "Gradient norm vs max_norm" in charts and "GradScaler scale and skipped steps" in charts
     assert "State age (steps a carried graph reaches back)" in charts and "Per-layer gradient norms" in charts
+    # the records are framed with google-crc32c's C CRC32C: every checksum is what tensorboard's
+    # own (pure-Python) implementation computes
+    import glob
+    import struct
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from gradprobe.runlog.tensorboard import TensorBoardOutput
+
+    records = 0
+    for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            header = data[pos : pos + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[pos + 8 : pos + 12])[0] == masked_crc32c(header)
+            body = data[pos + 12 : pos + 12 + length]
+            assert struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])[0] == masked_crc32c(body)
+            pos += 16 + length
+            records += 1
+    assert records > 15
+    out = TensorBoardOutput(os.path.join(logdir, "fast"))
+    assert "write" in vars(out._file_writer.event_writer._async_writer._writer)  # this instance only
+    out.writer.close()
 
 
 def test_watch_accepts_optimizer_none_and_adopts(logdir):

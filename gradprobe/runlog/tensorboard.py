@@ -8,9 +8,11 @@ tag, so the writer thread does one protobuf per step, not one per tag.
 from __future__ import annotations
 
 import math
+import struct
 import time
 from typing import Any, Iterable
 
+import google_crc32c
 import numpy as np
 
 # tag -> steps.arrow column (written every step)
@@ -71,6 +73,37 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
 }
 
 
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC32C of ``data`` (the checksum tensorboard's own reader verifies)."""
+    x = google_crc32c.value(data)
+    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _fast_checksums(file_writer: Any) -> None:
+    """Frames this writer's records with google-crc32c's C implementation of CRC32C.
+
+    TensorBoard's ``RecordWriter`` checksums every record in pure Python: 68 us for one
+    step's event (553 bytes, 16 tags), holding the GIL, on the background thread that
+    competes with the training for the CPU; the C implementation takes about a microsecond.
+    The framing is ``RecordWriter.write``'s, byte for byte: only this writer's instance gets
+    it (nothing global is patched). Where the C implementation or the writer's layout is
+    not there (another tensorboard version), the writer is left as it is.
+    """
+    try:
+        record_writer = file_writer.event_writer._async_writer._writer
+        sink = record_writer._writer
+    except AttributeError:
+        return
+    if google_crc32c.implementation != "c" or not callable(getattr(sink, "write", None)):
+        return
+
+    def write(data: bytes) -> None:
+        header = struct.pack("<Q", len(data))
+        sink.write(header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data)))
+
+    record_writer.write = write
+
+
 class TensorBoardOutput:
     """Writes gradprobe summaries into ``logdir`` (owned by the writer thread)."""
 
@@ -82,6 +115,7 @@ class TensorBoardOutput:
         self.writer = SummaryWriter(log_dir=logdir, flush_secs=1, max_queue=100)
         self.writer.add_custom_scalars(LAYOUT)
         self._file_writer = self.writer._get_file_writer()
+        _fast_checksums(self._file_writer)
 
     def _emit(self, step: int, values: Iterable[tuple[str, float]], walltime: float | None = None) -> None:
         vals = [self._Summary.Value(tag=t, simple_value=float(v)) for t, v in values]
