@@ -320,7 +320,7 @@ def _strings(col: pd.Series) -> list[str | None]:
 def _write_table(path: str, batch: pa.RecordBatch) -> None:
     with open(path, "wb") as f:
         sink = pa.PythonFile(f, mode="w")
-        with pa.ipc.new_stream(sink, batch.schema, options=S.IPC_OPTIONS) as w:
+        with pa.ipc.new_stream(sink, batch.schema, options=S.TABLE_IPC_OPTIONS) as w:
             w.write_batch(batch)
 
 

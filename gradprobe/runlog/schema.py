@@ -3,7 +3,7 @@
 A run directory holds::
 
     gradprobe.json      versioned metadata (schema "gradprobe.run/1"), rewritten atomically
-    steps.arrow         one row per step (Arrow IPC stream, zstd, one record batch per flush)
+    steps.arrow         one row per step (Arrow IPC stream, LZ4, one record batch per flush)
     layers-<k>.arrow    per-layer gradient and weight norms, one row per step; a new segment
                         <k> starts when the set of watched parameters changes
     samples.arrow       sampled deep-probe statistics in long form
@@ -105,4 +105,11 @@ def layers_schema(n_layers: int) -> pa.Schema:
     return pa.schema(fields)
 
 
-IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+#: the run's streams, written live: a small record batch per hand-over (~45 steps every 0.5 s
+#: on an MLP) on the probe's writer thread, next to the training. LZ4 takes a fifth of zstd's
+#: CPU on such a batch (a 45-row batch of steps: 114 vs 601 us) for files ~8% larger, and
+#: ``use_threads=False`` keeps Arrow's thread pool (50% more CPU in all, on extra threads) off
+#: the cores the training uses. Readers take any codec: older zstd logs read the same.
+IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4", use_threads=False)
+#: tables written whole, once: zstd, the smaller files
+TABLE_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
