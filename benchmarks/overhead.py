@@ -7,7 +7,9 @@ Each model trains in blocks of steps; every round runs one block per mode in a s
 order (baseline, gradprobe light = per-step signals only, gradprobe default = per-step
 signals + deep probes at the default interval, and the peers: torch.autograd.detect_anomaly,
 a naive per-parameter ``p.grad.norm().item()`` probe as Cockpit's GradNorm does, and
-``wandb.watch(model, log="all", log_freq=1)`` offline when wandb is installed).
+``wandb.watch(model, log="all", log_freq=1)`` offline when wandb is installed), and
+``baseline-repeat``: the unwatched loop again, timed as if it were one more mode, an A/A
+control whose distance from 1.000 is the run's own noise floor.
 
 The figure is the median over rounds of the paired ratio (a mode's seconds per step over the
 baseline's in the same round), with a bootstrap 90% interval of that median: the blocks of a
@@ -176,7 +178,7 @@ def _run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
     if case["x"].is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if mode == "baseline":
+    if mode in ("baseline", "baseline-repeat"):
         train_steps(case, n)
     elif mode == "detect_anomaly":
         with warnings.catch_warnings():
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="lstm,mlp,transformer")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--modes", default="baseline,gradprobe-light,gradprobe-default,detect_anomaly,naive-item,wandb")
+    ap.add_argument("--modes", default="baseline,baseline-repeat,gradprobe-light,gradprobe-default,detect_anomaly,naive-item,wandb")
     ap.add_argument("--json", help="write the figures as JSON to this file")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
