@@ -40,7 +40,7 @@ class Segment:
     scale_before: torch.Tensor | None = None
     scaled_by: Any = None  # the GradScaler whose scale() produced a root in this segment
     scale_tampered: bool = False
-    # one float32 sum per data tensor (model inputs, loss targets): non-finite iff it holds NaN/Inf
+    # one 0-d check per data tensor (model inputs, loss targets): non-finite iff it holds NaN/Inf (count_data)
     data_checks: list[torch.Tensor] = field(default_factory=list)
 
     def empty(self) -> bool:
