@@ -284,10 +284,11 @@ def _finite_reference(x: torch.Tensor, feature_dim: int) -> list[float]:
             np.abs(v).max() if v.size else 0.0, fstd.min(), fstd.max()]
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_input_stats_over_finite_entries_equal_float64_reference(seed):
     """The few-pass statistics (NaN/Inf zeroed, two-pass variance) against numpy in float64,
-    on data with offsets, scales and NaN/+Inf/-Inf entries."""
+    on data with offsets, scales and NaN/+Inf/-Inf entries (seeds 6-7: +Inf only, where the
+    sum is Inf, not NaN)."""
     from gradprobe.probe.deep import _float_stats, _nonfinite_count
 
     g = torch.Generator().manual_seed(seed)
@@ -295,7 +296,8 @@ def test_input_stats_over_finite_entries_equal_float64_reference(seed):
     x = torch.randn(*shape, generator=g) * 10.0 ** (seed - 2) + 3.0 * 10.0 ** (seed % 4)
     if seed % 2:
         idx = torch.randperm(x.numel(), generator=g)[: x.numel() // 4 + 1]
-        x.view(-1)[idx] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(len(idx))[: len(idx)]
+        bad = [float("inf")] if seed >= 6 else [float("nan"), float("inf"), -float("inf")]
+        x.view(-1)[idx] = torch.tensor(bad).repeat(len(idx))[: len(idx)]
     got = _float_stats(x, fd).tolist()
     ref = _finite_reference(x, fd % x.dim())
     assert got[0] == ref[0] and got[1] == ref[1]
@@ -331,6 +333,55 @@ def test_activation_stats_and_dead_units_with_nonfinite_entries(logdir):
         assert _sample(log, "grad", name, "nonfinite_count") == g[name]
         assert _sample(log, "weight", name, "nonfinite_count") == w[name]
     assert g["0.weight"] > 0
+
+
+class _Overflowing(nn.Module):
+    """A Linear layer, a parameter whose gradient entries are 1e20 and one whose entries are
+    1e20: finite, with 2-norms that overflow float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.w = nn.Parameter(torch.randn(6))
+        self.big = nn.Parameter(torch.full((6,), 1e20))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).mean() + (self.w * 1e20).sum() + (self.big * 1e-30).sum()
+
+
+def test_nonfinite_counts_stay_exact_where_norms_overflow_or_clipping_spreads_nan(logdir):
+    """The counts skip tensors whose 2-norm is finite (CPU). Finite entries whose squares
+    overflow (norm inf) are still counted entry by entry, as 0; and a NaN gradient that
+    ``clip_grad_norm_`` spreads to every gradient (total norm NaN) is counted as the step sees
+    the gradients, not as their norms were before clipping."""
+    torch.manual_seed(0)
+    model = _Overflowing()
+    assert float(torch.linalg.vector_norm(model.big.detach())) == math.inf
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(8, 4)
+    grads, weights = [], []
+    with gradprobe.watch(model, opt, logdir=logdir, config=EVERY):
+        for poison in (False, True):
+            opt.zero_grad()
+            model(x).backward()
+            if poison:
+                model.fc.bias.grad[0] = float("nan")
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            else:
+                assert float(torch.linalg.vector_norm(model.w.grad[1:])) == math.inf
+                model.w.grad[0] = float("inf")  # one Inf among finite entries: the norm is Inf too
+            grads.append({n: float((~torch.isfinite(p.grad)).sum()) for n, p in model.named_parameters()})
+            opt.step()
+            weights.append({n: float((~torch.isfinite(p)).sum()) for n, p in model.named_parameters()})
+    log = gradprobe.RunLog.load(logdir)
+    assert grads[0] == {"w": 1.0, "big": 0.0, "fc.weight": 0.0, "fc.bias": 0.0}
+    assert weights[0] == {"w": 1.0, "big": 0.0, "fc.weight": 0.0, "fc.bias": 0.0}  # lr 0 times Inf: NaN
+    for step in (0, 1):
+        for name, p in model.named_parameters():
+            assert _sample(log, "grad", name, "nonfinite_count", step=step) == grads[step][name]
+            assert _sample(log, "weight", name, "nonfinite_count", step=step) == weights[step][name]
+            if step == 1:  # the clipped NaN reaches every gradient, then every weight
+                assert grads[1][name] == weights[1][name] == p.numel()
 
 
 def test_token_ids_are_recorded_as_integers_not_features(logdir):

@@ -49,6 +49,7 @@ captured inputs x_1..x_T and the first state, feeding each output back as the ne
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +103,13 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _finite_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` costs no host-device sync: a plain CPU tensor (a
+    memory load). Elsewhere values are not read, and callers take the path that needs none."""
+    return type(t) is torch.Tensor and t.device.type == "cpu"
+
+
+def _finite_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z, poison, n_bad, mean, std, absmax): the moments of a float tensor over its finite
     entries, with no host sync and in a few vectorised passes (a masked ``where`` and a
     Welford ``var_mean`` are several times slower on a CPU).
@@ -110,20 +117,51 @@ def _finite_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     ``poison`` = ``y * 0`` is 0 at finite entries and NaN at NaN/Inf ones (counted by
     :func:`_count_nan`); ``z`` is ``y`` with NaN/Inf set to 0. The variance is two-pass:
     the deviations ``y - mean`` with NaN/Inf ones set to 0, squared and summed in one ``dot``.
+
+    On the CPU the sum is read first (no sync there): a finite sum means no NaN/Inf entry
+    (one NaN makes it NaN, one Inf makes it Inf or NaN), so ``z`` is ``y``, ``poison`` is
+    None (nothing to mask): four passes over the tensor instead of eight, and one full-size
+    temporary instead of three. On a CPU each pass costs a parallel region's thread wake-up
+    more than its arithmetic, and each fresh temporary its page faults.
     """
-    poison = y * 0
-    n_bad = _count_nan(poison)
-    z = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
     n = y.numel()
     if not n:
         zero = torch.zeros((), device=y.device)
-        return z, poison, n_bad, zero, zero, zero
+        return y, None, zero, zero, zero, zero
+    if _on_host(y):
+        total = y.sum()
+        if math.isfinite(float(total)):
+            mean = total / n
+            d = torch.sub(y.reshape(-1), mean)
+            std = (torch.dot(d, d) / n).sqrt()
+            lo, hi = torch.aminmax(y)
+            return y, None, torch.zeros((), device=y.device), mean, std, torch.maximum(hi, -lo)
+    poison = y * 0
+    n_bad = _count_nan(poison)
+    z = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
     n_fin = (n - n_bad).clamp(min=1)
     mean = z.sum() / n_fin
     d = torch.sub(y.reshape(-1), mean).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # NaN/Inf entries: 0
     std = (torch.dot(d, d) / n_fin).sqrt()
     lo, hi = torch.aminmax(z)
     return z, poison, n_bad, mean, std, torch.maximum(hi, -lo)
+
+
+def _nonfinite_counts(tensors: list[torch.Tensor], norms: list[torch.Tensor] | None) -> torch.Tensor:
+    """Exact number of NaN/Inf entries of each tensor, stacked (float32, no host-device sync).
+
+    ``norms``: the tensors' current 2-norms, or None. A finite 2-norm
+    means every entry is finite (one NaN/Inf entry makes the norm NaN/Inf; the converse does
+    not hold: squares of large finite entries can overflow). So where the norms can be read
+    without a sync (on the CPU), a tensor with a finite norm counts 0 without another pass
+    over it; the others, and every tensor on an accelerator, are counted entry by entry."""
+    known: list[float | None] = [None] * len(tensors)
+    if norms and len(norms) == len(tensors) and all(_on_host(n) for n in norms):
+        known = torch.stack(norms).tolist()
+    return torch.stack([
+        torch.zeros((), device=t.device) if v is not None and math.isfinite(v) else _nonfinite_count(t)
+        for t, v in zip(tensors, known)
+    ])
 
 
 def _float_stats(x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
@@ -136,7 +174,7 @@ def _float_stats(x: torch.Tensor, feature_dim: int = -1) -> torch.Tensor:
         if xf.dim() >= 2 and xf.shape[fd] > 1 and xf.numel():
             feat = z.movedim(fd, -1).reshape(-1, xf.shape[fd])
             dev = feat - feat.mean(dim=0)
-            fmin, fmax = torch.aminmax((dev * dev).mean(dim=0).sqrt())
+            fmin, fmax = torch.aminmax(dev.square_().mean(dim=0).sqrt())
         else:
             fmin = fmax = std
         numel = torch.tensor(float(xf.numel()), device=xf.device)
@@ -271,8 +309,10 @@ class DeepProbes:
                         self._colmax[(id(out), dim)] = (out, version, colmax)
                 else:
                     active = torch.zeros(units.shape[1], dtype=torch.bool, device=y.device)
-                poisoned = poison.movedim(dim, -1).reshape(-1, y.shape[dim]).sum(dim=0).isnan()
-                dead = (~active & ~poisoned).float().mean()
+                if poison is not None:
+                    poisoned = poison.movedim(dim, -1).reshape(-1, y.shape[dim]).sum(dim=0).isnan()
+                    active = active | poisoned
+                dead = (~active).float().mean()
                 self._sample("activation", info.name, "dead_frac", dead, index=order)
                 self._sample("activation", info.name, "dead_rows", float(units.shape[0]), index=order)
             if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and args and isinstance(args[0], torch.Tensor):
@@ -282,10 +322,13 @@ class DeepProbes:
                     feats = x.movedim(dim, -1).reshape(-1, x.shape[dim])
                     hit = self._colmax.get((id(args[0]), dim))
                     if hit is not None and hit[0] is args[0] and hit[1] == _version(args[0]):
-                        colmax = hit[2]
+                        colmax = hit[2]  # a ReLU's outputs: >= 0 (or NaN)
+                        dead_in = (colmax == 0).float().mean()
+                    elif feats.shape[0]:
+                        lo, hi = torch.aminmax(feats, dim=0)  # one pass; NaN in a column: not 0
+                        dead_in = ((lo == 0) & (hi == 0)).float().mean()
                     else:
-                        colmax = feats.abs().amax(dim=0) if feats.shape[0] else None
-                    dead_in = (colmax == 0).float().mean() if colmax is not None else feats.new_ones(())
+                        dead_in = feats.new_ones(())
                     self._sample("activation", info.name, "input_dead_frac", dead_in, index=order)
 
     # ------------------------------------------------------------- recurrent gates ------
@@ -498,33 +541,33 @@ class DeepProbes:
 
     def _grad_counts(self, info: "OptInfo") -> None:
         layers = self.probe._layers
-        names, counts = [], []
-        with torch.no_grad():
-            for i in info.scope:
-                g = layers[i].param.grad
-                if g is None or g.is_sparse:
-                    continue
-                names.append(layers[i].name)
-                counts.append(_nonfinite_count(g))
-        if counts:
-            self._sample("grad", tuple(names), "nonfinite_count", torch.stack(counts))
+        names, grads = [], []
+        for i in info.scope:
+            g = layers[i].param.grad
+            if g is None or g.is_sparse:
+                continue
+            names.append(layers[i].name)
+            grads.append(g.detach())
+        if grads:
+            with torch.no_grad():
+                # the gradients as the step sees them (clipping or unscale_ may have changed
+                # them since their norms were recorded): their own norms, one serial pass on the CPU
+                norms = list(torch._foreach_norm(grads, 2)) if all(_on_host(g) for g in grads) else None
+                self._sample("grad", tuple(names), "nonfinite_count", _nonfinite_counts(grads, norms))
 
     def on_post_step(self, info: "OptInfo", weights: list[torch.Tensor]) -> None:
         """``weights``: the parameters' 2-norms after the step, as the recorder measured them."""
         self._guard("update", self._update_ratio, info, weights)
-        self._guard("weight", self._weight_counts, info)
+        self._guard("weight", self._weight_counts, info, weights)
 
-    def _weight_counts(self, info: "OptInfo") -> None:
-        """Exact count of NaN/Inf entries per parameter after the step (sampled steps)."""
+    def _weight_counts(self, info: "OptInfo", weights: list[torch.Tensor]) -> None:
+        """Exact count of NaN/Inf entries per parameter after the step (sampled steps);
+        ``weights``: their 2-norms, measured just after the step."""
         layers = self.probe._layers
-        names, counts = [], []
-        with torch.no_grad():
-            for i in info.scope:
-                p = layers[i].param
-                names.append(layers[i].name)
-                counts.append(_nonfinite_count(p))
-        if counts:
-            self._sample("weight", tuple(names), "nonfinite_count", torch.stack(counts))
+        if info.scope:
+            with torch.no_grad():
+                counts = _nonfinite_counts([layers[i].param.detach() for i in info.scope], weights)
+            self._sample("weight", tuple(layers[i].name for i in info.scope), "nonfinite_count", counts)
 
     def _update_ratio(self, info: "OptInfo", weights: list[torch.Tensor]) -> None:
         before = self._snapshots.pop(info.index, None)
