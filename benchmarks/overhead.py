@@ -16,7 +16,12 @@ baseline's in the same round), with a bootstrap 90% interval of that median: the
 round run within seconds of each other, so a slow phase of a shared machine slows both sides
 of a pair, where the ratio of the two overall medians (also written to ``--json``) takes the
 full brunt of it. The share of CPU time the hypervisor stole while a model was measured
-(``/proc/stat``) is printed with it: figures taken with much CPU stolen are noise. Steady
+(``/proc/stat``) is printed with it: figures taken with much CPU stolen are noise. The same
+paired ratio is printed for the CPU time of the whole process per step (``time.process_time``:
+all threads, PyTorch's workers and gradprobe's writer included; the gradprobe blocks' CPU
+figure includes writing the block's last records). Stolen time is not CPU time, so this figure
+moves less with the machine's speed; it is a cost, not a wall-clock overhead (work on an idle
+core costs CPU and no time). Steady
 state: attaching and closing a probe (thread start, file creation, the final flush) happen once per
 run and are timed apart and printed separately. A gradprobe block
 opens a fresh probe whose schedule has no early burst (``early_until=0``), runs its first
@@ -143,7 +148,8 @@ def _gc_callback(phase: str, info: dict[str, Any]) -> None:
         _gc_clock["total"] += time.perf_counter() - _gc_clock["t0"]
 
 
-def run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
+def run_block(case: dict[str, Any], mode: str, tmp: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process) per timed step of one block."""
     gc_before = _gc_clock["total"]
     try:
         return _run_block(case, mode, tmp)
@@ -153,7 +159,7 @@ def run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
         GC_TIME[mode][1] += case["block"]
 
 
-def _run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
+def _run_block(case: dict[str, Any], mode: str, tmp: str) -> tuple[float, float]:
     n = case["block"]
     if case["x"].is_cuda:
         torch.cuda.synchronize()
@@ -166,17 +172,24 @@ def _run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
         probe = gradprobe.watch(case["model"], case["opt"], logdir=tempfile.mkdtemp(dir=tmp), config=cfg)
         train_steps(case, 1)
         probe.flush()
+        c1 = time.process_time()
         t1 = time.perf_counter()
         train_steps(case, n)
         if case["x"].is_cuda:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
+        # the CPU figure includes the writer's work on the block's last records (written
+        # after t2 while a long run would overlap them with training)
+        probe.flush()
+        c2 = time.process_time()
+        t3 = time.perf_counter()
         probe.close()
-        ATTACH_CLOSE.setdefault(mode, []).append((t1 - t0) + (time.perf_counter() - t2))
-        return (t2 - t1) / n
+        ATTACH_CLOSE.setdefault(mode, []).append((t1 - t0) + (time.perf_counter() - t3))
+        return (t2 - t1) / n, (c2 - c1) / n
     train_steps(case, 1)  # the same untimed first step as the gradprobe blocks
     if case["x"].is_cuda:
         torch.cuda.synchronize()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     if mode in ("baseline", "baseline-repeat"):
         train_steps(case, n)
@@ -211,7 +224,7 @@ def _run_block(case: dict[str, Any], mode: str, tmp: str) -> float:
         raise SystemExit(f"unknown mode {mode}")
     if case["x"].is_cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def count_syncs(case: dict[str, Any], tmp: str, steps: int = 2 * INTERVAL) -> dict[str, int]:
@@ -280,18 +293,23 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:  # warm up every code path once
                 run_block({**case, "block": 3}, mode, tmp)
             times: dict[str, list[float]] = {m: [] for m in modes}
+            cpu: dict[str, list[float]] = {m: [] for m in modes}
             steal0 = _stolen()
             for r in range(args.rounds):
                 order = modes[:]
                 rnd.shuffle(order)
                 for mode in order:
-                    times[mode].append(run_block(case, mode, tmp))
-                print(f"{name} round {r + 1}/{args.rounds}: " + ", ".join(f"{m}={times[m][-1] * 1e3:.1f}ms" for m in modes), file=sys.stderr, flush=True)
+                    wall, cpu_s = run_block(case, mode, tmp)
+                    times[mode].append(wall)
+                    cpu[mode].append(cpu_s)
+                print(f"{name} round {r + 1}/{args.rounds}: " + ", ".join(f"{m}={times[m][-1] * 1e3:.1f}ms/{cpu[m][-1] * 1e3:.1f}cpu" for m in modes), file=sys.stderr, flush=True)
             steal1 = _stolen()
             base = statistics.median(times["baseline"])
             entry = {"step_ms": {m: statistics.median(v) * 1e3 for m, v in times.items()},
                      "paired": {m: paired(v, times["baseline"], args.seed) for m, v in times.items()},
                      "ratio_of_medians": {m: statistics.median(v) / base for m, v in times.items()},
+                     "cpu_ms": {m: statistics.median(v) * 1e3 for m, v in cpu.items()},
+                     "cpu_paired": {m: paired(v, cpu["baseline"], args.seed) for m, v in cpu.items()},
                      "block_steps": case["block"],
                      "stolen_pct": (100.0 * (steal1[0] - steal0[0]) / max(steal1[1] - steal0[1], 1)
                                     if steal0 is not None and steal1 is not None else None)}
@@ -307,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{e['paired'][m][0]:.3f} [{e['paired'][m][1]:.3f}-{e['paired'][m][2]:.3f}]" for m in modes if m != "baseline"]
         stolen = f"{e['stolen_pct']:.0f}%" if e["stolen_pct"] is not None else "n/a"
         print(f"{name:<12} " + " ".join(f"{c:>22}" for c in cells) + f"   {stolen:>10}")
+    print("CPU time of the whole process per step (all threads; time stolen by the hypervisor is not CPU time):")
+    print("median paired ratio over rounds [bootstrap 90% interval]")
+    for name, e in results["models"].items():
+        cells = [f"{e['cpu_paired'][m][0]:.3f} [{e['cpu_paired'][m][1]:.3f}-{e['cpu_paired'][m][2]:.3f}]" for m in modes if m != "baseline"]
+        print(f"{name:<12} " + " ".join(f"{c:>22}" for c in cells))
     for m, v in results["attach_close_ms"].items():
         print(f"{m}: attach + close once per run, median {v:.0f} ms (not in the per-step figures)")
     for name, e in results["models"].items():
