@@ -2,7 +2,9 @@
 
 They run only on the steps of the probe's :class:`~gradprobe.schedule.Schedule`, so their
 average cost is small, and everything they compute stays on the device until the step's
-record is flushed. Samples are ``(probe, target, stat, index, value)`` rows:
+record is flushed (on the CPU, where there is no device to wait for, a few 0-d values are read
+to skip passes that cannot change the result: see :func:`_finite_moments`). Samples are
+``(probe, target, stat, index, value)`` rows:
 
 ========== ==================== ====================================================
 probe      target               stats
