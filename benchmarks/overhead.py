@@ -266,6 +266,17 @@ def paired(mode_times: list[float], base_times: list[float], seed: int = 0) -> t
     return float(np.median(r)), float(np.percentile(meds, 5)), float(np.percentile(meds, 95))
 
 
+def print_table(results: dict[str, Any], modes: list[str], key: str, title: str) -> None:
+    """One table of paired ratios (``key``: ``paired`` or ``cpu_paired``) per model and mode,
+    with the share of CPU stolen while the model was measured."""
+    print(f"{title}: median paired ratio over rounds [bootstrap 90% interval]")
+    print(f"{'model':<12} " + " ".join(f"{m:>22}" for m in modes if m != "baseline") + "   CPU stolen")
+    for name, e in results["models"].items():
+        cells = [f"{e[key][m][0]:.3f} [{e[key][m][1]:.3f}-{e[key][m][2]:.3f}]" for m in modes if m != "baseline"]
+        stolen = f"{e['stolen_pct']:.0f}%" if e["stolen_pct"] is not None else "n/a"
+        print(f"{name:<12} " + " ".join(f"{c:>22}" for c in cells) + f"   {stolen:>10}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lstm,mlp,transformer")
@@ -319,17 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             GC_TIME.clear()
             results["models"][name] = entry
     results["attach_close_ms"] = {m: statistics.median(v) * 1e3 for m, v in ATTACH_CLOSE.items()}
-    print("median paired ratio over rounds [bootstrap 90% interval]")
-    print(f"{'model':<12} " + " ".join(f"{m:>22}" for m in modes if m != "baseline") + "   CPU stolen")
-    for name, e in results["models"].items():
-        cells = [f"{e['paired'][m][0]:.3f} [{e['paired'][m][1]:.3f}-{e['paired'][m][2]:.3f}]" for m in modes if m != "baseline"]
-        stolen = f"{e['stolen_pct']:.0f}%" if e["stolen_pct"] is not None else "n/a"
-        print(f"{name:<12} " + " ".join(f"{c:>22}" for c in cells) + f"   {stolen:>10}")
-    print("CPU time of the whole process per step (all threads; time stolen by the hypervisor is not CPU time):")
-    print("median paired ratio over rounds [bootstrap 90% interval]")
-    for name, e in results["models"].items():
-        cells = [f"{e['cpu_paired'][m][0]:.3f} [{e['cpu_paired'][m][1]:.3f}-{e['cpu_paired'][m][2]:.3f}]" for m in modes if m != "baseline"]
-        print(f"{name:<12} " + " ".join(f"{c:>22}" for c in cells))
+    print_table(results, modes, "paired", "wall-clock time per step")
+    print_table(results, modes, "cpu_paired", "CPU time of the whole process per step (all threads; "
+                "time stolen by the hypervisor is not CPU time)")
     for m, v in results["attach_close_ms"].items():
         print(f"{m}: attach + close once per run, median {v:.0f} ms (not in the per-step figures)")
     for name, e in results["models"].items():
