@@ -93,11 +93,20 @@ class StepRecord:
             else:
                 parts.append(t)
                 places.append((len(parts), 0, t.numel()))
-        with torch.no_grad():
-            if zs:
-                stacked = torch.stack([z if z.device == device else z.to(device, non_blocking=True) for z in zs])
-            else:
-                stacked = torch.empty(0, device=device)
+        # hot path: one stack of values that share a device and need no gradient (what the
+        # probe records is detached): no per-value checks, no no_grad() context, each of which
+        # costs a few microseconds when run right after a training step
+        if not zs:
+            stacked = torch.empty(0, device=device)
+        else:
+            try:
+                stacked = torch.stack(zs)
+            except RuntimeError:  # values on several devices
+                stacked = torch.stack([z.to(device, non_blocking=True) for z in zs])
+            if stacked.requires_grad:
+                stacked = stacked.detach()
+            if stacked.device != device:
+                stacked = stacked.to(device, non_blocking=True)
         self.tensors = [stacked, *parts]
         self.places = places
 
@@ -111,27 +120,30 @@ class PendingBatch:
         self.segment = segment
         self._event: Any = None
         self._host: torch.Tensor | None = None
-        # every entry's (offset, size) in one flat float32 vector of all the records' parts
+        # the records' parts, concatenated into one flat float32 vector; where each layout
+        # entry lies in it is worked out on the writer thread (resolve): here, on the
+        # training thread, only each part's size is noted
         parts: list[torch.Tensor] = []
-        self._places: list[tuple[int, int]] = []
-        pos = 0
+        self._sizes: list[list[int]] = []
         for r in records:
             r.compact(device)
-            assert r.places is not None
-            base = []
-            for t in r.tensors:
-                base.append(pos)
-                parts.append(t)
-                pos += t.numel()
-            self._places.extend((base[part] + off, size) for part, off, size in r.places)
-        if not pos:
-            self._host = torch.empty(0)
-            for r in records:
-                r.tensors = []
-            return
+            ts = r.tensors
+            parts += ts
+            self._sizes.append([t.numel() for t in ts])
+            r.tensors = []  # drop device references: the flat copy holds the values
         with torch.no_grad():
-            parts = [_flat32(t, device) for t in parts if t.numel()]
-            flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+            parts = [t for t in parts if t.numel()]
+            if not parts:
+                self._host = torch.empty(0)
+                return
+            try:  # hot path: the stacked vectors of one device (compact)
+                flat = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in parts])
+                if flat.device != device:
+                    flat = flat.to(device, non_blocking=True)
+            except RuntimeError:  # parts on several devices
+                flat = torch.cat([_on(t.reshape(-1), device) for t in parts])
+            if flat.dtype != torch.float32:
+                flat = flat.float()
             if flat.device.type == "cuda":
                 host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
                 host.copy_(flat, non_blocking=True)
@@ -143,15 +155,26 @@ class PendingBatch:
                 self._host = flat
             else:  # other accelerators: a plain copy
                 self._host = flat.to("cpu")
-        for r in records:  # drop device references now: the flat copy holds the values
-            r.tensors = []
+
+    def _entry_places(self) -> list[tuple[int, int]]:
+        """(offset, size) in the flat vector of every layout entry of every record, in order."""
+        out: list[tuple[int, int]] = []
+        pos = 0
+        for r, sizes in zip(self.records, self._sizes):
+            base = []
+            for size in sizes:
+                base.append(pos)
+                pos += size
+            assert r.places is not None
+            out.extend((base[part] + off, size) for part, off, size in r.places)
+        return out
 
     def resolve(self) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[tuple[int, str, str, str, int, float]], list[tuple[int, str, float]]]:
         if self._event is not None:
             self._event.synchronize()
         assert self._host is not None
         flat = self._host.numpy().astype(np.float64)
-        places = iter(self._places)
+        places = iter(self._entry_places())
         L = self.n_layers
         n = len(self.records)
         cols: dict[str, Any] = {name: [] for name, _, _ in S.STEP_COLUMNS}
@@ -270,13 +293,6 @@ class PendingBatch:
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device, non_blocking=True)
-
-
-def _flat32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = _on(t.detach().reshape(-1), device)
-    if t.dtype != torch.float32:
-        t = t.float()
-    return t
 
 
 def expand_sample(step: int, meta: tuple[str, Any, Any, int], values: np.ndarray) -> list[tuple[int, str, str, str, int, float]]:

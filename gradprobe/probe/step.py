@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
     """Observations since the last optimizer step (all tensors stay on the device)."""
 
@@ -91,7 +91,7 @@ class Segment:
         self.data_checks.append(t.sum(dtype=torch.float32) if t.dtype == torch.float16 else torch.linalg.vector_norm(t))
 
 
-@dataclass
+@dataclass(slots=True)
 class OpenStep:
     """The step being recorded: sealed segments plus the current one."""
 
