@@ -1317,11 +1317,11 @@ class Probe:
         self._last_close = now
         self._consumed = False
         nxt = step + 1
-        self._open = OpenStep(index=nxt, sampled=nxt in self.config.schedule)
+        # the next step's current segment: the split-off one, or the fresh one seal() left
+        self._open = OpenStep(index=nxt, sampled=nxt in self.config.schedule,
+                              current=carry if carry is not None else st.current)
         if self._light_modules or self._pre_modules:
             self._sync_light_hooks()
-        if carry is not None:
-            self._open.current = carry
         if now - self._last_flush >= self.config.flush_seconds or len(self._records) >= self.config.flush_steps:
             self._flush()
 

@@ -91,13 +91,18 @@ class Segment:
         self.data_checks.append(t.sum(dtype=torch.float32) if t.dtype == torch.float16 else torch.linalg.vector_norm(t))
 
 
+#: the ``sealed`` segment of a step before anything was sealed (never written: ``seal`` replaces it)
+NOTHING_SEALED = Segment()
+
+
 @dataclass(slots=True)
 class OpenStep:
     """The step being recorded: sealed segments plus the current one."""
 
     index: int
     sampled: bool
-    sealed: Segment = field(default_factory=Segment)
+    # until the first seal, ``sealed`` is a shared empty segment that is only ever read
+    sealed: Segment = field(default_factory=lambda: NOTHING_SEALED)
     current: Segment = field(default_factory=Segment)
     stepped: list[Any] = field(default_factory=list)  # optimizers that stepped (identity)
     weight_pieces: list[tuple[tuple[int, ...], list[torch.Tensor]]] = field(default_factory=list)
