@@ -627,9 +627,11 @@ class Probe:
     def _usable_norms(self, known: tuple[list[int], list[torch.Tensor]]) -> bool:
         """Norms ``clip_grad_norm_`` computed are used as recorded ones when they are what
         the probe's own pass would give: float32 on the probe's device (half-precision norms
-        overflow at 65504)."""
+        overflow at 65504). They come from one ``torch._foreach_norm`` call, whose results
+        share the inputs' device (foreach ops take one device): the first tells it."""
         norms = known[1]
-        return bool(norms) and all(n.dtype == torch.float32 and n.device == self._device for n in norms)
+        f32 = torch.float32
+        return bool(norms) and norms[0].device == self._device and all(n.dtype is f32 for n in norms)
 
     def _scale_for(self, opt: Any) -> torch.Tensor | None:
         """The scale the current gradients are still multiplied by, or None."""
