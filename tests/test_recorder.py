@@ -544,3 +544,32 @@ def test_probe_is_reusable_after_close_and_model_collectable(logdir):
     del model, opt
     gc.collect()
     assert refs[0]() is None and refs[1]() is None
+
+
+def test_process_rss_is_read_at_most_every_rss_every_seconds(logdir):
+    """On the CPU the memory column is the process RSS, read at most every ``RSS_EVERY``
+    seconds (one system call; the first after a training step costs ~25 us): a step that
+    closes sooner repeats the last reading, a later one reads it again and sees what the run
+    took meanwhile."""
+    import time
+
+    from gradprobe.probe.core import RSS_EVERY
+
+    model = mlp((8, 16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    held = []
+    with gradprobe.watch(model, opt, logdir=logdir) as probe:
+        for i, (x, y) in enumerate(regression_batches(6)):
+            if i in (1, 3):
+                held.append(torch.ones(16 * 2**20 // 4))  # 16 MiB, written: resident
+            if i == 3:
+                time.sleep(2 * RSS_EVERY)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        assert probe.step == 6
+    steps = gradprobe.RunLog.load(logdir).steps
+    mem, gap = steps["memory"].to_numpy(), steps["step_time"].to_numpy()
+    assert gap[3] > RSS_EVERY and mem[3] >= mem[2] + 12 * 2**20  # read again: the 32 MiB held
+    if gap[1] < RSS_EVERY:  # (a loaded machine may take longer for one tiny step)
+        assert mem[1] == mem[0]  # the 16 MiB taken before step 1 is not read yet
