@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -551,8 +552,6 @@ def test_process_rss_is_read_at_most_every_rss_every_seconds(logdir):
     seconds (one system call; the first after a training step costs ~25 us): a step that
     closes sooner repeats the last reading, a later one reads it again and sees what the run
     took meanwhile."""
-    import time
-
     from gradprobe.probe.core import RSS_EVERY
 
     model = mlp((8, 16, 1))
