@@ -102,7 +102,7 @@ class StepRecord:
             try:
                 stacked = torch.stack(zs)
             except RuntimeError:  # values on several devices
-                stacked = torch.stack([z.to(device, non_blocking=True) for z in zs])
+                stacked = torch.stack([_on(z, device) for z in zs])
             if stacked.requires_grad:
                 stacked = stacked.detach()
             if stacked.device != device:
