@@ -345,6 +345,51 @@ def test_state_age_for_a_carried_state_without_parameters(logdir):
     assert log.steps["state_age"].iloc[-1] >= 2
 
 
+@pytest.mark.parametrize("carry", ["ema", "output", "detached"])
+def test_state_age_on_unsampled_steps_matches_the_sampled_steps_full_path(tmp_path, carry):
+    """On unsampled steps a module that takes and returns one tensor goes through the
+    forward hook's hot path, and a root ``nn.Sequential`` is not examined at all (its
+    children see what enters and leaves it). The state age recorded must be what the
+    general path gives when every step is sampled: a state carried outside modules (an
+    EMA of the inputs), the model's own output fed back into it, and a detached one."""
+    from gradprobe.config import ProbeConfig
+    from gradprobe.schedule import Schedule
+
+    def run(every: int) -> gradprobe.RunLog:
+        torch.manual_seed(0)
+        model = mlp((4, 8, 4))
+        path = str(tmp_path / f"{carry}-{every}")
+        state = torch.zeros(16, 4)
+        with gradprobe.watch(model, logdir=path, config=ProbeConfig(schedule=Schedule(every=every, early_until=0), deep=False)):
+            for _ in range(7):
+                x = torch.randn(16, 4, requires_grad=True)
+                if carry == "ema":
+                    state = 0.9 * state + 0.1 * x
+                    out = model(state)
+                else:
+                    out = model(x + state)
+                    state = out.detach() if carry == "detached" else out
+                for p in model.parameters():
+                    p.grad = None
+                out.pow(2).mean().backward(retain_graph=True)
+                for p in model.parameters():  # manual updates: each backward is a step
+                    p.data -= 1e-3 * p.grad
+        return gradprobe.RunLog.load(path)
+
+    hot, full = run(10**9), run(1)
+    assert not hot.steps["sampled"].iloc[1:].any() and full.steps["sampled"].all()
+    expected = [0] * 7 if carry == "detached" else list(range(7))
+    assert hot.steps["state_age"].tolist()[:7] == full.steps["state_age"].tolist()[:7] == expected
+    assert hot.steps["state_age_module"].tolist()[:7] == full.steps["state_age_module"].tolist()[:7]
+    children = lambda log: [(e["module"], e["step"], e["age"]) for e in log.events_of("state_age") if e["module"] != "sequential"]  # noqa: E731
+    assert children(hot) == children(full)
+    if carry != "detached":
+        assert children(hot) == [("0", 1, 1)]
+        # the root Sequential is examined on sampled steps only
+        assert [e["step"] for e in full.events_of("state_age") if e["module"] == "sequential"] == [1]
+        assert not [e for e in hot.events_of("state_age") if e["module"] == "sequential"]
+
+
 def test_crash_form_is_recorded(logdir):
     model = SeqRegressor("lstm", hidden=8)
     opt = torch.optim.Adam(model.parameters(), 1e-3)

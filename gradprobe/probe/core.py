@@ -77,6 +77,11 @@ class ModuleInfo:
     # the next module that has parameters (whose age walk goes through this one's node), so
     # its hooks only serve the sampled activation probes and skip every other step
     light: bool = False
+    # a root ``nn.Sequential`` (its own forward, not a subclass's): it hands its input to its
+    # first child and returns its last child's output, so on unsampled steps its children's
+    # post hooks see every tensor its post hook would (through at most the light modules'
+    # nodes, which the age walk crosses); its pre hook still counts the data
+    passthrough: bool = False
 
 
 @dataclass
@@ -362,6 +367,7 @@ class Probe:
             )
             info.light = (mod is not model and not info.recurrent and not info.is_loss
                           and next(mod.parameters(recurse=False), None) is None)
+            info.passthrough = mod is model and type(mod) is nn.Sequential and len(mod) > 0
             self._module_info[mod] = info
             self.meta.setdefault("modules", {})[full] = info.cls
             if info.light and not (info.saturating or info.relu_like):
@@ -1036,10 +1042,59 @@ class Probe:
             return None
         if not self.auto:
             info = self._module_info.get(module)
-            if info is not None and info.light and not self._open.sampled:
-                return None
+            if info is not None and not self._open.sampled:
+                if info.light or info.passthrough:
+                    return None
+                if not kwargs and len(args) == 1 and self._forward_post_fast(info, args[0], output):
+                    return None
         self._forward_post(module, args, kwargs, output)
         return None
+
+    def _forward_post_fast(self, info: ModuleInfo, x: Any, out: Any) -> bool:
+        """The hot path of :meth:`_forward_post` (one call per module per step): a module of
+        an unsampled training step that took one tensor and returned one, whose input
+        reaches no earlier step, with autocast off as before. Everything it does is what
+        ``_track_age`` and ``_track_autocast`` do in that case, in one frame (the general
+        path costs ~4 Python frames per module, each paid with cold caches right after the
+        module's own computation). Returns False, having changed nothing the general path
+        would not also do, when the case is any other; the general path then handles it."""
+        guard = self.guard
+        if guard.inject or "forward" in guard.disabled or self._consumed:
+            return False
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+            return False
+        try:
+            if not torch.is_grad_enabled() or _functorch_active():
+                return False
+            prev = info.amp
+            dev = info.device_type
+            if prev is None or prev[0] or dev is None:
+                return False
+            try:
+                if torch.is_autocast_enabled(dev):
+                    return False
+            except Exception:  # noqa: BLE001 - device types without autocast: as _track_autocast
+                pass
+            step = self._open.index
+            fn = x.grad_fn
+            if fn is not None:
+                mr = self._reach(x)
+                if mr is None:  # made outside watched modules, nothing dated near: dated now
+                    meta = fn.metadata
+                    meta[_AGE_KEY] = step
+                    meta[_MADE_KEY] = step
+                elif mr[0] != step or mr[1] != step:
+                    return False  # an input from an earlier step's graph: the general path
+            ofn = out.grad_fn
+            if ofn is not None:
+                meta = ofn.metadata
+                old = meta.get(_AGE_KEY)
+                meta[_AGE_KEY] = step if old is None or old > step else old
+                if _MADE_KEY not in meta:
+                    meta[_MADE_KEY] = step
+        except Exception as exc:  # noqa: BLE001 - isolation, as @guarded
+            guard.fail("forward", exc)
+        return True
 
     @guarded("forward")
     def _forward_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
