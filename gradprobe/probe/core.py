@@ -964,13 +964,16 @@ class Probe:
         weights = self._norms(params) if params else []
         if params:
             self._open.weight_pieces.append((tuple(scope), weights))
-        self._open.optimizer_steps += 1
-        self._open.stepped.append(opt)
-        self._open.seal()
+        st = self._open
+        st.optimizer_steps += 1
+        st.stepped.append(opt)
+        closing = not self._scaler_mode and all(st.has_stepped(o.optimizer) for o in self._optimizers)
+        if not closing:  # (closing seals it)
+            st.seal()
         self._consumed = False
-        if self.deep is not None and self._open.sampled:
+        if self.deep is not None and st.sampled:
             self.deep.on_post_step(info, weights)
-        if not self._scaler_mode and all(self._open.has_stepped(o.optimizer) for o in self._optimizers):
+        if closing:
             self._close_step()
 
     def _sync_light_hooks(self) -> None:
