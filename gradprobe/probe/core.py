@@ -158,6 +158,16 @@ def _functorch_active() -> bool:
         return False
 
 
+def _date(fn: Any, made: int, reach: int) -> None:
+    """Dates an autograd node: the oldest step its graph reaches (kept if already older) and
+    the step that made it (kept if already dated)."""
+    meta = fn.metadata
+    old = meta.get(_AGE_KEY)
+    meta[_AGE_KEY] = reach if old is None or old > reach else old
+    if _MADE_KEY not in meta:
+        meta[_MADE_KEY] = made
+
+
 class Probe:
     """Records gradient health of a training run into a run directory.
 
@@ -1083,18 +1093,12 @@ class Probe:
             if fn is not None:
                 mr = self._reach(x)
                 if mr is None:  # made outside watched modules, nothing dated near: dated now
-                    meta = fn.metadata
-                    meta[_AGE_KEY] = step
-                    meta[_MADE_KEY] = step
+                    _date(fn, step, step)
                 elif mr[0] != step or mr[1] != step:
                     return False  # an input from an earlier step's graph: the general path
             ofn = out.grad_fn
             if ofn is not None:
-                meta = ofn.metadata
-                old = meta.get(_AGE_KEY)
-                meta[_AGE_KEY] = step if old is None or old > step else old
-                if _MADE_KEY not in meta:
-                    meta[_MADE_KEY] = step
+                _date(ofn, step, step)
         except Exception as exc:  # noqa: BLE001 - isolation, as @guarded
             guard.fail("forward", exc)
         return True
@@ -1163,9 +1167,7 @@ class Probe:
             if mr is None:
                 # a graph made outside watched modules: date it now, so that if it is still
                 # attached next step (an EMA, a running state), it is seen as carried
-                meta = t.grad_fn.metadata
-                meta[_AGE_KEY] = step
-                meta[_MADE_KEY] = step
+                _date(t.grad_fn, step, step)
                 continue
             made, r = mr
             reach = min(reach, r)
@@ -1175,11 +1177,7 @@ class Probe:
         for t in (output,) if isinstance(output, torch.Tensor) else _iter_tensors(output):
             fn = t.grad_fn
             if fn is not None:
-                meta = fn.metadata
-                old = meta.get(_AGE_KEY)
-                meta[_AGE_KEY] = reach if old is None else min(old, reach)
-                if _MADE_KEY not in meta:
-                    meta[_MADE_KEY] = step
+                _date(fn, step, reach)
         age = step - carried_reach
         if age > 0:
             seg = self._open.current
