@@ -170,14 +170,7 @@ def _run_block(case: dict[str, Any], mode: str, tmp: str) -> tuple[float, float]
         t0 = time.perf_counter()
         cfg = ProbeConfig(schedule=Schedule(every=INTERVAL, early_until=0), deep=(mode == "gradprobe-default"))
         probe = gradprobe.watch(case["model"], case["opt"], logdir=tempfile.mkdtemp(dir=tmp), config=cfg)
-        train_steps(case, 1)
-        probe.flush()
-        c1 = time.process_time()
-        t1 = time.perf_counter()
-        train_steps(case, n)
-        if case["x"].is_cuda:
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
+        t1, t2, c1 = _first_then_timed(case, lambda: train_steps(case, n), after_first=probe.flush)
         # the CPU figure includes the writer's work on the block's last records (written
         # after t2 while a long run would overlap them with training)
         probe.flush()
@@ -188,24 +181,35 @@ def _run_block(case: dict[str, Any], mode: str, tmp: str) -> tuple[float, float]
         return (t2 - t1) / n, (c2 - c1) / n
     if mode == "wandb":
         return _run_wandb_block(case, tmp)
-    train_steps(case, 1)  # the same untimed first step as the gradprobe blocks
-    if case["x"].is_cuda:
-        torch.cuda.synchronize()
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    if mode in ("baseline", "baseline-repeat"):
-        train_steps(case, n)
-    elif mode == "detect_anomaly":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            train_steps(case, n, anomaly=True)
-    elif mode == "naive-item":
-        train_steps(case, n, naive=True)
-    else:
+    flags = {"baseline": {}, "baseline-repeat": {}, "detect_anomaly": {"anomaly": True}, "naive-item": {"naive": True}}.get(mode)
+    if flags is None:
         raise SystemExit(f"unknown mode {mode}")
+
+    def steps() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # detect_anomaly warns on every use
+            train_steps(case, n, **flags)
+
+    t1, t2, c1 = _first_then_timed(case, steps)
+    return (t2 - t1) / n, (time.process_time() - c1) / n
+
+
+def _first_then_timed(case: dict[str, Any], steps: Callable[[], None],
+                      after_first: Callable[[], None] | None = None) -> tuple[float, float, float]:
+    """One untimed first step (every mode runs it), ``after_first``, then ``steps()`` timed:
+    (wall start, wall end, CPU start) around the timed steps, the device synchronised at both
+    ends."""
+    train_steps(case, 1)
+    if after_first is not None:
+        after_first()
     if case["x"].is_cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+    c1 = time.process_time()
+    t1 = time.perf_counter()
+    steps()
+    if case["x"].is_cuda:
+        torch.cuda.synchronize()
+    return t1, time.perf_counter(), c1
 
 
 def _run_wandb_block(case: dict[str, Any], tmp: str) -> tuple[float, float]:
@@ -228,15 +232,7 @@ def _run_wandb_block(case: dict[str, Any], tmp: str) -> tuple[float, float]:
 
     case["opt"].step = step_and_log
     try:
-        train_steps(case, 1)
-        if case["x"].is_cuda:
-            torch.cuda.synchronize()
-        c1 = time.process_time()
-        t1 = time.perf_counter()
-        train_steps(case, n)
-        if case["x"].is_cuda:
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
+        t1, t2, c1 = _first_then_timed(case, lambda: train_steps(case, n))
         c2 = time.process_time()
     finally:
         del case["opt"].step
