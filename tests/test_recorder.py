@@ -217,6 +217,82 @@ def test_clip_imported_by_name_and_clip_on_scaled(logdir):
     assert (log.steps["clip_total_norm"] / log.steps["grad_norm"]).round().tolist() == [1024.0] * 4
 
 
+def _clip_public_two_calls(params, max_norm):
+    params = list(params)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def _clip_private_two_calls(params, max_norm):
+    params = list(params)
+    total = torch.nn.utils.clip_grad._get_total_norm([p.grad for p in params])
+    torch.nn.utils.clip_grad._clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def _clip_accelerate_style(params, max_norm):
+    """accelerate >= 1.16 (every Hugging Face Trainer run): the public names looked up at call
+    time, per device mesh, and a total norm of its own (a new tensor) handed to the clip."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    params = [p for p in params if p.grad is not None]
+    norms = torch.stack([get_total_norm([p.grad for p in params], 2.0)])
+    total = torch.linalg.vector_norm(norms, 2.0)
+    clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def _clip_deprecated(params, max_norm):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.nn.utils.clip_grad_norm(params, max_norm)
+
+
+CLIP_ENTRY_POINTS = {
+    "torch.nn.utils.clip_grad_norm_": lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m),
+    "clip_grad_norm_ imported by name": lambda ps, m: clip_grad_norm_(ps, m),
+    "torch.nn.utils.clip_grad.clip_grad_norm_": lambda ps, m: torch.nn.utils.clip_grad.clip_grad_norm_(ps, m),
+    "torch.nn.utils.clip_grad_norm (deprecated)": _clip_deprecated,
+    "torch.nn.utils.get_total_norm + clip_grads_with_norm_": _clip_public_two_calls,
+    "clip_grad._get_total_norm + _clip_grads_with_norm_": _clip_private_two_calls,
+    "accelerate's call pattern": _clip_accelerate_style,
+}
+
+
+@pytest.mark.parametrize("entry", list(CLIP_ENTRY_POINTS))
+def test_clip_seen_through_every_public_entry_point(logdir, entry):
+    """Every public name of PyTorch's norm clipping is observed: ``max_norm`` and the pre-clip
+    norm recorded, the post-clip norm as the step's gradient norm; and every name is the
+    original function again after close."""
+    if not hasattr(torch.nn.utils, "get_total_norm") and "total_norm" in entry:
+        pytest.skip("torch < 2.6 has no get_total_norm")
+    before = {n: getattr(torch.nn.utils, n, None) for n in ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_")}
+    before_mod = {n: getattr(torch.nn.utils.clip_grad, n) for n in ("_get_total_norm", "_clip_grads_with_norm_", "clip_grad_norm_")}
+    clip = CLIP_ENTRY_POINTS[entry]
+    model = mlp((8, 16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pre, totals = [], []
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for x, y in regression_batches(4):
+            opt.zero_grad()
+            (nn.functional.mse_loss(model(x), y) * 100).backward()
+            pre.append(math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters())))
+            totals.append(float(clip(model.parameters(), 0.25)))
+            opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    st = log.steps
+    assert st["clip_calls"].tolist() == [1] * 4, entry
+    assert st["clip_max_norm"].tolist() == [0.25] * 4
+    np.testing.assert_allclose(st["grad_norm"], pre, rtol=1e-5)
+    np.testing.assert_allclose(st["clip_total_norm"], totals, rtol=1e-5)
+    np.testing.assert_allclose(st["step_grad_norm"], 0.25, rtol=1e-4)  # what the optimizer stepped with
+    assert {n: getattr(torch.nn.utils, n, None) for n in before} == before
+    assert {n: getattr(torch.nn.utils.clip_grad, n) for n in before_mod} == before_mod
+
+
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 def test_clip_norms_reused_without_a_second_pass(logdir, norm_type):
     """clip_grad_norm_ already computes every gradient's 2-norm: the probe keeps those

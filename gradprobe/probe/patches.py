@@ -141,23 +141,25 @@ def _install() -> None:
     clip_mod = torch.nn.utils.clip_grad
     if hasattr(clip_mod, "_clip_grads_with_norm_"):
         orig_clip = clip_mod._clip_grads_with_norm_
-
-        @functools.wraps(orig_clip)
-        def clip_grads_with_norm_(parameters: Any, max_norm: Any, total_norm: Any, *args: Any, **kwargs: Any) -> Any:
-            seen = getattr(_local, "clip_norms", None)
-            if seen is not None:
-                _local.clip_norms = None
-            if _active and not _is_compiling():
-                params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-                known = seen[1:] if seen is not None and seen[0] is total_norm else None
-                for p in _active:
-                    p._on_clip(params, max_norm, total_norm, known=known)
-                parameters = params
-            return orig_clip(parameters, max_norm, total_norm, *args, **kwargs)
-
-        _patch(clip_mod, "_clip_grads_with_norm_", clip_grads_with_norm_)
-        if hasattr(clip_mod, "_get_total_norm"):
-            _patch(clip_mod, "_get_total_norm", _total_norm_wrapper(clip_mod._get_total_norm))
+        clip_wrapper = _clip_with_norm_wrapper(orig_clip)
+        _patch(clip_mod, "_clip_grads_with_norm_", clip_wrapper)
+        orig_total = getattr(clip_mod, "_get_total_norm", None)
+        total_wrapper = _total_norm_wrapper(orig_total) if orig_total is not None else None
+        if total_wrapper is not None:
+            _patch(clip_mod, "_get_total_norm", total_wrapper)
+        # The public names (torch >= 2.6: ``torch.nn.utils.get_total_norm`` and
+        # ``clip_grads_with_norm_``) are import-time aliases of the same function objects, so
+        # patching the module-level helpers does not reach callers that look the public names
+        # up (accelerate >= 1.16 does, at call time, for every clip of a Hugging Face run).
+        # An alias gets the helper's wrapper; a distinct function gets its own.
+        for pub_name, orig_fn, wrapper, make in (
+            ("clip_grads_with_norm_", orig_clip, clip_wrapper, _clip_with_norm_wrapper),
+            ("get_total_norm", orig_total, total_wrapper, _total_norm_wrapper),
+        ):
+            target = getattr(torch.nn.utils, pub_name, None)
+            if target is None:
+                continue
+            _patch(torch.nn.utils, pub_name, wrapper if target is orig_fn and wrapper is not None else make(target))
     else:  # torch < 2.6: only calls through the module attributes are seen
         orig_cgn = clip_mod.clip_grad_norm_
 
@@ -235,6 +237,27 @@ def _install() -> None:
         if orig is None:
             continue
         _patch(F, name, _loss_wrapper(name, orig))
+
+
+def _clip_with_norm_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """``clip_grads_with_norm_(parameters, max_norm, total_norm)``: where ``max_norm`` and the
+    pre-clip ``total_norm`` are seen, whoever computed the norm (``clip_grad_norm_``,
+    accelerate's per-mesh norms, a user's own)."""
+
+    @functools.wraps(orig)
+    def clip_grads_with_norm_(parameters: Any, max_norm: Any, total_norm: Any, *args: Any, **kwargs: Any) -> Any:
+        seen = getattr(_local, "clip_norms", None)
+        if seen is not None:
+            _local.clip_norms = None
+        if _active and not _is_compiling():
+            params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            known = seen[1:] if seen is not None and seen[0] is total_norm else None
+            for p in _active:
+                p._on_clip(params, max_norm, total_norm, known=known)
+            parameters = params
+        return orig(parameters, max_norm, total_norm, *args, **kwargs)
+
+    return clip_grads_with_norm_
 
 
 def _total_norm_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
