@@ -97,25 +97,54 @@ def run(
     except R.RunnerError as exc:
         _usage(str(exc))
     rank, world = R.distributed_rank()
-    # under torchrun rank 0 reports; another rank only when its own script failed
-    show = not no_report and runner.probe is not None and outcome.started and (rank == 0 or outcome.how == "exception")
+    # started by torchrun (each rank its own gradprobe run): rank 0 reports; another rank
+    # only when its own script failed. Started by gradprobe run: one report for the tree
+    show = not no_report and getattr(runner, "tree", None) is not None and outcome.started and (rank == 0 or outcome.how == "exception")
     if show:
-        emit_report(runner.probe, outcome, format.value, out_path, cwd=start_cwd)
+        emit_report(runner, outcome, format.value, out_path, cwd=start_cwd)
     R.exit_like(outcome)
 
 
-def emit_report(probe: object, outcome: object, fmt: str, output: Optional[str], *, cwd: Optional[str] = None) -> None:
+def summary_line(runner: object, outcome: object, cwd: Optional[str] = None) -> str:
+    """How the script ended, what was recorded where, and how to read it again."""
+    from gradprobe import runner as R
+    from gradprobe.tree_report import NO_STEP, rank_group
+
+    describe = outcome.describe() if isinstance(outcome, R.Outcome) else "the script ended"
+    runs = list(getattr(runner, "runs", []) or [])
+    tree = getattr(runner, "tree", None)
+    if not runs:
+        return f"gradprobe: {describe}; {NO_STEP} (nothing was written)"
+    steps = sum(r.steps for r in runs)
+    counted = f"{steps} step{'s' if steps != 1 else ''}"
+    ranks = rank_group(runs)
+    if len(runs) == 1:
+        shown = _short(runs[0].path, cwd)
+        return f"gradprobe: {describe}; {counted} recorded in {shown} (re-read: gradprobe analyze {shown})"
+    shown = _short(getattr(tree, "tree_dir", ""), cwd)
+    if len(ranks) == len(runs):
+        return f"gradprobe: {describe}; {counted} recorded by {len(ranks)} ranks in {shown} (re-read: gradprobe analyze {shown})"
+    parts = []
+    if ranks:
+        parts.append(f"ranks {', '.join(str(r) for r in sorted(ranks))} ({max(r.steps for r in runs if r.rank is not None)} steps each)")
+    parts += [f"{r.label} ({r.steps} steps)" for r in runs if r.rank is None]
+    rereads = ([_short(getattr(tree, "tree_dir", ""), cwd)] if ranks else []) + [_short(r.path, cwd) for r in runs if r.rank is None]
+    return (f"gradprobe: {describe}; {counted} recorded in {len(runs)} runs under {shown}: {'; '.join(parts)} "
+            f"(re-read each: {', '.join(f'gradprobe analyze {p}' for p in rereads)})")
+
+
+def emit_report(runner: object, outcome: object, fmt: str, output: Optional[str], *, cwd: Optional[str] = None) -> None:
     """Prints the summary line and the report; never raises (the script's status wins)."""
     from gradprobe import runner as R
 
     err = _stream(sys.stderr, sys.__stderr__)
-    logdir = getattr(probe, "logdir", "")
-    shown = _short(logdir, cwd)
-    steps = getattr(outcome, "steps", 0)
-    describe = outcome.describe() if isinstance(outcome, R.Outcome) else "the script ended"
-    _write(err, f"\ngradprobe: {describe}; {steps} step{'s' if steps != 1 else ''} recorded in {shown} (re-read: gradprobe analyze {shown})\n")
     try:
-        report = R.build_report(probe)
+        line = summary_line(runner, outcome, cwd)
+    except Exception as exc:  # noqa: BLE001
+        line = f"gradprobe: the summary failed ({type(exc).__name__}: {exc})"
+    _write(err, f"\n{line}\n")
+    try:
+        report = R.build_report(runner)  # type: ignore[arg-type]
         color = output is None and fmt == "text" and _isatty(err)
         text = render_report(report, fmt, color=color)
     except Exception as exc:  # noqa: BLE001 - a bug in the analysis must not hide the status

@@ -180,20 +180,20 @@ def distributed_rank() -> tuple[int, int]:
         return 0, 1
 
 
-def run_logdir(logdir: str | None) -> str | None:
-    """The absolute run directory (fixed before the script can ``chdir``).
+def run_logdir(logdir: str | None) -> str:
+    """The absolute log directory of the run's process tree (fixed before the script can
+    ``chdir``).
 
-    Under torchrun (``WORLD_SIZE`` > 1) the probe writes each rank into ``<dir>/rank<r>``;
-    without ``--logdir`` the directory is named after the launcher (the ranks' common
-    parent process and its start time) so that all local ranks share it. Outside torchrun
-    and without ``--logdir``: None, the probe's default (a new folder under
-    ``./gradprobe_runs/``).
+    Each watched process of the tree writes into it (see :mod:`gradprobe.tree`). Without
+    ``--logdir``: a new folder under ``./gradprobe_runs/``; under torchrun (``gradprobe
+    run`` started by it: ``WORLD_SIZE`` > 1) it is named after the launcher (the ranks'
+    common parent process and its start time) so that all local ranks share it.
     """
     _, world = distributed_rank()
     if logdir:
         return os.path.abspath(logdir)
     if world <= 1:
-        return None
+        return default_logdir()
     ppid = os.getppid()
     started = time.time()
     try:
@@ -206,9 +206,61 @@ def run_logdir(logdir: str | None) -> str | None:
     return os.path.join(os.getcwd(), "gradprobe_runs", f"{stamp}-torchrun-{ppid}")
 
 
+def default_logdir() -> str:
+    """``./gradprobe_runs/<date>-<time>-<pid>`` (a suffix if it exists): not created here."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(os.getcwd(), "gradprobe_runs")
+    path = os.path.join(base, f"{stamp}-{os.getpid()}")
+    k = 1
+    while os.path.exists(path):
+        k += 1
+        path = os.path.join(base, f"{stamp}-{os.getpid()}-{k}")
+    return path
+
+
 # ------------------------------------------------------------------- target details -----
+#: bytes of a file read to tell a Python console script (its shebang) from another program
+SHEBANG_BYTES = 512
+
+
+def python_script_on_path(name: str) -> str | None:
+    """The path of ``name`` on ``PATH`` when it is a Python script (``torchrun``,
+    ``accelerate``: a console script whose shebang runs Python, directly or through pip's
+    ``/bin/sh`` trampoline for long interpreter paths); None otherwise."""
+    import shutil
+
+    if not name or os.sep in name or (os.altsep and os.altsep in name):
+        return None
+    found = shutil.which(name)
+    if found is None or not os.path.isfile(found):
+        return None
+    try:
+        with open(found, "rb") as f:
+            head = f.read(SHEBANG_BYTES)
+    except OSError:
+        return None
+    lines = head.split(b"\n")
+    words = lines[0][2:].split() if lines[0].startswith(b"#!") else []
+    if not words:
+        return None
+    interpreter = os.path.basename(words[0])
+    if interpreter == b"env":
+        rest = [w for w in words[1:] if not w.startswith(b"-")]
+        interpreter = os.path.basename(rest[0]) if rest else b""
+    if interpreter.startswith(b"python"):
+        return found
+    # pip's trampoline for long interpreter paths: "#!/bin/sh", then a line starting
+    # '''exec' "/long/path/bin/python" "$0" "$@"
+    if interpreter == b"sh" and len(lines) > 1 and lines[1].startswith(b"'''exec'") and b"python" in lines[1]:
+        return found
+    return None
+
+
 def resolve_target(name: str, args: list[str], *, module: bool) -> Target:
     """Checks that the script exists (``-m``: nothing is imported yet).
+
+    A name that is no file but a Python console script on ``PATH`` (``gradprobe run torchrun
+    ...``) runs that script's file, as its shebang would (``sys.argv[0]`` is its path).
 
     Raises:
         RunnerError: the file does not exist or cannot be read (Python exits 2 there too).
@@ -219,6 +271,10 @@ def resolve_target(name: str, args: list[str], *, module: bool) -> Target:
         return Target("module", name, list(args))
     if os.path.isdir(name) or (os.path.isfile(name) and zipfile.is_zipfile(name)):
         return Target("main_dir", name, list(args))
+    if not os.path.exists(name):
+        found = python_script_on_path(name)
+        if found is not None:
+            return Target("file", found, list(args))
     if not os.path.isfile(name):
         shown = os.path.abspath(name)
         if os.path.exists(name):
@@ -584,8 +640,11 @@ class ScriptRunner:
             when the script ends (in-process use). The CLI leaves the script's in place
             until the process exits, as Python does.
         run_info: extra metadata for the run log.
+        children: watch every Python process the script starts (:mod:`gradprobe.tree`);
+            False watches this process only.
 
-    Use :meth:`run` once; the probe (for the report) is :attr:`probe` afterwards.
+    Use :meth:`run` once; :meth:`report` is the report of the whole process tree afterwards
+    (:attr:`probe` is this process's own probe).
     """
 
     def __init__(
@@ -597,9 +656,14 @@ class ScriptRunner:
         memory_limit: int | None = None,
         restore: bool = True,
         run_info: dict[str, Any] | None = None,
+        children: bool = True,
     ) -> None:
         self.target = target
-        self.logdir = logdir
+        self.logdir = logdir if logdir is not None else default_logdir()
+        self.children = children
+        self.tree: Any = None
+        self.runs: list[Any] = []
+        self.torch_imported = False
         self.config = config
         self.memory_limit = memory_limit
         self.restore = restore
@@ -611,6 +675,7 @@ class ScriptRunner:
         self.watchdog: MemoryWatchdog | None = None
         self._saved: tuple[list[str], list[str], Any] | None = None
         self._code: Any = None
+        self._last_outcome: Outcome | None = None
         self._spec: Any = None
 
     # ---- public --------------------------------------------------------------------------
@@ -625,6 +690,7 @@ class ScriptRunner:
             early = self._prepare()
             if early is not None:
                 return early
+            self._start_tree()
             self._start_probe()
             _ACTIVE.append(self)
             self.signals = SignalChain(self)
@@ -644,6 +710,8 @@ class ScriptRunner:
             return self._finish(outcome)
         finally:
             self._stop_interception()
+            if self.tree is not None:
+                self.tree.stop()  # idempotent: the environment is put back however run() ends
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
             if self.restore:
@@ -745,6 +813,23 @@ class ScriptRunner:
         except Exception:  # noqa: BLE001
             return True
 
+    def _start_tree(self) -> None:
+        """The log directory and the start-up hook that watches the script's children."""
+        from gradprobe import subprocess_hook
+        from gradprobe.tree import ProcessTree
+
+        subprocess_hook.disable()  # a gradprobe run started inside another's tree runs its own
+        tree = ProcessTree(self.logdir, self.config)
+        try:
+            tree.start()
+        except OSError as exc:
+            tree.stop()
+            raise RunnerError(f"cannot write the run log in {exc.filename or self.logdir}: {exc.strerror or exc}") from None
+        if not self.children:
+            tree.stop()
+            tree = ProcessTree(self.logdir, self.config)  # this process only: no hook
+        self.tree = tree
+
     def _start_probe(self) -> None:
         from gradprobe.probe.core import Probe
 
@@ -761,11 +846,8 @@ class ScriptRunner:
             },
         }
         info.update(self.run_info)
-        try:
-            self.probe = Probe([], auto=True, logdir=self.logdir, config=self.config, run_info=info)
-        except OSError as exc:
-            raise RunnerError(f"cannot write the run log in {exc.filename or self.logdir}: {exc.strerror or exc}") from None
-        self.logdir = self.probe.logdir
+        info.update(self.tree.run_info)
+        self.probe = Probe([], auto=True, logdir=self.logdir, config=self.config, run_info=info, layout=self.tree.layout())
 
     # ---- during ---------------------------------------------------------------------------
     def _execute(self) -> None:
@@ -876,6 +958,7 @@ class ScriptRunner:
             _join_threads()  # Python waits for non-daemon threads before it exits
         probe = self.probe
         outcome.logdir = self.logdir
+        self._last_outcome = outcome
         if probe is None:
             return outcome
         exc = outcome.exception
@@ -903,8 +986,33 @@ class ScriptRunner:
             probe.close()
         except Exception as close_exc:  # noqa: BLE001 - the script's status matters more
             sys.stderr.write(f"gradprobe: closing the run log failed ({type(close_exc).__name__}: {close_exc})\n")
-        outcome.steps = int(probe.meta.get("steps", getattr(probe, "step", 0)) or 0)
+        self.torch_imported = "torch" in sys.modules and getattr(sys.modules["torch"], "optim", None) is not None
+        self.tree.stop()
+        from gradprobe.tree_report import find_runs
+
+        self.runs = find_runs(self.tree.tree_dir, self.tree.token)
+        outcome.steps = sum(r.steps for r in self.runs)
         return outcome
+
+    def report(self) -> Any:
+        """One report for every run of the process tree (an empty tree: what was seen
+        instead of a training step); None when the script never started."""
+        from gradprobe import tree_report
+
+        if self.tree is None:
+            return None
+        if not self.runs:
+            meta = getattr(self.probe, "meta", {}) if self.probe is not None else {}
+            seen = tree_report.observations(self._last_outcome, meta, self.torch_imported,
+                                            self.tree if self.tree.watching_children or self.tree.commands else None)
+            return tree_report.empty_report(self.tree.tree_dir, seen)
+        report = tree_report.analyze_tree(self.tree.tree_dir, self.runs)
+        # the findings as TensorBoard text: in this process's own run, else the first run
+        own = next((r.path for r in self.runs if r.meta.get("pid") == os.getpid()), self.runs[0].path)
+        from gradprobe.probe.core import write_findings_to_tensorboard
+
+        write_findings_to_tensorboard(own, report)
+        return report
 
     def _restore_sys(self) -> None:
         if self._saved is None:
@@ -937,9 +1045,9 @@ def _join_threads() -> None:
         pass
 
 
-def build_report(probe: Any) -> Any:
-    """The report of a closed probe's run (analyzed from disk)."""
-    return probe.report()
+def build_report(runner: "ScriptRunner") -> Any:
+    """The report of a finished run's whole process tree (analyzed from disk)."""
+    return runner.report()
 
 
 def exit_like(outcome: Outcome) -> NoReturn:
@@ -985,9 +1093,7 @@ def run_script(
     target = resolve_target(name, list(args or []), module=module)
     runner = ScriptRunner(target, logdir=run_logdir(logdir), config=config, memory_limit=memory_limit, restore=restore)
     outcome = runner.run()
-    report = None
-    if runner.probe is not None:
-        report = build_report(runner.probe)
+    report = build_report(runner) if outcome.started else None
     return outcome, report
 
 

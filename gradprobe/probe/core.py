@@ -185,6 +185,7 @@ class Probe:
         config: ProbeConfig | None = None,
         auto: bool = False,
         run_info: dict[str, Any] | None = None,
+        layout: Any = None,
     ) -> None:
         self.config = config or ProbeConfig()
         self.guard = Guard()
@@ -246,7 +247,12 @@ class Probe:
 
         rank, world = _rank_and_world()
         self.rank, self.world_size = rank, world
-        if world > 1:  # one complete run directory per rank, no clobbering, no collectives
+        # a process-tree layout (gradprobe run) names the run directory at the first recorded
+        # step, from the rank then known (see gradprobe.tree); a process that records no step
+        # writes nothing
+        self._layout = layout
+        self._unnamed = layout is not None
+        if world > 1 and layout is None:  # one complete run directory per rank, no clobbering, no collectives
             self.logdir = os.path.join(self.logdir, f"rank{rank}")
         self._local_norms: dict[int, torch.Tensor] = {}
         self.meta: dict[str, Any] = {
@@ -279,13 +285,17 @@ class Probe:
         }
         if run_info:
             self.meta.update(run_info)
-        self.writer = RunWriter(
-            self.logdir,
-            self.meta,
-            tensorboard=self.config.tensorboard,
-            tb_layers_every=self.config.tb_layers_every,
-            on_error=lambda exc: self.guard.fail("writer", exc),
-        )
+
+        def make_writer(logdir: str, meta: dict[str, Any]) -> RunWriter:
+            return RunWriter(
+                logdir,
+                meta,
+                tensorboard=self.config.tensorboard,
+                tb_layers_every=self.config.tb_layers_every,
+                on_error=lambda exc: self.guard.fail("writer", exc),
+            )
+
+        self.writer: Any = make_writer(self.logdir, self.meta) if layout is None else layout.writer(make_writer)
         # process RSS: /proc/self/statm read with one pread (psutil reopens it), at most
         # every RSS_EVERY seconds (see _memory)
         self._statm: int | None = None
@@ -1370,6 +1380,8 @@ class Probe:
             self.deep.on_close(st, rec)
         rec.compact(self._device)
         self._last_memory = rec.host["memory"]
+        if self._unnamed:
+            self._name_run_dir()
         with self._flush_lock:
             self._records.append(rec)
         self._last_close = now
@@ -1382,6 +1394,19 @@ class Probe:
             self._sync_light_hooks()
         if now - self._last_flush >= self.config.flush_seconds or len(self._records) >= self.config.flush_steps:
             self._flush()
+
+    def _name_run_dir(self) -> None:
+        """The first recorded step of a process-tree probe: its run directory is named from
+        the rank known now (the process group usually exists by the first step, not at the
+        start) and created."""
+        self._unnamed = False
+        rank, world = _rank_and_world()
+        self.rank, self.world_size = rank, world
+        self.meta["rank"], self.meta["world_size"] = rank, world
+        try:
+            self.logdir = self.writer.open(rank, world, {k: v for k, v in self.meta.items() if not k.startswith("_")})
+        except Exception as exc:  # noqa: BLE001 - no run directory: the run goes on unrecorded
+            self.guard.fail("writer", exc)
 
     def _records_or_steps(self) -> bool:
         return self._open.index > 0
@@ -1649,9 +1674,11 @@ def write_findings_to_tensorboard(logdir: str, report: Any) -> None:
 
 
 def _rank_and_world() -> tuple[int, int]:
-    """From torchrun's environment (the process group may not exist yet); no collective."""
+    """The global rank from ``torch.distributed`` once a process group exists, else from the
+    launcher's environment: torchrun's ``RANK``, or ``LOCAL_RANK`` where there is no ``RANK``
+    (Lightning's children); no collective."""
     try:
-        rank = int(os.environ.get("RANK", "0") or 0)
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     except ValueError:
         rank, world = 0, 1

@@ -198,7 +198,11 @@ def render(report: Report, **_: Any) -> str:
     for line in head[1:]:
         parts.append(f'<div class="meta">{_e(line.strip())}</div>')
     parts.append("<h2>Findings</h2>")
-    if not report.findings:
+    if not report.findings and report.source.get("steps") == 0:  # nothing was judged: never "healthy"
+        parts.append("<p>No training step was recorded: there is nothing to judge.</p><ul>")
+        parts.extend(f"<li>{_e(line)}</li>" for line in (report.source.get("no_step") or {}).get("observed") or [])
+        parts.append("</ul>")
+    elif not report.findings:
         parts.append("<p>No findings: nothing in this run looks unhealthy to the rules that could run.</p>")
     for f in report.findings:
         where = f" from step {f.first_step}" if f.first_step is not None else ""

@@ -18,7 +18,10 @@ def render(report: Report, **_: Any) -> str:
     for line in head[1:]:
         out.append(f"- {line.strip()}")
     out.append("")
-    if not report.findings:
+    if not report.findings and report.source.get("steps") == 0:  # nothing was judged: never "healthy"
+        out.append("**No training step was recorded:** there is nothing to judge.")
+        out.extend(["", *[f"- {line}" for line in (report.source.get("no_step") or {}).get("observed") or []], ""])
+    elif not report.findings:
         out.append("**No findings.** Nothing in this run looks unhealthy to the rules that could run.")
     for f in report.findings:
         where = f" from step {f.first_step}" if f.first_step is not None else ""

@@ -24,7 +24,11 @@ def render(report: Report, *, color: bool = False, width: int = 100, **_: Any) -
 def print_report(report: Report, console: Console) -> None:
     for i, line in enumerate(header_lines(report)):
         console.print(Text(line, style="bold" if i == 0 else "dim"))
-    if not report.findings:
+    if not report.findings and report.source.get("steps") == 0:  # nothing was judged: never "healthy"
+        console.print(Text("\nNo training step was recorded: there is nothing to judge.", style="bold yellow"))
+        for line in (report.source.get("no_step") or {}).get("observed") or []:
+            console.print(Text(f"  - {line}"))
+    elif not report.findings:
         console.print(Text("\nNo findings: nothing in this run looks unhealthy to the rules that could run.", style="green"))
     for f in report.findings:
         console.print()

@@ -145,6 +145,14 @@ for step in range(100000):
 """
 
 
+ONE_STEP = """import torch
+_m = torch.nn.Linear(2, 1)
+_o = torch.optim.SGD(_m.parameters(), lr=0.1)
+_m(torch.ones(1, 2)).sum().backward()
+_o.step()
+"""
+
+
 # ------------------------------------------------------------- running like python -----
 def test_script_sees_what_python_gives_it(tmp_path):
     write(tmp_path / "sub" / "show.py", SHOW)
@@ -160,7 +168,7 @@ def test_script_sees_what_python_gives_it(tmp_path):
     assert seen["annotations_evaluated"]  # the runner's __future__ flags do not leak in
     assert got.stdout.count("\n") == 1  # the text report goes to stderr, not stdout
     assert REPORT_HEADER in got.stderr
-    assert (tmp_path / "log" / "gradprobe.json").exists()
+    assert not (tmp_path / "log").exists()  # it trained no step: nothing is written
 
 
 @pytest.mark.skipif(not ENTRY_POINT.exists(), reason="the gradprobe entry point is not installed")
@@ -692,7 +700,8 @@ def test_help_lists_the_options():
     ],
 )
 def test_runner_in_process_statuses_and_restores_the_interpreter(tmp_path, capsys, source, status, how):
-    script = write(tmp_path / "s.py", source)
+    # one training step first: a process that records no step writes no log
+    script = write(tmp_path / "s.py", ONE_STEP + source)
     argv, path, main = list(sys.argv), list(sys.path), sys.modules["__main__"]
     sig, getsig = signal.signal, signal.getsignal
     term = signal.getsignal(signal.SIGTERM)
@@ -706,6 +715,7 @@ def test_runner_in_process_statuses_and_restores_the_interpreter(tmp_path, capsy
     err = capsys.readouterr().err
     if how == "exception":
         assert err.startswith("Traceback (most recent call last):\n  File \"" + str(script))
+        assert ", line 6, in <module>" in err  # the line of the script, after ONE_STEP's five
     if source.startswith("raise SystemExit('bye')"):
         assert err == "bye\n"
 
