@@ -110,9 +110,17 @@ def to_step(v: Any) -> int | None:
     return int(f)
 
 
-def training_steps(raw: RawRecords, rules: list[M.NameRule] | None = None) -> int:
+def step_counts(raw: RawRecords) -> dict[str, int]:
+    """Distinct steps each name was logged at (breaks ties between names of one column)."""
+    if not len(raw):
+        return {}
+    df = pd.DataFrame({"name": raw.name, "step": raw.step})
+    return {str(k): int(v) for k, v in df.groupby("name", sort=False)["step"].nunique().items()}
+
+
+def training_steps(raw: RawRecords, rules: list[M.Rule] | None = None) -> int:
     """Distinct steps that logged a mapped training value (how runs are compared)."""
-    res = M.resolve(raw.names(), rules)
+    res = M.resolve(raw.names(), rules, counts=step_counts(raw))
     names = {n for c, n in res.columns.items() if c in TRAINING_COLUMNS}
     names |= set(res.layers)
     return len({s for n, s in zip(raw.name, raw.step) if n in names})
@@ -225,23 +233,19 @@ def _optimizer_class(name: str | None) -> str | None:
 
 
 def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | None = None,
-                 meta: dict[str, Any] | None = None, rules: list[M.NameRule] | None = None,
-                 what: str = "log") -> RunLog:
+                 meta: dict[str, Any] | None = None, rules: list[M.Rule] | None = None,
+                 what: str = "log", notes: list[str] | None = None) -> RunLog:
     """Builds the RunLog of a foreign log from its raw records.
 
     Raises:
         LogError: no record has a name that maps to a column.
     """
     skipped = list(skipped or [])
-    res = M.resolve(raw.names(), rules)
+    res = M.resolve(raw.names(), rules, counts=step_counts(raw))
     data_columns = {c: n for c, n in res.columns.items() if c != "epoch"}
     if not data_columns and not res.layers:
-        found = raw.names()
-        shown = ", ".join(found[:12]) + (f", ... ({len(found)} in all)" if len(found) > 12 else "")
-        raise LogError(
-            f"{path}: no recognised metric in this {what} (found: {shown or 'nothing'}); "
-            f"map your names with ${M.ENV_VAR} or gradprobe.readers.register_tag (docs/readers.md)"
-        )
+        raise LogError(f"{path}: no recognised metric in this {what} ({_found(raw.names())}); "
+                       f"map your names with ${M.ENV_VAR} or gradprobe.readers.register_tag (docs/readers.md)")
     arrays = {
         "name": np.array(raw.name, dtype=object),
         "step": np.array(raw.step, dtype=np.int64),
@@ -257,6 +261,20 @@ def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | 
     raw_records: dict[str, dict[str, Any]] = {}
     for col, name in data_columns.items():
         series[col], raw_records[col] = _stream(raw, arrays, name, epoch_by_step)
+        if col in res.transforms:
+            series[col] = _convert(series[col], res.transforms[col])
+    mapping_notes = list(notes or [])
+    for col in [c for c in series if c != "loss" and "loss" in series]:
+        m = res.matches.get(data_columns[col])
+        loss_match = res.matches.get(data_columns["loss"])
+        if m is not None and m.aggregate and loss_match is not None and not loss_match.aggregate \
+                and _epoch_indexed(series[col].index.to_numpy(), series["loss"].index.to_numpy()):
+            mapping_notes.append(f"{col}: {data_columns[col]!r} is logged once per epoch at the epoch's number, not at "
+                                 f"a training step, so it is not aligned with the per-step loss and is not used")
+            del series[col], raw_records[col]
+            res.unused[data_columns[col]] = "per-epoch values at epoch numbers, not aligned with the per-step loss"
+            del data_columns[col]
+            res.columns.pop(col, None)
     layer_series: dict[str, pd.Series] = {}
     for name, layer in res.layers.items():
         s, rec = _stream(raw, arrays, name, epoch_by_step)
@@ -353,5 +371,52 @@ def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | 
                                        "layers": [{"name": n} for n in layer_series]}]
     with np.errstate(over="ignore", invalid="ignore"):  # huge logged values become inf in float32 columns
         log = RunLog.build(pd.DataFrame(cols), meta=out_meta, layer_grad=layer_grad, kind=kind, path=path)
+    if "loss" not in series:
+        skipped.append(_no_loss_note(res, data_columns))
     log.source["skipped"] = skipped
+    log.source["notes"] = mapping_notes + res.notes()
+    unmapped = list(res.unmapped) + list(res.not_mapped)
+    log.source["unmapped"] = unmapped[:UNMAPPED_LISTED]
+    if len(unmapped) > UNMAPPED_LISTED:
+        log.source["notes"].append(f"{len(unmapped)} names not mapped; the first {UNMAPPED_LISTED} are listed in unmapped")
     return log
+
+
+#: how many names the report lists in ``source["unmapped"]`` (a log with one scalar per
+#: parameter has thousands; the whole list stays in ``meta["names"]``)
+UNMAPPED_LISTED = 100
+
+
+def _found(names: list[str]) -> str:
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    return f"found: {shown or 'nothing'}"
+
+
+def _no_loss_note(res: M.Resolution, columns: dict[str, str]) -> str:
+    """Why a log without a training loss is not called healthy: the rules that judge the
+    loss did not run, and which names might have been the loss."""
+    read = ", ".join(f"{c} from {n!r}" for c, n in columns.items())
+    others = list(res.unmapped) + list(res.not_mapped)
+    shown = ", ".join(others[:8]) + (f", ... ({len(others)} in all)" if len(others) > 8 else "")
+    unmapped = f"; not recognised: {shown}" if others else ""
+    return (f"no training loss in this log (read: {read}{unmapped}): the rules that judge the loss did not run, "
+            f"so this report cannot call the run healthy; map the loss with ${M.ENV_VAR} (docs/readers.md)")
+
+
+def _epoch_indexed(steps: np.ndarray, loss_steps: np.ndarray) -> bool:
+    """Steps that are epoch numbers (0, 1, 2... or 1, 2, 3...), far fewer than the loss's
+    steps and ending well before them (Keras logs ``epoch_*`` at the epoch number while its
+    ``batch_loss`` counts iterations; Lightning logs ``*_epoch`` at the global step)."""
+    if steps.size == 0 or loss_steps.size < 2 * steps.size:
+        return False
+    first = int(steps[0])
+    return first in (0, 1) and bool((steps == np.arange(first, first + steps.size)).all()) \
+        and int(steps[-1]) * 2 < int(loss_steps.max())
+
+
+def _convert(values: pd.Series, transform: str) -> pd.Series:
+    """A perplexity (``ln``) or a loss in bits (``bits``) as a loss in nats."""
+    v = values.to_numpy(dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log(v) if transform == "ln" else v * math.log(2.0)
+    return pd.Series(out, index=values.index)

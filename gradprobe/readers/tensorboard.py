@@ -100,7 +100,7 @@ class _Run:
     @property
     def mtime(self) -> float:
         try:
-            return max(os.path.getmtime(f) for f in self.files)
+            return max(os.path.getmtime(f) for f in self.files + [f for c in self.children for f in c.files])
         except (OSError, ValueError):
             return 0.0
 
@@ -217,6 +217,45 @@ def _attach_add_scalars_children(runs: dict[str, _Run]) -> None:
             del runs[d]
 
 
+#: run directories named after a split: Keras' TensorBoard callback writes ``<logdir>/train``
+#: and ``<logdir>/validation``, a TF estimator ``<model_dir>`` and ``<model_dir>/eval``,
+#: hand-written loops ``runs/train`` and ``runs/val``
+TRAIN_DIRS = frozenset({"train", "training"})
+EVAL_DIRS = frozenset({"validation", "val", "valid", "eval", "evaluation", "test"})
+
+
+def _attach_split_children(runs: dict[str, _Run]) -> None:
+    """Directories named after a split are one run with their siblings and parent: their tags
+    are read as ``<split>/<tag>`` (Keras' ``validation/epoch_loss`` is the eval loss of the
+    run whose ``train/epoch_loss`` is the loss), as TensorBoard overlays them in one chart.
+
+    An eval directory folds into its parent when the parent has event files of its own (a
+    TF estimator's ``eval/``); otherwise a train directory and at least one eval directory
+    side by side make one run at their parent (Keras). A lone ``test/`` run stays a run."""
+    by_parent: dict[str, list[str]] = {}
+    for d in runs:
+        base = os.path.basename(d).lower()
+        if base in TRAIN_DIRS or base in EVAL_DIRS:
+            by_parent.setdefault(os.path.dirname(d), []).append(d)
+    for parent, children in sorted(by_parent.items()):
+        if parent in runs:
+            members = [c for c in children if os.path.basename(c).lower() in EVAL_DIRS]
+        elif any(os.path.basename(c).lower() in TRAIN_DIRS for c in children) and \
+                any(os.path.basename(c).lower() in EVAL_DIRS for c in children):
+            members = children
+            runs[parent] = _Run(parent, [])
+        else:
+            continue
+        target = runs[parent]
+        for c in sorted(members):
+            run = runs.pop(c)
+            base = os.path.basename(c)
+            target.raw.extend(run.raw, rename={t: f"{base}/{t}" for t in run.tags})
+            target.skipped.extend(run.skipped)
+            target.children.append(run)
+            target.tags |= {f"{base}/{t}" for t in run.tags}
+
+
 def read_tensorboard(path: str) -> RunLog:
     """Reads an event file or a TensorBoard log directory (see the module docstring)."""
     if not os.path.exists(path):
@@ -243,6 +282,7 @@ def read_tensorboard(path: str) -> RunLog:
     for run in runs.values():
         _read_run(run, path)
     _attach_add_scalars_children(runs)
+    _attach_split_children(runs)
 
     rules = M.active_rules()
     # (steps, is a gradprobe run, mtime, dir, run): most steps; on a tie the gradprobe run

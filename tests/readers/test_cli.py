@@ -114,11 +114,12 @@ def test_truncated_but_readable_json_reports_what_it_skipped(tmp_path) -> None:
 
 
 def test_tag_map_environment_variable(tmp_path) -> None:
-    write_run(str(tmp_path), {"objective": [(s, 1.0) for s in range(5)]})
+    # "distortion" names no loss by its words: nothing maps until the user says so
+    write_run(str(tmp_path), {"distortion": [(s, 1.0) for s in range(5)]})
     r = analyze(str(tmp_path))
     assert_clean_exit_2(r, "no recognised metric")
-    assert "objective" in r.stderr and "GRADPROBE_TAG_MAP" in r.stderr
-    r = analyze(str(tmp_path), "--format", "json", env={"GRADPROBE_TAG_MAP": '{"objective": "loss"}'})
+    assert "distortion" in r.stderr and "GRADPROBE_TAG_MAP" in r.stderr
+    r = analyze(str(tmp_path), "--format", "json", env={"GRADPROBE_TAG_MAP": '{"distortion": "loss"}'})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["source"]["steps"] == 5
     assert_clean_exit_2(analyze(str(tmp_path), env={"GRADPROBE_TAG_MAP": "not json"}), "GRADPROBE_TAG_MAP")

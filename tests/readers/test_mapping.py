@@ -1,4 +1,5 @@
-"""The name -> column mapping shared by every foreign-log reader."""
+"""The name -> column mapping shared by every foreign-log reader: structured names by rule,
+everything else by meaning."""
 
 from __future__ import annotations
 
@@ -37,8 +38,38 @@ from gradprobe.runlog import LogError
         ("Loss/train", "loss"),
         ("loss_val", "eval_loss"),
         ("validation_loss", "eval_loss"),
+        ("Train Loss", "loss"),
         ("loss_scale", "scale"),
         ("train/loss_scale", "scale"),
+        # TensorFlow, Keras, and other programs: by meaning
+        ("cost/cross_entropy", "loss"),
+        ("cross_entropy", "loss"),
+        ("CrossEntropyLoss", "loss"),
+        ("xent", "loss"),
+        ("nll", "loss"),
+        ("NLLLoss", "loss"),
+        ("neg_log_likelihood", "loss"),
+        ("objective", "loss"),
+        ("Loss/total_loss", "loss"),
+        ("epoch_loss", "loss"),
+        ("batch_loss", "loss"),
+        ("loss_1", "loss"),
+        ("validation/epoch_loss", "eval_loss"),
+        ("validation/evaluation_loss_vs_iterations", "eval_loss"),
+        ("valLoss", "eval_loss"),
+        ("test_loss", "eval_loss"),
+        ("loss/test", "eval_loss"),
+        ("train/perplexity", "loss"),
+        ("eval_ppl", "eval_loss"),
+        ("bpc", "loss"),
+        ("train/mse", "loss"),
+        ("epoch_learning_rate", "lr"),
+        ("optimizer/lr", "lr"),
+        ("lr/pg0", "lr"),
+        ("gradients/global_norm", "grad_norm"),
+        ("gnorm", "grad_norm"),
+        ("grad_norm_clipped", "step_grad_norm"),
+        ("param_norm", "weight_norm"),
         # gradprobe's own dashboard tags
         ("gradprobe/grad_norm/preclip", "grad_norm"),
         ("gradprobe/loss/train", "loss"),
@@ -55,13 +86,42 @@ def test_default_names(name: str, column: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["train/train_loss", "test_loss", "val_loss_step", "lr-Adam-1", "lr-Adam/pg2", "momentum-Adam", "accuracy",
-     "eval/runtime", "train/total_flos", "hp_metric"],
+    ["lr-Adam-1", "lr-Adam/pg2", "momentum-Adam", "accuracy", "eval/runtime", "train/total_flos", "hp_metric", "distortion",
+     "global_step/sec", "eval_accuracy"],
 )
 def test_names_that_must_not_map(name: str) -> None:
-    # train/train_loss is HF's whole-run mean, lr-Adam-1 a second optimizer, test/val_loss_step
-    # are not the eval loss series: mapping them would put wrong numbers in a column
+    # lr-Adam-1 is a second optimizer: mapping it would put wrong numbers in a column
     assert M.match(name) is None
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("train/train_loss", "whole-run summary"),
+        ("val_loss_step", "per-batch validation"),
+        ("best_val_loss", "not a loss value"),
+        ("nan_loss_count", "not a loss value"),
+        ("loss_weight", "not a loss value"),
+        ("lr_scale", "not the learning rate"),
+        ("lr_group_1", "another parameter group"),
+        ("lr-Adam-1", "second optimizer"),
+        ("elbo", "sign"),
+        ("log_likelihood", "sign"),
+    ],
+)
+def test_look_alikes_are_refused_with_a_reason(name: str, why: str) -> None:
+    reasons: dict[str, str] = {}
+    assert M.match(name, why=reasons) is None
+    assert why in reasons[name]
+    assert name in M.resolve([name]).not_mapped
+
+
+def test_words_join_terms_and_split_camel_case() -> None:
+    assert M.words("cost/CrossEntropy") == ["cost", "xent"]
+    assert M.words("train/learning_rate") == ["train", "lr"]
+    assert M.words("valPerplexity") == ["val", "perplexity"]
+    assert M.words("NLLLoss") == ["nll", "loss"]
+    assert M.words("gradients/global_norm") == ["gradients", "gradnorm"]
 
 
 def test_one_name_per_column_by_priority() -> None:
@@ -73,6 +133,43 @@ def test_one_name_per_column_by_priority() -> None:
     assert res.layers == {"grad_2.0_norm/a": "a", "grad_2.0_norm/b": "b"}
 
 
+def test_the_total_beats_its_parts_and_per_step_beats_per_epoch() -> None:
+    res = M.resolve(["Loss/classification_loss", "Loss/localization_loss", "Loss/total_loss", "train/loss_ema"])
+    assert res.columns["loss"] == "Loss/total_loss"
+    res = M.resolve(["epoch_loss", "batch_loss"])
+    assert res.columns["loss"] == "batch_loss"
+    # a loss by name beats a perplexity, a perplexity beats an error metric
+    assert M.resolve(["ppl", "loss", "mse"]).columns["loss"] == "loss"
+    assert M.resolve(["mse", "ppl"]).columns["loss"] == "ppl"
+    # validation before test
+    assert M.resolve(["test_loss", "val_loss"]).columns["eval_loss"] == "val_loss"
+    assert M.resolve(["test_loss"]).columns["eval_loss"] == "test_loss"
+
+
+def test_ties_go_to_the_series_logged_at_more_steps() -> None:
+    # Hugging Face in MLflow: the per-step "loss" and the one-point summary "train_loss"
+    res = M.resolve(["train_loss", "loss"], counts={"loss": 50, "train_loss": 1})
+    assert res.columns["loss"] == "loss"
+    res = M.resolve(["train_loss", "train_loss_step"], counts={"train_loss": 5, "train_loss_step": 500})
+    assert res.columns["loss"] == "train_loss_step"
+
+
+def test_the_eval_loss_follows_the_granularity_of_the_loss() -> None:
+    keras = ["train/epoch_loss", "validation/epoch_loss", "validation/evaluation_loss_vs_iterations"]
+    assert M.resolve(keras).columns["eval_loss"] == "validation/epoch_loss"
+    assert M.resolve(keras + ["train/batch_loss"]).columns["eval_loss"] == "validation/evaluation_loss_vs_iterations"
+
+
+def test_conversions_and_their_notes() -> None:
+    res = M.resolve(["train/perplexity", "valid/ppl"])
+    assert res.transforms == {"loss": "ln", "eval_loss": "ln"}
+    assert any("ln('train/perplexity')" in n for n in res.notes())
+    assert M.resolve(["bpd"]).transforms == {"loss": "bits"}
+    assert M.resolve(["mse"]).notes() == ["training loss read from the error metric 'mse': no series is named as a loss"]
+    parts = M.resolve(["loss_G", "loss_D"])
+    assert "one part of the loss" in parts.notes()[0] and "loss_D" in parts.notes()[0]
+
+
 def test_lightning_optimizer_and_param_group_names() -> None:
     res = M.resolve(["lr-Adam/pg1", "lr-Adam/pg2"])
     assert res.columns["lr"] == "lr-Adam/pg1"
@@ -80,18 +177,18 @@ def test_lightning_optimizer_and_param_group_names() -> None:
 
 
 def test_register_tag_takes_priority_and_unregisters() -> None:
-    assert M.match("my/objective") is None
-    rule = M.register_tag(r"my/objective", "loss")
+    assert M.match("my/distortion") is None
+    rule = M.register_tag(r"my/distortion", "loss")
     try:
-        assert M.match("my/objective").column == "loss"
-        res = M.resolve(["loss", "my/objective"])
-        assert res.columns["loss"] == "my/objective"
+        assert M.match("my/distortion").column == "loss"
+        res = M.resolve(["loss", "my/distortion"])
+        assert res.columns["loss"] == "my/distortion"
         ignore = M.register_tag(r"loss", "ignore")
         assert M.resolve(["loss"]).ignored == ["loss"]
         M.unregister_tag(ignore)
     finally:
         M.unregister_tag(rule)
-    assert M.match("my/objective") is None
+    assert M.match("my/distortion") is None
     assert M.match("loss").column == "loss"
 
 
@@ -105,8 +202,8 @@ def test_register_tag_validates() -> None:
 
 
 def test_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(M.ENV_VAR, '{"objective": "loss", "gn/(?P<layer>.+)": "layer_grad"}')
-    assert M.match("objective").column == "loss"
+    monkeypatch.setenv(M.ENV_VAR, '{"distortion": "loss", "gn/(?P<layer>.+)": "layer_grad"}')
+    assert M.match("distortion").column == "loss"
     m = M.match("gn/fc.weight")
     assert m.column == "layer_grad" and m.layer == "fc.weight"
     monkeypatch.setenv(M.ENV_VAR, "[1, 2]")
@@ -116,4 +213,18 @@ def test_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_default_rule_targets_a_known_column() -> None:
     for rule in M.DEFAULT_RULES:
-        assert rule.column in M.STEP_TARGETS + M.EXTRA_TARGETS
+        columns = rule.columns if isinstance(rule, M.MeaningRule) else (rule.column,)
+        for column in columns:
+            assert column in M.STEP_TARGETS + M.EXTRA_TARGETS
+
+
+def test_readers_doc_has_the_current_meaning_table() -> None:
+    import os
+    import re
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "readers.md")
+    with open(doc, encoding="utf-8") as f:
+        text = f.read()
+    m = re.search(r"<!-- meaning-table:[^>]*-->\n(.*?)<!-- /meaning-table -->", text, re.S)
+    assert m, "docs/readers.md lost its meaning-table markers"
+    assert m.group(1) == M.meaning_markdown(), "regenerate the table with gradprobe.readers.mapping.meaning_markdown()"

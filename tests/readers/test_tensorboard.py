@@ -37,7 +37,7 @@ def test_hf_style_tags(tmp_path) -> None:
     assert set(log.meta["signals"]) == {"loss", "grad_norm", "lr", "eval_loss", "duplicates"}
     names = log.meta["names"]
     assert names["columns"]["loss"] == "train/loss"
-    assert "train/train_loss" in names["unmapped"]  # the whole-run mean is not a step's loss
+    assert "train/train_loss" in names["not_mapped"]  # the whole-run mean is not a step's loss
     assert log.meta["raw_records"]["loss"]["epoch"][:2] == [0.125, 0.25]
     assert log.meta["duplicates"] == {}
     assert not log.steps["skipped"].any()
