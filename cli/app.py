@@ -96,13 +96,15 @@ def render_report(report: object, fmt: str, *, color: bool = False) -> str:
 
 @app.command()
 def analyze(
-    path: str = typer.Argument(..., help="A gradprobe run directory, a TensorBoard log directory or event file, a Hugging Face trainer_state.json, or a Lightning metrics.csv."),
+    path: str = typer.Argument(..., help="A gradprobe run directory, a TensorBoard log directory or event file, a Hugging Face trainer_state.json, a Lightning metrics.csv, or an MLflow run, mlruns/ folder or mlflow.db."),
     format: ReportFormat = typer.Option(ReportFormat.text, "--format", "-f", help="Report format."),
     fail_on: FailOn = typer.Option(FailOn.error, "--fail-on", help="Exit 1 if a finding is at or above this severity."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the report to FILE instead of stdout."),
+    run: Optional[str] = typer.Option(None, "--run", help="The MLflow run to analyze (id, id prefix or run name); default: one report per run."),
 ) -> None:
     """Analyze a saved run and explain what went wrong."""
     from gradprobe.engine import analyze as run_analysis
+    from gradprobe.readers import load_runs
     from gradprobe.runlog import LogError
 
     color = output is None and format == ReportFormat.text and sys.stdout.isatty()
@@ -111,7 +113,8 @@ def analyze(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            report = run_analysis(path)
+            logs = load_runs(path, run=run)  # an MLflow store: one report per run
+            reports = [run_analysis(log) for log in logs] if logs else [run_analysis(path)]
         except LogError as exc:
             fail(str(exc) or "not a readable log")
         except RecursionError:
@@ -120,12 +123,22 @@ def analyze(
             fail(f"{path}: log too large to read in memory")
         except Exception as exc:  # noqa: BLE001 - bad input must never show a traceback
             fail(f"{path}: cannot analyze ({type(exc).__name__}: {str(exc)[:200]})")
+        if len(reports) > 1 and format == ReportFormat.html:
+            ids = ", ".join(str(r.source.get("run")) for r in reports[:10])
+            fail(f"{path}: {len(reports)} MLflow runs; an HTML report is one run: pass --run ID ({ids})")
         try:
-            text = render_report(report, format.value, color=color)
+            texts = [render_report(r, format.value, color=color) for r in reports]
         except Exception as exc:  # noqa: BLE001
             fail(f"cannot render the report ({type(exc).__name__}: {str(exc)[:200]})")
+    # several runs: text and Markdown one after another, JSON an array of reports
+    if len(texts) == 1:
+        text = texts[0]
+    elif format == ReportFormat.json:
+        text = "[\n" + ",\n".join(t.strip() for t in texts) + "\n]\n"
+    else:
+        text = ("\n" + "-" * 80 + "\n\n").join(texts)
     write_output(text, output)
-    raise typer.Exit(1 if report.fails(fail_on.value) else 0)
+    raise typer.Exit(1 if any(r.fails(fail_on.value) for r in reports) else 0)
 
 
 @app.command()

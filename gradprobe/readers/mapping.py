@@ -263,7 +263,7 @@ def meaning(name: str) -> Meaning | None:
         return Meaning(None, why="not a loss value (a coefficient, count, time, best value, change or another metric)")
     if ws.count("train") + ws.count("training") > 1:
         return Meaning(None, why="a whole-run summary (Hugging Face's train/train_loss), not a step's loss")
-    if split_eval and ws[-1] == "step":
+    if split_eval and "step" in wset:
         return Meaning(None, why="per-batch validation values (Lightning's *_step during validation repeat one training step)")
     if evals and tests:
         return Meaning(None, why="names both a validation and a test split")
@@ -276,6 +276,20 @@ def meaning(name: str) -> Meaning | None:
     split_rank = 1 if (tests and not evals) else 0
     # a number in a loss name is a TensorFlow uniquifier ("loss_1") or an index: neutral
     return Meaning(column, (int(extra(vocab)), cls, split_rank, int(aggregate)), transform=transform, aggregate=aggregate)
+
+
+def quantity(name: str) -> frozenset[str]:
+    """The words that say which loss a name is (``train/nll_loss`` -> ``{nll}``,
+    ``val/rmse_loss`` -> ``{rmse}``, ``val_loss`` -> empty: the loss, whatever it is)."""
+    generic = {"loss", "losses", "cost", "objective"}
+    known = VAL_WORDS | TEST_WORDS | TRAIN_WORDS | FILLER_WORDS | AGGREGATE_WORDS | STEP_WORDS
+    return frozenset(CROSS_ENTROPY_WORDS.get(w, w) for w in words(name)
+                     if w not in generic and w not in known and _is_group(w) is None)
+
+
+#: names of one quantity, the cross-entropy of the data under the model (in nats once
+#: converted): a training ``nll_loss`` and a validation ``ce`` or ``perplexity`` are comparable
+CROSS_ENTROPY_WORDS = {w: "xent" for w in ("xent", "ce", "nll", "logloss", "bce", "ppl", "perplexity", "logppl", "bits")}
 
 
 @dataclass(frozen=True)
@@ -519,11 +533,27 @@ def resolve(names: Iterable[str], rules: list[Rule] | None = None, *, counts: di
         return (m.priority, *score, -counts.get(m.name, 0), len(words(m.name)), order)
 
     loss_aggregate = None
+    loss_quantity: frozenset[str] = frozenset()
     for column in sorted(by_column, key=lambda c: c != "loss"):  # the loss first: the eval loss follows it
         items = by_column[column]
+        if column == "eval_loss" and loss_quantity:
+            # the validation value of the training loss, not another quantity
+            same = []
+            for order, m in items:
+                q = quantity(m.name)
+                if not q or not q.isdisjoint(loss_quantity):
+                    same.append((order, m))
+                else:
+                    res.not_mapped[m.name] = (f"measures {'/'.join(sorted(q))}, not the training loss's "
+                                              f"{'/'.join(sorted(loss_quantity))} ({res.columns['loss']!r})")
+                    del res.matches[m.name]
+            items = same
+            if not items:
+                continue
         win = min(items, key=lambda it: key(it, loss_aggregate if column == "eval_loss" else None))[1]
         if column == "loss":
             loss_aggregate = win.aggregate
+            loss_quantity = quantity(win.name)
         res.columns[column] = win.name
         if win.transform:
             res.transforms[column] = win.transform

@@ -234,8 +234,13 @@ def _optimizer_class(name: str | None) -> str | None:
 
 def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | None = None,
                  meta: dict[str, Any] | None = None, rules: list[M.Rule] | None = None,
-                 what: str = "log", notes: list[str] | None = None) -> RunLog:
+                 what: str = "log", notes: list[str] | None = None,
+                 constants: dict[str, float] | None = None) -> RunLog:
     """Builds the RunLog of a foreign log from its raw records.
+
+    ``constants``: columns known to hold one value on every training step though no record
+    logs them (the clip threshold an MLflow run's params name), set on the rows where a
+    training value was logged.
 
     Raises:
         LogError: no record has a name that maps to a column.
@@ -304,6 +309,13 @@ def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | 
             cols[col] = np.where(np.isfinite(v), np.round(np.nan_to_num(v)), _INT_DEFAULTS.get(col, 0)).astype(np.int64)
         else:
             cols[col] = v
+    trained = np.zeros(len(idx), dtype=bool)
+    for col in TRAINING_COLUMNS:
+        if col in series:
+            trained[np.searchsorted(idx, series[col].index.to_numpy(dtype=np.int64))] = True
+    for col, value in (constants or {}).items():
+        if col not in series:
+            cols[col] = np.where(trained, value, np.nan)
     if "clip_max_norm" in cols and "clip_calls" not in series:
         cols["clip_calls"] = np.isfinite(cols["clip_max_norm"]).astype(np.int32)
 
@@ -330,7 +342,7 @@ def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | 
         signals.add("loss_scale")
     if layer_series:
         signals.add("layer_grad")
-    if "clip_max_norm" in series:
+    if "clip_max_norm" in series or "clip_max_norm" in (constants or {}):
         signals.add("clip")
     if "memory" in series:
         signals.add("memory")

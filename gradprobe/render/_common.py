@@ -24,7 +24,8 @@ def fmt_value(v: Any) -> str:
 def header_lines(report: Report) -> list[str]:
     src = report.source
     s = report.summary
-    lines = [f"gradprobe report: {src.get('path')} ({src.get('kind')}, {src.get('steps')} steps)"]
+    run = f", run {src['run']}" if src.get("run") else ""  # one run of several in PATH (TensorBoard, MLflow)
+    lines = [f"gradprobe report: {src.get('path')} ({src.get('kind')}{run}, {src.get('steps')} steps)"]
     parts = []
     if s.get("optimizer"):
         parts.append(str(s["optimizer"]))
@@ -38,7 +39,7 @@ def header_lines(report: Report) -> list[str]:
         parts.append(f"{r.get('module')}: hidden {r.get('hidden_size')}, lookback {r.get('lookback')}")
     if parts:
         lines.append("  " + " | ".join(parts))
-    for note in src.get("skipped") or []:
+    for note in list(src.get("skipped") or []) + list(src.get("notes") or []):  # notes: how a foreign log was read
         lines.append(f"  note: {note}")
     return lines
 

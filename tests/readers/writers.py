@@ -1,14 +1,15 @@
 """Writers of real-format foreign logs for the reader tests: each uses the format's own
 writer where it is installed (HF's ``TrainerState.save_to_json``, Lightning's CSV experiment
-writer, TensorBoard's writer through torch's ``SummaryWriter``)."""
+writer, TensorBoard's writer through torch's ``SummaryWriter``, MLflow's client)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -105,3 +106,64 @@ def hf_style(n: int = 20, eval_every: int = 5) -> dict[str, list[tuple[int, floa
         "eval/runtime": [(s, 0.01) for s in range(eval_every, n + 1, eval_every)],
         "train/train_loss": [(n, 3.5)],
     }
+
+
+# ------------------------------------------------------------------------------ MLflow ----
+@contextlib.contextmanager
+def mlflow_store(uri: str) -> Iterator[Any]:
+    """MLflow pointed at ``uri`` (``file:<dir>`` or ``sqlite:///<db>``) for the block; MLflow 3
+    writes a file store only when asked (``MLFLOW_ALLOW_FILE_STORE``)."""
+    import mlflow
+
+    old_uri = mlflow.get_tracking_uri()
+    old_env = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+        else:
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = old_env
+
+
+def train_logged_to_mlflow(mlflow: Any, *, lr: float = 0.05, steps: int = 40, seed: int = 0, loss_key: str = "train/loss",
+                           run_name: str | None = None, max_norm: float | None = None, eval_every: int = 10,
+                           experiment: str | None = None) -> str:
+    """A real tiny regression trained with SGD, logged the way a user's loop logs to MLflow:
+    params, and per step the loss, the lr and the gradient norm (``clip_grad_norm_``'s
+    return), an eval loss every ``eval_every`` steps. A huge ``lr`` diverges to inf/NaN.
+    Returns the run id."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    w = torch.randn(4, 1)
+    x_val = torch.randn(64, 4)
+    exp_id = None
+    if experiment is not None:  # not set_experiment: it would stay active for the next test
+        found = mlflow.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found is not None else mlflow.create_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, experiment_id=exp_id) as run:
+        params = {"lr": lr, "optimizer": "SGD", "batch_size": 32}
+        if max_norm is not None:
+            params["max_grad_norm"] = max_norm
+        mlflow.log_params(params)
+        for step in range(steps):
+            x = torch.randn(32, 4)
+            loss = torch.nn.functional.mse_loss(model(x), x @ w)
+            opt.zero_grad()
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else float("inf"))
+            opt.step()
+            metrics = {loss_key: loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": norm.item()}
+            if eval_every and (step + 1) % eval_every == 0:
+                with torch.no_grad():
+                    metrics["val_loss"] = float(torch.nn.functional.mse_loss(model(x_val), x_val @ w))
+            mlflow.log_metrics(metrics, step=step)
+        return run.info.run_id
