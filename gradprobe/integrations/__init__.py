@@ -4,6 +4,9 @@
   (``pip install gradprobe[lightning]``).
 * :mod:`gradprobe.integrations.hf`: ``GradprobeCallback`` for the Hugging Face ``Trainer``
   (``pip install gradprobe[hf]``).
+* :mod:`gradprobe.integrations.mlflow`: the findings logged to an MLflow run, from
+  ``watch(..., mlflow=True)``, ``GradprobeCallback(mlflow=True)`` or ``log_report``
+  (``pip install gradprobe[mlflow]``).
 
 Both attach :func:`gradprobe.watch` to the framework's model, optimizers and GradScaler when
 training starts, close the probe when it ends (or fails), and expose ``.report()``.

@@ -16,6 +16,13 @@ to record the exception; otherwise the probe is still closed and flushed at inte
 Where the log goes: ``logdir`` if given, else ``<args.output_dir>/gradprobe``. A second
 ``train()`` with the same callback writes to ``<logdir>-2`` (and so on). With several
 processes each records its own log in ``<logdir>/rank<k>``.
+
+``mlflow=True`` logs the report to the MLflow run in use (``report_to="mlflow"``) when
+training ends: the run is captured in ``on_train_begin``, after the Trainer's own
+``MLflowCallback`` started it, because that callback ends the run in ``on_train_end`` before
+this one runs; the findings are logged to the ended run by its id (tags ``gradprobe.*`` and
+``artifacts/gradprobe/``; see :mod:`gradprobe.integrations.mlflow`). Only the main process
+logs. ``mlflow="<run id>"`` logs to that run.
 """
 
 from __future__ import annotations
@@ -54,20 +61,31 @@ class GradprobeCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
 
     Args:
         logdir: run directory (default ``<args.output_dir>/gradprobe``).
+        mlflow: ``True`` to log the report to the MLflow run in use when training ends, or
+            a run id (needs ``gradprobe[mlflow]``).
         **watch_options: passed to :func:`gradprobe.watch` (``profile="light"``,
             ``sample_every=50``, ``tensorboard=False``, ...).
 
     Attributes:
         probe: the live :class:`gradprobe.Probe` during training, the last one after it.
         logdir: the run directory of the last ``train()``.
+        mlflow_run_id: the MLflow run the last report was logged to (None: not logged).
     """
 
-    def __init__(self, logdir: str | os.PathLike[str] | None = None, **watch_options: Any) -> None:
+    def __init__(self, logdir: str | os.PathLike[str] | None = None, *, mlflow: bool | str | None = None,
+                 **watch_options: Any) -> None:
         self._logdir_arg = os.fspath(logdir) if logdir is not None else None
         self.watch_options = watch_options
         self.probe: Any = None
         self.logdir: str | None = None
+        self.mlflow_run_id: str | None = None
+        self._mlflow_spec = mlflow or None
+        self._mlflow: Any = None
         self._runs = 0
+        if self._mlflow_spec is not None:
+            from gradprobe.integrations.mlflow import _mlflow
+
+            _mlflow()  # fails now, not when training ends, if MLflow is not installed
 
     def _choose_logdir(self, args: Any) -> str:
         base = self._logdir_arg or os.path.join(getattr(args, "output_dir", None) or os.getcwd(), "gradprobe")
@@ -89,6 +107,14 @@ class GradprobeCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         opt, scaler = _unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
         self.logdir = self._choose_logdir(args)
         self.probe = gradprobe.watch(model, opt, scaler=scaler, logdir=self.logdir, **self.watch_options)
+        if self._mlflow_spec is not None and getattr(state, "is_world_process_zero", True):
+            from gradprobe.integrations.mlflow import ReportLogger
+
+            self._mlflow = ReportLogger(self._mlflow_spec)  # the run MLflowCallback started just before
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._mlflow is not None and self._mlflow.target is None:
+            self._mlflow.capture()  # MLflowCallback set its run up late (at its first log)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()
@@ -103,6 +129,9 @@ class GradprobeCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
             probe.__exit__(type(exception), exception, exception.__traceback__)
         else:
             probe.close()
+        mlflow, self._mlflow = self._mlflow, None
+        if mlflow is not None:
+            self.mlflow_run_id = mlflow.log(probe.report)
 
     def __enter__(self) -> "GradprobeCallback":
         return self

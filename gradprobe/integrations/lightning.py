@@ -18,6 +18,12 @@ Where the log goes: ``logdir`` if given, else ``<trainer.log_dir or default_root
 A second ``fit`` with the same callback writes to ``<logdir>-2`` (and so on), so runs never mix.
 Under multi-process strategies each rank records its own log in ``<logdir>/rank<k>``.
 
+``mlflow=True`` logs the report to the fit's MLflow run when the probe closes (normally or
+on an exception): the run of the trainer's ``MLFlowLogger``, else the run active at
+``on_fit_start`` (tags ``gradprobe.*`` and ``artifacts/gradprobe/``; see
+:mod:`gradprobe.integrations.mlflow`). Only global rank 0 logs. ``mlflow="<run id>"`` logs to
+that run.
+
 Works with the ``lightning`` package (``lightning.pytorch``) and with the standalone
 ``pytorch_lightning`` package.
 """
@@ -48,6 +54,18 @@ def _scaler_of(trainer: Any) -> Any:
     return scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
 
 
+def _mlflow_logger_target(trainer: Any) -> Any:
+    """The run of the trainer's ``MLFlowLogger`` (its id and tracking URI), or None."""
+    from gradprobe.integrations.mlflow import Target
+
+    for logger in getattr(trainer, "loggers", None) or []:
+        if type(logger).__name__ == "MLFlowLogger":
+            import mlflow
+
+            return Target(logger.run_id, getattr(logger, "_tracking_uri", None) or mlflow.get_tracking_uri())
+    return None
+
+
 def _unwrap_optimizer(opt: Any) -> Any:
     """``LightningOptimizer`` wraps the real optimizer as ``_optimizer``."""
     import torch
@@ -67,21 +85,32 @@ class GradprobeCallback(_Callback):  # type: ignore[misc,valid-type]
 
     Args:
         logdir: run directory (default ``<trainer.log_dir>/gradprobe``).
+        mlflow: ``True`` to log the report to the fit's MLflow run, or a run id (needs
+            ``gradprobe[mlflow]``).
         **watch_options: passed to :func:`gradprobe.watch` (``profile="light"``,
             ``sample_every=50``, ``tensorboard=False``, ...).
 
     Attributes:
         probe: the live :class:`gradprobe.Probe` during a fit, the last one after it.
         logdir: the run directory of the last fit.
+        mlflow_run_id: the MLflow run the last report was logged to (None: not logged).
     """
 
-    def __init__(self, logdir: str | os.PathLike[str] | None = None, **watch_options: Any) -> None:
+    def __init__(self, logdir: str | os.PathLike[str] | None = None, *, mlflow: bool | str | None = None,
+                 **watch_options: Any) -> None:
         super().__init__()
         self._logdir_arg = os.fspath(logdir) if logdir is not None else None
         self.watch_options = watch_options
         self.probe: Any = None
         self.logdir: str | None = None
+        self.mlflow_run_id: str | None = None
+        self._mlflow_spec = mlflow or None
+        self._mlflow: Any = None
         self._fits = 0
+        if self._mlflow_spec is not None:
+            from gradprobe.integrations.mlflow import _mlflow
+
+            _mlflow()  # fails now, not when the fit ends, if MLflow is not installed
 
     # ---- lifecycle -------------------------------------------------------------------------
     def _choose_logdir(self, trainer: Any) -> str:
@@ -115,6 +144,11 @@ class GradprobeCallback(_Callback):  # type: ignore[misc,valid-type]
             logdir=self.logdir,
             **self.watch_options,
         )
+        if self._mlflow_spec is not None and getattr(trainer, "is_global_zero", True):
+            from gradprobe.integrations.mlflow import ReportLogger
+
+            spec = self._mlflow_spec
+            self._mlflow = ReportLogger((_mlflow_logger_target(trainer) or spec) if spec is True else spec)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.close()
@@ -136,6 +170,9 @@ class GradprobeCallback(_Callback):  # type: ignore[misc,valid-type]
             probe.__exit__(type(exception), exception, exception.__traceback__)
         else:
             probe.close()
+        mlflow, self._mlflow = self._mlflow, None
+        if mlflow is not None:
+            self.mlflow_run_id = mlflow.log(probe.report)
 
     def report(self) -> Any:
         """The :class:`gradprobe.Report` of the last (or current) fit."""

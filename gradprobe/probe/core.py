@@ -239,6 +239,7 @@ class Probe:
         self._pending_scalars: list[tuple[str, Any]] = []
         self._loss_functions: set[str] = set()
         self._meta_dirty = False
+        self._after_close: list[Any] = []  # called once closed (the findings logged to MLflow)
         self._memory_kind = "rss"
         self._proc: Any = None
         self._user_exception: BaseException | None = None
@@ -1619,6 +1620,8 @@ class Probe:
             self._active_scaler = None
             self._in_step = None
             self.deep = None
+        for hook in self._after_close:
+            self.guard.call("after close", hook)
 
     def runlog(self) -> Any:
         """The run recorded so far as a :class:`gradprobe.RunLog`."""
@@ -1780,15 +1783,26 @@ def watch(
         profile: ``"default"``, ``"light"`` (no deep probes) or ``"full"`` (sample every step).
         sample_every: steady-state interval of the sampled deep probes.
         config: a full :class:`ProbeConfig` (overrides ``profile`` and options).
-        **options: other :class:`ProbeConfig` fields (e.g. ``tensorboard=False``).
+        **options: other :class:`ProbeConfig` fields (e.g. ``tensorboard=False``), and
+            ``mlflow``: ``True`` logs the report to the MLflow run active now when the
+            probe closes, or a run id (:mod:`gradprobe.integrations.mlflow`).
 
     Returns:
         A :class:`Probe` (a context manager).
     """
+    mlflow = options.pop("mlflow", None)
     if config is None:
         if sample_every is not None:
             from gradprobe.schedule import Schedule
 
             options["schedule"] = Schedule(every=sample_every)
         config = ProbeConfig.profile(profile, **options)
-    return Probe(model, optimizer, scalers=scaler, logdir=logdir, config=config)
+    logger = None
+    if mlflow:  # before the probe exists: without MLflow installed, nothing is attached
+        from gradprobe.integrations.mlflow import ReportLogger
+
+        logger = ReportLogger(mlflow)
+    probe = Probe(model, optimizer, scalers=scaler, logdir=logdir, config=config)
+    if logger is not None:
+        probe._after_close.append(lambda: logger.log(probe.report))
+    return probe
