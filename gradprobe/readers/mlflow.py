@@ -249,9 +249,16 @@ def _file_ref(path: str, meta: dict[str, Any], exp: dict[str, Any] | None, *, tr
         experiment=str(exp["name"]) if exp and exp.get("name") and not exp.get("trash") else None,
         status=STATUS.get(status, str(status)) if isinstance(status, int) else (str(status) if status else None),
         lifecycle=str(meta.get("lifecycle_stage")) if meta.get("lifecycle_stage") else None,
-        start_time=int(start) if isinstance(start, (int, float)) and not isinstance(start, bool) else None,
+        start_time=_time(start),
         trash=trash,
     )
+
+
+def _time(v: Any) -> int | None:
+    """A start time in ms, or None (a meta.yaml or a row may hold anything)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) >= 2**62:
+        return None
+    return int(v)
 
 
 def _walk_values(root: str) -> Iterator[tuple[str, str]]:
@@ -362,8 +369,7 @@ def _list_sqlite_runs(path: str) -> list[RunRef]:
                     experiment=experiments.get(str(exp)) if exp is not None else None,
                     status=str(rec["status"]) if rec.get("status") else None,
                     lifecycle=str(rec["lifecycle_stage"]) if rec.get("lifecycle_stage") else None,
-                    start_time=int(start) if isinstance(start, (int, float)) and not isinstance(start, bool)
-                    and math.isfinite(start) and abs(start) < 2**62 else None,
+                    start_time=_time(start),
                 ))
         except sqlite3.DatabaseError as exc:
             if not refs:

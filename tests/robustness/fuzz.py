@@ -27,6 +27,11 @@ trainer_state   Hugging Face ``trainer_state.json``: any JSON, or a log history 
 metrics_csv     Lightning ``metrics.csv``: any header and cells, cut anywhere
 tfevents        TensorBoard event files: well-framed (valid CRC) events with wild steps,
                 times, tags and values, random records, a real file cut or corrupted
+mlflow_files    an MLflow file store: metric files of wild lines cut anywhere, meta.yaml
+                well-formed or not, params of any value; PATH the run, experiment, store or
+                the folder holding it
+mlflow_sqlite   an ``mlflow.db`` with MLflow's tables and wild metric rows (any type in any
+                column), a table dropped, or its bytes cut or overwritten
 arrow_schema    a well-formed Arrow stream with any columns (missing, extra, duplicated,
                 of the wrong type, nested, null-filled) as steps, layers, samples, scalars
 =============== ==========================================================================
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import struct
 from typing import Any, Callable
@@ -566,6 +572,147 @@ def build_tfevents(case: dict[str, Any], workdir: str) -> str:
     return os.path.join(workdir, "tb") if case["in_dir"] else p
 
 
+# --------------------------------------------------------------------------- MLflow ----
+MLFLOW_KEYS = ["loss", "train/loss", "train_loss_step", "val_loss", "eval/loss", "learning_rate", "lr", "grad_norm",
+               "train/perplexity", "cost/cross_entropy", "accuracy", "epoch"]
+mlflow_value = st.one_of(wild_float.map(repr), st.sampled_from(["nan", "inf", "-inf", "NaN", "1e999", "-0", "", "x"]),
+                         st.floats(0, 10).map(repr))
+mlflow_line = st.one_of(
+    st.tuples(st.integers(0, 2**45).map(str), mlflow_value, st.one_of(st.integers(-3, 60), st.integers(-(2**70), 2**70)).map(str))
+    .map(" ".join),
+    st.tuples(st.integers(0, 2**45).map(str), mlflow_value).map(" ".join),  # MLflow < 1.0: no step
+    st.text(max_size=20),
+)
+mlflow_meta = st.one_of(
+    st.just("run"),  # a well-formed run meta.yaml
+    st.sampled_from(["{ not: [yaml", "- a list\n", "", "run_id: \n", "\x00\xff"]),
+    st.dictionaries(st.sampled_from(["run_id", "run_uuid", "status", "start_time", "lifecycle_stage", "run_name",
+                                     "experiment_id"]), json_scalar, max_size=6).map(lambda d: ("yaml", d)),
+)
+mlflow_files_case = st.fixed_dictionaries({
+    "meta": mlflow_meta,
+    "metrics": st.lists(st.tuples(st.one_of(st.sampled_from(MLFLOW_KEYS), path_component),
+                                  st.lists(mlflow_line, max_size=25)), min_size=1, max_size=6),
+    "params": st.dictionaries(st.sampled_from(["lr", "learning_rate", "max_grad_norm", "weight_decay", "optim", "batch_size",
+                                               "gradient_clip_val", "gradient_clip_algorithm", "x"]),
+                              st.one_of(json_scalar.map(str), st.sampled_from(["adamw_torch", "None", "value", "-1"])),
+                              max_size=6),
+    "cut": st.one_of(st.none(), st.integers(1, 30)),
+    "layout": st.sampled_from(["run", "experiment", "store", "project"]),
+    "empty_sibling": st.booleans(),
+    "trash": st.booleans(),
+    "fmt": formats,
+})
+
+
+def _mlflow_run(d: str, case: dict[str, Any], run_id: str) -> None:
+    import yaml
+
+    meta = case["meta"]
+    if meta == "run":
+        text = yaml.safe_dump({"run_id": run_id, "run_uuid": run_id, "experiment_id": "0", "status": 3,
+                               "lifecycle_stage": "active", "start_time": 1700000000000, "run_name": "fuzz"})
+    elif isinstance(meta, tuple):
+        text = yaml.safe_dump(meta[1])
+    else:
+        text = meta
+    _write(os.path.join(d, "meta.yaml"), text.encode("utf-8", "surrogatepass"))
+    os.makedirs(os.path.join(d, "metrics"), exist_ok=True)
+    for key, lines in case["metrics"]:
+        data = "".join(line + "\n" for line in lines).encode("utf-8", "surrogatepass")
+        if case["cut"] is not None and data:
+            data = data[: max(0, len(data) - case["cut"])]
+        p = os.path.join(d, "metrics", *key.split("/"))
+        if os.path.isdir(p):
+            continue
+        try:
+            _write(p, data)
+        except (IsADirectoryError, NotADirectoryError):
+            continue  # "train" as a key and as a folder of "train/loss": MLflow cannot write both either
+    for key, value in case["params"].items():
+        _write(os.path.join(d, "params", key), value.encode("utf-8", "surrogatepass"))
+
+
+def build_mlflow_files(case: dict[str, Any], workdir: str) -> str:
+    """An MLflow file store: one run with metric files of wild lines (cut anywhere), its
+    meta.yaml well-formed or not, params of any value; a run without metrics and a deleted
+    run beside it. PATH: the run, its experiment, the store or the folder holding it."""
+    store = os.path.join(workdir, "project", "mlruns")
+    exp = os.path.join(store, "0")
+    _write(os.path.join(exp, "meta.yaml"), b"experiment_id: '0'\nname: Default\nlifecycle_stage: active\n")
+    run = os.path.join(exp, "a" * 32)
+    _mlflow_run(run, case, "a" * 32)
+    if case["empty_sibling"]:
+        _mlflow_run(os.path.join(exp, "b" * 32), {**case, "metrics": [], "meta": "run"}, "b" * 32)
+    if case["trash"]:
+        _mlflow_run(os.path.join(store, ".trash", "c" * 32), {**case, "meta": "run"}, "c" * 32)
+    return {"run": run, "experiment": exp, "store": store, "project": os.path.dirname(store)}[case["layout"]]
+
+
+#: MLflow's SQL schema for the tables the reader reads (from ``mlflow.store.db``): a fuzzed
+#: database is built with the standard library, in seconds, not migrated by MLflow
+MLFLOW_DDL = [
+    "CREATE TABLE experiments (experiment_id INTEGER NOT NULL, name VARCHAR(256) NOT NULL, artifact_location VARCHAR(256), "
+    "lifecycle_stage VARCHAR(32), creation_time BIGINT, last_update_time BIGINT, PRIMARY KEY (experiment_id))",
+    "CREATE TABLE runs (run_uuid VARCHAR(32) NOT NULL, name VARCHAR(250), source_type VARCHAR(20), source_name VARCHAR(500), "
+    "entry_point_name VARCHAR(50), user_id VARCHAR(256), status VARCHAR(9), start_time BIGINT, end_time BIGINT, "
+    "source_version VARCHAR(50), lifecycle_stage VARCHAR(20), artifact_uri VARCHAR(200), experiment_id INTEGER, "
+    "deleted_time BIGINT, PRIMARY KEY (run_uuid))",
+    # MLflow's metrics table without its NOT NULL constraints: the reader must survive a NULL too
+    "CREATE TABLE metrics (key VARCHAR(250), value FLOAT, timestamp BIGINT, run_uuid VARCHAR(32) NOT NULL, "
+    "step BIGINT DEFAULT '0', is_nan BOOLEAN DEFAULT '0')",
+    "CREATE TABLE params (key VARCHAR(250) NOT NULL, value VARCHAR(8000) NOT NULL, run_uuid VARCHAR(32) NOT NULL)",
+    "CREATE TABLE tags (key VARCHAR(250) NOT NULL, value VARCHAR(8000), run_uuid VARCHAR(32) NOT NULL)",
+]
+sql_any = st.one_of(json_scalar.filter(lambda v: not isinstance(v, int) or abs(v) < 2**63), st.binary(max_size=8),
+                    st.sampled_from([1.7976931348623157e308, -1.7976931348623157e308]))
+mlflow_sqlite_case = st.fixed_dictionaries({
+    "rows": st.lists(st.tuples(st.one_of(st.sampled_from(MLFLOW_KEYS), awkward_text),
+                               st.one_of(wild_float.filter(lambda v: not math.isnan(v)), sql_any),
+                               st.one_of(st.integers(-3, 60), sql_any), st.one_of(st.sampled_from([0, 1]), sql_any)),
+                     min_size=1, max_size=30),
+    "status": st.sampled_from(["FINISHED", "FAILED", "RUNNING", "KILLED", None]),
+    "drop": st.sampled_from([None, None, None, "params", "tags", "experiments", "metrics", "runs"]),
+    "deleted_sibling": st.booleans(),
+    "damage": st.one_of(st.none(), st.none(), st.tuples(st.sampled_from(["cut", "mutate"]), st.floats(0, 1), byte_edits)),
+    "in_dir": st.booleans(),
+    "fmt": formats,
+})
+
+
+def build_mlflow_sqlite(case: dict[str, Any], workdir: str) -> str:
+    """An ``mlflow.db`` with MLflow's tables and one run of wild metric rows (any key, value,
+    step, is_nan of any type), a table missing, a deleted run beside it, or its bytes cut or
+    overwritten."""
+    import sqlite3
+
+    p = os.path.join(workdir, "proj", "mlflow.db")
+    os.makedirs(os.path.dirname(p))
+    con = sqlite3.connect(p)
+    for ddl in MLFLOW_DDL:
+        con.execute(ddl)
+    con.execute("INSERT INTO experiments VALUES (0, 'Default', '', 'active', 0, 0)")
+    con.execute("INSERT INTO runs (run_uuid, name, status, start_time, lifecycle_stage, experiment_id) VALUES (?, ?, ?, ?, ?, ?)",
+                ("a" * 32, "fuzz", case["status"], 1700000000000, "active", 0))
+    con.executemany("INSERT INTO metrics VALUES (?, ?, 1700000000000, ?, ?, ?)",
+                    [(k, v, "a" * 32, s, n) for k, v, s, n in case["rows"]])
+    con.execute("INSERT INTO params VALUES ('lr', '0.1', ?)", ("a" * 32,))
+    if case["deleted_sibling"]:
+        con.execute("INSERT INTO runs (run_uuid, status, lifecycle_stage, experiment_id) VALUES (?, 'FINISHED', 'deleted', 0)",
+                    ("b" * 32,))
+        con.execute("INSERT INTO metrics VALUES ('loss', 1.0, 0, ?, 0, 0)", ("b" * 32,))
+    if case["drop"]:
+        con.execute(f"DROP TABLE {case['drop']}")
+    con.commit()
+    con.close()
+    if case["damage"] is not None:
+        how, frac, edits = case["damage"]
+        data = open(p, "rb").read()
+        data = data[: max(1, int(len(data) * frac))] if how == "cut" else _mutate(data, edits)
+        _write(p, data)
+    return os.path.dirname(p) if case["in_dir"] else p
+
+
 # --------------------------------------------------------------------- arrow_schema ----
 ARROW_TYPES = ["int8", "int32", "int64", "uint64", "float16", "float32", "float64", "bool", "string", "large_string", "binary",
                "null", "date32", "timestamp", "list", "struct", "dictionary"]
@@ -649,6 +796,8 @@ TARGETS: dict[str, tuple[st.SearchStrategy[dict[str, Any]], Callable[[dict[str, 
     "trainer_state": (trainer_state_case, build_trainer_state),
     "metrics_csv": (metrics_csv_case, build_metrics_csv),
     "tfevents": (tfevents_case, build_tfevents),
+    "mlflow_files": (mlflow_files_case, build_mlflow_files),
+    "mlflow_sqlite": (mlflow_sqlite_case, build_mlflow_sqlite),
     "arrow_schema": (arrow_schema_case, build_arrow_schema),
 }
 

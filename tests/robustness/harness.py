@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: Longest a single in-process ``analyze`` of a small fuzzed input may take before it is
 #: declared hung (typical: 0.1-0.3 s; generous for a loaded 2-core machine).
 ANALYZE_TIMEOUT = 60.0
-KINDS = ("gradprobe", "tensorboard", "hf-trainer-state", "lightning-csv")
+KINDS = ("gradprobe", "tensorboard", "hf-trainer-state", "lightning-csv", "mlflow")
 FORMATS = ("json", "text", "markdown", "html")
 TRACEBACK = "Traceback (most recent call last)"
 #: what ``gradprobe analyze`` prints when an unexpected exception reached its catch-all
