@@ -57,7 +57,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-HANDLED_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+from gradprobe.interrupts import HANDLED_SIGNALS, MemoryWatchdog, ScriptTerminated, SignalChain, signal_name
+
 _REAL_SIGNAL = signal.signal  # the module function, whatever a script later does to it
 
 #: How a script ended, as recorded in the ``script_end`` event and :attr:`Outcome.how`.
@@ -69,19 +70,6 @@ class RunnerError(Exception):
 
     Raised before any of the script ran; the CLI turns it into one line and exit status 2.
     """
-
-
-class ScriptTerminated(BaseException):
-    """Raised in the script's main thread when SIGTERM (or another fatal signal whose
-    disposition is the default) arrives, so that the script unwinds and the run is
-    reported before the process dies by that signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-    def __str__(self) -> str:
-        return f"terminated by {signal_name(self.signum)}"
 
 
 @dataclass
@@ -142,13 +130,6 @@ class Outcome:
         exc = self.exception
         name = type(exc).__name__ if exc is not None else "an exception"
         return f"the script raised {name} (exit status {self.status})"
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 # ------------------------------------------------------------------------------ sizes -----
@@ -279,7 +260,11 @@ def resolve_target(name: str, args: list[str], *, module: bool) -> Target:
         shown = os.path.abspath(name)
         if os.path.exists(name):
             raise RunnerError(f"can't open file {shown!r}: not a regular file")
-        raise RunnerError(f"can't open file {shown!r}: [Errno 2] No such file or directory")
+        import shutil
+
+        program = shutil.which(name) if os.sep not in name else None
+        hint = f" ({program} is not a Python script: gradprobe runs Python code)" if program else ""
+        raise RunnerError(f"can't open file {shown!r}: [Errno 2] No such file or directory{hint}")
     if not os.access(name, os.R_OK):
         raise RunnerError(f"can't open file {os.path.abspath(name)!r}: [Errno 13] Permission denied")
     return Target("file", name, list(args))
@@ -408,212 +393,6 @@ def _inside_probe(frame: types.FrameType | None) -> bool:
     return False
 
 
-# --------------------------------------------------------------------------- signals -----
-class SignalChain:
-    """Keeps the script's SIGINT/SIGTERM handlers working while gradprobe gets to flush.
-
-    While installed, ``signal.signal`` and ``signal.getsignal`` are wrapped for the handled
-    signals: the script's handler (the *virtual* one) is what ``getsignal`` returns and
-    what runs; the real disposition is a dispatcher that first hands the recorded steps to
-    disk, then calls it. A default disposition becomes :meth:`_terminate` (raise
-    :class:`ScriptTerminated`, so the run is reported), ``SIG_IGN`` stays a real ignore,
-    Python's ``default_int_handler`` stays itself (``KeyboardInterrupt`` is reported on the
-    way out anyway).
-    """
-
-    def __init__(self, runner: "ScriptRunner") -> None:
-        self.runner = runner
-        self.pid = os.getpid()
-        self.virtual: dict[int, Any] = {}
-        self._orig_signal = signal.signal
-        self._orig_getsignal = signal.getsignal
-        self._wrappers: tuple[Any, Any] = (None, None)
-        self.installed = False
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for s in HANDLED_SIGNALS:
-            self.virtual[s] = self._orig_getsignal(s)
-        for s in HANDLED_SIGNALS:
-            h = self.virtual[s]
-            if h is None:
-                continue  # installed from C: leave it alone
-            real = self._real_for(s, h)
-            if real is not h:
-                self._orig_signal(s, real)
-        self._wrappers = (self.signal, self.getsignal)  # bound once: identity checks below
-        signal.signal = self._wrappers[0]  # type: ignore[assignment]
-        signal.getsignal = self._wrappers[1]  # type: ignore[assignment]
-        self.installed = True
-
-    def uninstall(self, *, child: bool = False) -> None:
-        """Puts the script's own dispositions in place and unwraps ``signal``."""
-        if not self.installed:
-            return
-        self.installed = False
-        if signal.signal is self._wrappers[0]:  # type: ignore[comparison-overlap]
-            signal.signal = self._orig_signal
-        if signal.getsignal is self._wrappers[1]:  # type: ignore[comparison-overlap]
-            signal.getsignal = self._orig_getsignal
-        for s, h in self.virtual.items():
-            if h is None:
-                continue
-            try:
-                self._orig_signal(s, h)
-            except (ValueError, OSError, TypeError):
-                pass
-
-    # ---- the wrapped module functions ---------------------------------------------------
-    def signal(self, signalnum: int, handler: Any) -> Any:
-        if (
-            signalnum not in self.virtual
-            or os.getpid() != self.pid
-            or not (callable(handler) or handler in (signal.SIG_IGN, signal.SIG_DFL))
-        ):
-            return self._orig_signal(signalnum, handler)
-        previous = self.virtual[signalnum]
-        self._orig_signal(signalnum, self._real_for(signalnum, handler))  # validates like Python
-        self.virtual[signalnum] = handler
-        return previous
-
-    def getsignal(self, signalnum: int) -> Any:
-        if signalnum in self.virtual and os.getpid() == self.pid:
-            return self.virtual[signalnum]
-        return self._orig_getsignal(signalnum)
-
-    # ---- real dispositions --------------------------------------------------------------
-    def _real_for(self, signum: int, handler: Any) -> Any:
-        if handler is signal.default_int_handler:
-            return handler
-        if handler == signal.SIG_IGN:
-            return signal.SIG_IGN
-        if handler == signal.SIG_DFL:
-            return self._terminate
-        return self._dispatch
-
-    def _as_child(self, signum: int, frame: Any) -> None:
-        """A forked child inherited our disposition: behave as the script's would."""
-        h = self.virtual.get(signum, signal.SIG_DFL)
-        if callable(h):
-            h(signum, frame)
-            return
-        if h == signal.SIG_IGN:
-            return
-        self._orig_signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    def _dispatch(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self.pid:
-            self._as_child(signum, frame)
-            return
-        self.runner._on_signal(signum, frame)
-        h = self.virtual.get(signum)
-        if callable(h):
-            h(signum, frame)
-
-    def _terminate(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self.pid:
-            self._as_child(signum, frame)
-            return
-        # a second signal of this kind kills at once, as the default would have
-        try:
-            self._orig_signal(signum, signal.SIG_DFL)
-        except (ValueError, OSError):
-            pass
-        self.runner._on_signal(signum, frame, flush=False)
-        raise ScriptTerminated(signum)
-
-
-# ------------------------------------------------------------------- memory watchdog -----
-class MemoryWatchdog:
-    """Raises ``MemoryError`` in the script once process memory exceeds ``limit`` bytes.
-
-    Checked after every optimizer step (a step boundary: the step is already recorded,
-    because the probe's global step hook was registered first) and, at most every
-    ``interval`` seconds, before a module forward (runs without an optimizer, one giant
-    step). Memory is the probe's own measure: RSS on CPU, allocated CUDA memory on GPU.
-    While over the limit every further check raises again, so a script that catches the
-    error and goes on is stopped at the next step rather than by the OOM killer.
-    """
-
-    def __init__(self, limit: int, probe: Any, *, interval: float = 0.25) -> None:
-        self.limit = int(limit)
-        self.probe = probe
-        self.interval = interval
-        self.pid = os.getpid()
-        self.hit = False
-        self._last = 0.0
-        self._handles: list[Any] = []
-        self._proc: Any = None
-        try:
-            import psutil
-
-            self._proc = psutil.Process()
-        except Exception:  # noqa: BLE001
-            self._proc = None
-
-    def install(self) -> None:
-        from torch.nn.modules.module import register_module_forward_pre_hook
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self._handles.append(register_optimizer_step_post_hook(self._after_step))
-        self._handles.append(register_module_forward_pre_hook(self._before_forward))
-
-    def uninstall(self) -> None:
-        for h in self._handles:
-            try:
-                h.remove()
-            except Exception:  # noqa: BLE001
-                pass
-        self._handles = []
-
-    def used(self) -> int:
-        probe = self.probe
-        if probe is not None and getattr(probe, "_memory_kind", "rss") != "rss":
-            try:
-                return int(probe._memory())
-            except Exception:  # noqa: BLE001
-                pass
-        if self._proc is None:
-            return 0
-        try:
-            return int(self._proc.memory_info().rss)
-        except Exception:  # noqa: BLE001
-            return 0
-
-    def _after_step(self, opt: Any, args: Any, kwargs: Any) -> None:
-        self.check()
-
-    def _before_forward(self, module: Any, args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            self.check()
-
-    def check(self) -> None:
-        if os.getpid() != self.pid:
-            return
-        used = self.used()
-        if used <= self.limit:
-            return
-        probe = self.probe
-        step = int(getattr(probe, "step", 0) or 0)
-        if not self.hit:
-            self.hit = True
-            if probe is not None:
-                try:
-                    probe.writer.put_event(
-                        {"kind": "memory_limit", "step": step, "memory": used, "limit": self.limit, "wall_time": time.time()}
-                    )
-                except Exception:  # noqa: BLE001
-                    pass
-        raise MemoryError(
-            f"gradprobe: process memory {used / 2**20:.0f} MiB exceeded --memory-limit "
-            f"{self.limit / 2**20:.0f} MiB at step {step} (stopped before the kernel's OOM killer)"
-        )
-
-
 # --------------------------------------------------------------------------- runner -----
 _ACTIVE: list["ScriptRunner"] = []
 
@@ -663,7 +442,6 @@ class ScriptRunner:
         self.children = children
         self.tree: Any = None
         self.runs: list[Any] = []
-        self.torch_imported = False
         self.config = config
         self.memory_limit = memory_limit
         self.restore = restore
@@ -986,7 +764,6 @@ class ScriptRunner:
             probe.close()
         except Exception as close_exc:  # noqa: BLE001 - the script's status matters more
             sys.stderr.write(f"gradprobe: closing the run log failed ({type(close_exc).__name__}: {close_exc})\n")
-        self.torch_imported = "torch" in sys.modules and getattr(sys.modules["torch"], "optim", None) is not None
         self.tree.stop()
         from gradprobe.tree_report import find_runs
 
@@ -1003,8 +780,7 @@ class ScriptRunner:
             return None
         if not self.runs:
             meta = getattr(self.probe, "meta", {}) if self.probe is not None else {}
-            seen = tree_report.observations(self._last_outcome, meta, self.torch_imported,
-                                            self.tree if self.tree.watching_children or self.tree.commands else None)
+            seen = tree_report.observations(self._last_outcome, meta, self.tree)
             return tree_report.empty_report(self.tree.tree_dir, seen)
         report = tree_report.analyze_tree(self.tree.tree_dir, self.runs)
         # the findings as TensorBoard text: in this process's own run, else the first run

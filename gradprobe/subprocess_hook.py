@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 #: the hook folder's name inside the log directory: ``.gradprobe-hook-<root pid>-<token>``
 HOOK_PREFIX = ".gradprobe-hook-"
@@ -41,18 +40,24 @@ HOOK_PREFIX = ".gradprobe-hook-"
 MODULE_NAME = "gradprobe.subprocess_hook"
 #: the folder (inside the hook folder) holding one marker per Python process that booted
 MARKERS = "procs"
+#: this module's code, compiled once by ``gradprobe run`` (marshal): a child loads it without
+#: compiling (``PYTHONDONTWRITEBYTECODE`` or a read-only install leave no bytecode cache)
+CODE_FILE = "hook.code"
 
 #: this process's part in a tree: empty when the process belongs to none
-_state: dict[str, Any] = {}
+_state: dict[str, object] = {}
 
 
-def stub_source(config: dict[str, Any]) -> str:
+def stub_source(config: dict[str, object]) -> str:
     """The ``sitecustomize.py`` written into the hook folder.
 
-    It imports nothing beyond what Python's start-up already loaded (``os``, ``sys``, the
-    frozen importlib), loads this file by path (the child may not find gradprobe on its own
-    ``sys.path``) and chains to the ``sitecustomize`` it shadows: that one's errors reach
-    ``site`` as they would without gradprobe ("Error in sitecustomize; ...").
+    It imports nothing beyond what Python's start-up already loaded (``os``, ``sys``,
+    ``marshal``): it runs this module from the code ``gradprobe run`` compiled into the hook
+    folder (from its source when the child is another Python version), as
+    ``gradprobe.subprocess_hook`` without importing the gradprobe package, then chains to the
+    ``sitecustomize`` it shadows, whose errors reach ``site`` as they would without
+    gradprobe ("Error in sitecustomize; ..."). Written for any Python 3 (no f-strings):
+    another interpreter on PATH must not fail on it.
     """
     return f'''\
 # Written by `gradprobe run` for the run in {config["tree"]!r}; removed when that run ends.
@@ -63,12 +68,18 @@ _gp_sys.path[:] = [_p for _p in _gp_sys.path if _gp_os.path.abspath(_p or ".") !
 try:
     _gp_hook = _gp_sys.modules.get({MODULE_NAME!r})
     if _gp_hook is None:
-        from importlib.util import module_from_spec as _gp_mfs, spec_from_file_location as _gp_sffl
-        _gp_spec = _gp_sffl({MODULE_NAME!r}, {os.path.abspath(__file__)!r})
-        _gp_hook = _gp_mfs(_gp_spec)
+        _gp_hook = type(_gp_sys)({MODULE_NAME!r})
+        _gp_hook.__file__ = {os.path.abspath(__file__)!r}
         _gp_sys.modules[{MODULE_NAME!r}] = _gp_hook
         try:
-            _gp_spec.loader.exec_module(_gp_hook)
+            if getattr(_gp_sys.implementation, "cache_tag", None) == {sys.implementation.cache_tag!r}:
+                import marshal as _gp_marshal
+                with open(_gp_os.path.join(_gp_here, {CODE_FILE!r}), "rb") as _gp_f:
+                    _gp_code = _gp_marshal.loads(_gp_f.read())
+            else:
+                with open(_gp_hook.__file__, "rb") as _gp_f:
+                    _gp_code = compile(_gp_f.read(), _gp_hook.__file__, "exec", dont_inherit=True)
+            exec(_gp_code, _gp_hook.__dict__)
         except BaseException:
             del _gp_sys.modules[{MODULE_NAME!r}]
             raise
@@ -78,15 +89,24 @@ except Exception:
 from importlib.machinery import PathFinder as _gp_pf
 _gp_spec = _gp_pf.find_spec("sitecustomize", _gp_sys.path)
 if _gp_spec is not None and _gp_spec.loader is not None:
-    from importlib.util import module_from_spec as _gp_mfs
+    from importlib._bootstrap import module_from_spec as _gp_mfs
     _gp_next = _gp_mfs(_gp_spec)
     _gp_sys.modules["sitecustomize"] = _gp_next
     _gp_spec.loader.exec_module(_gp_next)
 '''
 
 
+def compiled_code() -> bytes:
+    """This module's code object, marshalled, for :data:`CODE_FILE`."""
+    import marshal
+
+    with open(os.path.abspath(__file__), "rb") as f:
+        source = f.read()
+    return marshal.dumps(compile(source, os.path.abspath(__file__), "exec", dont_inherit=True))
+
+
 # ------------------------------------------------------------------ start-up (child) -----
-def boot(hook_dir: str, config: dict[str, Any]) -> None:
+def boot(hook_dir: str, config: dict[str, object]) -> None:
     """Called by the stub at start-up: joins the tree, leaves a marker, waits for torch."""
     if _state:
         return  # booted already (a second gradprobe stub further down PYTHONPATH)
@@ -97,7 +117,7 @@ def boot(hook_dir: str, config: dict[str, Any]) -> None:
     arm()
 
 
-def enable_in_root(hook_dir: str, config: dict[str, Any]) -> None:
+def enable_in_root(hook_dir: str, config: dict[str, object]) -> None:
     """The ``gradprobe run`` process: its own probe watches it; its fork children get armed."""
     _state.clear()
     _state.update(config)
@@ -134,7 +154,7 @@ class _TorchFinder:
     Every other import costs one string comparison.
     """
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
         if fullname != "torch":
             return None
         _remove_finder()
@@ -151,7 +171,7 @@ class _TorchFinder:
             return spec
         original = loader.exec_module
 
-        def exec_module(module: Any) -> None:
+        def exec_module(module: object) -> None:
             try:
                 original(module)
             finally:
@@ -187,7 +207,7 @@ def _torch_ready() -> None:
         if current is None or getattr(current, "_gradprobe_hook", False):
             return
 
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        def __init__(self: object, *args: object, **kwargs: object) -> None:
             current(self, *args, **kwargs)
             _on_optimizer(self)
 
@@ -213,7 +233,7 @@ def _unwrap_optimizer() -> None:
         optimizer_cls.__init__ = current.__wrapped__
 
 
-def _on_optimizer(opt: Any) -> None:
+def _on_optimizer(opt: object) -> None:
     """The process built its first optimizer: attach a probe (once)."""
     if not _state or _state.get("attached") or _state.get("pid") != os.getpid():
         return
@@ -226,7 +246,7 @@ def _on_optimizer(opt: Any) -> None:
         _state["error"] = f"{type(exc).__name__}: {exc}"[:300]
 
 
-def _import_tree() -> Any:
+def _import_tree() -> object:
     """``gradprobe.tree``; from the parent's gradprobe when this process cannot import one."""
     try:
         import gradprobe.tree as tree
@@ -282,7 +302,7 @@ def _marker_path() -> str:
     return os.path.join(_state["hook_dir"], MARKERS, str(os.getpid()))
 
 
-def _write_marker(**extra: Any) -> None:
+def _write_marker(**extra: object) -> None:
     """One small file per exec'd Python process of the tree (a Python literal, read back
     with ``ast.literal_eval``): its command line, and at exit whether it imported torch,
     built an optimizer and recorded steps."""
@@ -311,9 +331,9 @@ def _at_exit() -> None:
     exit_info(write=True)
 
 
-def exit_info(write: bool = False) -> dict[str, Any]:
+def exit_info(write: bool = False) -> dict[str, object]:
     probe = _state.get("probe")
-    info: dict[str, Any] = {"torch": bool(_state.get("torch")), "optimizer": bool(_state.get("attached"))}
+    info: dict[str, object] = {"torch": bool(_state.get("torch")), "optimizer": bool(_state.get("attached"))}
     if probe is not None:
         meta = getattr(probe, "meta", {}) or {}
         info["steps"] = int(meta.get("steps", getattr(probe, "step", 0)) or 0)
@@ -329,4 +349,4 @@ def exit_info(write: bool = False) -> dict[str, Any]:
     return info
 
 
-__all__ = ["HOOK_PREFIX", "MARKERS", "MODULE_NAME", "arm", "boot", "disable", "enable_in_root", "in_tree", "stub_source"]
+__all__ = ["CODE_FILE", "HOOK_PREFIX", "MARKERS", "MODULE_NAME", "arm", "compiled_code", "boot", "disable", "enable_in_root", "in_tree", "stub_source"]

@@ -294,7 +294,7 @@ class ProcessTree:
         self.token = secrets.token_hex(6)
         self.pid = os.getpid()
         self.hook_dir = os.path.join(self.tree_dir, f"{hook.HOOK_PREFIX}{self.pid}-{self.token}")
-        self.created_dir = False
+        self.created: str | None = None
         self.watching_children = False
         self.note: str | None = None
         self.commands: list[ChildCommand] = []
@@ -318,8 +318,14 @@ class ProcessTree:
             OSError: the tree directory cannot be created or written.
         """
         if not os.path.isdir(self.tree_dir):
-            os.makedirs(self.tree_dir)
-            self.created_dir = True
+            top = self.tree_dir  # the highest folder this run creates (./gradprobe_runs/...)
+            while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+                top = os.path.dirname(top)
+            try:
+                os.makedirs(self.tree_dir)
+                self.created = top
+            except FileExistsError:  # another rank's gradprobe run made it first (torchrun)
+                pass
         self._started = True
         remove_stale_hooks(self.tree_dir)
         os.makedirs(os.path.join(self.hook_dir, hook.MARKERS))
@@ -334,10 +340,16 @@ class ProcessTree:
             "package": os.path.dirname(os.path.abspath(hook.__file__)),
             "probe_config": config_to_dict(self.config),
         }
-        with open(os.path.join(self.hook_dir, "sitecustomize.py"), "w", encoding="utf-8") as f:
+        with open(os.path.join(self.hook_dir, hook.CODE_FILE), "wb") as fb:
+            fb.write(hook.compiled_code())
+        stub = os.path.join(self.hook_dir, "sitecustomize.py")
+        with open(stub, "w", encoding="utf-8") as f:
             f.write(hook.stub_source(config))
+        _compile_stub(stub)
         before = os.environ.get("PYTHONPATH")
-        kept = [p for p in (before or "").split(os.pathsep) if p and not os.path.basename(os.path.normpath(p)).startswith(hook.HOOK_PREFIX)]
+        # every entry kept as it was (an empty one means the working directory), except the
+        # hook of an enclosing gradprobe run: this run's children report here
+        kept = [p for p in before.split(os.pathsep) if not (p and os.path.basename(os.path.normpath(p)).startswith(hook.HOOK_PREFIX))] if before else []
         self._env_before = before
         self._env_set = os.pathsep.join([self.hook_dir, *kept])
         os.environ["PYTHONPATH"] = self._env_set
@@ -361,11 +373,15 @@ class ProcessTree:
             self._restore_env()
         self.markers = read_markers(os.path.join(self.hook_dir, hook.MARKERS))
         shutil.rmtree(self.hook_dir, ignore_errors=True)
-        if self.created_dir:
+        folder = self.tree_dir
+        while self.created is not None:  # only empty folders: nothing was recorded
             try:
-                os.rmdir(self.tree_dir)  # only when empty: nothing was recorded
+                os.rmdir(folder)
             except OSError:
-                pass
+                break
+            if folder == self.created:
+                break
+            folder = os.path.dirname(folder)
 
     def _restore_env(self) -> None:
         now = os.environ.get("PYTHONPATH")
@@ -432,6 +448,17 @@ class ProcessTree:
                 continue
             out.append(cmd)
         return out
+
+
+def _compile_stub(path: str) -> None:
+    """The stub's bytecode cache, next to it: children load it without compiling (Python
+    reads a valid cache even under ``PYTHONDONTWRITEBYTECODE``, which only stops writing)."""
+    import py_compile
+
+    try:
+        py_compile.compile(path, doraise=True)
+    except (OSError, py_compile.PyCompileError):
+        pass  # each child compiles the stub: slower, not wrong
 
 
 def read_markers(folder: str) -> list[dict[str, Any]]:

@@ -135,13 +135,12 @@ def analyze_tree(tree_dir: str, runs: list[TreeRun]) -> Report:
 
 
 # ----------------------------------------------------------------------- no step -----
-def observations(outcome: Any, root_meta: dict[str, Any], torch_imported: bool, tree: Any) -> dict[str, Any]:
+def observations(outcome: Any, root_meta: dict[str, Any], tree: Any) -> dict[str, Any]:
     """What a tree that recorded no step saw instead, as sentences and as data.
 
     Args:
         outcome: the script's :class:`~gradprobe.runner.Outcome`.
         root_meta: the parent's probe metadata (its optimizers and models), {} if none.
-        torch_imported: whether the parent imported torch.
         tree: the :class:`~gradprobe.tree.ProcessTree` (None: children were not watched).
     """
     said: list[str] = []
@@ -168,11 +167,13 @@ def observations(outcome: Any, root_meta: dict[str, Any], torch_imported: bool, 
     child_opts = [m for m in with_torch if m.get("optimizer")]
     root_opts = [o.get("class") for o in root_meta.get("optimizers") or []]
     models = [m.get("name") for m in root_meta.get("models") or []]
-    if not torch_imported and not with_torch:
-        said.append("torch was never imported" + (" (by the script or a watched child process)" if watched else ""))
-    elif not root_opts and not child_opts:
-        where = "the script" + (f" or its {len(with_torch)} watched child process{'es' if len(with_torch) != 1 else ''} that imported torch" if with_torch else "")
-        said.append(f"no optimizer was found: no torch.optim optimizer was built in {where}")
+    if not root_opts and not child_opts:
+        nor = ""
+        if with_torch:
+            n = len(with_torch)
+            nor = f", nor did {'its' if n == 1 else f'any of its {n}'} watched child process{'es' if n != 1 else ''} that imported torch"
+        forward = "" if models else "; no model of the script ran a forward pass either"
+        said.append(f"no optimizer was found: the script built no torch.optim optimizer{nor}{forward}")
     else:
         if root_opts:
             said.append(f"the script built {', '.join(root_opts)} but no step of it was recorded")
@@ -180,8 +181,7 @@ def observations(outcome: Any, root_meta: dict[str, Any], torch_imported: bool, 
             n = len(child_opts)
             said.append(f"{n} watched child process{'es' if n != 1 else ''} built an optimizer and recorded no step")
     if with_torch:
-        labels = [_marker_label(m) for m in with_torch]
-        said.append(f"watched child processes that imported torch: {_listed(labels)}")
+        said.append(f"watched child processes that imported torch: {_listed([_marker_label(m) for m in with_torch])}")
     unwatched = tree.unwatched_commands() if tree is not None else []
     extra = max(0, (tree.commands_seen if tree is not None else 0) - len(tree.commands if tree is not None else []))
     if unwatched or extra:
@@ -200,7 +200,6 @@ def observations(outcome: Any, root_meta: dict[str, Any], torch_imported: bool, 
         "reason": NO_STEP,
         "observed": said,
         "script": script,
-        "torch_imported": bool(torch_imported or with_torch),
         "optimizers": root_opts,
         "models": models,
         "watched_children": [{"pid": m.get("pid"), "argv": m.get("argv"), "torch": bool(m.get("torch")),
@@ -210,9 +209,16 @@ def observations(outcome: Any, root_meta: dict[str, Any], torch_imported: bool, 
 
 
 def _marker_label(m: dict[str, Any]) -> str:
-    argv = m.get("argv") or m.get("orig_argv") or []
-    text = " ".join(str(a) for a in argv)[:80] or "python"
-    return f"pid {m.get('pid')} ({text}{', multiprocessing child' if m.get('mp') else ''})"
+    """``pid 4242 (python child.py)``; a multiprocessing child by the script it re-runs."""
+    import shlex
+
+    orig = [str(a) for a in m.get("orig_argv") or []]
+    argv = [str(a) for a in m.get("argv") or []]
+    if m.get("mp") or any("multiprocessing" in a for a in orig):
+        text = "multiprocessing child" + (f" of {os.path.basename(argv[0])}" if argv and argv[0] != "-c" else "")
+    else:
+        text = shlex.join([os.path.basename(orig[0]), *orig[1:]]) if orig else "python"
+    return f"pid {m.get('pid')} ({text[:100]})"
 
 
 def _listed(items: list[str]) -> str:

@@ -170,6 +170,35 @@ def test_no_collective_added_under_torch_distributed_debug_detail(tmp_path):
     assert sorted(os.listdir(tmp_path / "log")) == ["rank0", "rank1"]
 
 
+# ------------------------------------------- gradprobe run in front of the launcher ----
+def gradprobe_in_front(tmp: Path, launcher: list[str], *command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``gradprobe run --logdir log --format json --output report.json LAUNCHER
+    --nproc_per_node=2 ... COMMAND``: the user's own launch with ``gradprobe run`` put in
+    front of it."""
+    args = [sys.executable, "-m", "gradprobe", "run", "--logdir", "log", "--format", "json", "--output", "report.json",
+            *launcher, "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *command]
+    return subprocess.run(args, cwd=tmp, env=H.subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [["-m", "torch.distributed.run"], ["torchrun"]], ids=["-m torch.distributed.run", "torchrun"])
+def test_gradprobe_run_in_front_of_torchrun(tmp_path, launcher):
+    """The launcher runs in the ``gradprobe run`` process (``torchrun``: the console script
+    found on PATH, run as its Python entry point) and never trains; its two workers are
+    watched, each writes its rank directory, and the one report names rank 1."""
+    proc = gradprobe_in_front(tmp_path, launcher, str(SCRIPT), "out", "--nan-rank", "1", "--nan-step", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16 steps recorded by 2 ranks in log" in proc.stderr
+    logs = assert_one_log_per_rank(tmp_path / "log", 8)
+    assert all(not log.meta["tree"]["root"] for log in logs.values())  # the workers, not the launcher
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["source"]["ranks"] == [0, 1]
+    by_rule = {f["rule"]: f for f in report["findings"]}
+    assert by_rule["rank-divergence"]["evidence"]["rank"] == 1 and by_rule["rank-divergence"]["first_step"] == 3
+    nan = [by_rule[r] for r in NAN_FINDINGS if r in by_rule]
+    assert len(nan) >= 3 and all(f["evidence"]["rank"] == 1 for f in nan)
+
+
 # ------------------------------------------------------- merge logic (default tier) ----
 def _rank_log(rank: int, *, nan_input_at: int | None, loss_nan_from: int | None, grad_nan_from: int | None,
               reduced: np.ndarray, local: np.ndarray) -> gradprobe.RunLog:
