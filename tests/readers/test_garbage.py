@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gradprobe.readers import load
 from gradprobe.runlog import LogError, RunLog
 
-NAMES = ["trainer_state.json", "metrics.csv", "events.out.tfevents.1.host", "log"]
+NAMES = ["trainer_state.json", "metrics.csv", "events.out.tfevents.1.host", "log", "mlflow.db", "meta.yaml"]
 
 
 def _load_bytes(name: str, data: bytes) -> None:

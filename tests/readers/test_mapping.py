@@ -228,3 +228,13 @@ def test_readers_doc_has_the_current_meaning_table() -> None:
     m = re.search(r"<!-- meaning-table:[^>]*-->\n(.*?)<!-- /meaning-table -->", text, re.S)
     assert m, "docs/readers.md lost its meaning-table markers"
     assert m.group(1) == M.meaning_markdown(), "regenerate the table with gradprobe.readers.mapping.meaning_markdown()"
+
+
+def test_the_eval_loss_measures_the_training_loss_quantity() -> None:
+    # a validation RMSE is not the validation value of a training NLL
+    res = M.resolve(["train/nll_loss", "val/rmse_loss"])
+    assert "eval_loss" not in res.columns and "rmse" in res.not_mapped["val/rmse_loss"]
+    assert M.resolve(["train/nll_loss", "val/rmse_loss", "val/nll_loss"]).columns["eval_loss"] == "val/nll_loss"
+    # names of one cross-entropy, and a generic loss, are comparable
+    assert M.resolve(["train_nll", "val_ce"]).columns["eval_loss"] == "val_ce"
+    assert M.resolve(["Train loss", "Valid MSE"]).columns["eval_loss"] == "Valid MSE"
