@@ -1,11 +1,22 @@
 """The rule engine: RunLog -> Report.
 
-Every registered rule whose required signals the log has runs on a shared
-:class:`~gradprobe.analysis.RunContext`; the others are listed as skipped with the signals
-they lacked. A rule that crashes is skipped with the error (a bug in one rule never hides
-the others, and ``analyze`` never shows a traceback). Symptoms are linked to their causes
-(``caused_by``) and root causes are listed first; hyperparameter recommendations are merged
-into ``suggested_hyperparameters`` with one value per name, the root cause's winning.
+1. Every registered one-run rule whose required signals the log has runs on one shared
+   :class:`~gradprobe.analysis.RunContext`; the others are listed as skipped with the signals
+   they lacked. A rule that crashes is skipped with the error (a bug in one rule never hides
+   the others, and ``analyze`` never shows a traceback). Rules never call each other.
+2. Every hyperparameter a finding suggests is checked against what the run shows
+   (:func:`gradprobe.analysis.implausible`); an implausible value is withdrawn, with the reason.
+3. Causation: each symptom is linked (``caused_by``) to the root causes it may follow from
+   (its rule's ``causes``, and the ``causes_on_evidence`` its own evidence named) that are in
+   the report and started no later, never closing a cycle.
+4. Order: root causes first (depth in the links), then by severity, by the causal order the
+   rules declare, and by first step.
+5. Hyperparameters are merged into ``suggested_hyperparameters``, one value per name, the root
+   cause's winning.
+
+Distributed runs: each rank's log is analyzed on its own, findings of a rule are merged to the
+rank where they started, and the cross-rank rules (:class:`~gradprobe.rules.base.CrossRankRule`)
+compare the ranks.
 """
 
 from __future__ import annotations
@@ -15,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from gradprobe.analysis import RunContext
+from gradprobe.analysis import RunContext, implausible
 from gradprobe.report import SEVERITY_RANK, Finding, Report, SkippedRule
-from gradprobe.rules.base import registry
+from gradprobe.rules.base import rank_rules, registry, run_rules
 from gradprobe.runlog import RunLog
 
 
@@ -67,14 +78,13 @@ def analyze_ranks(path: str, dirs: dict[int, str]) -> Report:
     if not logs:
         raise LogError(f"{path}: no readable rank log ({'; '.join(notes)})")
     reports = {r: analyze_runlog(log) for r, log in logs.items()}
-    from gradprobe.rules.distributed import RankDivergence
-
     ctxs = {r: RunContext(log) for r, log in logs.items()}
-    try:
-        across = RankDivergence().check_ranks(ctxs)
-    except Exception as exc:  # noqa: BLE001
-        across = []
-        notes.append(f"rank comparison failed: {type(exc).__name__}: {exc}")
+    across: list[Finding] = []
+    for cls in rank_rules():
+        try:
+            across.extend(_attach_fields(cls, cls().check_ranks(ctxs)))
+        except Exception as exc:  # noqa: BLE001 - one broken rule never hides the others
+            notes.append(f"rank comparison {cls.code} failed: {type(exc).__name__}: {exc}")
     # the rank a fault started on: a finding every rank shows from the same step (NaN
     # gradients after the all-reduce) is told from that rank's point of view
     origin = next((f.evidence.get("rank") for f in across if "where" in f.evidence), None)
@@ -106,7 +116,8 @@ def analyze_ranks(path: str, dirs: dict[int, str]) -> Report:
     first = min(logs)
     skipped_sets = [{s.rule for s in rep.skipped_rules} for rep in reports.values()]
     common_skipped = set.intersection(*skipped_sets) if skipped_sets else set()
-    skipped = [s for s in reports[first].skipped_rules if s.rule in common_skipped and s.rule != RankDivergence.slug]
+    cross = {c.slug for c in rank_rules()}
+    skipped = [s for s in reports[first].skipped_rules if s.rule in common_skipped and s.rule not in cross]
     source = {
         "path": path,
         "kind": "gradprobe",
@@ -124,7 +135,7 @@ def analyze_runlog(log: RunLog) -> Report:
     ctx = RunContext(log)
     findings: list[Finding] = []
     skipped: list[SkippedRule] = []
-    for cls in registry():
+    for cls in run_rules():
         # an entry "a|b" is met by either signal
         missing = [s for s in cls.requires if not any(alt in ctx.signals for alt in s.split("|"))]
         if missing:
@@ -135,7 +146,8 @@ def analyze_runlog(log: RunLog) -> Report:
         except Exception as exc:  # noqa: BLE001 - one broken rule never hides the others
             skipped.append(SkippedRule(cls.slug, cls.code, f"rule error: {type(exc).__name__}: {exc}"[:300]))
             continue
-        findings.extend(out or [])
+        findings.extend(_attach_fields(cls, out or []))
+    _withdraw_implausible(ctx, findings)
     _link_causes(findings)
     findings = _order(findings)
     suggested = _merge_hyperparameters(findings)
@@ -153,14 +165,53 @@ def analyze_runlog(log: RunLog) -> Report:
     )
 
 
+def _attach_fields(cls: type, findings: list[Finding]) -> list[Finding]:
+    """Labels and units of the evidence fields, from the rule's declarations (renderers print
+    phrases from them)."""
+    fields = getattr(cls, "evidence_fields", {}) or {}
+    for f in findings:
+        f.evidence_fields = {k: (fields[k].label, fields[k].unit) for k in f.evidence if k in fields}
+    return findings
+
+
+def _withdraw_implausible(ctx: RunContext, findings: list[Finding]) -> None:
+    """A suggested value that the run contradicts (not a finite number of the right kind, no
+    change, or outside what the healthy part of the run shows) is withdrawn: the
+    recommendation keeps its name and says why no value is suggested."""
+    for f in findings:
+        for rec in f.recommendations:
+            if rec.kind != "hyperparameter" or rec.name is None or rec.suggested is None:
+                continue
+            why = implausible(ctx, rec.name, rec.current, rec.suggested)
+            if why:
+                rec.reason = f"not suggested: {why} (computed {rec.suggested!r} from: {rec.reason})"
+                rec.suggested = None
+
+
+def _when(f: Finding) -> int:
+    return f.first_step if f.first_step is not None else 1 << 62
+
+
 def _link_causes(findings: list[Finding]) -> None:
-    """Links each symptom to the root causes its rule lists (``Rule.causes``) that are in the
-    report and started no later than it. A rule that named its causes from evidence keeps
-    exactly those. A link that would close a cycle (the cause is itself, directly or through
-    other links, a consequence of the symptom) is not made: causation runs one way."""
-    present = {f.rule: f for f in findings}
+    """Links each symptom to the root causes it may follow from that are in the report and
+    started no later than it: its rule's ``causes`` and the ``causes_on_evidence`` its own
+    evidence named (``Finding.cause_candidates``; a finding built without them keeps the
+    causes it already names as candidates). Findings are linked in order of first step; a link
+    that would close a cycle (the cause is itself, directly or through other links, a
+    consequence of the symptom) is not made: causation runs one way."""
+    present: dict[str, Finding] = {}
+    for f in sorted(findings, key=_when):
+        present.setdefault(f.rule, f)
     by_slug = {cls.slug: cls for cls in registry()}
-    named = {f.rule for f in findings if f.caused_by}
+    candidates: dict[int, list[str]] = {}
+    for f in findings:
+        cls = by_slug.get(f.rule)
+        if f.cause_candidates is not None:
+            cands = list(f.cause_candidates)
+        else:
+            cands = list(dict.fromkeys([*f.caused_by, *(cls.causes if cls else ())]))
+        candidates[id(f)] = cands
+        f.caused_by = []
 
     def reaches(src: str, dst: str) -> bool:
         """``dst`` is among the (transitive) causes of ``src``."""
@@ -176,47 +227,58 @@ def _link_causes(findings: list[Finding]) -> None:
                     stack.append(c)
         return False
 
-    def when(f: Finding) -> int:
-        return f.first_step if f.first_step is not None else 1 << 62
-
-    for f in sorted(findings, key=when):
-        cls = by_slug.get(f.rule)
-        if cls is None or f.rule in named:
-            continue  # a rule that named its causes from evidence keeps exactly those
-        for cause in cls.causes:
+    for f in sorted(findings, key=_when):
+        for cause in candidates[id(f)]:
             c = present.get(cause)
-            if c is None or c is f or cause in f.caused_by:
+            if c is None or c is f or cause == f.rule or cause in f.caused_by:
                 continue
-            # a cause must not start after its symptom
             if c.first_step is not None and f.first_step is not None and c.first_step > f.first_step:
-                continue
-            # a cause that is itself a consequence of this symptom is not its cause
+                continue  # a cause must not start after its symptom
             if reaches(cause, f.rule):
-                continue
+                continue  # the cause is itself a consequence of this symptom
             f.caused_by.append(cause)
-    # no cycles between causes rules named from evidence either: keep the earlier one's link
-    for f in findings:
-        for cause in list(f.caused_by):
-            c = present.get(cause)
-            if c is not None and f.rule in c.caused_by:
-                later = f if (f.first_step or 0) >= (c.first_step or 0) else c
-                earlier = c if later is f else f
-                if earlier.rule in later.caused_by and later.rule in earlier.caused_by:
-                    earlier.caused_by.remove(later.rule)
+
+
+def declared_upstream() -> dict[str, set[str]]:
+    """slug -> every slug the rules declare as its (transitive) possible cause."""
+    direct = {cls.slug: set(cls.causes) | set(cls.causes_on_evidence) for cls in registry()}
+    out: dict[str, set[str]] = {}
+    for slug in direct:
+        seen: set[str] = set()
+        stack = list(direct[slug])
+        while stack:
+            c = stack.pop()
+            if c in seen:
+                continue
+            seen.add(c)
+            stack.extend(direct.get(c, ()))
+        out[slug] = seen
+    return out
 
 
 def _order(findings: list[Finding]) -> list[Finding]:
-    """Root causes first; then by severity, first step, code."""
+    """Root causes first (depth in the links), then by severity, by the causal order the
+    rules declare (a finding whose rule is declared, transitively, as a possible cause of
+    another present finding's rule, and not the other way round, comes before it when it
+    started no later), then by first step and code."""
     by_rule = {f.rule: f for f in findings}
+    upstream = declared_upstream()
+    present = set(by_rule)
 
     def depth(f: Finding, seen: frozenset[str] = frozenset()) -> int:
         if not f.caused_by or f.rule in seen:
             return 0
         return 1 + max((depth(by_rule[c], seen | {f.rule}) for c in f.caused_by if c in by_rule), default=-1)
 
+    def declared_rank(f: Finding) -> int:
+        # present findings strictly upstream of this one in the declared causal graph that
+        # started no later (a later one cannot be its cause, whatever the rules declare)
+        ups = upstream.get(f.rule, set())
+        return sum(1 for r in present if r != f.rule and r in ups and f.rule not in upstream.get(r, set())
+                   and _when(by_rule[r]) <= _when(f))
+
     def key(f: Finding) -> tuple[Any, ...]:
-        fs = f.first_step if f.first_step is not None else 1 << 62
-        return (depth(f), SEVERITY_RANK[f.severity], fs, f.code)
+        return (depth(f), SEVERITY_RANK[f.severity], declared_rank(f), _when(f), f.code)
 
     return sorted(findings, key=key)
 

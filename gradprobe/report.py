@@ -69,6 +69,13 @@ class Recommendation:
         return cls(kind="hyperparameter", name=name, current=current, suggested=suggested, reason=reason)
 
     @classmethod
+    def omitted(cls, name: str, current: Any, reason: str) -> "Recommendation":
+        """A hyperparameter the rule could not compute from this run: no value, and why."""
+        rec = cls.hyperparameter(name, current, None, reason)
+        rec.reason = reason if reason.startswith("not suggested") else f"not suggested: {reason}"
+        return rec
+
+    @classmethod
     def code(cls, summary: str, snippet: str, reason: str = "") -> "Recommendation":
         return cls(kind="code", summary=summary, snippet=snippet, reason=reason)
 
@@ -103,6 +110,14 @@ class Finding:
     caused_by: list[str] = field(default_factory=list)
     recommendations: list[Recommendation] = field(default_factory=list)
     rank: int | None = None  # set by the engine (global order; also in ``rank`` of rank-aware logs)
+    #: further training cannot undo it (declared by the rule: ``Rule.final_when``)
+    final: bool = False
+    #: why the severity differs from the rule's catalog severity (the rule's declared condition)
+    severity_reason: str | None = None
+    #: root causes the engine may link (the rule's static causes and those its evidence names)
+    cause_candidates: list[str] | None = field(default=None, repr=False, compare=False)
+    #: evidence key -> (label, unit), attached by the engine from the rule's declarations
+    evidence_fields: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
@@ -123,6 +138,8 @@ class Finding:
             "evidence": clean_number(self.evidence),
             "caused_by": list(self.caused_by),
             "recommendations": [r.to_json() for r in self.recommendations],
+            "final": bool(self.final),
+            "severity_reason": self.severity_reason,
         }
 
 

@@ -46,6 +46,8 @@ def header_lines(report: Report) -> list[str]:
 
 def recommendation_line(r: Recommendation) -> str:
     if r.kind == "hyperparameter":
+        if r.suggested is None:
+            return f"{r.name}: {fmt_value(r.current)} ({r.reason})"
         return f"{r.name}: {fmt_value(r.current)} -> {fmt_value(r.suggested)}  ({r.reason})"
     return f"{r.summary}" + (f"  ({r.reason})" if r.reason else "")
 

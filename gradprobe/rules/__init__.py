@@ -1,6 +1,24 @@
-"""The rule catalog (SPEC §3). Importing this package registers every rule family."""
+"""The rule catalog. Importing this package registers every rule.
 
-from gradprobe.rules import amp, data, distributed, gradients, logs, nonfinite, optimization, recurrent  # noqa: F401
-from gradprobe.rules.base import Explanation, Rule, get_rule, register, registry
+One module per rule or small family; each imports only the quantities layer
+(:mod:`gradprobe.analysis`), the rule base (:mod:`gradprobe.rules.base`) and shared snippet
+text (:mod:`gradprobe.rules.snippets`), never another rule module.
+"""
 
-__all__ = ["Explanation", "Rule", "get_rule", "register", "registry"]
+from gradprobe.rules import (  # noqa: F401
+    amp_autocast,
+    amp_scale,
+    data,
+    distributed,
+    gradients,
+    learning_rate,
+    logs,
+    loss_shape,
+    nonfinite,
+    recurrent,
+    scaler_misuse,
+    weight_decay,
+)
+from gradprobe.rules.base import CrossRankRule, Explanation, Field, Rule, get_rule, register, registry
+
+__all__ = ["CrossRankRule", "Explanation", "Field", "Rule", "get_rule", "register", "registry"]

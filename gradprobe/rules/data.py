@@ -22,22 +22,31 @@ modules by call order, on grad-enabled forwards only) and ``gates`` (recurrent g
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from gradprobe.analysis import RunContext, layer_forward_order, trivial_loss
-from gradprobe.report import Finding, Recommendation
-from gradprobe.rules.base import Explanation, Rule, register
+from gradprobe.analysis import (
+    TARGET_TINY,
+    RunContext,
+    first_layer_name,
+    input_constant,
+    layer_forward_order,
+    layer_grads,
+    nonlinearity,
+    normalised,
+    sample_table,
+    sustained,
+    tiny_targets,
+    trivial_loss,
+)
+from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
 
 #: GP601: features of scale above 10 (a decade above unit) with a largest magnitude above 10.
 INPUT_LARGE = 10.0
 #: GP601: features of scale below 0.01 (two decades below unit) with a largest magnitude below 0.1.
 INPUT_SMALL = 1e-2
-#: GP602: a target scale (RMS) at or below 1e-3.
-TARGET_TINY = 1e-3
 #: GP602: a std this small relative to the targets' magnitude is a constant (float32 rounding).
 TARGET_CONSTANT = 1e-6
 #: GP602: MSE at or below 1e-4 of the target variance (R^2 >= 0.9999).
@@ -51,87 +60,6 @@ SATURATED = 0.5
 #: GP605: half of a layer's units never active over a batch; 99% is an error.
 DEAD = 0.5
 DEAD_ALL = 0.99
-
-
-# ------------------------------------------------------------------------------ helpers --
-def _wide(ctx: RunContext, probe: str) -> pd.DataFrame:
-    """Samples of ``probe`` one row per (step, target, call): stats as columns. ``call`` is the
-    ordinal of the target's calls within the step (a module used twice has calls 0 and 1).
-    Cached on the context (several rules read the same table)."""
-    store = ctx.__dict__.setdefault("_gp6_wide", {})
-    if probe not in store:
-        store[probe] = _make_wide(ctx, probe)
-    return store[probe]
-
-
-def _make_wide(ctx: RunContext, probe: str) -> pd.DataFrame:
-    s = ctx.samples(probe)
-    if s.empty:
-        return pd.DataFrame()
-    s = s.assign(target=s["target"].astype(str), stat=s["stat"].astype(str))
-    s = s.assign(occ=s.groupby(["step", "target", "index", "stat"]).cumcount())
-    w = s.pivot_table(index=["step", "target", "index", "occ"], columns="stat", values="value", aggfunc="first")
-    w = w.reset_index()
-    w["call"] = w.sort_values(["step", "target", "index", "occ"]).groupby(["step", "target"]).cumcount()
-    return w.sort_values(["step", "index", "occ"]).reset_index(drop=True)
-
-
-def _sustained(values: np.ndarray, threshold: float) -> bool:
-    """At least 3 samples, the median of the later half at or above ``threshold`` and the last
-    sample at or above 0.8 x threshold: the condition holds through the run, not only at one
-    moment (init) or one batch."""
-    v = values[np.isfinite(values)]
-    if v.size < 3:
-        return False
-    late = v[v.size // 2:]
-    return bool(np.median(late) >= threshold and v[-1] >= 0.8 * threshold)
-
-
-_NORM_CLASS = re.compile(r"(Batch|Layer|Group|Instance|RMS)Norm")
-
-
-def _normalised(ctx: RunContext) -> bool:
-    """The watched model has normalisation layers (from the module classes in the metadata)."""
-    return any(_NORM_CLASS.search(str(c)) for c in (ctx.meta.get("modules") or {}).values())
-
-
-def _input_constant(ctx: RunContext) -> bool:
-    """The float features entering the model (or its first layer) did not vary over the batch
-    on most sampled steps (std exactly 0): every unit downstream then sees one input."""
-    for probe in ("first_layer", "input"):
-        w = _wide(ctx, probe)
-        if w.empty or "std" not in w:
-            continue
-        w = w[~w["target"].str.contains(r"\[", regex=True)]
-        if "integer" in w:
-            w = w[w["integer"].fillna(0) < 0.5]
-        if len(w):
-            return bool((w["std"] == 0).mean() >= 0.5)
-    return False
-
-
-def _first_layer_name(ctx: RunContext) -> str | None:
-    s = ctx.samples("first_layer")
-    if s.empty:
-        return None
-    names = [t for t in s["target"].astype(str) if "[" not in t]
-    return max(set(names), key=names.count) if names else None
-
-
-def _nonlinearity(ctx: RunContext) -> str:
-    """The nonlinearity the network mostly uses, from the sampled activation modules:
-    ``relu`` (ReLU family: dead_frac samples), ``tanh``/``sigmoid`` (saturating modules; a mean
-    above 0.25 is a sigmoid's (0, 1) range) or ``linear``."""
-    act = _wide(ctx, "activation")
-    if act.empty:
-        return "linear"
-    relu = int(act["dead_frac"].notna().sum()) if "dead_frac" in act else 0
-    sat = act[act["saturated_frac"].notna()] if "saturated_frac" in act else act.iloc[0:0]
-    if relu == 0 and sat.empty:
-        return "linear"
-    if relu >= len(sat):
-        return "relu"
-    return "sigmoid" if float(sat["mean"].median()) > 0.25 else "tanh"
 
 
 INIT_SNIPPETS = {
@@ -192,8 +120,18 @@ class InputScale(Rule):
     severity = "warning"
     title = "Input features are far from unit scale"
     requires = ("inputs",)
-    causes = ()
-    computes = {}
+    evidence_fields = {
+        "layer": Field("where they enter"),
+        "where": Field("measured at"),
+        "mean": Field("mean"),
+        "std": Field("std"),
+        "absmax": Field("largest magnitude"),
+        "scale": Field("scale (RMS)"),
+        "feature_std_max": Field("largest feature std"),
+        "feature_std_min": Field("smallest feature std"),
+        "samples": Field("sampled batches"),
+        "problem": Field("problem"),
+    }
     explanation = Explanation(
         what="Float features entering the first layers far from unit scale: raw pixels in 0-255, physical units, "
         "counts or timestamps (max |x| > 10 and scale > 10), or features squeezed below 0.01.",
@@ -208,9 +146,9 @@ class InputScale(Rule):
 
     def check(self, ctx: RunContext) -> list[Finding]:
         probe = "first_layer"
-        w = _wide(ctx, probe)
+        w = sample_table(ctx, probe)
         if w.empty:
-            w = _wide(ctx, "input")
+            w = sample_table(ctx, "input")
             probe = "input"
         if w.empty or "std" not in w:
             return []
@@ -257,35 +195,6 @@ class InputScale(Rule):
                              recommendations=recs)]
 
 
-def tiny_targets(ctx: RunContext) -> dict[str, dict[str, float]]:
-    """Regression loss functions whose float targets have an RMS (median over the sampled
-    batches of sqrt(mean^2 + std^2)) of at most 1e-3 and a largest magnitude of at most 1e-2:
-    ``{loss function: {rms, absmax, mean, std}}``. Classification targets (integer labels,
-    cross-entropy, BCE probabilities) are not a scale. Shared by GP602 (which reports them) and
-    GP501 (whose loss-based evidence means nothing at such a scale)."""
-    store = ctx.__dict__.setdefault("_gp6_tiny", {})
-    if "v" in store:
-        return store["v"]
-    out: dict[str, dict[str, float]] = {}
-    w = _wide(ctx, "target")
-    if not w.empty and "std" in w and "mean" in w:
-        for name, g in w.groupby("target", sort=False):
-            g = g.dropna(subset=["std", "mean"])
-            if g.empty or str(name).startswith("binary_cross_entropy") or name in ("cross_entropy", "nll_loss"):
-                continue
-            if "integer" in g and bool((g["integer"].fillna(0) > 0.5).all()):
-                continue
-            mean = g["mean"].to_numpy(dtype=np.float64)
-            std = g["std"].to_numpy(dtype=np.float64)
-            absmax = g["absmax"].to_numpy(dtype=np.float64) if "absmax" in g else np.abs(mean)
-            rms = float(np.median(np.sqrt(mean ** 2 + std ** 2)))
-            amax = float(np.median(absmax))
-            if 0 < rms <= TARGET_TINY and amax <= 10 * TARGET_TINY:
-                out[str(name)] = {"rms": rms, "absmax": amax, "mean": float(np.median(mean)), "std": float(np.median(std))}
-    store["v"] = out
-    return out
-
-
 # ------------------------------------------------------------------------------------------
 @register
 class DegenerateTargets(Rule):
@@ -315,9 +224,25 @@ class DegenerateTargets(Rule):
     slug = "degenerate-targets"
     severity = "warning"
     title = "Targets are constant, of a vanishing scale, or fit suspiciously well"
+    severities = {
+        "warning": "tiny targets, or a loss near zero against the target variance",
+        "error": "constant targets in every sampled batch, for every loss function: there is nothing to learn",
+    }
     requires = ("targets",)
-    causes = ()
-    computes = {}
+    evidence_fields = {
+        "loss_function": Field("loss function"),
+        "value": Field("constant target"),
+        "std": Field("target std"),
+        "batches": Field("sampled batches"),
+        "rms": Field("target RMS"),
+        "mean": Field("target mean"),
+        "absmax": Field("largest target magnitude"),
+        "loss_initial": Field("first loss", "loss"),
+        "loss_over_variance": Field("loss over target variance", "x"),
+        "step": Field("at", "step"),
+        "target_variance": Field("target variance"),
+        "loss": Field("loss", "loss"),
+    }
     explanation = Explanation(
         what="Targets with (near) zero variance, targets of a vanishing scale (RMS <= 1e-3) that make every loss look "
         "tiny, or an MSE near zero compared with the target variance (possible leakage).",
@@ -331,7 +256,7 @@ class DegenerateTargets(Rule):
     )
 
     def check(self, ctx: RunContext) -> list[Finding]:
-        w = _wide(ctx, "target")
+        w = sample_table(ctx, "target")
         if w.empty or "std" not in w:
             return []
         out: list[Finding] = []
@@ -419,7 +344,7 @@ class DegenerateTargets(Rule):
         if len(ev) >= 2 and variance > 0 and float(ev.iloc[-max(1, len(ev) // 4):].median()) >= 1e-2 * variance:
             return True
         for probe in ("first_layer", "input"):
-            w = _wide(ctx, probe)
+            w = sample_table(ctx, probe)
             if w.empty or "mean" not in w or "std" not in w:
                 continue
             w = w[~w["target"].str.contains(r"\[", regex=True)]
@@ -468,9 +393,22 @@ class PoorInitialization(Rule):
     slug = "poor-initialization"
     severity = "warning"
     title = "Initial activations collapse or explode layer over layer"
+    severities = {
+        "warning": "the scale shrinks or grows by 2 to 6 decades layer over layer at initialisation",
+        "error": "6 decades or more (below float32's relative resolution), or a first layer whose output is constant",
+    }
     requires = ("activations|layer_grad",)
-    causes = ()
-    computes = {}
+    evidence_fields = {
+        "source": Field("measured on"),
+        "step": Field("at", "step"),
+        "layers": Field("layers"),
+        "scales": Field("scales"),
+        "decades": Field("change from first to last", "decades"),
+        "per_layer_factor": Field("per layer", "x"),
+        "trend": Field("transitions going the same way", "%"),
+        "nonlinearity": Field("nonlinearity"),
+        "zero_output": Field("constant output"),
+    }
     explanation = Explanation(
         what="At initialisation the activation scale shrinks or grows by orders of magnitude from the first layer to "
         "the last (or the weight gradients do).",
@@ -492,11 +430,11 @@ class PoorInitialization(Rule):
         if res is None:
             return []
         names, scales, step = res
-        nonlin = _nonlinearity(ctx)
+        nonlin = nonlinearity(ctx)
         if source == "activations":
             if scales[0] == 0.0 and self._input_varies(ctx, step):
                 return [self._zeroed(names, scales, step, nonlin, bool(ctx.recurrent))]
-            if _normalised(ctx):
+            if normalised(ctx):
                 return []  # every norm layer resets the scale: an init gain cannot compound
             names, scales = names[:-1], scales[:-1]  # without the output head: often small on purpose
             inp = self._unit_input_std(ctx, step)
@@ -549,7 +487,7 @@ class PoorInitialization(Rule):
         """The std of the float features entering the first parametric layer at ``step`` when
         they are of unit scale (0.1 to 10: the scale initialisers are designed for; other
         scales are GP601's), else None."""
-        w = _wide(ctx, "first_layer")
+        w = sample_table(ctx, "first_layer")
         if w.empty or "std" not in w:
             return None
         w = w[(w["step"] == step) & ~w["target"].str.contains(r"\[", regex=True)]
@@ -563,7 +501,7 @@ class PoorInitialization(Rule):
     @staticmethod
     def _input_varies(ctx: RunContext, step: int) -> bool:
         for probe in ("first_layer", "input"):
-            w = _wide(ctx, probe)
+            w = sample_table(ctx, probe)
             if w.empty or "std" not in w:
                 continue
             w = w[(w["step"] == step) & ~w["target"].str.contains(r"\[", regex=True)]
@@ -573,7 +511,7 @@ class PoorInitialization(Rule):
 
     @staticmethod
     def _activations(ctx: RunContext) -> tuple[list[str], list[float], int] | None:
-        act = _wide(ctx, "activation")
+        act = sample_table(ctx, "activation")
         if act.empty or "std" not in act:
             return None
         step = int(act["step"].min())
@@ -591,7 +529,7 @@ class PoorInitialization(Rule):
 
     @staticmethod
     def _gradients(ctx: RunContext) -> tuple[list[str], list[float], int] | None:
-        lg = ctx.layer_grads()
+        lg = layer_grads(ctx)
         if lg.empty:
             return None
         row = lg.iloc[0]
@@ -644,7 +582,10 @@ class SaturatedActivations(Rule):
     title = "Sigmoid/tanh units are stuck at their bounds"
     requires = ("activations|gates",)
     causes = ("input-scale", "poor-initialization", "lr-too-high", "missing-weight-decay", "exploding-gradients")
-    computes = {}
+    evidence_fields = {
+        "saturated": Field("saturated modules"),
+        "threshold": Field("threshold", "%"),
+    }
     explanation = Explanation(
         what="Sigmoid or tanh units (LSTM/GRU gates included) that sit at their bounds for most inputs throughout "
         "training, beyond what the architecture intends (an LSTM forget gate near 1 is by design and not flagged).",
@@ -659,7 +600,7 @@ class SaturatedActivations(Rule):
 
     def check(self, ctx: RunContext) -> list[Finding]:
         hits: list[dict[str, Any]] = []
-        act = _wide(ctx, "activation")
+        act = sample_table(ctx, "activation")
         if not act.empty and "saturated_frac" in act:
             first_step = int(act["step"].min())
             first = act[act["step"] == first_step]
@@ -670,11 +611,11 @@ class SaturatedActivations(Rule):
                     continue
                 g = g.sort_values("step")
                 v = g["saturated_frac"].to_numpy(dtype=np.float64)
-                if _sustained(v, SATURATED):
+                if sustained(v, SATURATED):
                     hits.append({"layer": str(name), "kind": "module", "fraction": float(np.median(v[v.size // 2:])),
                                  "first_step": int(g.loc[g["saturated_frac"] >= SATURATED, "step"].min()),
                                  "samples": int(v.size)})
-        gates = _wide(ctx, "gates")
+        gates = sample_table(ctx, "gates")
         if not gates.empty:
             for name, g in gates.groupby("target", sort=False):
                 gate = str(name).rsplit(".", 1)[-1]
@@ -685,7 +626,7 @@ class SaturatedActivations(Rule):
                     v = g["low_frac"].to_numpy(dtype=np.float64)  # closed; open gates pass signal and gradient
                 else:
                     continue
-                if _sustained(v, SATURATED):
+                if sustained(v, SATURATED):
                     steps = g["step"].to_numpy()
                     hits.append({"layer": str(name), "kind": "gate", "gate": gate,
                                  "fraction": float(np.median(v[v.size // 2:])),
@@ -743,10 +684,17 @@ class DeadUnits(Rule):
     slug = "dead-units"
     severity = "warning"
     title = "ReLU units never activate"
+    severities = {
+        "warning": "half or more of a layer's units never activate",
+        "error": "99% or more of a layer's units never activate: it passes essentially nothing",
+    }
     requires = ("activations",)
+    evidence_fields = {
+        "dead": Field("dead layers"),
+        "threshold": Field("threshold", "%"),
+    }
     causes = ("lr-too-high", "poor-initialization", "input-scale", "exploding-gradients", "saturated-activations",
               "degenerate-targets")
-    computes = {}
     explanation = Explanation(
         what="ReLU-family units that are zero for every example of the batch, sampled through the run: dead units.",
         why="A dead ReLU has zero gradient, so nothing brings it back; a layer with most units dead passes almost "
@@ -759,15 +707,15 @@ class DeadUnits(Rule):
     )
 
     def check(self, ctx: RunContext) -> list[Finding]:
-        act = _wide(ctx, "activation")
+        act = sample_table(ctx, "activation")
         if act.empty:
             return []
-        tw = _wide(ctx, "target")
+        tw = sample_table(ctx, "target")
         if not tw.empty and "numel" in tw and float(tw["numel"].median()) < 8:
             return []
-        if _input_constant(ctx):
+        if input_constant(ctx):
             return []  # one input for the whole batch: every unit is on or off for all of it
-        first_layer = _first_layer_name(ctx)
+        first_layer = first_layer_name(ctx)
         hits: list[dict[str, Any]] = []
         # calls of activation modules (ReLU family, tanh/sigmoid): an input_dead_frac right after
         # one is that module's own zeros (assessed through dead_frac, or tanh(0) of a zero init)
@@ -783,7 +731,7 @@ class DeadUnits(Rule):
                 if "mean" in g and float(g["mean"].median()) < 0:
                     continue
                 v = g["dead_frac"].to_numpy(dtype=np.float64)
-                if _sustained(v, DEAD):
+                if sustained(v, DEAD):
                     hits.append(self._hit(str(name), "units", g, v))
         if "input_dead_frac" in act:
             inp = act[act["input_dead_frac"].notna()]
@@ -795,7 +743,7 @@ class DeadUnits(Rule):
                 if after_act >= 0.5:
                     continue
                 v = g["input_dead_frac"].to_numpy(dtype=np.float64)
-                if _sustained(v, DEAD):
+                if sustained(v, DEAD):
                     hits.append(self._hit(str(name), "inputs", g, v))
         if not hits:
             return []

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradprobe.analysis import RunContext
-from gradprobe.report import Finding, Recommendation
-from gradprobe.rules.base import Explanation, Rule, register
+from gradprobe.rules.base import CrossRankRule, Explanation, Field, Finding, Recommendation, register
 
 #: Relative disagreement of the all-reduced gradient norm between ranks that is not float
 #: rounding. An all-reduce hands every rank the same bits (NCCL and gloo reduce once and
@@ -42,7 +41,7 @@ def _first_nonfinite(ctx: RunContext) -> tuple[int | None, str | None]:
 
 
 @register
-class RankDivergence(Rule):
+class RankDivergence(CrossRankRule):
     """Ranks of one DistributedDataParallel job that disagree, or a fault that started on one
     rank.
 
@@ -69,7 +68,16 @@ class RankDivergence(Rule):
     slug = "rank-divergence"
     severity = "error"
     title = "Ranks of a distributed run disagree, or a fault started on one rank"
-    requires = ("ranks",)
+    evidence_fields = {
+        "disagreeing_steps": Field("steps where the ranks disagree", "steps"),
+        "compared_steps": Field("steps compared", "steps"),
+        "max_relative_difference": Field("largest relative difference"),
+        "ranks": Field("ranks"),
+        "rank": Field("rank"),
+        "first_step": Field("first non-finite", "step"),
+        "where": Field("where"),
+        "first_nonfinite_by_rank": Field("first non-finite step by rank", "step"),
+    }
     explanation = Explanation(
         what="In a torchrun/DDP job: ranks whose all-reduced gradient norms differ (the gradients are not being averaged), "
         "or the rank whose inputs, loss or local gradients went non-finite first.",
@@ -82,9 +90,6 @@ class RankDivergence(Rule):
         "ranks). For a NaN from one rank, inspect that rank's data shard at the reported step (DistributedSampler index).",
         example="torchrun --no-python --nproc_per_node=2 gradprobe run train.py  # rank 1 reads a corrupt shard at step 40",
     )
-
-    def check(self, ctx: RunContext) -> list[Finding]:
-        return []  # judged across ranks by check_ranks
 
     def check_ranks(self, ranks: dict[int, RunContext]) -> list[Finding]:
         out: list[Finding] = []
@@ -133,7 +138,7 @@ class RankDivergence(Rule):
                     confidence=0.7 if same_step else 0.95,
                     first_step=s0,
                     message=(f"Non-finite values started on rank {r0} at step {s0} (its {where}); "
-                             + (f"the other ranks' own data stayed finite until later: the all-reduce spread it." if not same_step
+                             + ("the other ranks' own data stayed finite until later: the all-reduce spread it." if not same_step
                                 else "the other ranks went bad in the same step, through the all-reduce.")),
                     evidence={"rank": r0, "first_step": s0, "where": where,
                               "first_nonfinite_by_rank": {str(r): v[0] for r, v in sorted(firsts.items())}},

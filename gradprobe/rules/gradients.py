@@ -14,27 +14,30 @@ import re
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from gradprobe.analysis import (
+    MAX_NORM_FORMULA,
+    MAX_NORM_PERCENTILE,
+    MISSING,
     SPIKE_FACTOR,
     RunContext,
+    geometric_growth,
     grad_spikes,
     layer_forward_order,
+    layer_grads_by_row,
     log_ratio_confidence,
     loss_curve,
     loss_spikes,
+    optimizer_eps,
     optimizer_family,
     rank_correlation,
     suggested_max_norm,
+    tiny_targets,
+    total_numel,
     trailing_level_at,
     trivial_loss,
 )
-from gradprobe.report import Finding, Recommendation
-from gradprobe.rules.base import Explanation, Rule, register
-from gradprobe.rules.data import tiny_targets
-from gradprobe.rules.nonfinite import cause_present
-from gradprobe.runlog import MISSING
+from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
 
 #: float32 machine epsilon: a relative change of a weight below it is rounded away.
 FLOAT32_EPS = 1.1920929e-07
@@ -43,13 +46,6 @@ _CLIP_SNIPPET = """\
 loss.backward()
 {unscale}torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})
 {step}"""
-
-#: How GP201, GP202 and GP204 compute ``max_norm`` (one definition: analysis.suggested_max_norm).
-MAX_NORM_FORMULA = (
-    "95th percentile of the pre-clip gradient norm over the stable window: finite steps after the warm-up "
-    "(first max(1, min(50, n // 10)) steps), spikes and the 2 steps after each excluded, and only the steps "
-    "before the first spike when there are at least 10 of them"
-)
 
 _EMBEDDING_NAME = re.compile(r"emb|wte\b|wpe\b|(^|\.)tok", re.I)
 
@@ -63,8 +59,27 @@ def _clip_snippet(ctx: RunContext, max_norm: float) -> str:
     )
 
 
-def _total_numel(ctx: RunContext) -> int:
-    return int(sum(int(layer.get("numel") or 0) for layer in ctx.layer_info.values()))
+def _max_norm_recommendations(ctx: RunContext, current: float | None, purpose: str) -> list[Recommendation]:
+    """``max_norm`` from the run (:func:`gradprobe.analysis.suggested_max_norm`) and the clip
+    call to make with it; when the run has too few healthy steps to compute it, or (clipping
+    already on) the computed value would not raise the current one, says so."""
+    sug = suggested_max_norm(ctx)
+    if not sug:
+        return [Recommendation.omitted("max_norm", current, sug.reason)]
+    if current is not None and sug.value <= current:
+        return [Recommendation.omitted(
+            "max_norm", current, f"the {MAX_NORM_PERCENTILE}th percentile of the healthy pre-clip norms "
+            f"({sug.value:g}) is not above the current max_norm")]
+    window = sug.details["window"]
+    return [
+        Recommendation.hyperparameter(
+            "max_norm", current, sug.value,
+            f"{MAX_NORM_PERCENTILE}th percentile of pre-clip norms in the stable window (steps {window[0]}-{window[1]}, "
+            f"median {sug.details['median']:.3g}): {purpose}"),
+        Recommendation.code("Clip the gradient norm before the optimizer step" if current is None else
+                            "Clip only outliers: set max_norm from the gradient norms this model actually has",
+                            _clip_snippet(ctx, sug.value)),
+    ]
 
 
 @register
@@ -117,6 +132,22 @@ class Overclipping(Rule):
     code = "GP201"
     slug = "overclipping"
     severity = "error"
+    evidence_fields = {
+        "clipped_fraction": Field("clipped steps", "%"),
+        "median_preclip_norm": Field("median pre-clip norm", "norm"),
+        "median_shrink": Field("median post/pre-clip norm", "x"),
+        "max_norm": Field("max_norm", "norm"),
+        "optimizer": Field("optimizer"),
+        "clipped_grad_rms": Field("clipped per-element gradient RMS"),
+        "eps": Field("optimizer eps"),
+        "effective_update_factor": Field("update kept after clipping", "x"),
+        "loss_first": Field("loss at the start", "loss"),
+        "loss_last": Field("loss at the end", "loss"),
+        "relative_loss_decrease": Field("loss decrease", "%"),
+        "lr": Field("configured lr", "lr"),
+        "effective_lr": Field("effective lr", "lr"),
+        "median_update_ratio": Field("median update-to-weight ratio"),
+    }
     title = "Gradient clipping cuts every step: the effective learning rate is a fraction of the configured one"
     requires = ("grad_norm", "clip", "loss", "optimizer")
     causes = ()
@@ -174,9 +205,8 @@ class Overclipping(Rule):
         if fam == "sgd":
             factor = med_shrink
         else:
-            numel = _total_numel(ctx)
-            eps = ctx.hparams.get("eps", 1e-8)
-            eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 1e-8
+            numel = total_numel(ctx)
+            eps = optimizer_eps(ctx)
             if numel <= 0:
                 return []
             rms_post = float(np.median(s[rows][clipped])) / math.sqrt(numel)
@@ -189,7 +219,7 @@ class Overclipping(Rule):
         curve = loss_curve(ctx)
         if curve.n < 6 or not curve.start > 0:
             return []
-        rel = curve.settled_progress
+        rel = curve.progress
         if curve.rose:
             return []
         if curve.fell:
@@ -211,17 +241,8 @@ class Overclipping(Rule):
         c_loss = 0.5 + 0.5 * min(1.0, max(0.0, (0.1 - max(rel, 0.0)) / 0.1))
         conf = (c_frac * c_shrink * c_loss) ** (1.0 / 3.0)
 
-        recs = []
-        sug = suggested_max_norm(ctx)
         current = ctx.max_norm
-        if sug is not None and (current is None or sug[0] > current):
-            recs.append(Recommendation.hyperparameter(
-                "max_norm", current, sug[0],
-                f"95th percentile of pre-clip norms in the stable window (steps {sug[1]['window'][0]}-"
-                f"{sug[1]['window'][1]}, median {sug[1]['median']:.3g}): clipping then trims only spikes"))
-        recs.append(Recommendation.code(
-            "Clip only outliers: set max_norm from the gradient norms this model actually has",
-            _clip_snippet(ctx, sug[0] if sug else current or 1.0)))
+        recs = _max_norm_recommendations(ctx, current, "clipping then trims only spikes")
         first = ctx.step_at(int(rows[np.flatnonzero(clipped)[0]]))
         if fam == "sgd":
             how = (f"clipping cuts the gradient to {100 * med_shrink:.2g}% of its norm (median pre-clip norm "
@@ -242,14 +263,6 @@ class Overclipping(Rule):
                              recommendations=recs)]
 
 
-def _layer_table(ctx: RunContext) -> pd.DataFrame:
-    """Per-layer pre-clip gradient norms aligned to the step rows (NaN missing, inf non-finite)."""
-    lg = ctx.layer_grads()
-    if lg.empty:
-        return lg
-    return lg.reindex(ctx.step)
-
-
 def _start_layer(ctx: RunContext, base_row: int, onset_row: int) -> tuple[str | None, list[tuple[str, float]]]:
     """The layer an explosion starts in, and the layers ranked by their rise at the onset.
 
@@ -259,7 +272,7 @@ def _start_layer(ctx: RunContext, base_row: int, onset_row: int) -> tuple[str | 
     layer where it arises towards the input, so the layers closer to the output that did not
     spike rule themselves out: the start is the spiking module latest in forward order, and
     within it the parameter with the largest rise. Without a 10x layer: the largest rise."""
-    lg = _layer_table(ctx)
+    lg = layer_grads_by_row(ctx)
     if lg.empty or onset_row >= len(lg) or base_row + 1 > onset_row:
         return None, []
     arr = lg.to_numpy(dtype=np.float64)
@@ -290,30 +303,6 @@ def _start_layer(ctx: RunContext, base_row: int, onset_row: int) -> tuple[str | 
     in_module = [j for j in cols if module_of(j) == last_module]
     best = max(in_module, key=lambda j: rise[rows[0], j])
     return names[best], ranked[:5]
-
-
-def _geometric_growth(ctx: RunContext) -> tuple[int, int, float] | None:
-    """(start row, end row, factor) of the first stretch where the pre-clip norm, smoothed by
-    a trailing median of 5 steps (single-batch dips and peaks removed), rose >= 100x over
-    >= 4 steps from its minimum of the previous 50 steps, rising on >= 60% of those steps."""
-    norm = grad_spikes(ctx).norm
-    with np.errstate(all="ignore"):
-        raw = np.where(norm > 0, np.log10(norm), np.nan)
-    lg = pd.Series(raw).rolling(5, min_periods=1).median().to_numpy()
-    low = pd.Series(lg).shift(4).rolling(47, min_periods=1).min().to_numpy()
-    with np.errstate(invalid="ignore"):
-        cand = np.flatnonzero(np.nan_to_num(lg - low, nan=-np.inf) >= 2.0)
-    for j in cand[:200]:
-        lo = max(0, j - 50)
-        window = lg[lo : j - 3]
-        if not np.isfinite(window).any():
-            continue
-        i = lo + int(np.nanargmin(window))
-        seg = lg[i : j + 1]
-        d = np.diff(seg[np.isfinite(seg)])
-        if d.size >= 4 and (d > 0).mean() >= 0.6:
-            return i, int(j), float(10 ** (lg[j] - lg[i]))
-    return None
 
 
 def _loss_jump(ctx: RunContext, row: int) -> float | None:
@@ -385,6 +374,31 @@ class ExplodingGradients(Rule):
     code = "GP202"
     slug = "exploding-gradients"
     severity = "error"
+    severities = {
+        "error": "it did harm (non-finite values, or the loss of the next 10 steps 1.5x the 10 before), or nothing "
+                 "bounded a spike of 100x or more",
+        "warning": "no clipping bounded it, or clipping contained spikes on 5% of the steps or more",
+        "info": "clipping contained rare spikes (the guard doing its job)",
+    }
+    #: the gradient of a batch whose loss already spiked is that loss's (it scales with the loss)
+    causes_on_evidence = ("loss-spike",)
+    evidence_fields = {
+        "pattern": Field("pattern"),
+        "onset_step": Field("onset", "step"),
+        "grad_norm_at_onset": Field("gradient norm at the onset", "norm"),
+        "running_level": Field("running level before it", "norm"),
+        "max_ratio": Field("largest jump over the running level", "x"),
+        "spikes": Field("spikes", "steps"),
+        "spike_fraction": Field("steps that spiked", "%"),
+        "clipped": Field("clipping on"),
+        "contained_by_clipping": Field("contained by clipping"),
+        "growth_factor": Field("growth", "x"),
+        "growth_steps": Field("over", "steps"),
+        "layer_rise_at_onset": Field("layers' rise at the onset", "x"),
+        "loss_after_over_before": Field("loss after over before", "x"),
+        "nonfinite_step": Field("non-finite from", "step"),
+        "loss_spike_step": Field("loss spike at", "step"),
+    }
     title = "Exploding gradients"
     requires = ("grad_norm",)
     causes = ("undetached-hidden-state", "long-lookback", "lr-too-high", "poor-initialization", "input-scale",
@@ -415,7 +429,7 @@ class ExplodingGradients(Rule):
 
     def check(self, ctx: RunContext) -> list[Finding]:
         sp = grad_spikes(ctx)
-        growth = _geometric_growth(ctx)
+        growth = geometric_growth(ctx)
         if sp.first is None and growth is None:
             return []
         use_growth = growth is not None and (sp.first is None or growth[0] < sp.first and growth[1] <= sp.first)
@@ -478,22 +492,15 @@ class ExplodingGradients(Rule):
             evidence["nonfinite_step"] = ctx.step_at(onset_row + int(nonfinite_after[0]))
         caused_by: list[str] = []
         onset_step = ctx.step_at(onset_row)
-        same_batch = [e for e in loss_spikes(loss_curve(ctx)) if e.step <= onset_step <= e.end_step]
+        same_batch = [e for e in loss_spikes(ctx) if e.step <= onset_step <= e.end_step]
         if same_batch:
             evidence["loss_spike_step"] = same_batch[0].step
-            caused_by = ["loss-spike"] + [c for c in self.causes if cause_present(ctx, c, first_step)]
+            caused_by = ["loss-spike"]
 
         conf = log_ratio_confidence(max_ratio, SPIKE_FACTOR, 2.0) * (0.7 + 0.3 * min(1.0, n_events / 3))
         recs = []
         if not clip_calls.any():
-            sug = suggested_max_norm(ctx)
-            if sug is not None:
-                recs.append(Recommendation.hyperparameter(
-                    "max_norm", None, sug[0],
-                    f"95th percentile of pre-clip norms in the stable window (steps {sug[1]['window'][0]}-"
-                    f"{sug[1]['window'][1]}, median {sug[1]['median']:.3g}): cuts spikes, leaves normal steps"))
-                recs.append(Recommendation.code("Clip the gradient norm before the optimizer step",
-                                                _clip_snippet(ctx, sug[0])))
+            recs = _max_norm_recommendations(ctx, None, "cuts spikes, leaves normal steps")
         where = f" It starts in `{layer}`." if layer else ""
         if use_growth:
             what = (f"The gradient norm grew {size:.3g}x over {onset_row - base_row} steps "
@@ -519,7 +526,7 @@ class ExplodingGradients(Rule):
             message += (f" The loss of that batch had already jumped (loss spike from step {same_batch[0].step}): the "
                         "gradient follows the loss.")
         return [self.finding(confidence=conf, message=message, first_step=first_step, layer=layer,
-                             evidence=evidence, recommendations=recs, severity=severity, caused_by=caused_by)]
+                             evidence=evidence, recommendations=recs, severity=severity, may_follow=caused_by)]
 
 
 def _embedding_layers(ctx: RunContext, names: list[str], order: dict[str, float]) -> set[str]:
@@ -580,6 +587,30 @@ class VanishingGradients(Rule):
     code = "GP203"
     slug = "vanishing-gradients"
     severity = "warning"
+    severities = {
+        "warning": "the early layers' gradients are 1000x below the late ones' and the optimizer does not rescale "
+                   "them (SGD-like, or Adam-like with the gradient below eps)",
+        "info": "the depth decay under an Adam-like optimizer, which rescales per parameter",
+        "error": "every gradient is negligible (zero, or too small to change the weights) and the loss is not moving",
+    }
+    #: under SGD the negligible form's criterion is lr x gradient: a too-low lr makes it true
+    causes_on_evidence = ("lr-too-low",)
+    evidence_fields = {
+        "negligible_fraction": Field("steps with negligible gradients", "%"),
+        "median_grad_norm": Field("median gradient norm", "norm"),
+        "criterion": Field("negligible means"),
+        "optimizer": Field("optimizer"),
+        "median_grad_rms": Field("median per-element gradient RMS"),
+        "loss_first": Field("loss at the start", "loss"),
+        "loss_last": Field("loss at the end", "loss"),
+        "decades": Field("early vs late layers", "decades"),
+        "measure": Field("measured as"),
+        "rank_correlation": Field("decay with depth (rank correlation)"),
+        "early_layers": Field("early layers"),
+        "late_layers": Field("late layers"),
+        "layer_median_ratio": Field("median relative gradient per layer"),
+        "early_grad_rms": Field("early layers' per-element gradient RMS"),
+    }
     title = "Vanishing gradients"
     requires = ("grad_norm",)
     causes = ("poor-initialization", "saturated-activations", "dead-units", "amp-without-scaler", "input-scale",
@@ -623,7 +654,7 @@ class VanishingGradients(Rule):
         gg = g[rows]
         negl = gg == 0
         criterion = "exactly zero"
-        numel = _total_numel(ctx)
+        numel = total_numel(ctx)
         if fam == "sgd":
             w = ctx.col("weight_norm")[rows]
             lr = ctx.lr[rows]
@@ -632,8 +663,7 @@ class VanishingGradients(Rule):
             negl |= np.nan_to_num(rel, nan=np.inf) < FLOAT32_EPS
             criterion = f"lr * ||g|| / ||w|| below float32 epsilon ({FLOAT32_EPS:.3g})"
         elif fam == "adaptive" and numel > 0:
-            eps = ctx.hparams.get("eps", 1e-8)
-            eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 1e-8
+            eps = optimizer_eps(ctx)
             negl |= gg / math.sqrt(numel) < eps
             criterion = f"per-element gradient RMS below {ctx.optimizer_class}'s eps ({eps:.2g})"
         frac = float(negl.mean())
@@ -656,14 +686,13 @@ class VanishingGradients(Rule):
             f"On {100 * frac:.0f}% of the steps the gradient is negligible ({criterion}; median total norm "
             f"{evidence['median_grad_norm']:.3g}) and the loss is not moving: the run is not learning."
         )
-        caused_by = ["lr-too-low"] if fam == "sgd" and cause_present(ctx, "lr-too-low", None) else []
-        if caused_by:
-            message += " The learning rate is what makes the steps negligible (see lr-too-low)."
+        # under SGD the criterion involves the lr: a too-low lr makes ordinary gradients negligible
+        follow = ["lr-too-low"] if fam == "sgd" else []
         return [self.finding(confidence=frac, message=message, first_step=first, evidence=evidence,
-                             severity="error", title="All gradients negligible", caused_by=caused_by)]
+                             severity="error", title="All gradients negligible", may_follow=follow)]
 
     def _depth(self, ctx: RunContext) -> list[Finding]:
-        lg = _layer_table(ctx)
+        lg = layer_grads_by_row(ctx)
         if lg.empty:
             return []
         lw = ctx.log.layer_weight
@@ -722,8 +751,7 @@ class VanishingGradients(Rule):
             "layer_median_ratio": {n: float(10**v) for n, v in pairs[:q] + pairs[-q:]},
         }
         if fam == "adaptive":
-            eps = ctx.hparams.get("eps", 1e-8)
-            eps = float(eps) if isinstance(eps, (int, float)) and eps > 0 else 1e-8
+            eps = optimizer_eps(ctx)
             rms = []
             for n in names[:q]:
                 numel = int(info.get(n, {}).get("numel") or 0)
@@ -779,6 +807,14 @@ class MissingGradientClipping(Rule):
     code = "GP204"
     slug = "missing-gradient-clipping"
     severity = "warning"
+    evidence_fields = {
+        "spikes": Field("spikes", "steps"),
+        "max_ratio": Field("largest spike over the running level", "x"),
+        "first_spike_step": Field("first spike", "step"),
+        "recurrent_modules": Field("recurrent modules"),
+        "clip_calls": Field("clip calls"),
+        "median_grad_norm": Field("median gradient norm", "norm"),
+    }
     title = "Gradient spikes in a recurrent run with no clipping"
     requires = ("grad_norm", "clip")
     causes = ("exploding-gradients",)
@@ -814,22 +850,16 @@ class MissingGradientClipping(Rule):
             "recurrent_modules": [r.get("module") for r in ctx.recurrent],
             "clip_calls": 0,
         }
-        recs = []
-        if sug is not None:
-            evidence["median_grad_norm"] = sug[1]["median"]
-            recs.append(Recommendation.hyperparameter(
-                "max_norm", None, sug[0],
-                f"95th percentile of pre-clip norms in the stable window (steps {sug[1]['window'][0]}-"
-                f"{sug[1]['window'][1]}, median {sug[1]['median']:.3g}): cuts spikes, leaves normal steps"))
-            recs.append(Recommendation.code("Clip the gradient norm before the optimizer step",
-                                            _clip_snippet(ctx, sug[0])))
+        recs = _max_norm_recommendations(ctx, None, "cuts spikes, leaves normal steps")
+        if sug:
+            evidence["median_grad_norm"] = sug.details["median"]
         kind = "recurrent" if recurrent else "repeatedly spiking"
         message = (
             f"This {kind} run never clips its gradients, and the gradient norm spiked {n} time(s) to >= "
             f"{SPIKE_FACTOR:g}x its running level (largest {sp.max_ratio:.3g}x, first at step "
             f"{evidence['first_spike_step']})"
-            + (f". Clipping at max_norm={sug[0]:g} (the normal steps' 95th percentile) would cut the spikes and "
-               "leave normal steps alone." if sug else ".")
+            + (f". Clipping at max_norm={sug.value:g} (the normal steps' {MAX_NORM_PERCENTILE}th percentile) would cut "
+               "the spikes and leave normal steps alone." if sug else ".")
         )
         conf = log_ratio_confidence(sp.max_ratio, SPIKE_FACTOR, 2.0) * (0.6 + 0.4 * min(1.0, n / 3))
         return [self.finding(confidence=conf, message=message, first_step=evidence["first_spike_step"],

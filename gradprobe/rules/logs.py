@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from gradprobe.analysis import RunContext
-from gradprobe.report import Finding, Recommendation
-from gradprobe.rules.base import Explanation, Rule, register
+from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
 
 #: A stream counts from 2 extra records: one repeated record is routinely a final evaluation
 #: run again at the last step (``trainer.evaluate()`` after ``train()``), not a logging fault.
@@ -133,9 +132,15 @@ class DuplicateLogRecords(Rule):
     slug = "duplicate-log-records"
     severity = "warning"
     title = "The same step is logged several times"
+    severities = {
+        "warning": "records repeated within one pass of the log, or the log restarted",
+        "info": "only a resume from a checkpoint re-logged steps (a fact about the log, not a fault)",
+    }
     requires = ("duplicates",)
-    causes = ()
-    computes = {}
+    evidence_fields = {
+        "streams": Field("duplicated streams"),
+        "main": Field("main stream"),
+    }
     explanation = Explanation(
         what="A log (TensorBoard, trainer_state.json, metrics.csv) holds several records for the same step or epoch.",
         why="Readers, dashboards and this analysis keep one value per step: duplicates silently mix values from "

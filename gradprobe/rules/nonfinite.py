@@ -17,9 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from gradprobe.analysis import RunContext, layer_forward_order, nonfinite_timeline, risen_before
-from gradprobe.report import Finding, Recommendation
-from gradprobe.rules.base import Explanation, Rule, get_rule, register
+from gradprobe.analysis import (
+    RunContext,
+    count_confidence,
+    first_index,
+    layer_forward_order,
+    layer_grads,
+    nonfinite_timeline,
+    risen_before,
+    too_early_to_rise,
+)
+from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
 
 STAGE_ORDER = {"input": 0, "first_layer": 1, "target": 2}
 
@@ -47,52 +55,21 @@ features, targets = features[~bad], targets[~bad]   # or impute / fix the source
 assert torch.isfinite(x).all() and torch.isfinite(y).all(), f"non-finite batch at step {step}" """
 
 
-def _first_index(mask: np.ndarray) -> int | None:
-    idx = np.flatnonzero(mask)
-    return int(idx[0]) if idx.size else None
-
-
 #: Root causes outside this family a non-finite value can follow from when the run diverged
 #: (unnormalised inputs make the first layer's gradient, and an SGD step on it, as large as
 #: the features: the first updates overshoot).
-DIVERGENCE_CAUSES = ("exploding-gradients", "lr-too-high", "input-scale")
+DIVERGENCE_CAUSES = ("exploding-gradients", "long-lookback", "lr-too-high", "input-scale")
 
 
-def _no_history(x: np.ndarray, i0: int) -> bool:
-    """1 or 2 finite values before row ``i0``: too early to judge a rise (the run went
-    non-finite right after its first updates, where only a cause present from the start can
-    drive it). With none, the untrained model's own forward made it: no update did."""
-    return 1 <= int(np.isfinite(x[:i0]).sum()) < 3
-
-
-def cause_present(ctx: RunContext, slug: str, step: int | None) -> bool:
-    """Whether rule ``slug`` finds something in this run starting at or before ``step``.
-
-    For evidence-gated links: a rule names a cause from outside its family only when its own
-    numbers point there *and* that cause is in the report (the engine alone would link any
-    earlier finding of a listed cause, however far away and whatever the mechanism)."""
-    cache = ctx.__dict__.setdefault("_cause_present", {})
-    if slug not in cache:
-        firsts: list[int | None] = []
-        cls = get_rule(slug)
-        if cls is not None and all(any(alt in ctx.signals for alt in sig.split("|")) for sig in cls.requires):
-            try:
-                firsts = [f.first_step for f in cls().check(ctx)]
-            except Exception:  # noqa: BLE001 - another rule's failure is reported by the engine
-                firsts = []
-        cache[slug] = firsts
-    return any(f is None or step is None or f <= step for f in cache[slug])
-
-
-def _divergence_causes(ctx: RunContext, step: int) -> list[str]:
-    """The divergence root causes (exploding-gradients, lr-too-high) present at or before
-    ``step``. Callers ask only when the run's own numbers show a divergence right before the
-    first non-finite value, so a NaN batch is never blamed on the learning rate."""
-    return [slug for slug in DIVERGENCE_CAUSES if cause_present(ctx, slug, step)]
-
-
-def _count_conf(count: int) -> float:
-    return min(1.0, 0.6 + 0.4 * min(1.0, count / 3.0))
+#: A non-finite value is a pattern, not a stray, from this many occurrences: confidence rises
+#: from 0.6 at one to 1.0 at three (the measurement itself is exact).
+PATTERN_COUNT = 3
+#: A loss non-finite on at least this fraction of the steps is systematic: one batch in twenty
+#: never trains (the data or the model has a fault), not a stray batch.
+SYSTEMATIC_FRACTION = 0.05
+#: A loss that stayed non-finite for the last this-many steps of the run (and at least a
+#: tenth of it) has stopped training: further steps cannot bring it back by themselves.
+SUSTAINED_NONFINITE = 20
 
 
 def _nonfinite_layers_at(frame: Any, step: int) -> list[str]:
@@ -147,8 +124,13 @@ class NonfiniteInputs(Rule):
     #: the sampled ``inputs`` or ``targets`` signal, either one (a model called with keyword
     #: arguments only has target samples)
     requires = ("inputs|targets|data_finiteness",)
-    causes = ()
-    computes = {}
+    evidence_fields = {
+        "first_observed_step": Field("first seen", "step"),
+        "last_clean_sample_step": Field("last clean sample", "step"),
+        "places": Field("where"),
+        "bad_samples": Field("sampled tensors with NaN/Inf"),
+        "bad_steps": Field("steps with NaN/Inf data", "steps"),
+    }
     explanation = Explanation(
         what="NaN or Inf values in the inputs fed to the model, in the input of its first layer, or in the targets "
         "fed to the loss.",
@@ -183,7 +165,7 @@ class NonfiniteInputs(Rule):
             p["steps"] += 1
             p["max_nonfinite"] = max(p["max_nonfinite"], r["nonfinite"])
         first = tl.input_step if tl.input_step is not None else first_bad["step"]
-        i0 = _first_index(ctx.step == first)
+        i0 = first_index(ctx.step == first)
         corroborated = i0 is not None and bool(tl.loss[i0] or tl.grad_raw[i0])
         n_steps = len({r["step"] for r in bad})
         conf = 0.6 + 0.2 * min(1.0, n_steps / 3.0) + (0.2 if corroborated else 0.0)
@@ -251,9 +233,29 @@ class NonfiniteLoss(Rule):
     slug = "nonfinite-loss"
     severity = "error"
     title = "The loss became NaN/Inf"
+    severities = {
+        "error": f"the run did not recover (the last loss is non-finite, or the parameters are), or at least "
+                 f"{SYSTEMATIC_FRACTION:.0%} of the steps had a non-finite loss",
+        "warning": "isolated non-finite losses the run recovered from (skipped by a GradScaler or a guard)",
+    }
     requires = ("loss",)
     causes = ("nonfinite-inputs", "fp16-overflow")
-    computes = {}
+    causes_on_evidence = ("nonfinite-parameters", "nonfinite-gradients", *DIVERGENCE_CAUSES)
+    final_when = (f"the loss stayed non-finite through the last {SUSTAINED_NONFINITE} steps (and a tenth of the run), "
+                  "or the parameters are non-finite: no later step computes a finite loss from them")
+    evidence_fields = {
+        "nonfinite_steps": Field("steps with a non-finite loss", "steps"),
+        "fraction": Field("of the steps", "%"),
+        "last_finite_loss": Field("last finite loss", "loss"),
+        "last_finite_grad_norm": Field("last finite gradient norm", "norm"),
+        "loss_rise": Field("loss before it over its running level", "x"),
+        "grad_norm_rise": Field("gradient norm before it over its running level", "x"),
+        "lr": Field("lr", "lr"),
+        "first_nonfinite_module": Field("first module with a non-finite output"),
+        "skipped_by_scaler": Field("skipped by the GradScaler", "steps"),
+        "recovered": Field("recovered"),
+        "nonfinite_tail": Field("non-finite through the last", "steps"),
+    }
     explanation = Explanation(
         what="The first step whose loss was NaN or Inf, and what preceded it: a rising loss or gradient norm, "
         "non-finite parameters from an earlier step, non-finite data, or the module where the forward first "
@@ -271,7 +273,7 @@ class NonfiniteLoss(Rule):
         tl = nonfinite_timeline(ctx)
         if not tl.loss.any():
             return []
-        i0 = _first_index(tl.loss)
+        i0 = first_index(tl.loss)
         assert i0 is not None
         first = ctx.step_at(i0)
         count = int(tl.loss.sum())
@@ -305,8 +307,8 @@ class NonfiniteLoss(Rule):
         data = tl.input_step is not None and tl.input_step <= first
         if data:
             context.append(f"the data carried NaN/Inf (from step {tl.input_step})")
-        elif loss_rise or grad_rise or (tl.grad_step is not None and tl.grad_step < first) or _no_history(loss, i0):
-            caused_by += [c for c in _divergence_causes(ctx, first) if c not in caused_by]
+        elif loss_rise or grad_rise or (tl.grad_step is not None and tl.grad_step < first) or too_early_to_rise(loss, i0):
+            caused_by += [c for c in DIVERGENCE_CAUSES if c not in caused_by]
         module = self._first_module(ctx, first)
         if module is not None:
             ev["first_nonfinite_module"] = module
@@ -319,15 +321,22 @@ class NonfiniteLoss(Rule):
         params_bad = tl.param_step is not None
         recovered = last_finite and not params_bad
         ev["recovered"] = recovered
-        severe = not recovered or count / max(ctx.n, 1) >= 0.05
+        severe = not recovered or count / max(ctx.n, 1) >= SYSTEMATIC_FRACTION
+        tail = 0
+        for flag in tl.loss[with_loss][::-1]:
+            if not flag:
+                break
+            tail += 1
+        ev["nonfinite_tail"] = tail
+        final = params_bad or (tail >= SUSTAINED_NONFINITE and tail >= 0.1 * max(ctx.n, 1))
         msg = (f"The loss was NaN/Inf first at step {first} ({count} of {ctx.n} steps"
                + (", the run never recovered" if not last_finite else "") + ")")
         msg += (". Before it: " + "; ".join(context) + ".") if context else (
             ". The loss and gradient norm were steady before it and the parameters finite: the NaN entered with that "
             "step's batch or its forward.")
         return [self.finding(
-            confidence=_count_conf(count), message=msg, first_step=first, layer=module, evidence=ev,
-            severity="error" if severe else "warning", caused_by=caused_by,
+            confidence=count_confidence(count, 0.6, PATTERN_COUNT), message=msg, first_step=first, layer=module, evidence=ev,
+            severity="error" if severe else "warning", may_follow=caused_by, final=final,
             recommendations=[Recommendation.code("Stop at the first non-finite loss and find the op", GUARD_SNIPPET)],
         )]
 
@@ -370,9 +379,25 @@ class NonfiniteGradients(Rule):
     slug = "nonfinite-gradients"
     severity = "error"
     title = "NaN/Inf gradients"
+    severities = {
+        "error": "an optimizer stepped on them, or the run did not recover",
+        "warning": "every counted step was left without an optimizer step and the parameters stayed finite",
+    }
     requires = ("grad_norm",)
     causes = ("nonfinite-inputs", "nonfinite-loss", "fp16-overflow")
-    computes = {}
+    causes_on_evidence = ("nonfinite-parameters", *DIVERGENCE_CAUSES)
+    evidence_fields = {
+        "nonfinite_steps": Field("steps with non-finite gradients", "steps"),
+        "fraction": Field("of the steps", "%"),
+        "skipped_by_scaler_not_counted": Field("skipped by the GradScaler (not counted)", "steps"),
+        "discarded_under_scaler_not_counted": Field("discarded without update() (not counted)", "steps"),
+        "nonfinite_layers": Field("layers"),
+        "n_nonfinite_layers": Field("layers at the first step"),
+        "loss_finite_at_first_step": Field("loss finite at that step"),
+        "nonfinite_entries": Field("non-finite entries per layer"),
+        "grad_norm_rise": Field("gradient norm before it over its running level", "x"),
+        "applied_by_optimizer": Field("applied by the optimizer"),
+    }
     explanation = Explanation(
         what="The first step and the first layer (in backward order) with NaN/Inf gradients, not counting the steps a "
         "GradScaler skipped on purpose.",
@@ -391,11 +416,11 @@ class NonfiniteGradients(Rule):
         tl = nonfinite_timeline(ctx)
         if not tl.grad.any():
             return []
-        i0 = _first_index(tl.grad)
+        i0 = first_index(tl.grad)
         assert i0 is not None
         first = ctx.step_at(i0)
         count = int(tl.grad.sum())
-        lg = ctx.layer_grads()
+        lg = layer_grads(ctx)
         layers = _nonfinite_layers_at(lg, first)
         counts = self._exact_counts(ctx, first)
         if not layers and counts:
@@ -421,8 +446,8 @@ class NonfiniteGradients(Rule):
         grad_rise = risen_before(ctx.grad_norm, i0)
         if grad_rise:
             ev["grad_norm_rise"] = round(grad_rise[1], 2)
-        if (grad_rise or _no_history(ctx.grad_norm, i0)) and not (tl.input_step is not None and tl.input_step <= first):
-            caused_by += _divergence_causes(ctx, first)
+        if (grad_rise or too_early_to_rise(ctx.grad_norm, i0)) and not (tl.input_step is not None and tl.input_step <= first):
+            caused_by += list(DIVERGENCE_CAUSES)
         applied = bool((ctx.col("optimizer_steps")[tl.grad] > 0).any())
         measured = np.flatnonzero(np.isfinite(ctx.grad_norm) | tl.grad_raw)  # rows that had gradients
         recovered = bool(measured.size) and not tl.grad[measured[-1]] and tl.param_step is None
@@ -440,8 +465,8 @@ class NonfiniteGradients(Rule):
             msg += " The optimizer stepped on them."
         recs = [Recommendation.code("Never step on non-finite gradients; find the op", GRAD_GUARD_SNIPPET)]
         return [self.finding(
-            confidence=_count_conf(count), message=msg, first_step=first, layer=origin, evidence=ev,
-            severity="error" if (applied or not recovered) else "warning", caused_by=caused_by, recommendations=recs,
+            confidence=count_confidence(count, 0.6, PATTERN_COUNT), message=msg, first_step=first, layer=origin, evidence=ev,
+            severity="error" if (applied or not recovered) else "warning", may_follow=caused_by, recommendations=recs,
         )]
 
     @staticmethod
@@ -479,7 +504,20 @@ class NonfiniteParameters(Rule):
     title = "Parameters became NaN/Inf after an optimizer step"
     requires = ("weights",)
     causes = ("nonfinite-inputs", "nonfinite-loss", "nonfinite-gradients")
-    computes = {}
+    causes_on_evidence = DIVERGENCE_CAUSES
+    final_when = ("the parameters stayed non-finite from that step on: NaN/Inf weights stay NaN/Inf under every "
+                  "optimizer update, so the run cannot recover without reloading a checkpoint")
+    evidence_fields = {
+        "nonfinite_layers": Field("layers"),
+        "nan_layers": Field("layers with NaN"),
+        "n_nonfinite_layers": Field("non-finite layers"),
+        "persistence": Field("steps that stayed non-finite afterwards", "%"),
+        "gradients_nonfinite_at_step": Field("gradients non-finite at that step"),
+        "optimizer": Field("optimizer"),
+        "eps": Field("optimizer eps"),
+        "lr": Field("lr", "lr"),
+        "weight_norm_growth_before": Field("weight norm growth before it", "x"),
+    }
     explanation = Explanation(
         what="Parameters that were NaN/Inf right after an optimizer step: the step, the layers, and whether the "
         "optimizer applied non-finite gradients or produced the NaN itself.",
@@ -499,14 +537,14 @@ class NonfiniteParameters(Rule):
         tl = nonfinite_timeline(ctx)
         if not tl.param.any():
             return []
-        i0 = _first_index(tl.param)
+        i0 = first_index(tl.param)
         assert i0 is not None
         first = ctx.step_at(i0)
         measured = ctx.col("param_nonfinite_layers")[i0:] >= 0
         persist = float(tl.param[i0:][measured].mean()) if measured.any() else 1.0
         layers = _nonfinite_layers_at(ctx.log.layer_weight, first)
         nan_layers = _nan_layers_at(ctx.log.layer_weight, first)
-        lg = ctx.layer_grads()
+        lg = layer_grads(ctx)
         bad_grad = set(_nonfinite_layers_at(lg, first))
         order = layer_forward_order(ctx)
         layers.sort(key=lambda n: order.get(n, 0.0))
@@ -548,7 +586,7 @@ class NonfiniteParameters(Rule):
             if wn.size >= 2 and wn[0] > 0:
                 ev["weight_norm_growth_before"] = float(wn[-1] / wn[0])
             mech = "the gradients were finite, so the update itself overflowed (look at the learning rate)"
-            caused_by += _divergence_causes(ctx, first)
+            caused_by += list(DIVERGENCE_CAUSES)
         n_layers = len(layers) or ev["n_nonfinite_layers"]
         what = "NaN/Inf"
         if layers and not any(n in nan_layers for n in layers):
@@ -562,7 +600,7 @@ class NonfiniteParameters(Rule):
                                             "optimizer.step()\nassert all(torch.isfinite(p).all() for p in "
                                             "model.parameters()), f'non-finite parameters after step {step}'"))
         return [self.finding(
-            confidence=0.6 + 0.4 * persist, message=msg, first_step=first, layer=layer, evidence=ev,
-            caused_by=caused_by, recommendations=recs,
+            confidence=0.6 + 0.4 * persist, message=msg, first_step=first, layer=layer, evidence=ev, final=persist >= 1.0,
+            may_follow=caused_by, recommendations=recs,
         )]
 

@@ -10,16 +10,22 @@ gradient-through-time profiles of recurrent modules (``bptt`` samples, summarise
 
 from __future__ import annotations
 
-import datetime
 import math
 from typing import Any
 
 import numpy as np
 
-from gradprobe.analysis import RunContext, log_ratio_confidence, series_trend
-from gradprobe.report import Finding, Recommendation
-from gradprobe.rules.base import Explanation, Rule, register
-from gradprobe.stats import HORIZON_FRACTION
+from gradprobe.analysis import (
+    HORIZON_FRACTION,
+    RunContext,
+    footprint_growth,
+    footprint_grows,
+    log_ratio_confidence,
+    run_exceptions,
+    trend,
+    warmup_rows,
+)
+from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
 
 #: Substrings of the two errors a carried, undetached state raises.
 SECOND_BACKWARD_ERROR = "backward through the graph a second time"
@@ -35,6 +41,22 @@ for x, y in loader:
     optimizer.step()
     # cut the graph after the step: the values carry over, the old graph is freed
     state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()"""
+
+#: GP103: graphs at least 2 steps old still alive: 8 rising on half the steps is an accumulation
+#: (``total_loss += loss``), and 100 is a leak whatever the shape (see the rule's docstring).
+GRAPHS_ALIVE = 8
+GRAPHS_RISING = 0.5
+GRAPHS_LEAK = 100
+#: GP103's growth form: at least 20 steps; backward time rank-correlated with the step >= 0.8
+#: and x3 from the first to the last quarter; memory rank-correlated >= 0.9, up by >= 16 MiB
+#: and by >= 10% of process RSS (>= 5% of CUDA allocated memory), rising in every quarter.
+GROWTH_MIN_STEPS = 20
+GROWTH_TIME_SPEARMAN = 0.8
+GROWTH_TIME_FACTOR = 3.0
+GROWTH_MEMORY_SPEARMAN = 0.9
+GROWTH_MEMORY_RSS = 1.1
+GROWTH_MEMORY_CUDA = 1.05
+GROWTH_MEMORY_BYTES = 16 * 2**20
 
 _ITEM_SNIPPET = """\
 running_loss = 0.0
@@ -52,31 +74,6 @@ def _first_sentence(msg: str) -> str:
     return head[:200]
 
 
-def _run_start(ctx: RunContext) -> float | None:
-    """Unix time the recording started (``meta["created"]``), None if unknown."""
-    created = ctx.meta.get("created")
-    if not isinstance(created, str):
-        return None
-    try:
-        return datetime.datetime.fromisoformat(created).timestamp()
-    except ValueError:
-        return None
-
-
-def _exceptions(ctx: RunContext) -> list[dict[str, Any]]:
-    """``exception`` events of this run. A run directory reused by a later run keeps the
-    earlier run's events.jsonl (the recorder appends to it): events stamped before this run's
-    ``created`` time (1 s of rounding allowed) belong to an earlier run and are dropped."""
-    start = _run_start(ctx)
-    out = []
-    for e in ctx.events("exception"):
-        t = e.get("wall_time")
-        if start is not None and isinstance(t, (int, float)) and t < start - 1.0:
-            continue
-        out.append(e)
-    return out
-
-
 def _recurrent_names(ctx: RunContext) -> set[str]:
     return {str(r.get("module")) for r in ctx.recurrent if r.get("module")}
 
@@ -89,33 +86,6 @@ def _root_names(ctx: RunContext) -> set[str]:
         out.add(cls[:1].lower() + cls[1:])
         out.add(cls.lower())
     return out
-
-
-def _growth(ctx: RunContext, rows: np.ndarray) -> dict[str, Any]:
-    """Backward-time and memory trends over ``rows`` (evidence of a growing graph)."""
-    out: dict[str, Any] = {}
-    if rows.size < 4:
-        return out
-    if "timing" in ctx.signals:
-        bt = series_trend(ctx.col("backward_time")[rows], ctx.step[rows])
-        out["backward_time_spearman"] = bt["spearman"]
-        out["backward_time_late_over_early"] = bt["late_over_early"]
-    if "memory" in ctx.signals:
-        mem = ctx.col("memory")[rows]
-        mem = np.where(mem > 0, mem, np.nan)
-        tr = series_trend(mem, ctx.step[rows])
-        fin = mem[np.isfinite(mem)]
-        out["memory_spearman"] = tr["spearman"]
-        out["memory_growth_bytes"] = float(fin[-1] - fin[0]) if fin.size >= 2 else float("nan")
-    return out
-
-
-def _grows(g: dict[str, Any]) -> bool:
-    """Backward time or memory rises with the step (rank correlation >= 0.7, and backward
-    time at least 1.5x from the first to the last quarter, or memory up by >= 1 MiB)."""
-    bt = g.get("backward_time_spearman", float("nan")) >= 0.7 and g.get("backward_time_late_over_early", 0.0) >= 1.5
-    mem = g.get("memory_spearman", float("nan")) >= 0.7 and g.get("memory_growth_bytes", 0.0) >= 2**20
-    return bool(bt or mem)
 
 
 @register
@@ -163,10 +133,30 @@ class UndetachedHiddenState(Rule):
     code = "GP101"
     slug = "undetached-hidden-state"
     severity = "error"
+    severities = {
+        "error": "the crash form, or a state whose age grows every step (never detached)",
+        "warning": "a state detached every few steps (its age stays bounded)",
+    }
     title = "Hidden state carried across steps without detach"
     requires = ("state_age",)
-    causes = ()
-    computes: dict[str, str] = {}
+    final_when = ("the run crashed on the carried graph, or the state's age grows every step: each step adds a "
+                  "graph that every later backward walks again, so backward time and memory only grow")
+    evidence_fields = {
+        "max_state_age": Field("oldest graph reached", "steps"),
+        "aged_steps": Field("steps with a carried graph", "steps"),
+        "module": Field("module receiving the state"),
+        "retain_graph_steps": Field("steps with retain_graph=True", "steps"),
+        "age_grows_without_bound": Field("age grows every step"),
+        "backward_time_spearman": Field("backward time trend (rank correlation)"),
+        "backward_time_late_over_early": Field("backward time, last quarter over first", "x"),
+        "memory_spearman": Field("memory trend (rank correlation)"),
+        "memory_growth_bytes": Field("memory growth", "bytes"),
+        "exception_step": Field("failing step", "step"),
+        "exception": Field("error"),
+        "crash_form": Field("crash form"),
+        "exception_retain_graph": Field("failing backward used retain_graph"),
+        "exception_state_age": Field("state age at the failure", "steps"),
+    }
     explanation = Explanation(
         what=(
             "A tensor produced in one step (an RNN hidden state, a memory, an EMA) enters the "
@@ -207,7 +197,7 @@ class UndetachedHiddenState(Rule):
         for name, age in zip(col, ages):
             if age > 0 and isinstance(name, str) and name:
                 names.append(name)
-        for e in ctx.events("state_age") + _exceptions(ctx):
+        for e in ctx.events("state_age") + run_exceptions(ctx):
             m = e.get("module") or e.get("state_age_module")
             if isinstance(m, str) and m:
                 names.append(m)
@@ -228,7 +218,7 @@ class UndetachedHiddenState(Rule):
         ages = ctx.col("state_age")
         nb = ctx.col("n_backward", np.int64)
         aged_events = ctx.events("state_age")
-        for e in _exceptions(ctx):
+        for e in run_exceptions(ctx):
             msg = str(e.get("message") or "")
             second = SECOND_BACKWARD_ERROR in msg
             inplace = INPLACE_ERROR in msg
@@ -278,7 +268,7 @@ class UndetachedHiddenState(Rule):
                 _DETACH_SNIPPET.format(module=module or "the model"),
             )
         ]
-        growth = _growth(ctx, aged) if aged.size >= 4 else {}
+        growth = footprint_growth(ctx, aged) if aged.size >= 4 else {}
         evidence.update({k: v for k, v in growth.items() if isinstance(v, float) and math.isfinite(v)})
 
         if crash is not None:
@@ -309,14 +299,14 @@ class UndetachedHiddenState(Rule):
                 "Detach the state after optimizer.step(); retain_graph=True would only hide the error."
             )
             return [self.finding(confidence=conf, message=message, first_step=first_step, layer=module,
-                                 evidence=evidence, recommendations=recs)]
+                                 evidence=evidence, recommendations=recs, final=True)]
 
         # silent form
         last_age = int(ages[aged[-1]])
         elapsed = int(ctx.step[aged[-1]] - ctx.step[aged[0]]) + 1
         unbounded = last_age >= 0.8 * elapsed
         evidence["age_grows_without_bound"] = bool(unbounded)
-        grows = _grows(growth)
+        grows = footprint_grows(growth)
         conf = 0.6 + 0.3 * min(1.0, aged.size / 10) + (0.1 if grows else 0.0)
         reasons = []
         if not ctx.optimizer and ctx.optimizer_class is None:
@@ -345,7 +335,7 @@ class UndetachedHiddenState(Rule):
         )
         sev = "error" if unbounded else "warning"
         return [self.finding(confidence=conf, message=message, first_step=first_step, layer=module,
-                             evidence=evidence, recommendations=recs, severity=sev)]
+                             evidence=evidence, recommendations=recs, severity=sev, final=unbounded)]
 
 
 @register
@@ -396,9 +386,26 @@ class LongLookback(Rule):
     code = "GP102"
     slug = "long-lookback"
     severity = "warning"
+    severities = {
+        "warning": "vanishing through time, or gradients growing backwards through time by less than 1000x",
+        "error": "gradients growing backwards through time by 1000x (three decades) or more over the window",
+    }
     title = "BPTT window far longer than the gradient horizon"
     requires = ("bptt",)
     causes = ("lr-too-high",)
+    evidence_fields = {
+        "lookback": Field("window (lookback)", "steps"),
+        "samples": Field("profiles used", "steps"),
+        "sampled_steps": Field("sampled at", "step"),
+        "horizon_fraction": Field("horizon threshold (fraction of the peak)"),
+        "hidden_size": Field("hidden size"),
+        "far_over_near": Field("gradient at the far end over the near end", "x"),
+        "growth_per_step": Field("gradient growth per step back", "x"),
+        "amplification_over_window": Field("amplification over the window", "x"),
+        "median_horizon": Field("gradient horizon", "steps"),
+        "lookback_over_horizon": Field("window over horizon", "x"),
+        "window_fraction_without_gradient": Field("window without gradient", "%"),
+    }
     computes = {
         "lookback": "vanishing: ceil(2 x median gradient horizon) (horizon: steps back until the "
                     "gradient-through-time profile falls below 1e-3 of its peak); exploding: "
@@ -587,10 +594,29 @@ class GraphRetainedAcrossSteps(Rule):
     code = "GP103"
     slug = "graph-retained-across-steps"
     severity = "error"
+    severities = {
+        "error": "graphs of earlier steps stay alive and accumulate",
+        "warning": "memory or backward time grows step over step and the recorder could not name what holds it",
+    }
     title = "Autograd graphs of earlier steps kept alive"
     requires = ("state_age",)
-    causes = ()
-    computes: dict[str, str] = {}
+    #: a state carried into a module without detach keeps every earlier step's graph alive too
+    causes = ("undetached-hidden-state",)
+    final_when = ("graphs of earlier steps stay alive and their number rises step after step: nothing frees them, "
+                  "so memory grows until the process runs out")
+    evidence_fields = {
+        "max_graphs_alive": Field("graphs of earlier steps alive", "steps"),
+        "rising_fraction": Field("steps on which it rose", "%"),
+        "graphs_per_step": Field("added per step"),
+        "max_state_age": Field("oldest carried state", "steps"),
+        "steps_used": Field("steps compared", "steps"),
+        "backward_time_spearman": Field("backward time trend (rank correlation)"),
+        "backward_time_late_over_early": Field("backward time, last quarter over first", "x"),
+        "memory_spearman": Field("memory trend (rank correlation)"),
+        "memory_late_over_early": Field("memory, last quarter over first", "x"),
+        "memory_growth_bytes": Field("memory growth", "bytes"),
+        "memory_kind": Field("memory measured"),
+    }
     explanation = Explanation(
         what=(
             "Memory or backward time grows step over step, or the graphs of earlier steps stay "
@@ -615,19 +641,19 @@ class GraphRetainedAcrossSteps(Rule):
         ages = ctx.col("state_age")
         recs = [Recommendation.code("Accumulate loss.item() (a float) or loss.detach(), not the loss tensor",
                                     _ITEM_SNIPPET)]
-        if alive.size and alive.max() >= 8:
+        if alive.size and alive.max() >= GRAPHS_ALIVE:
             rising = float((np.diff(alive) > 0).mean()) if alive.size > 1 else 0.0
             top = float(alive.max())
-            if rising >= 0.5 or top >= 100:
+            if rising >= GRAPHS_RISING or top >= GRAPHS_LEAK:
                 rows = np.flatnonzero(alive >= 1)
                 first = ctx.step_at(int(rows[0]))
                 span = max(1, int(np.argmax(alive)) - int(rows[0]))
                 evidence: dict[str, Any] = {"max_graphs_alive": int(top), "rising_fraction": rising,
                                             "graphs_per_step": float(top - alive[rows[0]]) / span,
                                             "max_state_age": int(ages.max()) if ages.size else 0}
-                grown = _growth(ctx, rows)
+                grown = footprint_growth(ctx, rows)
                 evidence.update({k: v for k, v in grown.items() if isinstance(v, float) and math.isfinite(v)})
-                conf = (0.5 + 0.5 * min(1.0, top / 50)) * (1.0 if top >= 100 else min(1.0, rising / 0.5))
+                conf = (0.5 + 0.5 * min(1.0, top / 50)) * (1.0 if top >= GRAPHS_LEAK else min(1.0, rising / GRAPHS_RISING))
                 message = (
                     f"From step {first} the loss graphs of earlier steps stay alive: {int(top)} graphs at least "
                     f"2 steps old were still reachable, about {evidence['graphs_per_step']:.2g} more every step. "
@@ -635,42 +661,36 @@ class GraphRetainedAcrossSteps(Rule):
                     "activations are kept until the process runs out of memory."
                 )
                 return [self.finding(confidence=conf, message=message, first_step=first, evidence=evidence,
-                                     recommendations=recs)]
-        if ages.size == 0 or ages.max() > 0 or ctx.n < 20:
+                                     recommendations=recs, final=rising >= GRAPHS_RISING)]
+        if ages.size == 0 or ages.max() > 0 or ctx.n < GROWTH_MIN_STEPS:
             return []
         return self._growth_form(ctx, recs)
 
     def _growth_form(self, ctx: RunContext, recs: list[Recommendation]) -> list[Finding]:
-        rows = np.arange(ctx.n)
-        warm = max(1, min(50, ctx.n // 10))
-        rows = rows[warm:]
+        rows = np.arange(ctx.n)[warmup_rows(ctx):]
         if rows.size < 16:
             return []
         evidence: dict[str, Any] = {"steps_used": int(rows.size), "max_state_age": 0}
         what, conf = [], 0.0
         if "timing" in ctx.signals:
-            bt = series_trend(ctx.col("backward_time")[rows], ctx.step[rows])
-            if bt["spearman"] >= 0.8 and bt["late_over_early"] >= 3:
-                evidence.update(backward_time_spearman=bt["spearman"],
-                                backward_time_late_over_early=bt["late_over_early"])
-                what.append(f"backward time grew x{bt['late_over_early']:.2g}")
-                conf = max(conf, bt["spearman"])
+            bt = trend(ctx.col("backward_time")[rows], ctx.step[rows])
+            if bt.rises(GROWTH_TIME_SPEARMAN, GROWTH_TIME_FACTOR):
+                evidence.update(backward_time_spearman=bt.spearman, backward_time_late_over_early=bt.late_over_early)
+                what.append(f"backward time grew x{bt.late_over_early:.2g}")
+                conf = max(conf, bt.spearman)
         if "memory" in ctx.signals:
             mem = ctx.col("memory")[rows]
             mem = np.where(mem > 0, mem, np.nan)
-            tr = series_trend(mem, ctx.step[rows])
-            fin = mem[np.isfinite(mem)]
+            tr = trend(mem, ctx.step[rows])
             kind = str(ctx.meta.get("memory_kind", "rss"))
-            rel_needed = 1.05 if kind.startswith("cuda") else 1.1
-            if fin.size >= 8 and tr["spearman"] >= 0.9 and tr["late_over_early"] >= rel_needed:
-                quarters = [float(np.median(c)) for c in np.array_split(fin, 4)]
-                grown = quarters[-1] - quarters[0]
-                steady = all(b - a >= grown / 8 for a, b in zip(quarters, quarters[1:]))
-                if grown >= 16 * 2**20 and steady:
-                    evidence.update(memory_spearman=tr["spearman"], memory_late_over_early=tr["late_over_early"],
+            rel_needed = GROWTH_MEMORY_CUDA if kind.startswith("cuda") else GROWTH_MEMORY_RSS
+            if tr.n >= 8 and tr.rises(GROWTH_MEMORY_SPEARMAN, rel_needed):
+                grown = tr.quarters[-1] - tr.quarters[0]
+                if grown >= GROWTH_MEMORY_BYTES and tr.steady:
+                    evidence.update(memory_spearman=tr.spearman, memory_late_over_early=tr.late_over_early,
                                     memory_growth_bytes=grown, memory_kind=ctx.meta.get("memory_kind", "rss"))
-                    what.append(f"memory grew by {grown / 2**20:.0f} MiB (x{tr['late_over_early']:.2g})")
-                    conf = max(conf, tr["spearman"])
+                    what.append(f"memory grew by {grown / 2**20:.0f} MiB (x{tr.late_over_early:.2g})")
+                    conf = max(conf, tr.spearman)
         if not what:
             return []
         first = ctx.step_at(int(rows[0]))

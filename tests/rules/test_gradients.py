@@ -465,8 +465,8 @@ def test_stable_window_and_suggested_max_norm_exclude_spikes():
     assert grad_spikes(ctx).rows.tolist() == [50]
     mask = stable_window(ctx)
     assert not mask[:10].any() and mask[10:50].all() and not mask[50:].any()  # the 40 steps before the spike
-    value, details = suggested_max_norm(ctx)
-    assert value == 1.0 and details["n"] == mask.sum() and details["window"] == [10, 49]
+    sug = suggested_max_norm(ctx)
+    assert sug.value == 1.0 and sug.details["n"] == mask.sum() and sug.details["window"] == [10, 49]
     norms[5] = 1e4  # too few steps before the spike: spikes and their aftermath are cut out instead
     ctx = RunContext(spike_log(norms))
     mask = stable_window(ctx)

@@ -1,0 +1,273 @@
+"""The data as the rules read it: features where they enter the model, targets and what a
+model that ignores its input would lose on them (the trivial loss), the nonlinearity in use.
+
+The mechanics. PyTorch's initialisers (and Xavier/Kaiming) are designed for unit-scale
+inputs: with inputs of scale s, a Linear layer's pre-activations have scale ~s, so the
+initialisation, the nonlinearity's useful range (tanh/sigmoid saturate past |z| ~ 3) and the
+learning rate are all off by the factor s.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+from gradprobe.analysis.context import RunContext, quantity
+from gradprobe.analysis.steps import sample_table
+
+#: A loss at this fraction of the trivial predictor's loss or above has learned (almost) nothing
+#: from its input: a model that ignores its input scores 1.0 (plus the variance of its own
+#: predictions, when they vary), and real learning takes the ratio well below 0.8 within the
+#: first hundred steps of any run this is calibrated on.
+TRIVIAL_LEVEL = 0.8
+#: A target scale (RMS) at or below this is tiny: the trivial predictor's MSE is then at most
+#: 1e-6, every loss looks converged, and one optimizer step moves a prediction by about the
+#: whole target range.
+TARGET_TINY = 1e-3
+
+
+def sustained(values: np.ndarray, threshold: float) -> bool:
+    """At least 3 samples, the median of the later half at or above ``threshold`` and the last
+    sample at or above 0.8 x threshold: the condition holds through the run, not only at one
+    moment (init) or one batch."""
+    v = values[np.isfinite(values)]
+    if v.size < 3:
+        return False
+    late = v[v.size // 2:]
+    return bool(np.median(late) >= threshold and v[-1] >= 0.8 * threshold)
+
+
+_NORM_CLASS = re.compile(r"(Batch|Layer|Group|Instance|RMS)Norm")
+
+
+@quantity
+def normalised(ctx: RunContext) -> bool:
+    """The watched model has normalisation layers (from the module classes in the metadata)."""
+    return any(_NORM_CLASS.search(str(c)) for c in (ctx.meta.get("modules") or {}).values())
+
+
+@quantity
+def input_constant(ctx: RunContext) -> bool:
+    """The float features entering the model (or its first layer) did not vary over the batch
+    on most sampled steps (std exactly 0): every unit downstream then sees one input."""
+    for probe in ("first_layer", "input"):
+        w = sample_table(ctx, probe)
+        if w.empty or "std" not in w:
+            continue
+        w = w[~w["target"].str.contains(r"\[", regex=True)]
+        if "integer" in w:
+            w = w[w["integer"].fillna(0) < 0.5]
+        if len(w):
+            return bool((w["std"] == 0).mean() >= 0.5)
+    return False
+
+
+@quantity
+def first_layer_name(ctx: RunContext) -> str | None:
+    s = ctx.samples("first_layer")
+    if s.empty:
+        return None
+    names = [t for t in s["target"].astype(str) if "[" not in t]
+    return max(set(names), key=names.count) if names else None
+
+
+@quantity
+def nonlinearity(ctx: RunContext) -> str:
+    """The nonlinearity the network mostly uses, from the sampled activation modules:
+    ``relu`` (ReLU family: dead_frac samples), ``tanh``/``sigmoid`` (saturating modules; a mean
+    above 0.25 is a sigmoid's (0, 1) range) or ``linear``."""
+    act = sample_table(ctx, "activation")
+    if act.empty:
+        return "linear"
+    relu = int(act["dead_frac"].notna().sum()) if "dead_frac" in act else 0
+    sat = act[act["saturated_frac"].notna()] if "saturated_frac" in act else act.iloc[0:0]
+    if relu == 0 and sat.empty:
+        return "linear"
+    if relu >= len(sat):
+        return "relu"
+    return "sigmoid" if float(sat["mean"].median()) > 0.25 else "tanh"
+
+
+
+@quantity
+def tiny_targets(ctx: RunContext) -> dict[str, dict[str, float]]:
+    """Regression loss functions whose float targets have an RMS (median over the sampled
+    batches of sqrt(mean^2 + std^2)) of at most 1e-3 and a largest magnitude of at most 1e-2:
+    ``{loss function: {rms, absmax, mean, std}}``. Classification targets (integer labels,
+    cross-entropy, BCE probabilities) are not a scale. Shared by GP602 (which reports them) and
+    GP501 (whose loss-based evidence means nothing at such a scale)."""
+    out: dict[str, dict[str, float]] = {}
+    w = sample_table(ctx, "target")
+    if not w.empty and "std" in w and "mean" in w:
+        for name, g in w.groupby("target", sort=False):
+            g = g.dropna(subset=["std", "mean"])
+            if g.empty or str(name).startswith("binary_cross_entropy") or name in ("cross_entropy", "nll_loss"):
+                continue
+            if "integer" in g and bool((g["integer"].fillna(0) > 0.5).all()):
+                continue
+            mean = g["mean"].to_numpy(dtype=np.float64)
+            std = g["std"].to_numpy(dtype=np.float64)
+            absmax = g["absmax"].to_numpy(dtype=np.float64) if "absmax" in g else np.abs(mean)
+            rms = float(np.median(np.sqrt(mean ** 2 + std ** 2)))
+            amax = float(np.median(absmax))
+            if 0 < rms <= TARGET_TINY and amax <= 10 * TARGET_TINY:
+                out[str(name)] = {"rms": rms, "absmax": amax, "mean": float(np.median(mean)), "std": float(np.median(std))}
+    return out
+
+
+
+@quantity
+def feature_absmax(ctx: RunContext) -> float | None:
+    """Largest finite magnitude of the float features sampled where they enter the model: the
+    first parametric layer's input, else the model's input (integer token ids excluded)."""
+    for probe in ("first_layer", "input"):
+        s = ctx.samples(probe)
+        if s.empty:
+            continue
+        piv = s[s["stat"].isin(["absmax", "integer"])].pivot_table(
+            index=["step", "target"], columns="stat", values="value", aggfunc="max")
+        if "absmax" not in piv.columns:
+            continue
+        if "integer" in piv.columns:
+            piv = piv[piv["integer"].fillna(0) == 0]
+        v = piv["absmax"].to_numpy(dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if v.size:
+            return float(v.max())
+    return None
+
+
+
+def _bernoulli_entropy(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+
+
+class TrivialLoss:
+    """The loss of a model that ignores its input, per sampled step, from the target samples:
+    predicting the data's mean under ``mse_loss``, the uniform distribution under
+    ``cross_entropy``/``nll_loss`` (ln n_classes), the base rate under
+    ``binary_cross_entropy(_with_logits)``. Summed over the grad-enabled loss calls of the
+    step, as ``loss_fn`` is.
+
+    The data's mean (and base rate) is the mean of the sampled batch means of that loss
+    function, so a batch's baseline is what predicting it costs on that batch: under MSE its
+    variance plus its mean's squared distance from the data's mean (the law of total variance:
+    batches of contiguous windows, or an unshuffled dataset, have small within-batch variance
+    but a model that ignores its input cannot know the batch's own mean).
+
+    Attributes:
+        table: DataFrame indexed by sampled step: ``baseline``, ``loss_fn`` (the recorded value),
+            ``ratio`` (loss_fn / baseline), ``expected_initial`` (what loss_fn should be for
+            the recorded predictions if they were unrelated to the targets), ``kinds``.
+        first_over_expected: the first sampled loss_fn / expected_initial (NaN: none).
+        consistent: the first sampled loss matches ``expected_initial`` within a factor 3,
+            i.e. the loss is on the scale the baseline assumes (not reduction="sum", not
+            re-weighted, not a sum with other terms); rules compare with the baseline only then.
+        kinds: the baselines involved (``mean``, ``uniform``, ``base-rate``).
+        pred_spread: per sampled step, the largest across-batch std of one output feature
+            relative to the target std (regression) or in nats (logits): near 0 means the
+            predictions do not depend on the input.
+    """
+
+    _KINDS = {"mse_loss": "mean", "cross_entropy": "uniform", "nll_loss": "uniform",
+              "binary_cross_entropy": "base-rate", "binary_cross_entropy_with_logits": "base-rate"}
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.table = pd.DataFrame()
+        self.consistent = False
+        self.kinds: list[str] = []
+        self.pred_spread = pd.Series([], dtype=np.float64)
+        self.first_over_expected = math.nan
+        s = ctx.samples("target")
+        if s.empty:
+            return
+        s = s.assign(target=s["target"].astype(str), stat=s["stat"].astype(str))
+        loss_fn = pd.Series(ctx.col("loss_fn"), index=ctx.step)
+        loss_fn = loss_fn[~loss_fn.index.duplicated(keep="last")]
+        means = s[s["stat"] == "mean"].groupby("target")["value"].mean()
+        rows = []
+        spreads = {}
+        for step, g in s.groupby("step", sort=True):
+            base = 0.0
+            expected = 0.0
+            kinds = []
+            ok = True
+            spread = []
+            for name, gg in g.groupby("target", sort=False):
+                kind = self._KINDS.get(name)
+                st = {k: gg.loc[gg["stat"] == k, "value"].to_numpy(dtype=np.float64) for k in
+                      ("numel", "var", "mean", "std", "absmax", "n_classes", "pred_std", "pred_mean",
+                       "pred_feature_std_max")}
+                calls = st["numel"].size
+                if kind is None or calls == 0:
+                    ok = False
+                    break
+                for k in range(calls):
+                    def at(key: str) -> float:
+                        arr = st[key]
+                        return float(arr[k]) if k < arr.size else math.nan
+                    if kind == "mean":
+                        var = at("var")
+                        base += var + (at("mean") - float(means.get(name, at("mean")))) ** 2
+                        expected += var + at("pred_std") ** 2 + (at("mean") - at("pred_mean")) ** 2
+                        tstd = at("std")
+                        if tstd > 0:
+                            spread.append(at("pred_feature_std_max") / tstd)
+                    elif kind == "uniform":
+                        c = at("n_classes")
+                        if not c > 1:
+                            ok = False
+                            break
+                        base += math.log(c)
+                        expected += math.log(c) + 0.5 * at("pred_std") ** 2
+                        spread.append(at("pred_feature_std_max"))
+                    else:
+                        m = at("mean")
+                        if not (0.0 <= m <= 1.0) or at("absmax") > 1.0:
+                            ok = False
+                            break
+                        pbar = min(max(float(means.get(name, m)), 1e-7), 1 - 1e-7)
+                        base += -(m * math.log(pbar) + (1 - m) * math.log(1 - pbar))
+                        expected += _bernoulli_entropy(m)
+                    kinds.append(kind)
+                if not ok:
+                    break
+            if not ok or not base > 0:
+                continue
+            lf = float(loss_fn.get(step, math.nan))
+            rows.append({"step": int(step), "baseline": base, "loss_fn": lf, "ratio": lf / base if math.isfinite(lf) else math.nan,
+                         "expected_initial": expected, "kinds": ",".join(sorted(set(kinds)))})
+            if spread and np.isfinite(spread).any():
+                spreads[int(step)] = float(np.nanmax(spread))
+        if not rows:
+            return
+        self.table = pd.DataFrame(rows).set_index("step").sort_index()
+        self.kinds = sorted({k for ks in self.table["kinds"] for k in ks.split(",") if k})
+        self.pred_spread = pd.Series(spreads, dtype=np.float64).sort_index()
+        first = self.table.dropna(subset=["loss_fn"])
+        if len(first):
+            r = first["loss_fn"].iloc[0] / first["expected_initial"].iloc[0] if first["expected_initial"].iloc[0] > 0 else math.nan
+            self.first_over_expected = float(r)
+            self.consistent = bool(math.isfinite(r) and 1 / 3 <= r <= 3)
+
+    def ratio_between(self, lo: int, hi: int) -> float:
+        """Median of ``loss_fn / baseline`` over the sampled steps in [lo, hi] (NaN: none)."""
+        if self.table.empty:
+            return math.nan
+        t = self.table.loc[(self.table.index >= lo) & (self.table.index <= hi), "ratio"].dropna()
+        return float(t.median()) if len(t) else math.nan
+
+    def baseline_between(self, lo: int, hi: int) -> float:
+        if self.table.empty:
+            return math.nan
+        t = self.table.loc[(self.table.index >= lo) & (self.table.index <= hi), "baseline"].dropna()
+        return float(t.median()) if len(t) else math.nan
+
+
+@quantity
+def trivial_loss(ctx: RunContext) -> TrivialLoss:
+    return TrivialLoss(ctx)
