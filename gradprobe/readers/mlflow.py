@@ -667,12 +667,3 @@ def read_each(path: str, run: str | None = None) -> list[RunLog]:
         logs.append(_build(r, path, notes if i == 0 else []))
     return logs
 
-
-def run_count(path: str) -> int:
-    """How many runs with metrics ``read_each`` would report on (reads only the listing and
-    the metric files' presence, not their values)."""
-    try:
-        refs, _ = _locate(path)
-    except _Damaged:
-        return 0
-    return len([r for r in refs if not r.trash and r.lifecycle != "deleted"])

@@ -14,7 +14,11 @@ does the rest once for all formats:
   there is stored as ``+inf`` (with ``grad_nonfinite_layers = 1`` for the gradient: at least
   one parameter's gradient was non-finite); a non-finite loss sets ``loss_nonfinite``;
 * AMP skipped steps are inferred where the log justifies it (see :func:`infer_skipped`);
-* ``meta["signals"]`` lists what the log provides.
+* ``meta["signals"]`` lists what the log provides;
+* ``source["notes"]`` says how the log was read (a perplexity converted, a loss read from
+  an error metric, a per-epoch series left out), ``source["unmapped"]`` names what feeds no
+  column, and a log without a training loss says in ``source["skipped"]`` that the rules
+  judging the loss did not run: such a report never calls the run healthy.
 """
 
 from __future__ import annotations

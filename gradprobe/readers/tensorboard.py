@@ -11,6 +11,9 @@ Runs. A *run* is one directory holding event files (TensorBoard's own notion): a
 in it are one run, read in file-name (= creation time) order and merged by step; children
 written by ``SummaryWriter.add_scalars`` (``<run>/<tag>_<key>/``) belong to their parent
 run, as the name ``<tag>_<key>`` (so ``loss_train``/``loss_val`` map to loss/eval loss).
+Folders named after a split (Keras' ``train/`` and ``validation/``, an estimator's
+``eval/``) are one run with their parent, their tags read as ``<folder>/<tag>``
+(:func:`_attach_split_children`).
 A directory holding several runs (one per ``trainer.fit``/``train()`` call, Lightning's
 ``version_N``, HF's ``runs/<date>``) is **not merged**: different runs restart their step
 counts, so merging by step would interleave two trainings. The run with the most logged
