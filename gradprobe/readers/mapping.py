@@ -126,6 +126,9 @@ NOT_A_SERIES_WORDS = frozenset({
     "accuracy", "f1", "precision", "recall", "auc", "bleu", "rouge", "wer", "cer", "score", "decay", "finder",
     "range", "patience", "target", "goal", "grad", "grads", "gradient", "gradients",
 })
+#: a GAN discriminator's or a WGAN critic's loss: trained, but it stays near a constant by
+#: design (ln 2 per term at equilibrium), so it is not the model's training loss
+ADVERSARIAL_WORDS = frozenset({"disc", "discriminator", "critic", "d", "dis"})
 #: optimizer class names: neutral in a learning-rate name (``lr/Adam``)
 OPTIMIZER_WORDS = frozenset({"sgd", "adam", "adamw", "adagrad", "adadelta", "adamax", "nadam", "radam", "rmsprop",
                              "lbfgs", "rprop", "asgd", "adafactor", "lamb", "lars", "lion", "sophia", "muon"})
@@ -261,6 +264,8 @@ def meaning(name: str) -> Meaning | None:
         return None
     if wset & NOT_A_SERIES_WORDS:
         return Meaning(None, why="not a loss value (a coefficient, count, time, best value, change or another metric)")
+    if wset & ADVERSARIAL_WORDS:
+        return Meaning(None, why="a GAN discriminator's or critic's loss: near a constant by design, not the model's training loss")
     if ws.count("train") + ws.count("training") > 1:
         return Meaning(None, why="a whole-run summary (Hugging Face's train/train_loss), not a step's loss")
     if split_eval and "step" in wset:
@@ -615,6 +620,7 @@ def meaning_markdown() -> str:
         ("per step (neutral)", _words_cell(STEP_WORDS)),
         ("neutral", _words_cell(FILLER_WORDS) + ", a parameter-group index `0`, `pg0`, `group0`"),
         ("not the series itself", _words_cell(NOT_A_SERIES_WORDS)),
+        ("a discriminator's or critic's loss (not the training loss)", _words_cell(ADVERSARIAL_WORDS)),
         ("gradient norm after clipping (`step_grad_norm`)", _words_cell(POST_CLIP_WORDS)),
         ("joined terms", ", ".join(phrases)),
     ]

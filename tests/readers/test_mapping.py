@@ -106,6 +106,9 @@ def test_names_that_must_not_map(name: str) -> None:
         ("lr_group_1", "another parameter group"),
         ("lr-Adam-1", "second optimizer"),
         ("elbo", "sign"),
+        ("loss_D", "discriminator"),
+        ("train/disc_loss", "discriminator"),
+        ("critic_loss", "discriminator"),
         ("log_likelihood", "sign"),
     ],
 )
@@ -166,8 +169,10 @@ def test_conversions_and_their_notes() -> None:
     assert any("ln('train/perplexity')" in n for n in res.notes())
     assert M.resolve(["bpd"]).transforms == {"loss": "bits"}
     assert M.resolve(["mse"]).notes() == ["training loss read from the error metric 'mse': no series is named as a loss"]
-    parts = M.resolve(["loss_G", "loss_D"])
-    assert "one part of the loss" in parts.notes()[0] and "loss_D" in parts.notes()[0]
+    parts = M.resolve(["loss_G", "loss_kl"])
+    assert "one part of the loss" in parts.notes()[0] and "loss_kl" in parts.notes()[0]
+    gan = M.resolve(["loss_G", "loss_D"])
+    assert gan.columns["loss"] == "loss_G" and "loss_D" in gan.not_mapped
 
 
 def test_lightning_optimizer_and_param_group_names() -> None:
