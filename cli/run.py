@@ -126,9 +126,11 @@ def summary_line(runner: object, outcome: object, cwd: Optional[str] = None) -> 
         return f"gradprobe: {describe}; {counted} recorded by {len(ranks)} ranks in {shown} (re-read: gradprobe analyze {shown})"
     parts = []
     if ranks:
-        parts.append(f"ranks {', '.join(str(r) for r in sorted(ranks))} ({max(r.steps for r in runs if r.rank is not None)} steps each)")
+        parts.append(f"ranks {', '.join(str(r) for r in sorted(ranks))} ({max(r.steps for r in runs if r.rank is not None)} steps)")
     parts += [f"{r.label} ({r.steps} steps)" for r in runs if r.rank is None]
-    rereads = ([_short(getattr(tree, "tree_dir", ""), cwd)] if ranks else []) + [_short(r.path, cwd) for r in runs if r.rank is None]
+    # the ranks are re-read together from the log directory, unless the script's own run is there
+    together = ranks and not any(r.name == "" for r in runs)
+    rereads = ([shown] if together else [_short(p, cwd) for p in ranks.values()]) + [_short(r.path, cwd) for r in runs if r.rank is None]
     return (f"gradprobe: {describe}; {counted} recorded in {len(runs)} runs under {shown}: {'; '.join(parts)} "
             f"(re-read each: {', '.join(f'gradprobe analyze {p}' for p in rereads)})")
 
