@@ -40,9 +40,10 @@ HOOK_PREFIX = ".gradprobe-hook-"
 MODULE_NAME = "gradprobe.subprocess_hook"
 #: the folder (inside the hook folder) holding one marker per Python process that booted
 MARKERS = "procs"
-#: this module's code, compiled once by ``gradprobe run`` (marshal): a child loads it without
-#: compiling (``PYTHONDONTWRITEBYTECODE`` or a read-only install leave no bytecode cache)
-CODE_FILE = "hook.code"
+#: this module's bytecode, compiled once by ``gradprobe run`` into the hook folder: a child
+#: loads it without compiling (``PYTHONDONTWRITEBYTECODE`` or a read-only install leave no
+#: bytecode cache next to the source)
+CODE_FILE = "hook.pyc"
 
 #: this process's part in a tree: empty when the process belongs to none
 _state: dict[str, object] = {}
@@ -52,8 +53,8 @@ def stub_source(config: dict[str, object]) -> str:
     """The ``sitecustomize.py`` written into the hook folder.
 
     It imports nothing beyond what Python's start-up already loaded (``os``, ``sys``,
-    ``marshal``): it runs this module from the code ``gradprobe run`` compiled into the hook
-    folder (from its source when the child is another Python version), as
+    ``importlib.machinery``): it runs this module from the bytecode ``gradprobe run`` compiled
+    into the hook folder (from its source when the child is another Python version), as
     ``gradprobe.subprocess_hook`` without importing the gradprobe package, then chains to the
     ``sitecustomize`` it shadows, whose errors reach ``site`` as they would without
     gradprobe ("Error in sitecustomize; ..."). Written for any Python 3 (no f-strings):
@@ -63,6 +64,7 @@ def stub_source(config: dict[str, object]) -> str:
 # Written by `gradprobe run` for the run in {config["tree"]!r}; removed when that run ends.
 # It watches this Python process for gradprobe, then runs the sitecustomize it shadows.
 import os as _gp_os, sys as _gp_sys
+from importlib import machinery as _gp_machinery
 _gp_here = _gp_os.path.dirname(_gp_os.path.abspath(__file__))
 _gp_sys.path[:] = [_p for _p in _gp_sys.path if _gp_os.path.abspath(_p or ".") != _gp_here]
 try:
@@ -72,37 +74,23 @@ try:
         _gp_hook.__file__ = {os.path.abspath(__file__)!r}
         _gp_sys.modules[{MODULE_NAME!r}] = _gp_hook
         try:
-            if getattr(_gp_sys.implementation, "cache_tag", None) == {sys.implementation.cache_tag!r}:
-                import marshal as _gp_marshal
-                with open(_gp_os.path.join(_gp_here, {CODE_FILE!r}), "rb") as _gp_f:
-                    _gp_code = _gp_marshal.loads(_gp_f.read())
-            else:
-                with open(_gp_hook.__file__, "rb") as _gp_f:
-                    _gp_code = compile(_gp_f.read(), _gp_hook.__file__, "exec", dont_inherit=True)
-            exec(_gp_code, _gp_hook.__dict__)
+            try:
+                _gp_machinery.SourcelessFileLoader({MODULE_NAME!r}, _gp_os.path.join(_gp_here, {CODE_FILE!r})).exec_module(_gp_hook)
+            except ImportError:  # bytecode of another Python version: from the source
+                _gp_machinery.SourceFileLoader({MODULE_NAME!r}, _gp_hook.__file__).exec_module(_gp_hook)
         except BaseException:
             del _gp_sys.modules[{MODULE_NAME!r}]
             raise
     _gp_hook.boot(_gp_here, {config!r})
 except Exception:
     pass  # never in the way of the process: it runs unwatched
-from importlib.machinery import PathFinder as _gp_pf
-_gp_spec = _gp_pf.find_spec("sitecustomize", _gp_sys.path)
+_gp_spec = _gp_machinery.PathFinder.find_spec("sitecustomize", _gp_sys.path)
 if _gp_spec is not None and _gp_spec.loader is not None:
     from importlib._bootstrap import module_from_spec as _gp_mfs
     _gp_next = _gp_mfs(_gp_spec)
     _gp_sys.modules["sitecustomize"] = _gp_next
     _gp_spec.loader.exec_module(_gp_next)
 '''
-
-
-def compiled_code() -> bytes:
-    """This module's code object, marshalled, for :data:`CODE_FILE`."""
-    import marshal
-
-    with open(os.path.abspath(__file__), "rb") as f:
-        source = f.read()
-    return marshal.dumps(compile(source, os.path.abspath(__file__), "exec", dont_inherit=True))
 
 
 # ------------------------------------------------------------------ start-up (child) -----
@@ -349,4 +337,4 @@ def exit_info(write: bool = False) -> dict[str, object]:
     return info
 
 
-__all__ = ["CODE_FILE", "HOOK_PREFIX", "MARKERS", "MODULE_NAME", "arm", "compiled_code", "boot", "disable", "enable_in_root", "in_tree", "stub_source"]
+__all__ = ["CODE_FILE", "HOOK_PREFIX", "MARKERS", "MODULE_NAME", "arm", "boot", "disable", "enable_in_root", "in_tree", "stub_source"]

@@ -340,12 +340,11 @@ class ProcessTree:
             "package": os.path.dirname(os.path.abspath(hook.__file__)),
             "probe_config": config_to_dict(self.config),
         }
-        with open(os.path.join(self.hook_dir, hook.CODE_FILE), "wb") as fb:
-            fb.write(hook.compiled_code())
         stub = os.path.join(self.hook_dir, "sitecustomize.py")
         with open(stub, "w", encoding="utf-8") as f:
             f.write(hook.stub_source(config))
-        _compile_stub(stub)
+        _precompile(stub, None)
+        _precompile(os.path.abspath(hook.__file__), os.path.join(self.hook_dir, hook.CODE_FILE))
         before = os.environ.get("PYTHONPATH")
         # every entry kept as it was (an empty one means the working directory), except the
         # hook of an enclosing gradprobe run: this run's children report here
@@ -450,15 +449,16 @@ class ProcessTree:
         return out
 
 
-def _compile_stub(path: str) -> None:
-    """The stub's bytecode cache, next to it: children load it without compiling (Python
-    reads a valid cache even under ``PYTHONDONTWRITEBYTECODE``, which only stops writing)."""
+def _precompile(source: str, cfile: str | None) -> None:
+    """Bytecode of the stub (its cache, next to it) and of the hook module (in the hook
+    folder): children load them without compiling; Python reads a valid cache even under
+    ``PYTHONDONTWRITEBYTECODE``, which only stops writing one."""
     import py_compile
 
     try:
-        py_compile.compile(path, doraise=True)
+        py_compile.compile(source, cfile=cfile, doraise=True)
     except (OSError, py_compile.PyCompileError):
-        pass  # each child compiles the stub: slower, not wrong
+        pass  # each child compiles: slower, not wrong
 
 
 def read_markers(folder: str) -> list[dict[str, Any]]:
