@@ -239,13 +239,14 @@ def _link_causes(findings: list[Finding]) -> None:
             f.caused_by.append(cause)
 
 
-def declared_upstream() -> dict[str, set[str]]:
-    """slug -> every slug the rules declare as its (transitive) possible cause."""
-    direct = {cls.slug: set(cls.causes) | set(cls.causes_on_evidence) for cls in registry()}
+def declared_upstream(present: set[str]) -> dict[str, set[str]]:
+    """slug -> the present slugs the rules declare as its possible causes, directly or through
+    other present findings (a chain through a rule that did not fire is no chain)."""
+    direct = {cls.slug: (set(cls.causes) | set(cls.causes_on_evidence)) & present for cls in registry()}
     out: dict[str, set[str]] = {}
-    for slug in direct:
+    for slug in present:
         seen: set[str] = set()
-        stack = list(direct[slug])
+        stack = list(direct.get(slug, ()))
         while stack:
             c = stack.pop()
             if c in seen:
@@ -262,8 +263,8 @@ def _order(findings: list[Finding]) -> list[Finding]:
     another present finding's rule, and not the other way round, comes before it when it
     started no later), then by first step and code."""
     by_rule = {f.rule: f for f in findings}
-    upstream = declared_upstream()
     present = set(by_rule)
+    upstream = declared_upstream(present)
 
     def depth(f: Finding, seen: frozenset[str] = frozenset()) -> int:
         if not f.caused_by or f.rule in seen:

@@ -17,6 +17,7 @@ context's one cache. Modules, from the foundation up:
 * :mod:`.amp`: autocast in force, the GradScaler's history, float16 overflow;
 * :mod:`.data`: features, targets, the trivial loss, the nonlinearity;
 * :mod:`.graphs`: backward time and memory of graphs that outlive their step;
+* :mod:`.recurrent`: gradient-through-time profiles, and whether gradients grow backwards in time;
 * :mod:`.recommend`: computed values and the plausibility check on every suggestion.
 """
 
@@ -108,6 +109,12 @@ from gradprobe.analysis.numeric import (
     trend,
 )
 from gradprobe.analysis.recommend import Computed, implausible
+from gradprobe.analysis.recurrent import (
+    EXPLODING_FAR_OVER_NEAR,
+    bptt_profiles,
+    exploding_through_time,
+    explodes_from_the_first_profile,
+)
 from gradprobe.analysis.steps import (
     WARMUP_DIVISOR,
     WARMUP_MAX,

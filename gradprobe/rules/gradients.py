@@ -21,6 +21,7 @@ from gradprobe.analysis import (
     MISSING,
     SPIKE_FACTOR,
     RunContext,
+    exploding_through_time,
     geometric_growth,
     grad_spikes,
     layer_forward_order,
@@ -380,8 +381,9 @@ class ExplodingGradients(Rule):
         "warning": "no clipping bounded it, or clipping contained spikes on 5% of the steps or more",
         "info": "clipping contained rare spikes (the guard doing its job)",
     }
-    #: the gradient of a batch whose loss already spiked is that loss's (it scales with the loss)
-    causes_on_evidence = ("loss-spike",)
+    #: the gradient of a batch whose loss already spiked is that loss's (it scales with the loss);
+    #: gradients that grew backwards through time at or before the onset are the recurrence's
+    causes_on_evidence = ("loss-spike", "long-lookback")
     evidence_fields = {
         "pattern": Field("pattern"),
         "onset_step": Field("onset", "step"),
@@ -401,8 +403,8 @@ class ExplodingGradients(Rule):
     }
     title = "Exploding gradients"
     requires = ("grad_norm",)
-    causes = ("undetached-hidden-state", "long-lookback", "lr-too-high", "poor-initialization", "input-scale",
-              "missing-weight-decay", "fp16-overflow")
+    causes = ("undetached-hidden-state", "lr-too-high", "poor-initialization", "input-scale", "missing-weight-decay",
+              "fp16-overflow")
     computes = {"max_norm": "only if the run never clips: " + MAX_NORM_FORMULA}
     explanation = Explanation(
         what=(
@@ -496,6 +498,9 @@ class ExplodingGradients(Rule):
         if same_batch:
             evidence["loss_spike_step"] = same_batch[0].step
             caused_by = ["loss-spike"]
+        through_time = exploding_through_time(ctx)
+        if through_time is not None and through_time <= onset_step:
+            caused_by.append("long-lookback")
 
         conf = log_ratio_confidence(max_ratio, SPIKE_FACTOR, 2.0) * (0.7 + 0.3 * min(1.0, n_events / 3))
         recs = []

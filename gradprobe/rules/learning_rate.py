@@ -29,6 +29,7 @@ from gradprobe.analysis import (
     TRIVIAL_LEVEL,
     RunContext,
     diverged_into_nonfinite,
+    exploding_through_time,
     grad_spikes,
     loss_curve,
     loss_harm,
@@ -208,6 +209,9 @@ class LrTooHigh(Rule):
     }
     requires = ("loss",)
     causes = ("input-scale",)
+    #: a recurrent gradient that grows backwards through time from before the harm makes every
+    #: step large at any lr: the harm is the recurrence's
+    causes_on_evidence = ("long-lookback",)
     computes = {
         "lr": f"lr x {SUGGEST_RATIO_WHEN_TOO_HIGH:.3g} (10**-2.5) / median update-to-weight ratio of the weight "
         "matrices before the harm began (SGD- and Adam-like optimizers; without ratios: the lr one smoothing window "
@@ -397,8 +401,10 @@ class LrTooHigh(Rule):
             upto = ratios[ratios.index <= onset] if onset is not None else ratios
             high = upto[upto >= RATIO_HIGH]
             first = int(high.index[0]) if len(high) else (used[0] if used else onset)
+        through_time = exploding_through_time(ctx)
+        follow = ["long-lookback"] if through_time is not None and (first is None or through_time <= first) else []
         return [self.finding(confidence=conf, message=msg, first_step=first, evidence=ev, recommendations=recs,
-                             severity=severity)]
+                             severity=severity, may_follow=follow)]
 
 
 # ------------------------------------------------------------------------------------------

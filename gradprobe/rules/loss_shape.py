@@ -19,6 +19,7 @@ from gradprobe.analysis import (
     RunContext,
     eval_curve,
     eval_loss_spikes,
+    exploding_through_time,
     loss_curve,
     loss_spikes,
     trivial_loss,
@@ -73,8 +74,10 @@ class LossSpike(Rule):
     title = "The loss jumps far above its running level"
     requires = ("loss",)
     causes = ("undetached-hidden-state", "graph-retained-across-steps", "exploding-gradients", "missing-gradient-clipping",
-              "long-lookback", "lr-too-high", "missing-weight-decay", "fp16-overflow", "scaler-misuse", "nonfinite-inputs",
+              "lr-too-high", "missing-weight-decay", "fp16-overflow", "scaler-misuse", "nonfinite-inputs",
               "input-scale", "degenerate-targets", "overfitting")
+    #: gradients growing backwards through time at or before the spike (not a window merely too long)
+    causes_on_evidence = ("long-lookback",)
     severities = {
         "warning": "the loss came back after every spike",
         "error": "the loss never came back below half-way between its level and the peak",
@@ -130,8 +133,10 @@ class LossSpike(Rule):
             f"total = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))  # norm before the step\n"
             f"if loss.item() > 3 * running_loss:\n"
             f"    print(step, loss.item(), total.item())  # a spike with a huge norm: clip, fix the cause linked above")]
+        through_time = exploding_through_time(ctx)
+        follow = ["long-lookback"] if through_time is not None and through_time <= first.step else []
         return [self.finding(confidence=conf, message=msg, first_step=first.step, evidence=ev, recommendations=recs,
-                             severity="error" if unrecovered else "warning")]
+                             severity="error" if unrecovered else "warning", may_follow=follow)]
 
 
 def _stuck_since(tl: Any, end: int) -> int | None:

@@ -20,6 +20,7 @@ import numpy as np
 from gradprobe.analysis import (
     RunContext,
     count_confidence,
+    exploding_through_time,
     first_index,
     layer_forward_order,
     layer_grads,
@@ -58,7 +59,17 @@ assert torch.isfinite(x).all() and torch.isfinite(y).all(), f"non-finite batch a
 #: Root causes outside this family a non-finite value can follow from when the run diverged
 #: (unnormalised inputs make the first layer's gradient, and an SGD step on it, as large as
 #: the features: the first updates overshoot).
-DIVERGENCE_CAUSES = ("exploding-gradients", "long-lookback", "lr-too-high", "input-scale")
+DIVERGENCE_CAUSES = ("exploding-gradients", "lr-too-high", "input-scale")
+#: ... and, when gradients grew backwards through time at or before the first non-finite value,
+#: the recurrence that made them (long-lookback's exploding form; not a window merely too long)
+THROUGH_TIME_CAUSE = "long-lookback"
+
+
+def _divergence_causes(ctx: RunContext, step: int) -> list[str]:
+    """The divergence root causes a non-finite value at ``step`` may follow from (the engine
+    links those present and not later)."""
+    through_time = exploding_through_time(ctx)
+    return [*DIVERGENCE_CAUSES, *([THROUGH_TIME_CAUSE] if through_time is not None and through_time <= step else [])]
 
 
 #: A non-finite value is a pattern, not a stray, from this many occurrences: confidence rises
@@ -240,7 +251,7 @@ class NonfiniteLoss(Rule):
     }
     requires = ("loss",)
     causes = ("nonfinite-inputs", "fp16-overflow")
-    causes_on_evidence = ("nonfinite-parameters", "nonfinite-gradients", *DIVERGENCE_CAUSES)
+    causes_on_evidence = ("nonfinite-parameters", "nonfinite-gradients", *DIVERGENCE_CAUSES, THROUGH_TIME_CAUSE)
     final_when = (f"the loss stayed non-finite through the last {SUSTAINED_NONFINITE} steps (and a tenth of the run), "
                   "or the parameters are non-finite: no later step computes a finite loss from them")
     evidence_fields = {
@@ -308,7 +319,7 @@ class NonfiniteLoss(Rule):
         if data:
             context.append(f"the data carried NaN/Inf (from step {tl.input_step})")
         elif loss_rise or grad_rise or (tl.grad_step is not None and tl.grad_step < first) or too_early_to_rise(loss, i0):
-            caused_by += [c for c in DIVERGENCE_CAUSES if c not in caused_by]
+            caused_by += [c for c in _divergence_causes(ctx, first) if c not in caused_by]
         module = self._first_module(ctx, first)
         if module is not None:
             ev["first_nonfinite_module"] = module
@@ -385,7 +396,7 @@ class NonfiniteGradients(Rule):
     }
     requires = ("grad_norm",)
     causes = ("nonfinite-inputs", "nonfinite-loss", "fp16-overflow")
-    causes_on_evidence = ("nonfinite-parameters", *DIVERGENCE_CAUSES)
+    causes_on_evidence = ("nonfinite-parameters", *DIVERGENCE_CAUSES, THROUGH_TIME_CAUSE)
     evidence_fields = {
         "nonfinite_steps": Field("steps with non-finite gradients", "steps"),
         "fraction": Field("of the steps", "%"),
@@ -447,7 +458,7 @@ class NonfiniteGradients(Rule):
         if grad_rise:
             ev["grad_norm_rise"] = round(grad_rise[1], 2)
         if (grad_rise or too_early_to_rise(ctx.grad_norm, i0)) and not (tl.input_step is not None and tl.input_step <= first):
-            caused_by += list(DIVERGENCE_CAUSES)
+            caused_by += _divergence_causes(ctx, first)
         applied = bool((ctx.col("optimizer_steps")[tl.grad] > 0).any())
         measured = np.flatnonzero(np.isfinite(ctx.grad_norm) | tl.grad_raw)  # rows that had gradients
         recovered = bool(measured.size) and not tl.grad[measured[-1]] and tl.param_step is None
@@ -504,7 +515,7 @@ class NonfiniteParameters(Rule):
     title = "Parameters became NaN/Inf after an optimizer step"
     requires = ("weights",)
     causes = ("nonfinite-inputs", "nonfinite-loss", "nonfinite-gradients")
-    causes_on_evidence = DIVERGENCE_CAUSES
+    causes_on_evidence = (*DIVERGENCE_CAUSES, THROUGH_TIME_CAUSE)
     final_when = ("the parameters stayed non-finite from that step on: NaN/Inf weights stay NaN/Inf under every "
                   "optimizer update, so the run cannot recover without reloading a checkpoint")
     evidence_fields = {
@@ -586,7 +597,7 @@ class NonfiniteParameters(Rule):
             if wn.size >= 2 and wn[0] > 0:
                 ev["weight_norm_growth_before"] = float(wn[-1] / wn[0])
             mech = "the gradients were finite, so the update itself overflowed (look at the learning rate)"
-            caused_by += list(DIVERGENCE_CAUSES)
+            caused_by += _divergence_causes(ctx, first)
         n_layers = len(layers) or ev["n_nonfinite_layers"]
         what = "NaN/Inf"
         if layers and not any(n in nan_layers for n in layers):

@@ -19,6 +19,10 @@ from gradprobe.analysis import (
     HORIZON_FRACTION,
     RunContext,
     footprint_growth,
+    EXPLODING_FAR_OVER_NEAR,
+    bptt_profiles,
+    explodes_from_the_first_profile,
+    nonfinite_timeline,
     footprint_grows,
     log_ratio_confidence,
     run_exceptions,
@@ -348,7 +352,9 @@ class LongLookback(Rule):
     :func:`gradprobe.stats.bptt_summary` into ``horizon`` (first k after the peak where the
     profile falls below 1e-3 of its peak), ``reaches_end``, ``growth_per_step`` and
     ``far_over_near`` (farthest 10% of the window over the nearest 10%); the window length T
-    (``lookback``). Only the later half of the samples is used (at least 1): horizons grow as
+    (``lookback``). Only the later half of the samples of the healthy part of the run
+    (:func:`gradprobe.analysis.healthy_end`; all samples when none precede it) is used (at
+    least 1): profiles taken after the run diverged are NaN or describe the breakdown, and horizons grow as
     a model learns to carry information, so the latest ones describe the run.
 
     The profile is both the gradient a far input receives and the sensitivity of the output to
@@ -366,17 +372,20 @@ class LongLookback(Rule):
     * exploding through time: median ``far_over_near`` >= 10 with ``growth_per_step`` > 1: the
       inputs at the far end of the window receive an order of magnitude more gradient than
       the recent ones, the recurrent Jacobian amplifies along the window, and the update is
-      dominated by the distant past. Severity ``error`` from 1000x (three decades), else
-      ``warning``.
+      dominated by the distant past. Severity ``error`` from 1000x (three decades), or when
+      the run went non-finite after it; else ``warning``.
 
     Recommended ``lookback``: vanishing: ceil(2 h); geometric decay reaches 1e-3 of the peak
     at h and 1e-6 at 2h, which leaves room for the horizon to grow as training proceeds.
     Exploding: floor(ln(10) / ln(growth_per_step)), the window over which the amplification
     stays within 10x. Never above the current window.
 
-    Causes: the exploding form follows recurrent weights of spectral radius above 1, which a
-    too-high learning rate produces by blowing the weights up; the engine links lr-too-high
-    when present and not later.
+    Causes: the exploding form follows recurrent weights of spectral radius above 1. When the
+    first sampled profile did not explode yet, the weights grew into that regime, which a
+    too-high learning rate does by blowing them up: the finding then names lr-too-high, which
+    the engine links when present and not later. A profile that explodes from the first sample
+    was made by the initialisation or the architecture, and it is the root cause of what
+    follows (exploding gradients, non-finite values, a harm that looks like a too-high lr).
 
     Confidence: vanishing: log-scale distance of T/h past 4 (0.5 at 4, 1.0 at 40), times the
     fraction of the used samples that meet the condition. Exploding: log-scale distance of
@@ -388,11 +397,14 @@ class LongLookback(Rule):
     severity = "warning"
     severities = {
         "warning": "vanishing through time, or gradients growing backwards through time by less than 1000x",
-        "error": "gradients growing backwards through time by 1000x (three decades) or more over the window",
+        "error": "gradients growing backwards through time by 1000x (three decades) or more over the window, or "
+                 "the run went non-finite after they did",
     }
     title = "BPTT window far longer than the gradient horizon"
     requires = ("bptt",)
-    causes = ("lr-too-high",)
+    #: the exploding form, when the recurrent weights grew into it (the first profile did not
+    #: explode yet): a too-high lr blows the weights up
+    causes_on_evidence = ("lr-too-high",)
     evidence_fields = {
         "lookback": Field("window (lookback)", "steps"),
         "samples": Field("profiles used", "steps"),
@@ -441,16 +453,9 @@ class LongLookback(Rule):
     )
 
     def check(self, ctx: RunContext) -> list[Finding]:
-        smp = ctx.samples("bptt")
-        if smp.empty:
-            return []
         findings = []
         meta_lb = {str(r.get("module")): r.get("lookback") for r in ctx.recurrent}
-        for module, df in smp.groupby(smp["target"].astype(str)):
-            piv = df[df["stat"] != "profile"].pivot_table(index="step", columns="stat", values="value", aggfunc="last")
-            if piv.empty or "horizon" not in piv:
-                continue
-            piv = piv.sort_index()
+        for module, piv in bptt_profiles(ctx).items():
             recent = piv.iloc[len(piv) // 2:] if len(piv) >= 2 else piv
             f = self._check_module(ctx, module, piv, recent, meta_lb.get(module))
             if f is not None:
@@ -478,10 +483,11 @@ class LongLookback(Rule):
         # exploding through time
         g_med = float(np.nanmedian(growth)) if np.isfinite(growth).any() else float("nan")
         f_med = float(np.nanmedian(fon)) if np.isfinite(fon).any() else float("nan")
-        if np.isfinite(f_med) and np.isfinite(g_med) and f_med >= 10 and g_med > 1:
-            ok = np.nan_to_num(fon, nan=0.0) >= 10
+        if np.isfinite(f_med) and np.isfinite(g_med) and f_med >= EXPLODING_FAR_OVER_NEAR and g_med > 1:
+            ok = np.nan_to_num(fon, nan=0.0) >= EXPLODING_FAR_OVER_NEAR
             frac = float(ok.mean())
-            first = self._first_step(piv, lambda r: r.get("far_over_near", 0) >= 10 and r.get("growth_per_step", 0) > 1)
+            first = self._first_step(piv, lambda r: r.get("far_over_near", 0) >= EXPLODING_FAR_OVER_NEAR
+                                     and r.get("growth_per_step", 0) > 1)
             suggested = int(min(T, max(2, math.floor(math.log(10) / math.log(g_med))))) if g_med > 1 else int(T)
             amplification = math.exp(min(700.0, (T - 1) * math.log(g_med)))
             evidence.update({"far_over_near": f_med, "growth_per_step": g_med,
@@ -505,10 +511,16 @@ class LongLookback(Rule):
                 f"{f_med:.3g}x the gradient of the nearest ones. Updates are dominated by the distant past "
                 "and explode easily."
             )
-            return self.finding(confidence=log_ratio_confidence(f_med, 10, 2.0) * frac, message=message,
-                                first_step=first, layer=module, evidence=evidence, recommendations=recs,
-                                severity="error" if f_med >= 1000 else "warning",
-                                title="Gradients explode backwards through time")
+            # weights that grew into the exploding regime may be the lr's doing; a profile that
+            # explodes from the first sample was made by the initialisation or the architecture
+            follow = [] if explodes_from_the_first_profile(ctx, module) else ["lr-too-high"]
+            tl = nonfinite_timeline(ctx)
+            broke = any(s is not None and (first is None or s >= first) for s in (tl.loss_step, tl.grad_step,
+                                                                                  tl.param_step))
+            return self.finding(confidence=log_ratio_confidence(f_med, EXPLODING_FAR_OVER_NEAR, 2.0) * frac,
+                                message=message, first_step=first, layer=module, evidence=evidence,
+                                recommendations=recs, severity="error" if f_med >= 1000 or broke else "warning",
+                                title="Gradients explode backwards through time", may_follow=follow)
 
         # vanishing through time
         if not np.isfinite(horizon).any():

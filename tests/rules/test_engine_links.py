@@ -57,3 +57,75 @@ def test_validation_series_with_the_most_evaluations_wins():
     log = gradprobe.RunLog.build({"step": list(range(n)), "loss": list(np.linspace(2, 1, n))}, scalars=scalars)
     ev = RunContext(log).eval_loss
     assert len(ev) == 10 and ev.index[0] == 9
+
+
+# ------------------------------------------------------------- root cause before symptom -----
+def _transitive_causes(report: gradprobe.Report, code: str) -> set[str]:
+    by_rule = {f.rule: f for f in report.findings}
+    f = report.finding(code)
+    seen: set[str] = set()
+    stack = list(f.caused_by) if f else []
+    while stack:
+        c = stack.pop()
+        if c not in seen:
+            seen.add(c)
+            stack.extend(by_rule[c].caused_by if c in by_rule else [])
+    return seen
+
+
+def test_gradients_exploding_through_time_until_non_finite_report_the_recurrence_first(tmp_path):
+    """A vanilla RNN whose recurrent weights have spectral radius 1.3 from the start: the
+    gradient grows backwards through time, SGD steps on it blow the weights up, and the run
+    turns non-finite. The through-time cause comes first; every symptom leads back to it."""
+    import torch
+    import torch.nn.functional as F
+
+    from tests.rules import _runs_recurrent as RR
+
+    torch.manual_seed(0)
+    model = RR.VanillaRNN(4, 16)
+    with torch.no_grad():
+        model.rnn.weight_hh_l0.copy_(torch.linalg.qr(torch.randn(16, 16))[0] * 1.3)
+    opt = torch.optim.SGD(model.parameters(), 2.0)
+    d = str(tmp_path / "run")
+    with gradprobe.watch(model, opt, logdir=d):
+        for x, y in RR._seq_data(30, batch=8, T=60):
+            opt.zero_grad()
+            F.mse_loss(model(x * 0.1), y).backward()
+            opt.step()
+    report = gradprobe.analyze(d)
+    serious = [f for f in report.findings if f.severity != "info"]
+    assert serious[0].code == "GP102" and serious[0].caused_by == [], [(f.code, f.caused_by) for f in serious]
+    assert serious[0].severity == "error"  # the run went non-finite after it
+    for code in ("GP202", "GP401", "GP402", "GP403", "GP501"):
+        assert report.finding(code) is not None, code
+        assert "long-lookback" in _transitive_causes(report, code), (code, report.finding(code).caused_by)
+
+
+def test_a_carried_state_that_keeps_old_graphs_alive_reports_the_carried_state_first(tmp_path):
+    """The running loss fed back into the next forward, never detached (retain_graph and
+    ``p.data`` updates keep it from crashing): each step's loss graph stays alive through the
+    carried state. The carried state is the cause; the retained graphs are its symptom."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from tests.helpers import regression_batches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 32), nn.ReLU(), nn.Linear(32, 1))
+    d = str(tmp_path / "run")
+    running = torch.zeros(())
+    with gradprobe.watch(model, logdir=d):
+        for x, y in regression_batches(30):
+            model.zero_grad()
+            loss = F.mse_loss(model(torch.cat([x, running.expand(x.shape[0], 1)], dim=1)), y)
+            loss.backward(retain_graph=True)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data -= 0.01 * p.grad
+            running = 0.9 * running + 0.1 * loss
+    report = gradprobe.analyze(d)
+    assert [f.code for f in report.findings][:2] == ["GP101", "GP103"]
+    assert report.finding("GP103").caused_by == ["undetached-hidden-state"]
+    assert report.finding("GP101").final and report.finding("GP103").final
