@@ -57,6 +57,17 @@ def evidence_line(f: Finding) -> str:
     return ", ".join(items)
 
 
+def severity_note(f: Finding) -> str | None:
+    """Why the finding's severity differs from its rule's catalog severity, and whether
+    further training can undo it; None when there is nothing to say."""
+    parts = []
+    if f.severity_reason:
+        parts.append(f"{f.severity} because {f.severity_reason}")
+    if f.final:
+        parts.append("final: further training cannot undo it")
+    return "; ".join(parts) or None
+
+
 def title_line(f: Finding) -> str:
     where = []
     if f.first_step is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gradprobe.render._common import ICON, fmt_value, header_lines, recommendation_line
+from gradprobe.render._common import ICON, fmt_value, header_lines, recommendation_line, severity_note
 from gradprobe.report import Report
 
 MAX_POINTS = 4000
@@ -211,6 +211,9 @@ def render(report: Report, **_: Any) -> str:
         parts.append(f'<h3>{ICON[f.severity]} <span class="sev">{_e(f.severity)}</span> {_e(f.code)} <code>{_e(f.rule)}</code>: {_e(f.title)}</h3>')
         parts.append(f'<div class="meta">confidence {f.confidence:.2f}{_e(where)}{layer}</div>')
         parts.append(f"<p>{_e(f.message)}</p>")
+        note = severity_note(f)
+        if note:
+            parts.append(f"<p class=\"meta\">({_e(note)})</p>")
         if f.caused_by:
             parts.append("<p>Caused by: " + ", ".join(f"<code>{_e(c)}</code>" for c in f.caused_by) + "</p>")
         if f.recommendations:

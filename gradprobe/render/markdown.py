@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradprobe.render._common import ICON, fmt_value, header_lines, recommendation_line
+from gradprobe.render._common import ICON, fmt_value, header_lines, recommendation_line, severity_note
 from gradprobe.report import Report
 
 
@@ -32,6 +32,10 @@ def render(report: Report, **_: Any) -> str:
         out.append("")
         out.append(f.message)
         out.append("")
+        note = severity_note(f)
+        if note:
+            out.append(f"*({_esc(note)})*")
+            out.append("")
         if f.caused_by:
             out.append("Caused by: " + ", ".join(f"`{c}`" for c in f.caused_by))
             out.append("")

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from gradprobe.render._common import evidence_line, header_lines, recommendation_line, title_line
+from gradprobe.render._common import evidence_line, header_lines, recommendation_line, severity_note, title_line
 from gradprobe.report import Report
 
 STYLE = {"error": "bold red", "warning": "bold yellow", "info": "cyan"}
@@ -34,6 +34,9 @@ def print_report(report: Report, console: Console) -> None:
         console.print()
         console.print(Text(title_line(f), style=STYLE[f.severity]))
         console.print(Text("  " + f.message))
+        note = severity_note(f)
+        if note:
+            console.print(Text(f"  ({note})", style="dim"))
         if f.caused_by:
             console.print(Text("  caused by: " + ", ".join(f.caused_by), style="dim"))
         if f.recommendations:

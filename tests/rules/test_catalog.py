@@ -97,3 +97,30 @@ def test_catalog_check_mode_reports_staleness(tmp_path):
     assert subprocess.run([*cmd, "--check"], capture_output=True, text=True).returncode == 0
     assert readme_table().strip() in readme.read_text(encoding="utf-8")
     assert docs.read_text(encoding="utf-8") == docs_text()
+
+
+def test_the_report_states_an_escalation_and_a_final_finding():
+    import json
+
+    from gradprobe.report import Report
+    from gradprobe.rules.base import RuleDeclarationError, get_rule
+
+    rule = get_rule("GP101")()
+    f = rule.finding(confidence=0.9, message="m", severity="warning", final=False,
+                     evidence={"max_state_age": 3})
+    assert f.severity_reason == rule.severities["warning"]
+    g = rule.finding(confidence=0.9, message="m", final=True)
+    assert g.severity_reason is None and g.final
+    report = Report(source={"path": "x", "kind": "gradprobe", "steps": 1}, summary={}, findings=[f, g])
+    text = report.render("text")
+    assert f"warning because {rule.severities['warning']}" in " ".join(text.split())
+    assert "final: further training cannot undo it" in text
+    assert "warning because" in report.render("markdown")
+    js = json.loads(json.dumps(report.to_json()))
+    assert js["findings"][0]["severity_reason"] == rule.severities["warning"] and js["findings"][1]["final"] is True
+    with pytest.raises(RuleDeclarationError):
+        rule.finding(confidence=0.9, message="m", severity="info")  # GP101 never gives info
+    with pytest.raises(RuleDeclarationError):
+        rule.finding(confidence=0.9, message="m", evidence={"not_declared": 1})
+    with pytest.raises(RuleDeclarationError):
+        get_rule("GP504")().finding(confidence=0.9, message="m", final=True)  # a spike is never final
