@@ -14,28 +14,26 @@ The script sees what ``python`` gives it (pyinstrument's ``__main__`` is the mod
   after an uncaught ``KeyboardInterrupt`` (the shell shows 130) or SIGTERM (143).
 
 Around the script, a :class:`~gradprobe.probe.core.Probe` in ``auto`` mode watches every
-model, optimizer and GradScaler the process creates. However the script ends (returns,
+model, optimizer and GradScaler the process creates, and a :class:`~gradprobe.tree.
+ProcessTree` watches every Python process the script starts (a start-up hook on
+``PYTHONPATH``: :mod:`gradprobe.subprocess_hook`); each process names its run directory inside
+the log directory at its first recorded step. However the script ends (returns,
 ``sys.exit``, an exception, Ctrl-C, SIGTERM, ``--memory-limit``), the runner records how in
 the run log (an ``exception`` event for exceptions the probe's backward wrapper did not
 already record, and one ``script_end`` event), waits for non-daemon threads as Python does,
-closes the probe (everything is flushed) and hands back an :class:`Outcome`; the caller
-prints the report and then calls :func:`exit_like` to leave with the script's status.
+closes the probe (everything is flushed), puts the environment back and hands back an
+:class:`Outcome`; the caller prints the report of the whole tree (:meth:`ScriptRunner.report`)
+and then calls :func:`exit_like` to leave with the script's status.
 
-Signals. SIGINT keeps Python's own handler (``KeyboardInterrupt`` unwinds the script like any
-exception). For SIGTERM, whose default action kills the process before anything can be
-written, the runner installs a handler that raises :class:`ScriptTerminated` in the main
-thread; the report is printed, then the process dies by SIGTERM as it would have. Handlers
-the script installs itself keep working: ``signal.signal``/``signal.getsignal`` are wrapped
-while the script runs, so the script's handler is the one that runs (and ``getsignal``
-returns it); gradprobe only hands the steps recorded so far to disk first. ``SIG_IGN`` is
-installed for real. Forked children (DataLoader workers) get the script's dispositions back
-and no gradprobe handler, as the probe itself goes inert in them.
-
-Memory. On CPU the kernel's OOM killer sends SIGKILL, which nothing can report. With a
-memory limit the runner checks the process memory (RSS; CUDA allocated memory on GPU runs)
-after every optimizer step and, throttled, before module forwards, and raises
-``MemoryError`` once it is over the limit, so the run ends by an exception that is logged and
-diagnosed.
+Signals and memory (:mod:`gradprobe.interrupts`). SIGINT keeps Python's own handler
+(``KeyboardInterrupt`` unwinds the script like any exception). For SIGTERM, whose default
+action kills the process before anything can be written, the runner installs a handler that
+raises :class:`ScriptTerminated` in the main thread; the report is printed, then the process
+dies by SIGTERM as it would have. Handlers the script installs itself keep working. Forked
+children (DataLoader workers) get the script's dispositions back and no gradprobe handler.
+With a memory limit the runner raises ``MemoryError`` in the script once the process uses
+more, so the run ends by an exception that is logged and diagnosed instead of by the OOM
+killer's SIGKILL.
 """
 
 from __future__ import annotations
@@ -597,7 +595,14 @@ class ScriptRunner:
         from gradprobe.tree import ProcessTree
 
         subprocess_hook.disable()  # a gradprobe run started inside another's tree runs its own
-        tree = ProcessTree(self.logdir, self.config)
+        config = self.config
+        if self.memory_limit is not None:  # each child is held to it too, by its own probe
+            import dataclasses
+
+            from gradprobe.config import ProbeConfig
+
+            config = dataclasses.replace(config or ProbeConfig(), memory_limit=self.memory_limit)
+        tree = ProcessTree(self.logdir, config)
         try:
             tree.start()
         except OSError as exc:
@@ -605,7 +610,7 @@ class ScriptRunner:
             raise RunnerError(f"cannot write the run log in {exc.filename or self.logdir}: {exc.strerror or exc}") from None
         if not self.children:
             tree.stop()
-            tree = ProcessTree(self.logdir, self.config)  # this process only: no hook
+            tree = ProcessTree(self.logdir, config)  # this process only: no hook
         self.tree = tree
 
     def _start_probe(self) -> None:

@@ -286,14 +286,12 @@ def _after_fork_in_child() -> None:
 
 
 # --------------------------------------------------------------------------- markers -----
-def _marker_path() -> str:
-    return os.path.join(_state["hook_dir"], MARKERS, str(os.getpid()))
-
-
-def _write_marker(**extra: object) -> None:
-    """One small file per exec'd Python process of the tree (a Python literal, read back
-    with ``ast.literal_eval``): its command line, and at exit whether it imported torch,
-    built an optimizer and recorded steps."""
+def _write_marker(suffix: str = "", **extra: object) -> None:
+    """One small file per exec'd Python process of the tree at start-up (``<pid>``), and one
+    more at exit (``<pid>.exit``), each a Python literal read back with
+    ``ast.literal_eval``: its command line, and at exit whether it imported torch, built an
+    optimizer and recorded steps. Always a new file: truncating or renaming over one makes
+    ext4 flush it on close (milliseconds of I/O wait at every exit)."""
     try:
         info = {
             "pid": os.getpid(),
@@ -302,11 +300,8 @@ def _write_marker(**extra: object) -> None:
             "argv": list(getattr(sys, "argv", []) or []),
         }
         info.update(extra)
-        path = _marker_path()
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(os.path.join(_state["hook_dir"], MARKERS, f"{os.getpid()}{suffix}"), "x", encoding="utf-8") as f:
             f.write(repr(info))
-        os.replace(tmp, path)
     except Exception:  # noqa: BLE001 - the hook folder is gone (the run ended): nothing to say
         pass
 
@@ -333,7 +328,7 @@ def exit_info(write: bool = False) -> dict[str, object]:
     except (KeyError, AttributeError):
         info["mp"] = False
     if write:
-        _write_marker(**info)
+        _write_marker(".exit", **info)
     return info
 
 

@@ -462,22 +462,23 @@ def _precompile(source: str, cfile: str | None) -> None:
 
 
 def read_markers(folder: str) -> list[dict[str, Any]]:
-    out = []
+    """One dict per process that ran the hook: its start-up marker updated by its exit one."""
+    found: dict[int, dict[str, Any]] = {}
     try:
-        names = sorted(os.listdir(folder))
+        names = sorted(os.listdir(folder), key=lambda n: (n.endswith(".exit"), n))
     except OSError:
-        return out
+        return []
     for name in names:
-        if not name.isdigit():
+        if not name.split(".")[0].isdigit():
             continue
         try:
             with open(os.path.join(folder, name), encoding="utf-8") as f:
                 value = ast.literal_eval(f.read())
         except (OSError, ValueError, SyntaxError, MemoryError, RecursionError):
-            continue
+            continue  # torn by a kill
         if isinstance(value, dict):
-            out.append(value)
-    return out
+            found.setdefault(int(name.split(".")[0]), {}).update(value)
+    return list(found.values())
 
 
 def remove_stale_hooks(tree_dir: str) -> None:

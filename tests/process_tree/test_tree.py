@@ -181,6 +181,41 @@ def test_a_child_script_is_a_separate_run_in_one_report(tmp_path):
     assert "2 runs under log: script (4 steps); pid" in proc.stderr
 
 
+GROWING_CHILD = """
+    import psutil, torch, torch.nn as nn
+    torch.manual_seed(0)
+    model = nn.Linear(512, 512)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    kept = []
+    for step in range(400):
+        out = model(torch.randn(8192, 512))  # 16 MiB of activations per step, kept with their graph
+        kept.append(out)
+        loss = out.pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        if psutil.Process().memory_info().rss > 3 * 2**30:
+            raise SystemExit(99)  # safety net: the limit did not work
+"""
+
+
+@pytest.mark.slow
+def test_memory_limit_holds_for_children(tmp_path):
+    """``--memory-limit`` is per process, children included: the child is stopped by a
+    MemoryError at a step boundary, and its run shows the limit it hit."""
+    write(tmp_path / "grow.py", GROWING_CHILD)
+    write(tmp_path / "parent.py", """
+        import subprocess, sys
+        print("child exited", subprocess.run([sys.executable, "grow.py"]).returncode)
+    """)
+    proc = gp_run(tmp_path, "--logdir", "log", "--memory-limit", "1200M", "parent.py")
+    assert proc.returncode == 0 and proc.stdout == "child exited 1\n", proc.stderr[-3000:]
+    assert "MemoryError: gradprobe: process memory" in proc.stderr and "exceeded --memory-limit 1200 MiB" in proc.stderr
+    (child,) = [p for p in (tmp_path / "log").iterdir() if p.name.startswith("pid")]
+    log = gradprobe.RunLog.load(str(child))
+    hit = [e for e in log.events if e["kind"] == "memory_limit"]
+    assert len(hit) == 1 and hit[0]["limit"] == 1200 * 2**20 and hit[0]["memory"] > hit[0]["limit"]
+    assert log.n_steps >= 5
+
+
 def test_bash_child_is_untouched(tmp_path):
     """A non-Python child behaves as without gradprobe: same output, status and files; its
     environment differs only by PYTHONPATH, whose first entry is the hook folder inside the
