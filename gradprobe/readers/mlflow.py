@@ -323,6 +323,11 @@ def _read_file_run(ref: RunRef) -> _Read:
 
 
 # ---------------------------------------------------------------------- SQLite store ----
+#: what a damaged database raises: SQLite's errors, and a UnicodeDecodeError (a ValueError)
+#: when the damage lands in the schema text SQLite reports back
+_SQL_ERRORS = (sqlite3.Error, ValueError)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     con = sqlite3.connect(uri, uri=True, timeout=2.0)
@@ -330,32 +335,35 @@ def _connect(path: str) -> sqlite3.Connection:
     return con
 
 
-def _columns(con: sqlite3.Connection, table: str) -> set[str]:
-    return {str(r[1]) for r in con.execute(f"PRAGMA table_info({table})")}
+def _columns(con: sqlite3.Connection, table: str, path: str) -> set[str]:
+    try:
+        return {str(r[1]) for r in con.execute(f"PRAGMA table_info({table})")}
+    except _SQL_ERRORS as exc:
+        raise _Damaged(f"{path}: the {table} table cannot be read ({exc})") from None
 
 
 def _list_sqlite_runs(path: str) -> list[RunRef]:
     try:
         con = _connect(path)
-    except sqlite3.Error as exc:
+    except _SQL_ERRORS as exc:
         raise _Damaged(f"{path}: cannot open the SQLite database ({exc})") from None
     try:
         try:
             tables = {str(r[0]) for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        except sqlite3.DatabaseError as exc:
+        except _SQL_ERRORS as exc:
             raise _Damaged(f"{path}: not a readable SQLite database ({exc})") from None
         if not {"runs", "metrics"} <= tables:
             raise _Damaged(f"{path}: a SQLite database without MLflow's tables (runs, metrics)")
-        cols = _columns(con, "runs")
+        cols = _columns(con, "runs", path)
         if "run_uuid" not in cols:
             raise _Damaged(f"{path}: an MLflow database whose runs table has no run_uuid column")
         wanted = [c for c in ("name", "status", "start_time", "lifecycle_stage", "experiment_id") if c in cols]
         experiments: dict[str, str] = {}
-        if "experiments" in tables and {"experiment_id", "name"} <= _columns(con, "experiments"):
-            try:
+        try:  # experiment names are a nicety: a damaged table only loses them
+            if "experiments" in tables and {"experiment_id", "name"} <= _columns(con, "experiments", path):
                 experiments = {str(i): str(n) for i, n in con.execute("SELECT experiment_id, name FROM experiments")}
-            except sqlite3.DatabaseError:
-                experiments = {}
+        except (_Damaged, *_SQL_ERRORS):
+            experiments = {}
         refs = []
         try:
             for row in con.execute(f"SELECT run_uuid{''.join(', ' + c for c in wanted)} FROM runs ORDER BY rowid"):
@@ -371,7 +379,7 @@ def _list_sqlite_runs(path: str) -> list[RunRef]:
                     lifecycle=str(rec["lifecycle_stage"]) if rec.get("lifecycle_stage") else None,
                     start_time=_time(start),
                 ))
-        except sqlite3.DatabaseError as exc:
+        except _SQL_ERRORS as exc:
             if not refs:
                 raise _Damaged(f"{path}: the runs table cannot be read ({exc})") from None
         return refs
@@ -400,10 +408,10 @@ def _read_sqlite_run(ref: RunRef) -> _Read:
     out = _Read(ref)
     try:
         con = _connect(ref.where)
-    except sqlite3.Error as exc:
+    except _SQL_ERRORS as exc:
         raise _Damaged(f"{ref.where}: cannot open the SQLite database ({exc})") from None
     try:
-        cols = _columns(con, "metrics")
+        cols = _columns(con, "metrics", ref.where)
         if not {"key", "value", "run_uuid"} <= cols:
             raise _Damaged(f"{ref.where}: an MLflow database whose metrics table lacks key, value or run_uuid")
         step = "step" if "step" in cols else "0"
@@ -425,18 +433,18 @@ def _read_sqlite_run(ref: RunRef) -> _Read:
                     tf = to_float(t)
                     out.raw.add(str(key), s, v, wall_time=tf / 1000.0 if tf is not None and math.isfinite(tf) else math.nan)
                     n += 1
-        except sqlite3.DatabaseError as exc:
+        except _SQL_ERRORS as exc:
             out.skipped.append(f"{os.path.basename(ref.where)}: the metrics table is damaged after {n} record(s) of this "
                                f"run ({exc}); the rest is skipped")
         if bad:
             out.skipped.append(f"{os.path.basename(ref.where)}: {bad} metric record(s) without a numeric value or step skipped")
         for table, into in (("params", out.params), ("tags", out.tags)):
             try:
-                if {"key", "value", "run_uuid"} <= _columns(con, table):
+                if {"key", "value", "run_uuid"} <= _columns(con, table, ref.where):
                     for k, val in con.execute(f"SELECT key, value FROM {table} WHERE run_uuid = ?", (ref.run_id,)):
                         if k is not None:
                             into[str(k)] = str(val)[:VALUE_MAX_CHARS] if val is not None else ""
-            except sqlite3.DatabaseError:
+            except (_Damaged, *_SQL_ERRORS):
                 out.skipped.append(f"{os.path.basename(ref.where)}: the {table} table is damaged; {table} skipped")
     finally:
         con.close()
