@@ -237,7 +237,7 @@ def _on_optimizer(opt: object) -> None:
 def _import_tree() -> object:
     """``gradprobe.tree``; from the parent's gradprobe when this process cannot import one."""
     try:
-        import gradprobe.tree as tree
+        from gradprobe import tree
 
         return tree
     except ImportError:
@@ -257,7 +257,7 @@ def _import_tree() -> object:
     except BaseException:
         del sys.modules["gradprobe"]
         raise
-    import gradprobe.tree as tree
+    from gradprobe import tree
 
     return tree
 

@@ -401,7 +401,7 @@ class ProcessTree:
         argv: list[str]
         env: Any = None
         if event == "subprocess.Popen":
-            executable, cmd, _cwd, env = args
+            _executable, cmd, _cwd, env = args
             argv = [cmd] if isinstance(cmd, (str, bytes, os.PathLike)) else list(cmd)
         elif event == "os.posix_spawn":
             _path, cmd, env = args

@@ -369,7 +369,7 @@ def test_in_process_run_leaves_nothing_behind(tmp_path, monkeypatch):
     assert sys.path == path
     assert not [f for f in sys.meta_path if isinstance(f, subprocess_hook._TorchFinder)]  # (tensorboard's absl adds its own)
     assert torch.optim.Optimizer.__init__ is init and not subprocess_hook.in_tree()
-    assert not [n for n in os.listdir(tmp_path / "log") if n.startswith(HOOK_PREFIX) or n.startswith("pid")]
+    assert not [n for n in os.listdir(tmp_path / "log") if n.startswith((HOOK_PREFIX, "pid"))]
     (child,) = runner.tree.watched()
     assert child["torch"] and not child["optimizer"] and child["ppid"] == os.getpid()
     report = runner.report()
