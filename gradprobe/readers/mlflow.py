@@ -21,7 +21,8 @@ sit at one step (``mlflow.log_metric(key, v)`` without ``step=`` logs every valu
 0) is numbered in logged order instead, and ``source["notes"]`` says so.
 
 Params that name a canonical hyperparameter (``lr``, ``max_norm``, ``weight_decay``,
-``batch_size``, ``warmup_steps``, ``momentum``, ``hidden_size``; see :data:`PARAMS`) go to
+``batch_size``, ``warmup_steps``, ``momentum``, ``hidden_size``), or the number of outputs a
+cross-entropy is over (``vocab_size``, ``num_classes``; see :data:`PARAMS`) go to
 ``meta["mlflow"]["hyperparameters"]``; the optimizer class, lr, weight decay and momentum
 to ``meta["optimizers"]`` (partial), where the rules and the summary read them. A global
 gradient-norm clip threshold (Hugging Face's ``max_grad_norm``, Lightning's
@@ -86,7 +87,13 @@ PARAMS: dict[str, tuple[str, ...]] = {
     "warmup_steps": ("warmup_steps", "num_warmup_steps", "lr_warmup_steps"),
     "momentum": ("momentum", "opt_momentum"),
     "hidden_size": ("hidden_size", "hidden_dim", "d_model", "n_embd"),
+    # the number of outputs a cross-entropy is taken over (its uniform level is ln K): the
+    # Hugging Face MLflowCallback logs the model config with the arguments. Not num_labels:
+    # every HF config has one (2 by default), language models too
+    "vocab_size": ("vocab_size", "n_vocab", "ntokens", "ntoken"),
+    "num_classes": ("num_classes", "n_classes", "nclasses", "num_class"),
 }
+INTEGER_PARAMS = ("batch_size", "warmup_steps", "hidden_size", "vocab_size", "num_classes")
 #: param keys naming the optimizer (HF's ``optim`` is ``adamw_torch``, Keras' ``opt_name`` ``SGD``)
 OPTIMIZER_PARAMS = ("optimizer", "optimizer_name", "opt_name", "optim", "optimizer_class", "optimizer_type", "opt")
 #: Lightning's ``gradient_clip_val`` clips by norm unless ``gradient_clip_algorithm`` says value
@@ -501,7 +508,7 @@ def hyperparameters(params: dict[str, str]) -> tuple[dict[str, dict[str, Any]], 
                 continue  # Lightning clipping each gradient element by value, not the norm
             if v <= 0:
                 continue  # 0 or less: clipping off (HF max_grad_norm=0, nanoGPT grad_clip=0.0)
-        out[canon] = {"value": int(v) if canon in ("batch_size", "warmup_steps", "hidden_size") and v.is_integer() else v,
+        out[canon] = {"value": int(v) if canon in INTEGER_PARAMS and v.is_integer() else v,
                       "from": found[0]}
     opt = _param(params, OPTIMIZER_PARAMS)
     cls = optimizer_class(opt[1]) if opt else None

@@ -46,6 +46,7 @@ def test_hf_trainer_with_mlflow_callback(tmp_path, monkeypatch) -> None:
     hp = log.meta["mlflow"]["hyperparameters"]
     assert hp["max_norm"]["value"] == trainer.args.max_grad_norm and hp["lr"]["value"] == trainer.args.learning_rate
     assert log.meta["optimizers"][0]["class"] == "AdamW"  # optim=adamw_torch
+    assert hp["vocab_size"]["value"] == 100  # MLflowCallback logs the model config too
     rep = gradprobe.analyze(log)
     assert rep.summary["optimizer"] == "AdamW" and rep.summary["max_norm"] == trainer.args.max_grad_norm
 
