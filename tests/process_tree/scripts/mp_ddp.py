@@ -52,6 +52,9 @@ def train(rank: int, port: int, args: argparse.Namespace) -> None:
     os.makedirs(args.outdir, exist_ok=True)
     with open(os.path.join(args.outdir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "checksum": h.hexdigest()[:16], "losses": losses}, f)
+    # both ranks tear gloo down together: a rank destroying its group while the other is
+    # still in it sometimes aborts ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
