@@ -58,6 +58,7 @@ from gradprobe.analysis.data import (
     sustained,
     tiny_targets,
     trivial_loss,
+    uniform_classes,
 )
 from gradprobe.analysis.gradients import (
     MAX_NORM_FORMULA,
@@ -87,7 +88,9 @@ from gradprobe.analysis.loss import (
     loss_harm,
     loss_spikes,
     lr_following,
+    material_rise,
     median_lr,
+    set_back,
     trained_stably_before,
 )
 from gradprobe.analysis.nonfinite import NonfiniteTimeline, diverged_into_nonfinite, nonfinite_timeline

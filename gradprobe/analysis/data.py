@@ -141,6 +141,34 @@ def feature_absmax(ctx: RunContext) -> float | None:
 
 
 
+#: A cross-entropy at ln K is the uniform prediction over K classes when it sits between
+#: ``UNIFORM_BELOW`` under and ``UNIFORM_ABOVE`` over ln K (relative): predictions that ignore the
+#: input add their own small spread to ln K (half the variance of the logits, in nats), and a
+#: batch's noise moves a near-constant loss by well under 1%. With only a few records the
+#: level must match to ``UNIFORM_TIGHT``: a match that close is a fact about the outputs, not a
+#: coincidence of the level.
+UNIFORM_BELOW = 0.005
+UNIFORM_ABOVE = 0.02
+UNIFORM_TIGHT = 0.005
+#: Class counts considered: 2 (binary) up to a large vocabulary.
+UNIFORM_MAX_CLASSES = 10**6
+
+
+def uniform_classes(level: float, *, tight: bool = False) -> int | None:
+    """K when ``level`` is the cross-entropy of the uniform prediction over K classes (see the
+    ``UNIFORM_*`` constants), else None."""
+    if not (math.isfinite(level) and level > 0):
+        return None
+    above = UNIFORM_TIGHT if tight else UNIFORM_ABOVE
+    guess = math.exp(level)
+    for k in sorted({math.floor(guess), math.ceil(guess)}):
+        if 2 <= k <= UNIFORM_MAX_CLASSES:
+            lk = math.log(k)
+            if -UNIFORM_BELOW * lk <= level - lk <= above * lk:
+                return int(k)
+    return None
+
+
 def _bernoulli_entropy(p: float) -> float:
     p = min(max(p, 1e-7), 1 - 1e-7)
     return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))

@@ -142,8 +142,13 @@ def suggested_max_norm(ctx: RunContext) -> Computed:
 def geometric_growth(ctx: RunContext) -> tuple[int, int, float] | None:
     """(start row, end row, factor) of the first stretch where the pre-clip norm, smoothed by
     a trailing median of 5 steps (single-batch dips and peaks removed), rose >= 100x over
-    >= 4 steps from its minimum of the previous 50 steps, rising on >= 60% of those steps."""
-    norm = grad_spikes(ctx).norm
+    >= 4 steps from its minimum of the previous 50 steps, rising on >= 60% of those steps,
+    and ended above the scale the run trained at, as spikes must (``GradSpikes``: at least
+    ``SPIKE_ABOVE_SUSTAINED`` times the highest running level sustained before the stretch, and
+    above the floor): a converged run whose gradient, at 1e-7 of its starting scale, grows
+    back to 1e-4 of it has not exploded."""
+    sp = grad_spikes(ctx)
+    norm = sp.norm
     with np.errstate(all="ignore"):
         raw = np.where(norm > 0, np.log10(norm), np.nan)
     lg = pd.Series(raw).rolling(5, min_periods=1).median().to_numpy()
@@ -159,6 +164,9 @@ def geometric_growth(ctx: RunContext) -> tuple[int, int, float] | None:
         seg = lg[i : j + 1]
         d = np.diff(seg[np.isfinite(seg)])
         if d.size >= 4 and (d > 0).mean() >= 0.6:
+            top = 10 ** lg[j]
+            if top < sp.floor or top < SPIKE_ABOVE_SUSTAINED * float(sp.sustained[max(i - 1, 0)]):
+                continue  # it grew back inside the scale the run already trained at
             return i, int(j), float(10 ** (lg[j] - lg[i]))
     return None
 

@@ -20,6 +20,10 @@ from gradprobe.analysis.nonfinite import nonfinite_timeline
 from gradprobe.analysis.numeric import smoothing_window
 
 
+#: A loss negative on at least this fraction of its records is not a fit measure bounded by 0.
+SIGNED_FRACTION = 0.10
+
+
 class LossCurve:
     """A loss series (training or validation) as levels that mini-batch noise does not move.
 
@@ -45,6 +49,10 @@ class LossCurve:
             below it) is measured from where it was.
         best, best_index: the lowest smoothed level and its record index.
         nonfinite_step: first step whose loss was NaN/Inf (None: never).
+        signed: at least ``SIGNED_FRACTION`` of the records are negative: the loss is not a
+            measure of fit bounded below by 0 (a policy-gradient surrogate centred on 0, a
+            critic's estimate, a Gaussian NLL of sharp densities). Its levels have no "start",
+            "progress" or "times its level" to judge by: the rules that compare levels skip it.
     """
 
     def __init__(self, steps: np.ndarray, values: np.ndarray, *, per_step: bool,
@@ -69,6 +77,7 @@ class LossCurve:
             self.best_index = int(np.argmin(self.smooth))
             self.best = float(self.smooth[self.best_index])
             self.noise = float(1.4826 * np.median(np.abs(self.values - self.smooth)))
+            self.signed = bool((self.values < 0).mean() >= SIGNED_FRACTION)
             first = float(self.values[0])
             self.start_is_first_record = abs(first - self.first_window) > 5.0 * self.noise
             self.start = first if self.start_is_first_record else self.first_window
@@ -76,6 +85,7 @@ class LossCurve:
             self.smooth = np.zeros(0)
             self.first_window = self.start = self.final = self.best = self.noise = math.nan
             self.start_is_first_record = False
+            self.signed = False
             self.best_index = 0
 
     def level_before(self, i: int) -> float:
@@ -206,6 +216,14 @@ class LossSpike:
 
 
 def find_loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
+    """Spike events of a loss curve: see :func:`_find_loss_spikes` (a signed curve has none:
+    "times its level" means nothing for a loss centred on 0)."""
+    if curve is None or curve.signed:
+        return []
+    return _find_loss_spikes(curve)
+
+
+def _find_loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
     """Spike events of a loss curve (see the ``LOSS_SPIKE_*`` constants).
 
     Running level: median of the previous ``max(window, 10)`` records; running noise: 1.4826 x
@@ -314,6 +332,30 @@ def find_loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
     return out
 
 
+def material_rise(curve: LossCurve, before: float, after: float) -> bool:
+    """The loss rising from level ``before`` to ``after`` sets the run back: the rise undoes at
+    least ``LOSS_SPIKE_MATERIAL`` of the progress the loss had made (its start minus
+    ``before``), or the loss had made none. At convergence a loss of 1e-6 that doubles has
+    moved by nothing the run can feel; a rise of 5% of what training had bought is felt."""
+    if not (np.isfinite(before) and np.isfinite(after)) or after <= before:
+        return False
+    progress = curve.start - before if curve.n else math.nan
+    if not np.isfinite(progress) or progress <= 0:
+        return True
+    return bool(after - before >= LOSS_SPIKE_MATERIAL * progress)
+
+
+def set_back(curve: LossCurve, spike: LossSpike) -> bool:
+    """After the spike the loss settled above where it was before it by more than noise and
+    10% of that level: the weights were knocked off course (a hard or corrupt batch lifts its
+    own records; damaged weights lift the loss of the batches that follow)."""
+    after = curve.level_after(spike.end)
+    if not np.isfinite(after):
+        return not spike.recovered
+    se = 1.25 * curve.noise / math.sqrt(max(curve.window, 1))
+    return bool(after - spike.level > max(3.0 * se, 0.10 * abs(spike.level)))
+
+
 @quantity
 def loss_spikes(ctx: RunContext) -> list[LossSpike]:
     """Spike events of the training loss (:func:`find_loss_spikes` of :func:`loss_curve`)."""
@@ -339,6 +381,7 @@ def loss_harm(ctx: RunContext) -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     curve = loss_curve(ctx)
+    curve_ok = not curve.signed  # a loss centred on 0 shows no harm in its levels
     first_finite = int(curve.steps[0]) if curve.n else None
     bad_steps = []
     nf = curve.nonfinite_step
@@ -355,7 +398,7 @@ def loss_harm(ctx: RunContext) -> dict[str, dict[str, Any]]:
     bad_steps = [b for b in bad_steps if data_nan is None or b < data_nan]  # NaN data is not the optimizer's
     if bad_steps:
         out["nonfinite"] = {"step": int(min(bad_steps)), "strength": 1.0}
-    if curve.n >= 10:
+    if curve.n >= 10 and curve_ok:
         sig = curve.significance
         if curve.rose:
             above = np.flatnonzero(curve.smooth > curve.start + sig)
@@ -366,7 +409,7 @@ def loss_harm(ctx: RunContext) -> dict[str, dict[str, Any]]:
                 and curve.best_index < curve.n - curve.window):
             out["regressed"] = {"step": int(curve.steps[curve.best_index]), "strength": 0.8, "best": curve.best,
                                 "final": curve.final, "given_back": (curve.final - curve.best) / gain}
-    spikes = loss_spikes(ctx)
+    spikes = loss_spikes(ctx) if curve_ok else []
     if spikes:
         unrec = [e for e in spikes if not e.recovered]
         out["spikes"] = {"step": spikes[0].step, "strength": 0.9 if unrec else 0.7, "count": len(spikes),
@@ -392,7 +435,7 @@ def healthy_end(ctx: RunContext) -> int | None:
     spikes = loss_spikes(ctx)
     ends += [e.step for e in spikes if not e.recovered]
     curve = loss_curve(ctx)
-    if curve.n >= 10 and curve.rose:
+    if curve.n >= 10 and not curve.signed and curve.rose:
         above = np.flatnonzero(curve.smooth > curve.start + curve.significance)
         if above.size:
             ends.append(int(curve.steps[above[0]]))

@@ -30,6 +30,7 @@ import pandas as pd
 from gradprobe.analysis import (
     TARGET_TINY,
     RunContext,
+    loss_curve,
     first_layer_name,
     input_constant,
     layer_forward_order,
@@ -51,6 +52,10 @@ INPUT_SMALL = 1e-2
 TARGET_CONSTANT = 1e-6
 #: GP602: MSE at or below 1e-4 of the target variance (R^2 >= 0.9999).
 LEAKAGE_RATIO = 1e-4
+#: GP602: a training loss exactly 0 on this fraction of its records (and at least this many)
+#: is stuck there: a loss that only touches 0 now and then (an easy batch) is not.
+ZERO_FRACTION = 0.10
+ZERO_RECORDS = 5
 #: GP603: two decades of activation scale lost (or gained) across the hidden layers at step 0.
 INIT_DECADES = 2.0
 #: GP603 without activation samples: three decades between the first and last weight gradients.
@@ -215,9 +220,19 @@ class DegenerateTargets(Rule):
       the target variance or less (R^2 >= 0.9999) on a sampled step: noiseless targets or a
       target leaking into the inputs. Not when the fit is memorisation: a validation loss at
       1% of the variance or above, or the same input batch at every sampled step.
+    * a training loss stuck at exactly 0 (warning; no target samples needed, so foreign logs
+      too): after being non-zero, the loss reads exactly 0.0 on records that cover at least
+      ``ZERO_FRACTION`` of the run (and ``ZERO_RECORDS`` of them). In float32 a cross-entropy
+      or a margin loss is exactly 0 only when every example is predicted with certainty (a
+      logit margin above ~17 nats): the gradient is then exactly 0 too, and nothing is learned
+      from there on. A task solved that completely has targets that carry nothing to learn
+      (constant, templated, duplicated, or leaked into the inputs). A loss that is 0 from its
+      first record is not judged: an untrained model cannot have a loss of 0, so that term is
+      not being trained (a loss switched off, e.g. a GAN discriminator before it starts).
 
     Confidence: constant 0.9 (1.0 over 3+ batches); tiny 0.5 + 0.5 x min(1, decades below 1e-3
-    / 3); near-zero loss 0.5 + 0.1 x decades below 1e-4 (at most 0.8).
+    / 3); near-zero loss 0.5 + 0.1 x decades below 1e-4 (at most 0.8); exactly zero 0.6 +
+    0.4 x min(1, fraction of the run at 0 / 0.5).
     """
 
     code = "GP602"
@@ -225,11 +240,16 @@ class DegenerateTargets(Rule):
     severity = "warning"
     title = "Targets are constant, of a vanishing scale, or fit suspiciously well"
     severities = {
-        "warning": "tiny targets, or a loss near zero against the target variance",
+        "warning": "tiny targets, a loss near zero against the target variance, or a training loss stuck at "
+                   "exactly 0",
         "error": "constant targets in every sampled batch, for every loss function: there is nothing to learn",
     }
-    requires = ("targets",)
+    requires = ("targets|loss",)
     evidence_fields = {
+        "zero_records": Field("records at exactly 0"),
+        "zero_fraction": Field("of the run", "%"),
+        "zero_from_step": Field("exactly 0 from", "step"),
+        "last_nonzero_loss": Field("last non-zero loss", "loss"),
         "loss_function": Field("loss function"),
         "value": Field("constant target"),
         "std": Field("target std"),
@@ -256,9 +276,46 @@ class DegenerateTargets(Rule):
     )
 
     def check(self, ctx: RunContext) -> list[Finding]:
+        zero = self._exactly_zero(ctx)
         w = sample_table(ctx, "target")
         if w.empty or "std" not in w:
-            return []
+            return [zero] if zero else []
+        out = self._from_targets(ctx, w)
+        return out if out or zero is None else [zero]
+
+    def _exactly_zero(self, ctx: RunContext) -> Finding | None:
+        curve = loss_curve(ctx)
+        v = curve.values
+        if curve.n < ZERO_RECORDS or not (v != 0).any():
+            return None  # no loss, or one that is 0 from its first record: not a term being trained
+        nz = np.flatnonzero(v != 0)
+        if v[0] == 0:
+            return None
+        zero = v == 0
+        if int(zero.sum()) < ZERO_RECORDS:
+            return None
+        span = int(curve.steps[-1]) - int(curve.steps[0]) + 1
+        first = int(curve.steps[np.flatnonzero(zero)[0]])
+        covered = float(zero.sum()) / curve.n
+        if covered < ZERO_FRACTION or span < 2:
+            return None
+        ev = {"zero_records": int(zero.sum()), "zero_fraction": covered, "zero_from_step": first,
+              "last_nonzero_loss": float(v[nz[-1]]), "loss_initial": float(v[0])}
+        msg = (f"The training loss was exactly 0 on {int(zero.sum())} of {curve.n} records ({covered:.0%} of the run), "
+               f"from step {first} on (it started at {v[0]:.4g}): every example is predicted with certainty, the "
+               "gradient is exactly 0, and nothing is learned from there. A task solved that completely has targets "
+               "that carry nothing to learn (constant, templated or duplicated examples, or the label leaking into "
+               "the inputs).")
+        return self.finding(confidence=0.6 + 0.4 * min(1.0, covered / 0.5), message=msg, first_step=first, evidence=ev,
+                            title="The training loss is exactly zero",
+                            recommendations=[Recommendation.code(
+                                "Check what makes the task trivial",
+                                "labels = torch.cat([y for _, y in train_loader])\n"
+                                "print(labels.unique(return_counts=True))        # one class, or nearly?\n"
+                                "X = torch.cat([x.flatten(1) for x, _ in train_loader])\n"
+                                "print(len(X), len(torch.unique(X, dim=0)))      # duplicated examples?")])
+
+    def _from_targets(self, ctx: RunContext, w: Any) -> list[Finding]:
         out: list[Finding] = []
         constants: list[Finding] = []
         n_functions = 0
@@ -659,7 +716,8 @@ class DeadUnits(Rule):
     layer's capacity is gone. At initialisation a unit with zero-mean pre-activations is off
     for a batch of 32 with probability 2**-32; even trained networks rarely exceed 10-20%.
 
-    Not counted: the first layer's input features (raw data may be legitimately all-zero, e.g.
+    Not counted: the first layer's input features, at every call (raw data may be legitimately
+    all-zero, e.g. one-hot states fed to a policy step after step, or
     image borders or sparse one-hot features); a module whose outputs average below 0 (a
     LeakyReLU/ELU/GELU/SiLU: its negative side still passes gradient); an input_dead_frac
     right after an activation module (a ReLU module's zeros are its own dead_frac; a tanh's
@@ -736,7 +794,7 @@ class DeadUnits(Rule):
         if "input_dead_frac" in act:
             inp = act[act["input_dead_frac"].notna()]
             for (name, call), g in inp.groupby(["target", "call"], sort=False):
-                if name == first_layer and call == 0:
+                if name == first_layer:  # raw data, at every call (a policy applied per time step)
                     continue
                 g = g.sort_values("step")
                 after_act = np.mean([(int(s), int(i) - 1) in act_at for s, i in zip(g["step"], g["index"])])

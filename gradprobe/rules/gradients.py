@@ -29,6 +29,7 @@ from gradprobe.analysis import (
     log_ratio_confidence,
     loss_curve,
     loss_spikes,
+    material_rise,
     optimizer_eps,
     optimizer_family,
     rank_correlation,
@@ -39,6 +40,24 @@ from gradprobe.analysis import (
     trivial_loss,
 )
 from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+
+#: GP202: the loss over the 10 steps after a spike at this many times the 10 before (and the
+#: rise material: ``analysis.material_rise``) is harm; batch-to-batch noise of a 10-step median
+#: stays well inside it.
+LOSS_HARM_FACTOR = 1.5
+#: GP202: spikes on 5% of the steps or more are a regime (warning even without harm): a few
+#: unlucky batches (heavy-tailed features, a rare hard example) spike now and then, one step in
+#: twenty does not.
+SPIKE_FRACTION_WARN = 0.05
+
+#: GP201: clipping that leaves at most this fraction of the update is a hidden lr divisor (a
+#: factor of 5 is one step of a typical learning-rate search grid: it changes outcomes).
+CUT_FACTOR = 0.2
+#: GP201's starved form: an SGD-like run clipped on 90% of its steps to 1% of the update or less
+#: steps at a learning rate two decades below the one it was configured with (beyond any search
+#: grid), whatever the loss still does.
+STARVED_FACTOR = 0.01
+STARVED_CLIPPED = 0.9
 
 #: float32 machine epsilon: a relative change of a weight below it is rounded away.
 FLOAT32_EPS = 1.1920929e-07
@@ -85,7 +104,8 @@ def _max_norm_recommendations(ctx: RunContext, current: float | None, purpose: s
 
 @register
 class Overclipping(Rule):
-    """Gradient clipping cuts (nearly) every step by a large factor and the loss barely moves.
+    """Gradient clipping cuts (nearly) every step by a large factor: the loss barely moves, or
+    an SGD-like run crawls at a hundredth of its step size.
 
     Clipping rescales the whole gradient by ``max_norm / ||g||``. What that does to the update
     depends on the optimizer: an SGD-like step is ``lr * g``, so the step shrinks by the same
@@ -118,7 +138,14 @@ class Overclipping(Rule):
       and it did not rise (``LossCurve.rose``: by 3 standard errors of a window median and
       10% of the start; a loss rising beyond that is not what clipping causes).
       Healthy runs cut their loss by well over 10% in their first hundreds of steps; a run
-      whose steps are cut 5x or more barely moves.
+      whose steps are cut 5x or more barely moves. Severity error.
+
+    Starved, not stalled (warning): an SGD-like run clipped on at least 90% of its steps to at
+    most 1% of the update (``STARVED_FACTOR``, ``STARVED_CLIPPED``) steps at a learning rate two
+    decades below the configured one, beyond anything a learning-rate search would compare; its
+    loss may still fall (still falling over the second half by more than half the curve's
+    significance), slowly, and that is what hides it. It fires then too: the run would get
+    there in a fraction of the steps.
 
     Recommended ``max_norm``: the 95th percentile of pre-clip norms in the stable window
     (:func:`~gradprobe.analysis.stable_window`: finite norms after warm-up, spikes and their
@@ -133,6 +160,11 @@ class Overclipping(Rule):
     code = "GP201"
     slug = "overclipping"
     severity = "error"
+    severities = {
+        "error": "the loss barely moves (or sits at the trivial predictor's level)",
+        "warning": "the loss still falls, but at 1/100 of the step size or less (an SGD-like run starved by "
+                   "clipping on 90% of its steps)",
+    }
     evidence_fields = {
         "clipped_fraction": Field("clipped steps", "%"),
         "median_preclip_norm": Field("median pre-clip norm", "norm"),
@@ -148,6 +180,7 @@ class Overclipping(Rule):
         "lr": Field("configured lr", "lr"),
         "effective_lr": Field("effective lr", "lr"),
         "median_update_ratio": Field("median update-to-weight ratio"),
+        "starved_but_falling": Field("still falling, at a fraction of its step size"),
     }
     title = "Gradient clipping cuts every step: the effective learning rate is a fraction of the configured one"
     requires = ("grad_norm", "clip", "loss", "optimizer")
@@ -215,7 +248,7 @@ class Overclipping(Rule):
             factor = (rms_post / (rms_post + eps)) / (rms_pre / (rms_pre + eps))
             evidence.update(clipped_grad_rms=rms_post, eps=eps)
         evidence["effective_update_factor"] = factor
-        if factor > 0.2:
+        if factor > CUT_FACTOR:
             return []
         curve = loss_curve(ctx)
         if curve.n < 6 or not curve.start > 0:
@@ -223,12 +256,17 @@ class Overclipping(Rule):
         rel = curve.progress
         if curve.rose:
             return []
+        starved = False
         if curve.fell:
             tl = trivial_loss(ctx)
             mid = int(curve.steps[curve.n // 2])
             late = tl.ratio_between(mid, int(curve.steps[-1])) if tl.consistent else math.nan
-            if not (0.8 <= late <= 2.0):
+            half = curve.n // 2
+            still_falling = float(curve.smooth[half] - curve.smooth[-1]) > curve.significance / 2
+            starved = fam == "sgd" and factor <= STARVED_FACTOR and frac >= STARVED_CLIPPED and still_falling
+            if not (0.8 <= late <= 2.0) and not starved:
                 return []  # it learned (or blew up: not what clipping does); clipping is its regime
+        evidence["starved_but_falling"] = starved
         evidence.update(loss_first=curve.start, loss_last=curve.final, relative_loss_decrease=rel)
         lr0 = ctx.lr0
         if lr0 is not None and math.isfinite(lr0):
@@ -260,8 +298,14 @@ class Overclipping(Rule):
             f"({curve.start:.4g} -> {curve.final:.4g}, {100 * rel:.1f}%): clipping is acting as a hidden "
             "learning-rate divisor, not as a guard against spikes."
         )
+        if starved:
+            message = (
+                f"On {100 * frac:.0f}% of the clipped steps {how}{lr_txt}. The loss is still falling "
+                f"({curve.start:.4g} -> {curve.final:.4g}), but at 1/{1 / factor:.0f} of the step size its learning rate "
+                "was set for: the run is starved, not stalled, and would get where it is going in a fraction of the "
+                "steps with clipping that only trims spikes.")
         return [self.finding(confidence=conf, message=message, first_step=first, evidence=evidence,
-                             recommendations=recs)]
+                             recommendations=recs, severity="warning" if starved else "error")]
 
 
 def _start_layer(ctx: RunContext, base_row: int, onset_row: int) -> tuple[str | None, list[tuple[str, float]]]:
@@ -306,16 +350,17 @@ def _start_layer(ctx: RunContext, base_row: int, onset_row: int) -> tuple[str | 
     return names[best], ranked[:5]
 
 
-def _loss_jump(ctx: RunContext, row: int) -> float | None:
-    """Median loss over the 10 steps after ``row`` over the median of the 10 before."""
+def _loss_jump(ctx: RunContext, row: int) -> tuple[float | None, float, float]:
+    """(median loss over the 10 steps after ``row`` over the median of the 10 before, the
+    median before, the median after); the ratio is None without both."""
     loss = ctx.loss
     before = loss[max(0, row - 10) : row]
     after = loss[row + 1 : row + 11]
     before, after = before[np.isfinite(before)], after[np.isfinite(after)]
     if before.size == 0 or after.size == 0:
-        return None
-    b = float(np.median(before))
-    return float(np.median(after)) / b if b > 0 else None
+        return None, math.nan, math.nan
+    b, a = float(np.median(before)), float(np.median(after))
+    return (a / b if b > 0 else None), b, a
 
 
 @register
@@ -336,8 +381,10 @@ class ExplodingGradients(Rule):
       the scale the run already trained at.
     * geometric growth: the norm, smoothed by a trailing median of 5 steps (so that one
       small batch followed by one large one is not growth), rises >= 100x (two decades) over
-      >= 4 steps from its minimum of the previous 50, increasing on >= 60% of those steps: a
-      divergence that compounds step after step rather than a single bad batch.
+      >= 4 steps from its minimum of the previous 50, increasing on >= 60% of those steps, and
+      ending above the scale the run trained at (as spikes must): a divergence that compounds
+      step after step rather than a single bad batch, and not a converged run's gradient
+      growing back from 1e-7 of its starting scale to 1e-4 of it.
 
     The layer it starts in: at the first step where some layer's own norm rose >= 10x over
     its level before the onset, the spiking module latest in forward order (backpropagation
@@ -345,13 +392,25 @@ class ExplodingGradients(Rule):
     the output that stayed calm are not where it started), and in it the parameter with the
     largest rise.
 
-    Severity: ``error`` when it did harm (non-finite loss or gradient at or after the onset,
-    or the loss over the next 10 steps >= 1.5x the 10 before) or was not contained and
-    reached >= 100x; ``warning`` when not contained (no clipping bounded the step), or when
-    clipping contained spikes on >= 5% of the steps; ``info`` when clipping contained rare
-    spikes (the guard doing its job). Contained: clipping ran on every spike step and the
-    clipped norm stayed <= 3x the larger of the running level and the highest level the run
-    sustained before (a step of that size is one the run already trained with).
+    Severity, by harm, not by size: a spike the run did not feel moved the weights by one
+    large step and left the loss where it was.
+
+    * ``error`` when it did harm: a non-finite loss or gradient at or after the onset, or the
+      loss over the next 10 steps >= 1.5x the 10 before (``LOSS_HARM_FACTOR``: a 10-step
+      median does not move that much by batch noise) with a rise that undid at least 5% of
+      the progress the loss had made (``analysis.material_rise``: at convergence a loss of
+      1e-6 that doubles is no harm);
+    * ``warning`` without harm when the norm grew geometrically (it compounds: it will hurt),
+      or spiked on 5% of the steps or more (``SPIKE_FRACTION_WARN``: a regime, not a few
+      unlucky batches), clipped or not;
+    * ``info`` for occasional spikes the loss did not feel, clipped or not (a transient in the
+      first steps gone two steps later, the rare batch of heavy-tailed features: facts about
+      the run, not faults).
+
+    Contained: clipping ran on every spike step and the clipped norm stayed <= 3x the larger of
+    the running level and the highest level the run sustained before (a step of that size is
+    one the run already trained with). A log that does not record clipping (most foreign
+    logs) says so instead of claiming nothing clipped.
 
     Recommended ``max_norm`` (only when the run never clips): the 95th percentile of pre-clip
     norms in the stable window, as GP201/GP204.
@@ -376,10 +435,10 @@ class ExplodingGradients(Rule):
     slug = "exploding-gradients"
     severity = "error"
     severities = {
-        "error": "it did harm (non-finite values, or the loss of the next 10 steps 1.5x the 10 before), or nothing "
-                 "bounded a spike of 100x or more",
-        "warning": "no clipping bounded it, or clipping contained spikes on 5% of the steps or more",
-        "info": "clipping contained rare spikes (the guard doing its job)",
+        "error": "it did harm: non-finite values, or the loss of the next 10 steps 1.5x the 10 before, a rise that "
+                 "undid at least 5% of the run's progress",
+        "warning": "no harm, but the norm grew geometrically, or it spiked on 5% of the steps or more (clipped or not)",
+        "info": "isolated spikes the loss did not feel (clipped or not): a fact, not a fault",
     }
     #: the gradient of a batch whose loss already spiked is that loss's (it scales with the loss);
     #: gradients that grew backwards through time at or before the onset are the recurrence's
@@ -462,16 +521,17 @@ class ExplodingGradients(Rule):
         nonfinite_after = np.flatnonzero(nonfinite[onset_row:])
         if tiny_targets(ctx) and not nonfinite_after.size:
             return []  # the residual, and the gradient, jump from the targets' scale to the step's (GP602)
-        jump = _loss_jump(ctx, onset_row)
-        harmed = bool(nonfinite_after.size) or (jump is not None and jump >= 1.5)
+        jump, before_level, after_level = _loss_jump(ctx, onset_row)
+        curve = loss_curve(ctx)
+        felt = jump is not None and jump >= LOSS_HARM_FACTOR and material_rise(curve, before_level, after_level)
+        harmed = bool(nonfinite_after.size) or felt
         spike_fraction = n_events / max(1, int(np.isfinite(sp.norm).sum()))
-
-        if harmed or (not contained and max_ratio >= 100):
+        if harmed:
             severity = "error"
-        elif not contained or spike_fraction >= 0.05:
+        elif use_growth or spike_fraction >= SPIKE_FRACTION_WARN:
             severity = "warning"
         else:
-            severity = "info"
+            severity = "info"  # isolated spikes the run did not feel: a fact, not a fault
 
         evidence: dict[str, Any] = {
             "pattern": pattern,
@@ -518,14 +578,18 @@ class ExplodingGradients(Rule):
         after = []
         if nonfinite_after.size:
             after.append(f"gradients or loss became non-finite at step {evidence['nonfinite_step']}")
-        if jump is not None and jump >= 1.5:
+        if felt:
             after.append(f"the loss over the next 10 steps was {jump:.2g}x the 10 before")
+        elif not nonfinite_after.size:
+            after.append("the loss did not feel it")
         if contained:
             after.append("clipping bounded the step")
         elif clip_calls.any():
             after.append("clipping did not bound it")
-        else:
+        elif "clip" in ctx.signals:
             after.append("nothing clipped it")
+        else:
+            after.append("this log does not record whether anything clipped it")
         message = what + where + " Then " + "; ".join(after) + "."
         if same_batch:
             message += (f" The loss of that batch had already jumped (loss spike from step {same_batch[0].step}): the "
@@ -790,12 +854,13 @@ class VanishingGradients(Rule):
 
 @register
 class MissingGradientClipping(Rule):
-    """A recurrent (or repeatedly spiking) run has gradient spikes and never clips.
+    """A recurrent run has gradient spikes and never clips.
 
-    Fires when no ``clip_grad_norm_`` call was observed in the whole run, and either the run
-    is recurrent (a recurrent module is watched, or a state was carried across steps) with at
-    least one spike, or it spiked >= 3 times (a "spiking" run, whatever its architecture).
-    Spikes are those of GP202: a pre-clip norm >= 10x its running level (the median of the
+    Fires when no ``clip_grad_norm_`` call was observed in the whole run, the run is recurrent
+    (a recurrent module or cell is watched, or a state was carried across steps) and its
+    gradient spiked at least once. A feed-forward network that spikes is GP202's alone: its
+    spikes come from the data or the learning rate, not from a Jacobian multiplied over time,
+    and clipping is not its standard guard. Spikes are those of GP202: a pre-clip norm >= 10x its running level (the median of the
     previous 20 finite norms) and >= 1e-3 of the run's starting scale. Recurrent networks
     multiply the gradient by the recurrent Jacobian at every step back in time, so a spike is
     their characteristic failure (Pascanu et al., 2013) and clipping is the standard guard;
@@ -825,14 +890,14 @@ class MissingGradientClipping(Rule):
     causes = ("exploding-gradients",)
     computes = {"max_norm": MAX_NORM_FORMULA}
     explanation = Explanation(
-        what="A recurrent or spiking run has gradient spikes and no gradient clipping at all.",
+        what="A recurrent run (an RNN, LSTM or GRU, or a state carried across steps) has gradient spikes and no gradient clipping at all.",
         why=(
             "Without clipping, one exploded gradient moves the weights by orders of magnitude more "
             "than a normal step; recurrent networks produce such spikes whenever the recurrent "
             "Jacobian amplifies over the window. Clipping at the scale of the normal gradient norms "
             "cuts them at no cost to normal steps."
         ),
-        causes="No clip_grad_norm_ in the training loop of an RNN/LSTM/GRU or spiking network.",
+        causes="No clip_grad_norm_ in the training loop of an RNN/LSTM/GRU or a model that carries its state across steps.",
         fix="Call torch.nn.utils.clip_grad_norm_ between backward and optimizer.step (after scaler.unscale_ with AMP).",
         example="RNN language model, SGD lr 10, grad norm 1.5 -> 131663 at step 6 -> clip at max_norm ~2.",
     )
@@ -845,7 +910,7 @@ class MissingGradientClipping(Rule):
         if n == 0:
             return []
         recurrent = bool(ctx.recurrent) or bool((ctx.col("state_age") >= 1).any())
-        if not recurrent and n < 3:
+        if not recurrent:
             return []
         sug = suggested_max_norm(ctx)
         evidence: dict[str, Any] = {
@@ -858,9 +923,8 @@ class MissingGradientClipping(Rule):
         recs = _max_norm_recommendations(ctx, None, "cuts spikes, leaves normal steps")
         if sug:
             evidence["median_grad_norm"] = sug.details["median"]
-        kind = "recurrent" if recurrent else "repeatedly spiking"
         message = (
-            f"This {kind} run never clips its gradients, and the gradient norm spiked {n} time(s) to >= "
+            f"This recurrent run never clips its gradients, and the gradient norm spiked {n} time(s) to >= "
             f"{SPIKE_FACTOR:g}x its running level (largest {sp.max_ratio:.3g}x, first at step "
             f"{evidence['first_spike_step']})"
             + (f". Clipping at max_norm={sug.value:g} (the normal steps' {MAX_NORM_PERCENTILE}th percentile) would cut "

@@ -52,6 +52,12 @@ RATIO_HIGH = 1e-2
 RATIO_RUNAWAY = 1e-1
 #: GP502 acts from a median ratio of 1e-4 down: a decade below the target ratio.
 RATIO_LOW = 1e-4
+#: Adam-like steps move each weight entry by about lr at most; the weight matrices of standard
+#: initialisations have an element RMS of at least 1e-2 (1 / sqrt(fan_in), fan_in up to 10^4).
+#: Together they bound the update-to-weight ratio by lr / 1e-2 with no measurement (GP502).
+WEIGHT_RMS_MIN = 1e-2
+#: GP502's lr-only form needs a loss curve of at least this many records to see its pace.
+MIN_CURVE_RECORDS = 10
 #: The loss "barely moves" when it lost less than this fraction of its starting level.
 BARELY_MOVES = 0.10
 #: GP501's lr suggestion aims here, half a decade above the centre. A too-high lr is measured
@@ -62,8 +68,38 @@ BARELY_MOVES = 0.10
 #: 10**-2.5 keeps a sqrt(10) margin under GP501's threshold (1e-2) if the extrapolation is
 #: exact, and does not give away the 3x of progress per step that aiming at the centre would.
 SUGGEST_RATIO_WHEN_TOO_HIGH = 10 ** -2.5
+#: GP501: the lr "climbed" when it reached this many times its value at the loss's best point.
+LR_CLIMB = 1.5
+#: GP501: a loss that rose above its start within this many smoothing windows of the first
+#: record got worse from the first updates on (the untrained model was better).
+EARLY_WINDOWS = 2
 #: The catalog's example for GP501: Adam at lr 1.0 stepping 0.3x the weights' size.
 _EXAMPLE_LR, _EXAMPLE_RATIO = 1.0, 0.3
+
+
+def _rose_with_lr(ctx: RunContext) -> dict[str, Any] | None:
+    """The loss rose as the learning rate rose: after its best point the smoothed loss climbed
+    by more than the curve's significance (noise, and 10% of its start) while the lr at the top
+    of that climb was at least ``LR_CLIMB`` times the lr at the best point (a warmup, a
+    one-cycle ramp, a manual increase). A healthy warmup lowers the loss as the lr climbs; a
+    loss that climbs with it is taking steps larger than the loss surface allows. Returns the
+    best and top steps, their losses and lrs, or None."""
+    curve = loss_curve(ctx)
+    if curve.n < 2 * curve.window or not ctx.n:
+        return None
+    b = curve.best_index
+    if b >= curve.n - curve.window:
+        return None
+    top = b + int(np.argmax(curve.smooth[b:]))
+    rise = float(curve.smooth[top] - curve.best)
+    if rise <= curve.significance:
+        return None
+    lr_best = ctx.lr[ctx.row_of(int(curve.steps[b]))]
+    lr_top = ctx.lr[ctx.row_of(int(curve.steps[top]))]
+    if not (np.isfinite(lr_best) and np.isfinite(lr_top) and lr_best > 0 and lr_top >= LR_CLIMB * lr_best):
+        return None
+    return {"step": int(curve.steps[b]), "strength": 0.8, "best": curve.best, "top": float(curve.smooth[top]),
+            "top_step": int(curve.steps[top]), "lr_at_best": float(lr_best), "lr_at_top": float(lr_top)}
 
 
 def _onset(harm: dict[str, dict[str, Any]]) -> int | None:
@@ -254,8 +290,15 @@ class LrTooHigh(Rule):
         if tiny_targets(ctx):
             return []  # a loss on targets of 1e-3 or less moves by a whole target range per step at any lr (GP602)
         harm = dict(loss_harm(ctx))
-        if "nonfinite" in harm and not diverged_into_nonfinite(ctx, harm["nonfinite"]["step"]):
-            del harm["nonfinite"]  # a loss or backward bug, or eps=0: not the step size
+        if "nonfinite" in harm and not diverged_into_nonfinite(ctx, harm["nonfinite"]["step"]) \
+                and lr_following(ctx, harm["nonfinite"]["step"]) is None:
+            del harm["nonfinite"]  # a loss or backward bug, or eps=0, at an lr that did not climb: not the step size
+        if "diverged" in harm and curve.index_at(harm["diverged"]["step"]) <= EARLY_WINDOWS * curve.window:
+            # worse than the untrained model right after the first updates: the steps overshoot
+            harm["diverged"] = {**harm["diverged"], "early": True}
+        rose = _rose_with_lr(ctx)
+        if rose is not None and not ({"diverged", "regressed"} & set(harm)):
+            harm["rose_with_lr"] = rose
         for k in ("nonfinite", "spikes", "regressed", "diverged"):
             if k in harm and trained_stably_before(ctx, harm[k]["step"]):
                 del harm[k]  # trained stably at this lr before: something else changed at the onset
@@ -307,7 +350,8 @@ class LrTooHigh(Rule):
             if not harm:
                 return []
             onset = _onset(harm)
-        elif not harm or follow is None:
+        elif not harm or (follow is None and "rose_with_lr" not in harm
+                          and not harm.get("diverged", {}).get("early")):
             return []
 
         strongest = max(h["strength"] for h in harm.values())
@@ -325,8 +369,8 @@ class LrTooHigh(Rule):
         recs: list[Recommendation] = []
         early_recovered = (
             onset is not None and curve.n and onset <= curve.steps[0] + 0.25 * (curve.steps[-1] - curve.steps[0])
-            and spikes is not None and spikes["all_recovered"]
-            and not ({"nonfinite", "diverged", "regressed", "stalled"} & set(harm))
+            and spikes is not None and spikes["all_recovered"] and follow is None
+            and not ({"nonfinite", "diverged", "regressed", "stalled", "rose_with_lr"} & set(harm))
         )
         ev: dict[str, Any] = {
             "update_ratio": ratio,
@@ -361,6 +405,16 @@ class LrTooHigh(Rule):
                 "lr", follow["lr_at_onset"], suggested,
                 f"the loss was still improving at lr={follow['lr_stable']:.3g}, one smoothing window before the "
                 f"instability began at lr={follow['lr_at_onset']:.3g}"))
+        elif "rose_with_lr" in harm:
+            r = harm["rose_with_lr"]
+            recs.append(Recommendation.hyperparameter(
+                "lr", r["lr_at_top"], nice(r["lr_at_best"]),
+                f"the loss was at its best ({r['best']:.4g}) at lr={r['lr_at_best']:.3g} and climbed to {r['top']:.4g} as "
+                f"the lr rose to {r['lr_at_top']:.3g}: keep the lr where the loss was still falling"))
+        else:
+            recs.append(Recommendation.omitted(
+                "lr", ctx.lr0, "this log has no update-to-weight ratios to scale the lr by, and the lr did not change "
+                "before the harm: lower it (the loss rose from the first updates)"))
         if early_recovered:
             recs.append(Recommendation.code(
                 "Warm the learning rate up linearly",
@@ -369,14 +423,18 @@ class LrTooHigh(Rule):
                 f"# call scheduler.step() after every optimizer.step()"))
 
         what = []
-        for k in ("nonfinite", "diverged", "regressed", "spikes", "stalled"):
+        for k in ("nonfinite", "diverged", "regressed", "rose_with_lr", "spikes", "stalled"):
             h = harm.get(k)
             if h is None or (k == "regressed" and "diverged" in harm):
                 continue
             if k == "nonfinite":
                 what.append(f"went non-finite at step {h['step']}")
             elif k == "diverged":
-                what.append(f"ended above where it started ({curve.start:.4g} -> {curve.final:.4g})")
+                what.append(f"ended above where it started ({curve.start:.4g} -> {curve.final:.4g})"
+                            + (", worse from the first updates on" if h.get("early") else ""))
+            elif k == "rose_with_lr":
+                what.append(f"climbed from its best {h['best']:.4g} (step {h['step']}, lr {h['lr_at_best']:.3g}) to "
+                            f"{h['top']:.4g} (step {h['top_step']}) as the lr rose to {h['lr_at_top']:.3g}")
             elif k == "regressed":
                 what.append(f"gave back {h['given_back']:.0%} of its progress after step {h['step']}")
             elif k == "spikes":
@@ -391,9 +449,14 @@ class LrTooHigh(Rule):
             msg = (f"Optimizer steps change the weight matrices by {ratio:.2g} of their norm (median over sampled "
                    f"steps), {ratio / TARGET_UPDATE_RATIO:.0f}x the ~1e-3 at which training moves steadily, and the "
                    f"loss " + "; ".join(what) + ".")
-        else:
+        elif follow is not None:
             msg = ("The loss " + "; ".join(what) + f" as the learning rate climbed to {follow['lr_at_onset']:.3g} "
                    f"(it was improving at {follow['lr_stable']:.3g}).")
+        elif "rose_with_lr" in harm:
+            msg = "The loss " + "; ".join(what) + ": it follows the learning rate up."
+        else:
+            msg = ("The loss " + "; ".join(what) + ": the first updates made the model worse than it was untrained, "
+                   "the signature of steps larger than the loss surface allows.")
         if early_recovered:
             msg += " The run recovered and trained at this lr afterwards: the start needs a warmup."
         first = onset
@@ -448,7 +511,7 @@ class LrTooLow(Rule):
     slug = "lr-too-low"
     severity = "warning"
     title = "Learning rate too low: updates are tiny and the loss barely moves"
-    requires = ("loss", "update_ratio")
+    requires = ("loss",)
     causes = ("overclipping", "poor-initialization", "saturated-activations", "dead-units", "vanishing-gradients")
     computes = {"lr": f"lr x {TARGET_UPDATE_RATIO:g} / median update-to-weight ratio of the weight matrices at the "
                 "configured lr"}
@@ -465,6 +528,7 @@ class LrTooLow(Rule):
         "trivial_loss_kinds": Field("trivial loss"),
         "grad_norm_initial": Field("gradient norm at the start", "norm"),
         "grad_norm_final": Field("gradient norm at the end", "norm"),
+        "update_ratio_bound": Field("largest possible update-to-weight ratio"),
     }
     explanation = Explanation(
         what="Optimizer steps that change the weights by a tiny fraction of their size (update-to-weight ratio far "
@@ -479,10 +543,52 @@ class LrTooLow(Rule):
         f"lr={nice(1e-6 * TARGET_UPDATE_RATIO / 3e-8):g}.",
     )
 
+    def _from_the_lr(self, ctx: RunContext, curve: Any) -> list[Finding]:
+        """Without sampled update ratios (a foreign log): an Adam-like step moves every weight
+        entry by at most about lr (|m / sqrt(v)| <= ~1), and the weight matrices of any standard
+        initialisation have an element RMS of at least ``WEIGHT_RMS_MIN`` (1 / sqrt(fan_in) for
+        fan_in up to 10^4), so an lr at most ``RATIO_LOW`` x ``WEIGHT_RMS_MIN`` bounds every
+        update-to-weight ratio below ``RATIO_LOW`` without measuring it. It fires when that
+        bound holds over the whole run and the loss is far from converged: it barely moved, or
+        it is still falling at the end at the pace of the first half (a converging run slows
+        down; one starved of step size falls at the same slow pace throughout)."""
+        if optimizer_family(ctx) != "adaptive" or curve.n < MIN_CURVE_RECORDS:
+            return []
+        lr = ctx.lr[np.isfinite(ctx.lr) & (ctx.lr > 0)]
+        if not lr.size:
+            return []
+        lr_max = float(lr.max())
+        bound = lr_max / WEIGHT_RMS_MIN
+        if bound > RATIO_LOW:
+            return []
+        half = curve.n // 2
+        d1 = float(curve.smooth[0] - curve.smooth[half])
+        d2 = float(curve.smooth[half] - curve.smooth[-1])
+        still_falling = d2 > curve.significance / 2 and d2 >= 0.5 * d1
+        if curve.fell and not still_falling:
+            return []
+        ev: dict[str, Any] = {"update_ratio_bound": bound, "lr": lr_max, "optimizer": ctx.optimizer_class,
+                              "loss_initial": curve.start, "loss_final": curve.final, "progress": curve.progress}
+        how = (f"it is still falling at the end at the pace of the first half ({d1:.4g} then {d2:.4g}): far from "
+               "converged" if still_falling else f"it barely moved ({curve.progress:.1%})")
+        msg = (f"{ctx.optimizer_class} ran at lr at most {lr_max:.3g} for the whole run: each step moves a weight by "
+               f"about lr at most, so no weight matrix of a standard initialisation (element RMS >= {WEIGHT_RMS_MIN:g}) "
+               f"moves by more than {bound:.2g} of its size per step, {TARGET_UPDATE_RATIO / bound:.0f}x below the "
+               f"~1e-3 at which training moves steadily; the loss went {curve.start:.4g} -> {curve.final:.4g} and {how}.")
+        recs = [Recommendation.omitted(
+            "lr", lr_max, f"this log has no update-to-weight ratios to scale the lr by; for {ctx.optimizer_class}, "
+            f"steps of ~1e-3 of the weights need an lr of at least {TARGET_UPDATE_RATIO * WEIGHT_RMS_MIN:g} (weights of "
+            f"element RMS {WEIGHT_RMS_MIN:g}) and up to {TARGET_UPDATE_RATIO:g} (RMS 1)")]
+        conf = 0.5 + 0.25 * min(1.0, math.log10(RATIO_LOW / bound) / 2) + (0.25 if still_falling else 0.1)
+        return [self.finding(confidence=conf, message=msg, first_step=int(curve.steps[0]), evidence=ev,
+                             recommendations=recs)]
+
     def check(self, ctx: RunContext) -> list[Finding]:
         ratios = update_ratio_by_step(ctx)
         curve = loss_curve(ctx)
-        if len(ratios) < 2 or curve.n < 10 or tiny_targets(ctx):
+        if len(ratios) < 2:
+            return self._from_the_lr(ctx, curve)
+        if curve.n < 10 or tiny_targets(ctx):
             return []
         lr = ctx.lr
         fin_lr = lr[np.isfinite(lr) & (lr > 0)]

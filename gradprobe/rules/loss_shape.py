@@ -22,7 +22,10 @@ from gradprobe.analysis import (
     exploding_through_time,
     loss_curve,
     loss_spikes,
+    rank_correlation,
+    set_back,
     trivial_loss,
+    uniform_classes,
 )
 from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
 
@@ -33,8 +36,47 @@ PLATEAU_FRACTION = 0.30
 #: of scale 0.1 by 1%; an SGD step, lr x a gradient that starts small), so a short run that has
 #: not left it yet has not stopped improving, it has not started.
 MIN_PLATEAU_RECORDS = 50
+#: GP505: the loss-only forms judge a run on the optimizer steps its log covers, not on its
+#: records (a Hugging Face log averages each record over many steps): 50 steps, as above.
+MIN_PLATEAU_STEPS = 50
+#: GP505's frozen form: records equal to this relative tolerance are the same number. A loss
+#: carries ~7 significant digits in float32; any update of the weights moves a validation loss
+#: by more than its last digit.
+FROZEN_RTOL = 1e-6
+FROZEN_DIGITS = 6
+#: ... unless it froze at this fraction of its start or below: three decades of progress is
+#: convergence, where an optimizer with a stopping tolerance (LBFGS) stops changing anything.
+CONVERGED_FRACTION = 1e-3
+#: ... over at least this many consecutive records (two equal values can be chance rounding of
+#: a log; three in a row at 6 digits cannot).
+MIN_FROZEN_RECORDS = 3
+#: GP505's uniform form: every record within 2% of the level (max - min). Predictions that
+#: ignore the input give a cross-entropy that is ln K on every batch, whatever the batch holds,
+#: so even per-batch records stay this flat; a model that learns anything spreads them out.
+#: The flatness, not the level alone, makes the case: ln K lies within 2% of almost any level
+#: above 3 for some K.
+UNIFORM_FLAT = 0.02
+#: ... and with fewer records than this, its level must match ln K tightly (``uniform_classes``).
+MIN_LOOSE_RECORDS = 8
 #: GP505: an improvement counts when the smoothed loss beats its best by 1% (and by the noise).
 PLATEAU_IMPROVEMENT = 0.01
+#: GP507: the loss must stay negative over at least this fraction of the run's records, ...
+NEGATIVE_FRACTION = 0.25
+#: ... fall steadily there (rank correlation with the step at most -0.9), ...
+STEADY = 0.9
+#: ... and lose at least this fraction of its first half's drop over the second half (a loss
+#: approaching a floor halves its remaining distance and more).
+NOT_SLOWING = 0.5
+#: ... with the weight norm grown at least this much since the crossing (the scores grow only
+#: through the weights), or, without weight norms, ending this many times deeper below 0 than
+#: its largest magnitude before the crossing.
+WEIGHT_GROWTH = 2.0
+DEPTH = 10.0
+MIN_UNBOUNDED_RECORDS = 20
+#: GP506: evaluations needed (4 only when every one after the minimum rose), training records.
+MIN_OVERFIT_EVALS = 4
+MIN_OVERFIT_EVALS_ANY_SHAPE = 5
+MIN_OVERFIT_TRAIN_RECORDS = 5
 #: GP506: the validation loss must end at least 10% above its minimum ...
 OVERFIT_RISE = 0.10
 #: ... while the training loss fell by at least 5% over the same steps.
@@ -63,9 +105,15 @@ class LossSpike(Rule):
     loss, overfitting: a validation loss that climbs fast while the training loss falls
     crosses 3x its running level).
 
-    Severity: error when the loss did not come back below half-way between its level and the
-    peak (the run is broken); warning otherwise. Confidence: 0.5 + 0.5 x min(1, log10(factor
-    / 3)) (1.0 at 30x), +0.1 with several spikes.
+    Severity, by what the spike did to the run: error when the loss did not come back below
+    half-way between its level and the peak (the run is broken); warning when it came back but
+    settled above where it was before (``analysis.set_back``: the window after the spike is
+    above the level before it by more than 3 standard errors of a window median and 10% of
+    that level: the weights were knocked off course and the run lost ground); info when the
+    loss came straight back to its level after every spike. A hard or corrupt batch, or a
+    heavy-tailed feature, lifts its own records and nothing after them; damaged weights lift
+    the loss of the batches that follow. Confidence: 0.5 + 0.5 x min(1, log10(factor / 3))
+    (1.0 at 30x), +0.1 with several spikes.
     """
 
     code = "GP504"
@@ -79,8 +127,9 @@ class LossSpike(Rule):
     #: gradients growing backwards through time at or before the spike (not a window merely too long)
     causes_on_evidence = ("long-lookback",)
     severities = {
-        "warning": "the loss came back after every spike",
+        "warning": "the loss came back, but settled above where it was before a spike (the weights were set back)",
         "error": "the loss never came back below half-way between its level and the peak",
+        "info": "the loss came straight back to where it was after every spike (hard batches, not damaged weights)",
     }
     evidence_fields = {
         "training": Field("training loss spikes"),
@@ -112,12 +161,15 @@ class LossSpike(Rule):
         first_name, first = min(events, key=lambda t: t[1].step)
         worst_name, worst = max(events, key=lambda t: t[1].factor)
         unrecovered = [(n, e) for n, e in events if not e.recovered]
+        curves = {name: c for name, c, _ in hits}
+        setback = [(n, e) for n, e in events if e.recovered and set_back(curves[n], e)]
         conf = min(1.0, 0.5 + 0.5 * min(1.0, max(0.0, math.log10(max(worst.factor, 1e-12) / 3.0)))
                    + (0.1 if len(events) > 1 else 0.0))
         ev: dict[str, Any] = {}
         for name, c, evs in hits:
             ev[name] = {"spikes": len(evs), "max_factor": max(e.factor for e in evs),
-                        "events": [e.to_json() for e in evs[:5]], "unrecovered": sum(not e.recovered for e in evs)}
+                        "events": [e.to_json() for e in evs[:5]], "unrecovered": sum(not e.recovered for e in evs),
+                        "set_back": sum(e.recovered and set_back(c, e) for e in evs)}
         parts = []
         for name, c, evs in hits:
             e = max(evs, key=lambda x: x.factor)
@@ -127,6 +179,11 @@ class LossSpike(Rule):
         msg = msg[0].upper() + msg[1:]
         if unrecovered:
             msg += f" The loss never came back after the spike at step {unrecovered[0][1].step}."
+        elif setback:
+            msg += (f" After the spike at step {setback[0][1].step} the loss settled above where it was before: the "
+                    "weights were knocked off course.")
+        else:
+            msg += " Each time the loss came straight back to where it was: hard batches, not damaged weights."
         recs = [Recommendation.code(
             "Find what changed at the spike",
             f"# the {first_name} loss first spiked at step {first.step}: inspect that batch and the gradient norm there\n"
@@ -136,7 +193,23 @@ class LossSpike(Rule):
         through_time = exploding_through_time(ctx)
         follow = ["long-lookback"] if through_time is not None and through_time <= first.step else []
         return [self.finding(confidence=conf, message=msg, first_step=first.step, evidence=ev, recommendations=recs,
-                             severity="error" if unrecovered else "warning", may_follow=follow)]
+                             severity="error" if unrecovered else "warning" if setback else "info",
+                             may_follow=follow)]
+
+
+_CHECK_SNIPPET = Recommendation.code(
+    "Check that the predictions depend on the input and that gradients reach the first layer",
+    "with torch.no_grad():\n"
+    "    out = model(x)\n"
+    "print(out.std(dim=0))            # ~0: the model ignores its input (dead/saturated units, zero init)\n"
+    "loss_fn(model(x), y).backward()\n"
+    "for n, p in model.named_parameters():\n"
+    "    print(n, p.grad.norm().item() if p.grad is not None else None)  # ~0 early on: vanishing")
+
+
+def _span(c: LossCurve) -> int:
+    """Steps the curve covers."""
+    return int(c.steps[-1]) - int(c.steps[0]) + 1 if c.n else 0
 
 
 def _stuck_since(tl: Any, end: int) -> int | None:
@@ -243,7 +316,7 @@ class LossPlateau(Rule):
     slug = "loss-plateau"
     severity = "warning"
     title = "The loss stopped decreasing at a level that is not convergence"
-    requires = ("loss",)
+    requires = ("loss|eval_loss",)
     causes = ("lr-too-low", "dead-units", "saturated-activations", "vanishing-gradients", "poor-initialization",
               "overclipping", "input-scale", "degenerate-targets", "amp-without-scaler", "lr-too-high",
               "fp16-overflow", "exploding-gradients", "undetached-hidden-state")
@@ -259,6 +332,9 @@ class LossPlateau(Rule):
         "prediction_spread": Field("prediction spread"),
         "at_trivial_since_step": Field("at the trivial level since", "step"),
         "progress": Field("progress", "%"),
+        "series": Field("loss"),
+        "identical_records": Field("identical records in a row"),
+        "uniform_classes": Field("classes of the uniform prediction"),
     }
     explanation = Explanation(
         what="The training loss stopped improving long before the run ended, stuck at (or above) the loss of a model "
@@ -274,12 +350,97 @@ class LossPlateau(Rule):
     )
 
     def check(self, ctx: RunContext) -> list[Finding]:
+        if len(ctx.meta.get("optimizers") or []) > 1:
+            return []  # adversarial or multi-objective losses need not decrease
         curve = loss_curve(ctx)
-        n = curve.n
-        if n < MIN_PLATEAU_RECORDS or len(ctx.meta.get("optimizers") or []) > 1:
-            return []
         if curve.nonfinite_step is not None and not (curve.steps > curve.nonfinite_step).any():
             return []  # the run broke (GP401-GP403): its finite part ends there, not where the run meant to end
+        # the most specific form first: the trivial loss measured from the targets, then a
+        # cross-entropy at the uniform prediction, then a loss frozen at one number, then a
+        # loss that never decreased
+        found = self._plateau(ctx, curve) if curve.n >= MIN_PLATEAU_RECORDS and not curve.signed else []
+        if found and "trivial_loss" in found[0].evidence:
+            return found
+        # a loss centred on 0 (a policy-gradient surrogate...) has no plateau to judge
+        series = [(name, c) for name, c in (("training", curve), ("validation", eval_curve(ctx)))
+                  if c is not None and c.n >= MIN_FROZEN_RECORDS and not c.signed]
+        for form in (self._at_uniform, self._frozen):
+            for name, c in series:
+                f = form(c, name)
+                if f is not None:
+                    return [f]
+        return found
+
+    def _frozen(self, c: LossCurve, name: str) -> Finding | None:
+        """The loss repeats the same number to ``FROZEN_RTOL`` over consecutive records spanning
+        at least ``PLATEAU_FRACTION`` of the run's steps: nothing is being updated. A validation
+        loss on a fixed set changes with any update of the weights at float32 resolution
+        (~1e-7 relative); a training loss computed on different batches repeats itself only when
+        the outputs no longer depend on the input. A loss identically 0 is not judged here (an
+        inactive term, or degenerate-targets'), nor one frozen at ``CONVERGED_FRACTION`` of its
+        start or below (converged: LBFGS stops updating at its tolerance)."""
+        v = c.values
+        same = np.abs(np.diff(v)) <= FROZEN_RTOL * np.maximum(np.abs(v[1:]), 1e-300)
+        best = (0, -1)
+        i = 0
+        while i < same.size:
+            if same[i]:
+                j = i
+                while j + 1 < same.size and same[j + 1]:
+                    j += 1
+                if j - i > best[1] - best[0]:
+                    best = (i, j + 1)
+                i = j + 1
+            else:
+                i += 1
+        a, b = best
+        if b - a + 1 < MIN_FROZEN_RECORDS or v[a] == 0:
+            return None
+        if c.start > 0 and abs(v[a]) <= CONVERGED_FRACTION * c.start:
+            return None  # frozen three decades below where it started: converged (LBFGS stops there)
+        span = _span(c)
+        covered = (int(c.steps[b]) - int(c.steps[a])) / span if span else 0.0
+        if covered < PLATEAU_FRACTION:
+            return None
+        level = float(v[a])
+        ev = {"plateau_start_step": int(c.steps[a]), "plateau_level": level, "plateau_fraction": covered,
+              "records": int(c.n), "series": name, "identical_records": int(b - a + 1)}
+        msg = (f"The {name} loss was the same number ({level:.7g}, to {FROZEN_DIGITS} significant digits) at "
+               f"{b - a + 1} records in a row, from step {int(c.steps[a])} to step {int(c.steps[b])} ({covered:.0%} of "
+               "the run): nothing was being updated (a learning rate of 0 or ~0, frozen parameters, or outputs that "
+               "no longer depend on the input).")
+        return self.finding(confidence=0.6 + 0.4 * min(1.0, (covered - PLATEAU_FRACTION) / 0.4), message=msg,
+                            first_step=int(c.steps[a]), evidence=ev, recommendations=[_CHECK_SNIPPET],
+                            title="The loss is frozen at one value")
+
+    def _at_uniform(self, c: LossCurve, name: str) -> Finding | None:
+        """A cross-entropy that never left the uniform prediction: every record lies within
+        ``UNIFORM_FLAT`` of the level, and the level is ln K for a whole number of classes K
+        (``analysis.uniform_classes``). A classifier whose logits ignore the input predicts the
+        class frequencies, and on balanced classes the uniform distribution, whose
+        cross-entropy is exactly ln K on every batch. Judged on the steps the log covers (at
+        least ``MIN_PLATEAU_STEPS``), not on its records: a Hugging Face log averages each
+        record over many steps."""
+        if _span(c) < MIN_PLATEAU_STEPS:
+            return None
+        level = float(np.median(c.values))
+        k = uniform_classes(level, tight=c.n < MIN_LOOSE_RECORDS)
+        if k is None:
+            return None
+        spread = float(np.max(c.values) - np.min(c.values))
+        if spread > UNIFORM_FLAT * level:
+            return None
+        ev = {"plateau_start_step": int(c.steps[0]), "plateau_level": level, "plateau_fraction": 1.0, "records": int(c.n),
+              "series": name, "uniform_classes": k}
+        msg = (f"The {name} loss never left {level:.4g} = ln {k} (to {abs(level - math.log(k)) / math.log(k):.1%}), the "
+               f"cross-entropy of predicting the uniform distribution over {k} classes, from step {int(c.steps[0])} to "
+               f"step {int(c.steps[-1])}: the model has learned nothing from its input.")
+        return self.finding(confidence=0.7 if c.n >= MIN_LOOSE_RECORDS else 0.55, message=msg,
+                            first_step=int(c.steps[0]), evidence=ev, recommendations=[_CHECK_SNIPPET],
+                            title="The loss sits at the uniform prediction")
+
+    def _plateau(self, ctx: RunContext, curve: LossCurve) -> list[Finding]:
+        n = curve.n
         w = curve.window
         last = _plateau_start(curve)
         length = n - 1 - last
@@ -347,23 +508,18 @@ class LossPlateau(Rule):
             conf = 0.4 + 0.3 * f_term
             msg = (f"The training loss never decreased: it sits at {level:.4g} from step {start} to step {end} "
                    f"({moved:.1%} below where it started).")
-        recs = [Recommendation.code(
-            "Check that the predictions depend on the input and that gradients reach the first layer",
-            "with torch.no_grad():\n"
-            "    out = model(x)\n"
-            "print(out.std(dim=0))            # ~0: the model ignores its input (dead/saturated units, zero init)\n"
-            "loss_fn(model(x), y).backward()\n"
-            "for n, p in model.named_parameters():\n"
-            "    print(n, p.grad.norm().item() if p.grad is not None else None)  # ~0 early on: vanishing")]
-        return [self.finding(confidence=conf, message=msg, first_step=first_step, evidence=ev, recommendations=recs)]
+        return [self.finding(confidence=conf, message=msg, first_step=first_step, evidence=ev,
+                             recommendations=[_CHECK_SNIPPET])]
 
 
 # ------------------------------------------------------------------------------------------
 @register
 class Overfitting(Rule):
     """Fires when the validation loss (``probe.log(val_loss=...)``, loss functions computed
-    without grad, or a foreign log's eval loss; at least 5 records) rose after its minimum
-    while the training loss kept falling.
+    without grad, or a foreign log's eval loss; at least 5 records, or 4 that rise at every
+    evaluation after the minimum: three rises in a row happen by noise one time in six, and
+    the 10% and 3-noise-unit conditions below must hold as well) rose after its minimum
+    while the training loss kept falling (at least 5 training records).
 
     Minimum: the lowest point of the validation series lightly smoothed (centred median of 3,
     so one lucky evaluation is not the minimum). Rise: the median of the last min(3, half of
@@ -410,7 +566,7 @@ class Overfitting(Rule):
     def check(self, ctx: RunContext) -> list[Finding]:
         ec = eval_curve(ctx)
         tr = loss_curve(ctx)
-        if ec is None or ec.n < 5 or tr.n < 10:
+        if ec is None or ec.n < MIN_OVERFIT_EVALS or tr.n < MIN_OVERFIT_TRAIN_RECORDS:
             return []
         v = ec.values
         sm = np.array([np.median(v[max(0, i - 1): i + 2]) for i in range(ec.n)])
@@ -418,7 +574,11 @@ class Overfitting(Rule):
         after = ec.n - 1 - k
         if after < 3:
             return []
-        vmin = float(sm[k])
+        monotone = bool(np.all(np.diff(v[k:]) > 0))
+        if ec.n < MIN_OVERFIT_EVALS_ANY_SHAPE and not monotone:
+            return []  # with this few evaluations only a rise at every one of them says anything
+        # a rise at every evaluation has no lucky minimum to smooth away
+        vmin = float(v[k]) if monotone else float(sm[k])
         tail = v[-min(3, max(1, after // 2)):]
         vend = float(np.median(tail))
         rise = (vend - vmin) / abs(vmin) if vmin != 0 else math.inf
@@ -458,3 +618,111 @@ class Overfitting(Rule):
         msg = (f"The validation loss reached its minimum {vmin:.4g} at step {s_min} and rose {rise:.0%} to {vend:.4g} "
                f"over the next {after} evaluations, while the training loss fell {fall:.0%} ({t_at:.4g} -> {t_end:.4g}).")
         return [self.finding(confidence=conf, message=msg, first_step=s_min, evidence=ev, recommendations=recs)]
+
+
+# ------------------------------------------------------------------------------------------
+@register
+class UnboundedLoss(Rule):
+    """Fires when the training loss goes negative and keeps falling without bound: the loss is
+    unbounded below for the model's outputs, and the optimizer exploits that instead of fitting
+    the data.
+
+    A loss that measures a fit is bounded below: a cross-entropy or a negative log-likelihood of
+    a normalised distribution over classes is >= 0, a squared error >= 0. Some losses are
+    legitimately negative (the Gaussian NLL of a density above 1, a WGAN critic's
+    Wasserstein estimate), but a bounded loss approaches its floor: its fall slows down. An
+    unbounded one (``NLLLoss`` on raw scores instead of log-probabilities: -score[target], which
+    any growth of the scores lowers) falls at the same pace or faster for as long as the run
+    lasts, and the weights grow to make the scores grow.
+
+    Fires when all hold on the smoothed training loss (:class:`~gradprobe.analysis.LossCurve`):
+
+    * it crossed below 0 and stayed below for at least ``NEGATIVE_FRACTION`` of the run's
+      records, ending negative;
+    * after the crossing it falls steadily (rank correlation with the step <= -``STEADY``) and
+      does not slow down: the drop over the last half of that stretch is at least
+      ``NOT_SLOWING`` times the drop over its first half (a loss approaching a floor loses most
+      of its remaining distance early);
+    * what grows with it, where recorded: the total weight norm at the end is at least
+      ``WEIGHT_GROWTH`` times its value at the crossing (scores grow only through weights);
+      without weight norms (foreign logs) the loss must end at least ``DEPTH`` times further
+      below 0 than its largest magnitude before the crossing.
+
+    Confidence: 0.6 + 0.2 x min(1, weight growth / 10) + 0.2 x the steadiness beyond 0.9.
+    """
+
+    code = "GP507"
+    slug = "unbounded-loss"
+    severity = "error"
+    title = "The loss falls without bound: the loss function can be lowered without fitting the data"
+    requires = ("loss",)
+    evidence_fields = {
+        "negative_from_step": Field("negative from", "step"),
+        "loss_at_crossing": Field("loss then", "loss"),
+        "loss_final": Field("loss at the end", "loss"),
+        "fall_first_half": Field("fall over the first half", "loss"),
+        "fall_second_half": Field("fall over the second half", "loss"),
+        "rank_correlation": Field("steadiness of the fall (rank correlation)"),
+        "weight_growth": Field("weight norm growth since", "x"),
+    }
+    explanation = Explanation(
+        what="The training loss goes negative and keeps falling without bound, while the weights (and the model's "
+        "outputs) grow with it.",
+        why="A loss that can be lowered without limit by scaling the outputs is being exploited, not minimised: every "
+        "step makes the scores larger instead of the predictions better, the weights grow until something "
+        "overflows, and the loss value says nothing about the fit.",
+        causes="nn.NLLLoss (or F.nll_loss) applied to raw scores instead of log_softmax outputs; an unnormalised "
+        "likelihood (a density without its normaliser); a sign error that maximises what should be minimised; a "
+        "regulariser with the wrong sign.",
+        fix="Feed NLLLoss log-probabilities (F.log_softmax(scores, dim=-1)) or use nn.CrossEntropyLoss on the raw "
+        "scores; normalise likelihoods; check the sign of every loss term.",
+        example="F.nll_loss(model(x), y) on raw scores: the loss goes 0.02 -> -40 -> -900 over 300 steps while the "
+        "weight norm grows 100x; with F.cross_entropy it falls to 0.3 and stays positive.",
+    )
+
+    def check(self, ctx: RunContext) -> list[Finding]:
+        curve = loss_curve(ctx)
+        if curve.n < MIN_UNBOUNDED_RECORDS or not curve.final < 0:
+            return []
+        sm = curve.smooth
+        neg = np.flatnonzero(sm < 0)
+        if not neg.size:
+            return []
+        k = int(neg[0])
+        if not (sm[k:] < 0).all() or (curve.n - k) < NEGATIVE_FRACTION * curve.n or curve.n - k < 4:
+            return []
+        tail = sm[k:]
+        rho = rank_correlation(np.arange(tail.size, dtype=np.float64), tail)
+        half = tail.size // 2
+        d1, d2 = float(tail[0] - tail[half]), float(tail[half] - tail[-1])
+        if rho > -STEADY or d1 <= 0 or d2 < NOT_SLOWING * d1:
+            return []
+        step0 = int(curve.steps[k])
+        ev: dict[str, Any] = {"negative_from_step": step0, "loss_at_crossing": float(sm[k]), "loss_final": curve.final,
+                              "fall_first_half": d1, "fall_second_half": d2, "rank_correlation": rho}
+        wn = ctx.col("weight_norm") if ctx.n else np.zeros(0)
+        fin = np.isfinite(wn) & (wn > 0)
+        growth = None
+        if fin.sum() >= 4:
+            at = wn[(ctx.step >= step0) & fin]
+            if at.size >= 2:
+                growth = float(at[-1] / at[0])
+                ev["weight_growth"] = growth
+                if growth < WEIGHT_GROWTH:
+                    return []  # the weights are not growing: a legitimately negative loss settling somewhere
+        else:
+            before = np.abs(curve.values[:max(k, 1)])
+            if abs(curve.final) < DEPTH * max(float(before.max()), 1e-12):
+                return []
+        conf = 0.6 + 0.2 * min(1.0, (growth or DEPTH) / 10.0) + 0.2 * min(1.0, max(0.0, (-rho - 0.9) / 0.1))
+        msg = (f"The training loss went below 0 at step {step0} and kept falling without slowing down, to "
+               f"{curve.final:.4g} ({d1:.4g} over the first half of that stretch, {d2:.4g} over the second)"
+               + (f", while the weight norm grew {growth:.3g}x" if growth is not None else "")
+               + ": the loss is unbounded below for the model's outputs, and the optimizer is lowering it by making "
+               "the outputs larger, not by fitting the data.")
+        recs = [Recommendation.code(
+            "Give the loss a floor: log-probabilities into NLLLoss, or cross-entropy on raw scores",
+            "scores = model(x)\n"
+            "loss = F.cross_entropy(scores, y)                    # raw scores: softmax inside, loss >= 0\n"
+            "# or: loss = F.nll_loss(F.log_softmax(scores, dim=-1), y)")]
+        return [self.finding(confidence=conf, message=msg, first_step=step0, evidence=ev, recommendations=recs)]

@@ -47,6 +47,17 @@ if torch.isfinite(total):
     optimizer.step()          # never apply NaN/Inf gradients to the parameters
 optimizer.zero_grad(set_to_none=True)"""
 
+EVAL_GUARD_SNIPPET = """\
+model.eval()
+with torch.no_grad():
+    for x, y in val_loader:
+        out = model(x)
+        if not torch.isfinite(out).all():
+            print("non-finite outputs", x.abs().max())
+        loss = loss_fn(out.float(), y)   # evaluate the loss in float32
+        if not torch.isfinite(loss):
+            print("non-finite loss on finite outputs")"""
+
 INPUT_SNIPPET = """\
 # once, on the dataset: find the rows that carry NaN/Inf
 bad = ~torch.isfinite(features).all(dim=1) | ~torch.isfinite(targets).reshape(len(targets), -1).all(dim=1)
@@ -217,6 +228,9 @@ class NonfiniteInputs(Rule):
 class NonfiniteLoss(Rule):
     """Fires when a loss was NaN/Inf on any step: a backward root or a loss-function output
     computed with grad. Zero tolerance: a non-finite loss is never a valid training signal.
+    With a training loss finite throughout, a validation loss (``probe.log``, a foreign log's
+    eval loss under any name) that was NaN/Inf at an evaluation fires too: no checkpoint can be
+    chosen from it (error when the last evaluation is still non-finite).
 
     It reports the first step and what preceded it: the last finite loss and gradient norm
     against their running medians (a divergence shows as growth before the NaN), whether the
@@ -246,8 +260,10 @@ class NonfiniteLoss(Rule):
     title = "The loss became NaN/Inf"
     severities = {
         "error": f"the run did not recover (the last loss is non-finite, or the parameters are), or at least "
-                 f"{SYSTEMATIC_FRACTION:.0%} of the steps had a non-finite loss",
-        "warning": "isolated non-finite losses the run recovered from (skipped by a GradScaler or a guard)",
+                 f"{SYSTEMATIC_FRACTION:.0%} of the steps had a non-finite loss, or the validation loss is still "
+                 "non-finite at the last evaluation",
+        "warning": "isolated non-finite losses the run recovered from (skipped by a GradScaler or a guard), or a "
+                   "validation loss non-finite at some evaluations but finite at the last",
     }
     requires = ("loss",)
     causes = ("nonfinite-inputs", "fp16-overflow")
@@ -266,6 +282,8 @@ class NonfiniteLoss(Rule):
         "skipped_by_scaler": Field("skipped by the GradScaler", "steps"),
         "recovered": Field("recovered"),
         "nonfinite_tail": Field("non-finite through the last", "steps"),
+        "nonfinite_evaluations": Field("non-finite evaluations"),
+        "evaluations": Field("evaluations"),
     }
     explanation = Explanation(
         what="The first step whose loss was NaN or Inf, and what preceded it: a rising loss or gradient norm, "
@@ -283,7 +301,7 @@ class NonfiniteLoss(Rule):
     def check(self, ctx: RunContext) -> list[Finding]:
         tl = nonfinite_timeline(ctx)
         if not tl.loss.any():
-            return []
+            return self._validation_only(ctx)
         i0 = first_index(tl.loss)
         assert i0 is not None
         first = ctx.step_at(i0)
@@ -349,6 +367,32 @@ class NonfiniteLoss(Rule):
             confidence=count_confidence(count, 0.6, PATTERN_COUNT), message=msg, first_step=first, layer=module, evidence=ev,
             severity="error" if severe else "warning", may_follow=caused_by, final=final,
             recommendations=[Recommendation.code("Stop at the first non-finite loss and find the op", GUARD_SNIPPET)],
+        )]
+
+    def _validation_only(self, ctx: RunContext) -> list[Finding]:
+        """The training loss stayed finite but evaluations were NaN/Inf: the model's outputs on
+        held-out data (or the evaluation's own arithmetic, e.g. a perplexity or a float16
+        evaluation) overflow, and no checkpoint can be chosen from them."""
+        ev_series = ctx.eval_loss
+        if ev_series is None or not len(ev_series):
+            return []
+        vals = ev_series.to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(vals)
+        if not bad.any():
+            return []
+        steps = ev_series.index.to_numpy()
+        first = int(steps[np.flatnonzero(bad)[0]])
+        count = int(bad.sum())
+        last_bad = bool(bad[-1])
+        ev: dict[str, Any] = {"nonfinite_evaluations": count, "evaluations": int(vals.size), "recovered": not last_bad}
+        msg = (f"The validation loss was NaN/Inf at {count} of {vals.size} evaluations (first at step {first}) while "
+               "the training loss stayed finite: the model's outputs on held-out data, or the evaluation's own "
+               "arithmetic (a perplexity exp(loss), a float16 evaluation), overflow, and no checkpoint can be chosen "
+               "from these evaluations.")
+        return [self.finding(
+            confidence=count_confidence(count, 0.6, PATTERN_COUNT), message=msg, first_step=first, evidence=ev,
+            severity="error" if last_bad else "warning", title="The validation loss became NaN/Inf",
+            recommendations=[Recommendation.code("Find where the evaluation overflows", EVAL_GUARD_SNIPPET)],
         )]
 
     @staticmethod

@@ -401,13 +401,16 @@ def test_gp503_growth_followed_by_spikes_links_the_spike_to_it():
 
 
 # ================================================================== GP504 ===================
-def test_gp504_two_step_spike_fires_and_recovers_as_warning():
+def test_gp504_a_spike_the_loss_comes_straight_back_from_is_info_one_that_sets_it_back_a_warning():
     n = 200
     loss = decaying(n)
     loss[120:123] = [3.0, 2.5, 1.0]
     f = only(gradprobe.analyze(build(n, noisy(loss, 0.03))), "GP504")
-    assert f.severity == "warning" and f.first_step == 120
+    assert f.severity == "info" and f.first_step == 120 and "came straight back" in f.message
     assert f.evidence["training"]["spikes"] == 1 and f.evidence["training"]["max_factor"] > 10
+    loss[123:150] = np.linspace(0.9, 0.5, 27)  # back below half-way, but settled far above its level before
+    f = only(gradprobe.analyze(build(n, noisy(loss, 0.03))), "GP504")
+    assert f.severity == "warning" and f.evidence["training"]["set_back"] == 1 and "knocked off course" in f.message
 
 
 def test_gp504_single_hard_batch_is_not_a_spike_but_two_steps_are():
