@@ -174,6 +174,13 @@ LOSS_SPIKE_Z = 6.0
 #: In the first records of a curve (fewer than 5 before it: no noise estimate yet) a spike
 #: must reach this factor.
 LOSS_SPIKE_SINGLE = 10.0
+#: A spike is sudden: the loss goes from within ``SUDDEN_FRACTION`` of the jump above its level
+#: to half-way up to the peak in at most ``SUDDEN_RECORDS`` records. A bad batch or an exploded update changes
+#: the loss from one step to the next (momentum carries it a step or two further); a loss that
+#: climbs record by record (a cyclic input, a schedule, a slow divergence) is a drift, judged
+#: by the rules that read drifts.
+SUDDEN_FRACTION = 0.1
+SUDDEN_RECORDS = 3
 #: A spike must undo at least this fraction of the progress the loss had made (its start
 #: minus the level before the spike); smaller ones do not set the run back.
 LOSS_SPIKE_MATERIAL = 0.05
@@ -235,7 +242,10 @@ def _find_loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
     of ``LOSS_SPIKE_SINGLE`` times the level does, the level there being the lower of the
     running median and the first record (the untrained model's loss: a loss that climbs over
     its first records, as an oversized first step makes it, would otherwise carry its own
-    median level up with it). The spike goes on while the following
+    median level up with it). A spike is sudden (``SUDDEN_RECORDS``): the loss goes from near
+    its level to half-way up to the peak within 3 records; a loss that climbs record by record
+    is a drift. The
+    spike goes on while the following
     records pass the same test against the level *before* it (a trailing median would soon
     absorb the spike itself).
 
@@ -296,8 +306,14 @@ def _find_loss_spikes(curve: LossCurve | None) -> list[LossSpike]:
                 break
             j += int(seg.size)
             chunk *= 2
-        found.append(LossSpike(curve, i, j, level[i], float(sigma[i])))
         nxt = j + 1
+        if i > 0 and np.isfinite(level[i]):
+            jump = float(v[i:j + 1].max()) - level[i]
+            p = i + int(np.flatnonzero(v[i:j + 1] >= level[i] + 0.5 * jump)[0])  # half-way up
+            low = np.flatnonzero(v[:p] <= level[i] + SUDDEN_FRACTION * jump)
+            if low.size and p - int(low[-1]) > SUDDEN_RECORDS:
+                continue  # the loss climbed there record by record: a drift (a cycle, a schedule), not a jump
+        found.append(LossSpike(curve, i, j, level[i], float(sigma[i])))
     if not curve.per_step:
         return found
     with np.errstate(all="ignore"):

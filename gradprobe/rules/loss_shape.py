@@ -56,6 +56,10 @@ MIN_FROZEN_RECORDS = 3
 #: The flatness, not the level alone, makes the case: ln K lies within 2% of almost any level
 #: above 3 for some K.
 UNIFORM_FLAT = 0.02
+#: A loss that left its start and then sits at ln K must sit there to four decimals (all records
+#: of the stretch within 1e-4 of each other, relative): a converged loss is flat to a few
+#: percent, not to four decimals while its weights still move.
+UNIFORM_COLLAPSED_FLAT = 1e-4
 #: ... and with fewer records than this, its level must match ln K tightly (``uniform_classes``).
 MIN_LOOSE_RECORDS = 8
 #: GP505: an improvement counts when the smoothed loss beats its best by 1% (and by the noise).
@@ -414,29 +418,54 @@ class LossPlateau(Rule):
                             title="The loss is frozen at one value")
 
     def _at_uniform(self, c: LossCurve, name: str) -> Finding | None:
-        """A cross-entropy that never left the uniform prediction: every record lies within
-        ``UNIFORM_FLAT`` of the level, and the level is ln K for a whole number of classes K
-        (``analysis.uniform_classes``). A classifier whose logits ignore the input predicts the
-        class frequencies, and on balanced classes the uniform distribution, whose
-        cross-entropy is exactly ln K on every batch. Judged on the steps the log covers (at
-        least ``MIN_PLATEAU_STEPS``), not on its records: a Hugging Face log averages each
-        record over many steps."""
+        """A cross-entropy at the uniform prediction: its records all lie within ``UNIFORM_FLAT``
+        of their level (it never left), or, from a point at least ``PLATEAU_FRACTION`` of the run
+        before the end, within ``UNIFORM_COLLAPSED_FLAT`` (it collapsed there), and the level is ln K
+        for a whole number of classes K (``analysis.uniform_classes``). A classifier whose
+        logits ignore the input predicts the class frequencies, and on balanced classes the
+        uniform distribution, whose cross-entropy is exactly ln K on every batch. Judged on the
+        steps the log covers (at least ``MIN_PLATEAU_STEPS``), not on its records: a Hugging
+        Face log averages each record over many steps."""
         if _span(c) < MIN_PLATEAU_STEPS:
             return None
-        level = float(np.median(c.values))
-        k = uniform_classes(level, tight=c.n < MIN_LOOSE_RECORDS)
+        v = c.values
+        if float(np.max(v) - np.min(v)) <= UNIFORM_FLAT * float(np.median(v)):
+            a = 0  # flat from the first record: it never left
+        else:
+            # collapsed: the longest stretch to the end flat to four decimals, a flatness no
+            # converging or converged loss has while its weights still move
+            a = c.n - 1
+            lo = hi = float(v[-1])
+            while a > 0:
+                lo2, hi2 = min(lo, float(v[a - 1])), max(hi, float(v[a - 1]))
+                if hi2 - lo2 > UNIFORM_COLLAPSED_FLAT * max(abs(lo2), 1e-300):
+                    break
+                lo, hi, a = lo2, hi2, a - 1
+        records = c.n - a
+        covered = (int(c.steps[-1]) - int(c.steps[a])) / max(_span(c) - 1, 1)
+        if records < MIN_FROZEN_RECORDS or (a > 0 and covered < PLATEAU_FRACTION):
+            return None
+        level = float(np.median(v[a:]))
+        k = uniform_classes(level, tight=records < MIN_LOOSE_RECORDS)
         if k is None:
             return None
-        spread = float(np.max(c.values) - np.min(c.values))
-        if spread > UNIFORM_FLAT * level:
-            return None
-        ev = {"plateau_start_step": int(c.steps[0]), "plateau_level": level, "plateau_fraction": 1.0, "records": int(c.n),
-              "series": name, "uniform_classes": k}
-        msg = (f"The {name} loss never left {level:.4g} = ln {k} (to {abs(level - math.log(k)) / math.log(k):.1%}), the "
-               f"cross-entropy of predicting the uniform distribution over {k} classes, from step {int(c.steps[0])} to "
-               f"step {int(c.steps[-1])}: the model has learned nothing from its input.")
-        return self.finding(confidence=0.7 if c.n >= MIN_LOOSE_RECORDS else 0.55, message=msg,
-                            first_step=int(c.steps[0]), evidence=ev, recommendations=[_CHECK_SNIPPET],
+        never_left = a == 0
+        ev = {"plateau_start_step": int(c.steps[a]), "plateau_level": level,
+              "plateau_fraction": 1.0 if never_left else covered, "records": int(c.n), "series": name,
+              "uniform_classes": k}
+        match = abs(level - math.log(k)) / math.log(k)
+        if never_left:
+            what = f"never left {level:.4g}"
+        else:
+            what = (f"went from {float(v[0]):.4g} to {level:.4g} at step {int(c.steps[a])} and stayed there "
+                    f"({covered:.0%} of the run)")
+            ev["loss_initial"] = float(v[0])
+        msg = (f"The {name} loss {what}: ln {k} (to {match:.1%}), the cross-entropy of predicting the uniform "
+               f"distribution over {k} classes, until step {int(c.steps[-1])}. The model's outputs no longer depend "
+               "on its input: it has learned nothing, or " + ("never learned anything." if never_left else
+                                                               "collapsed and forgot what it had."))
+        return self.finding(confidence=0.7 if records >= MIN_LOOSE_RECORDS else 0.55, message=msg,
+                            first_step=int(c.steps[a]), evidence=ev, recommendations=[_CHECK_SNIPPET],
                             title="The loss sits at the uniform prediction")
 
     def _plateau(self, ctx: RunContext, curve: LossCurve) -> list[Finding]:

@@ -1,0 +1,298 @@
+"""The false alarms and misses found on runs gradprobe was not written against, each fixed from
+the mechanics of training and shown here on both sides: the fault fires, a healthy look-alike
+does not. Foreign logs are written in their real formats (Hugging Face ``trainer_state.json``);
+training runs are real tiny CPU runs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gradprobe
+from gradprobe.report import Report
+from tests.readers.writers import write_state
+
+
+def serious(report: Report) -> list[str]:
+    return [f.code for f in report.findings if f.severity in ("error", "warning")]
+
+
+def hf_log(tmp_path, losses, *, lrs=None, evals=None, every: int = 10, name: str = "trainer_state.json") -> str:
+    """A Hugging Face trainer state with a loss record every ``every`` steps (each averages
+    ``every`` steps, as ``logging_steps`` does) and evaluations as (step, loss)."""
+    history = []
+    for i, loss in enumerate(losses):
+        step = (i + 1) * every
+        rec = {"epoch": step / 100, "loss": float(loss), "step": step, "grad_norm": 1.0}
+        rec["learning_rate"] = float(lrs[i]) if lrs is not None else 5e-5
+        history.append(rec)
+    for step, loss in evals or []:
+        history.append({"epoch": step / 100, "eval_loss": float(loss), "step": step})
+    history.sort(key=lambda r: r["step"])
+    return write_state(str(tmp_path / name), history, global_step=len(losses) * every)
+
+
+def noisy(level, sd, seed=0):
+    rng = np.random.default_rng(seed)
+    level = np.asarray(level, dtype=float)
+    return level * (1 + sd * rng.standard_normal(level.size))
+
+
+# ------------------------------------------------------------ collapse to the uniform prediction
+def test_a_fine_tune_that_jumps_at_an_absurd_lr_and_sits_at_ln_vocab_is_diagnosed(tmp_path):
+    """The loss of a pretrained model (2.1) jumps after the first updates to ln(50257) and sits
+    there to four decimals: the uniform prediction over the vocabulary, after steps too large."""
+    ln_v = math.log(50257)
+    losses = [2.1, 6.5] + [ln_v + 1e-5 * math.sin(i) for i in range(58)]
+    report = gradprobe.analyze(hf_log(tmp_path, losses, lrs=[5e-3] * 60))
+    f = report.finding("loss-plateau")
+    assert f is not None and f.evidence["uniform_classes"] in (50256, 50257, 50258)
+    assert "lr-too-high" in serious(report) or report.finding("lr-too-high") is not None
+    assert serious(report)[0] == "GP501"  # the root: the first updates made it worse than untrained
+
+
+def test_a_fine_tune_that_learns_from_ln_vocab_is_quiet(tmp_path):
+    ln_v = math.log(50257)
+    losses = noisy(ln_v * np.exp(-np.arange(60) / 15) + 2.0 * (1 - np.exp(-np.arange(60) / 15)), 0.02)
+    assert serious(gradprobe.analyze(hf_log(tmp_path, losses))) == []
+
+
+def test_a_classifier_that_never_leaves_ln_k_is_a_plateau_even_with_few_records(tmp_path):
+    """AG News (4 classes) at ln 4 for 1200 steps, logged every 100: 12 records."""
+    losses = 1.3863 + np.array([0.011, 0.007, 0.009, 0.010, 0.006, 0.013, 0.004, 0.010, 0.009, 0.010, 0.009, 0.009])
+    f = gradprobe.analyze(hf_log(tmp_path, losses, every=100)).finding("loss-plateau")
+    assert f is not None and f.severity == "warning" and f.evidence["uniform_classes"] == 4
+
+
+def test_a_flat_healthy_level_near_some_ln_k_is_not_the_uniform_prediction(tmp_path):
+    """An SFT run whose evaluation falls 0.734 -> 0.686 (past ln 2) is learning: a level near
+    ln K is not enough, the flatness makes the case."""
+    losses = noisy(np.linspace(1.3, 0.85, 20), 0.08)
+    evals = [(40, 0.7339), (80, 0.7065), (120, 0.6929), (160, 0.687), (200, 0.6858)]
+    assert serious(gradprobe.analyze(hf_log(tmp_path, losses, evals=evals))) == []
+
+
+# --------------------------------------------------------------------- divergence with the lr
+def test_a_loss_that_rises_with_the_warmup_is_lr_too_high(tmp_path):
+    n = 60
+    lrs = np.concatenate([np.linspace(5e-6, 1e-4, 20), np.full(n - 20, 1e-4)])
+    loss = np.concatenate([np.linspace(0.83, 0.13, 6), np.linspace(0.13, 0.30, 14), np.full(n - 20, 0.30)])
+    report = gradprobe.analyze(hf_log(tmp_path, noisy(loss, 0.03), lrs=lrs, every=25))
+    f = report.finding("lr-too-high")
+    assert f is not None and "harm" in f.evidence and "rose_with_lr" in f.evidence["harm"]
+    rec = [r for r in f.recommendations if r.name == "lr"][0]
+    assert rec.suggested is not None and rec.suggested < rec.current  # the lr at which the loss was at its best
+
+
+def test_a_warmup_under_which_the_loss_falls_is_quiet(tmp_path):
+    n = 60
+    lrs = np.concatenate([np.linspace(5e-6, 1e-4, 20), np.linspace(1e-4, 1e-6, n - 20)])
+    loss = 0.1 + 0.73 * np.exp(-np.arange(n) / 10)
+    assert serious(gradprobe.analyze(hf_log(tmp_path, noisy(loss, 0.03), lrs=lrs, every=25))) == []
+
+
+# --------------------------------------------------------------------------- a frozen loss
+def test_a_validation_loss_frozen_to_six_digits_is_a_plateau(tmp_path):
+    losses = noisy(np.linspace(0.5, 0.2, 60), 0.05)
+    evals = [(100 * i, v) for i, v in enumerate([0.31, 0.2404, 0.1564] + [0.07247735] * 10, start=1)]
+    f = gradprobe.analyze(hf_log(tmp_path, losses, evals=evals, every=25)).finding("loss-plateau")
+    assert f is not None and f.evidence["series"] == "validation" and f.evidence["identical_records"] == 10
+
+
+def test_a_converged_validation_loss_that_still_moves_in_its_last_digits_is_quiet(tmp_path):
+    losses = noisy(np.linspace(0.5, 0.2, 60), 0.05)
+    evals = [(100 * i, v) for i, v in enumerate([0.31, 0.2404, 0.1564] + list(0.0724 + 1e-5 * np.arange(10)[::-1]),
+                                                  start=1)]
+    assert "GP505" not in serious(gradprobe.analyze(hf_log(tmp_path, losses, evals=evals, every=25)))
+
+
+def test_lbfgs_that_converged_and_stopped_updating_is_quiet(tmp_path):
+    """LBFGS stops changing anything once it meets its tolerance: a training loss frozen three
+    decades below its start is convergence."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.01 * torch.randn(256, 1)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20)
+    d = str(tmp_path / "run")
+    with gradprobe.watch(model, opt, logdir=d):
+        for _ in range(30):
+            def closure():
+                opt.zero_grad()
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    assert serious(gradprobe.analyze(d)) == []
+
+
+# --------------------------------------------------------------------------- exactly zero
+def test_a_training_loss_stuck_at_exactly_zero_is_degenerate_targets(tmp_path):
+    losses = list(0.69 * np.exp(-np.arange(40) / 4)) + [0.0] * 60
+    f = gradprobe.analyze(hf_log(tmp_path, losses)).finding("degenerate-targets")
+    assert f is not None and f.severity == "warning" and f.evidence["zero_records"] == 60
+
+
+def test_a_loss_that_is_zero_from_the_start_and_one_that_only_nears_zero_are_quiet(tmp_path):
+    """A loss 0 from its first record is not being trained (a GAN discriminator switched off
+    until later); a loss converging to 1e-7 is not stuck at 0."""
+    assert "GP602" not in serious(gradprobe.analyze(hf_log(tmp_path, [0.0] * 100, name="a.json")))
+    near = 0.69 * np.exp(-np.arange(100) / 6) + 1e-7
+    assert "GP602" not in serious(gradprobe.analyze(hf_log(tmp_path, near, name="b.json")))
+
+
+# ------------------------------------------------------------------- non-finite validation
+def test_a_validation_loss_nan_at_every_evaluation_is_nonfinite_loss(tmp_path):
+    losses = noisy(np.linspace(5.9, 5.2, 80), 0.01)
+    evals = [(100 * i, float("inf")) for i in range(1, 8)]
+    f = gradprobe.analyze(hf_log(tmp_path, losses, evals=evals)).finding("nonfinite-loss")
+    assert f is not None and f.severity == "error" and f.evidence["nonfinite_evaluations"] == 7
+
+
+# ---------------------------------------------------------------- a transient gradient spike
+def test_one_gradient_transient_in_the_first_steps_is_not_a_warning(tmp_path):
+    """An SFT run: grad_norm 72 at step 22 during warmup, 0.3 eight steps later; the loss keeps
+    falling (Hugging Face clips at 1.0 by default, but its log does not say so)."""
+    history = []
+    for s in range(1, 82):
+        g = 72.0 if s == 22 else (14.8 if s == 26 else 0.3 + 0.05 * math.sin(s))
+        history.append({"epoch": s / 81, "grad_norm": g, "learning_rate": 1e-4, "loss": 3.1 * math.exp(-s / 25) + 0.9,
+                        "step": s})
+    report = gradprobe.analyze(write_state(str(tmp_path / "trainer_state.json"), history, global_step=81))
+    assert serious(report) == []
+    f = report.finding("exploding-gradients")
+    assert f is not None and f.severity == "info" and "does not record whether anything clipped" in f.message
+
+
+# ------------------------------------------------------------------------- loss spikes
+def _periodic_run(logdir: str, heavy: bool) -> str:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = torch.tensor([[1.0], [-1.0], [0.5], [2.0]])
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for step in range(300):
+            if heavy:
+                x = torch.distributions.StudentT(2.0).sample((32, 4))
+                y = torch.tanh(x @ w) + 0.05 * torch.randn(32, 1)
+            else:  # the target's noise follows a smooth cycle: the loss rises and falls with it, 5x
+                x = torch.randn(128, 4)
+                y = torch.tanh(x @ w) + (0.1 + 0.2 * (1 + math.sin(2 * math.pi * step / 60))) * torch.randn(128, 1)
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    return logdir
+
+
+@pytest.mark.parametrize("heavy", [False, True], ids=["periodic", "heavy-tailed"])
+def test_a_periodic_loss_and_recovered_heavy_tailed_spikes_are_not_loss_spike_warnings(tmp_path, heavy):
+    report = gradprobe.analyze(_periodic_run(str(tmp_path / "run"), heavy))
+    assert "GP504" not in serious(report) and "GP202" not in serious(report), serious(report)
+
+
+# ----------------------------------------------------------------------- unbounded loss
+def _classifier(logdir: str, loss: str, steps: int = 200) -> str:
+    torch.manual_seed(0)
+    x = torch.randn(512, 10)
+    y = (x[:, :3] @ torch.randn(3, 3)).argmax(1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(steps):
+            idx = torch.randint(0, 512, (64,))
+            opt.zero_grad()
+            out = model(x[idx])
+            value = F.nll_loss(out, y[idx]) if loss == "nll_raw" else F.cross_entropy(out, y[idx])
+            value.backward()
+            opt.step()
+    return logdir
+
+
+def test_nll_loss_on_raw_scores_is_unbounded_and_cross_entropy_is_quiet(tmp_path):
+    report = gradprobe.analyze(_classifier(str(tmp_path / "raw"), "nll_raw"))
+    f = report.finding("unbounded-loss")
+    assert f is not None and f.severity == "error" and f.evidence["weight_growth"] >= 2.0
+    assert serious(report)[0] == "GP507"
+    assert serious(gradprobe.analyze(_classifier(str(tmp_path / "ce"), "ce"))) == []
+
+
+def test_a_gaussian_nll_negative_by_design_is_quiet(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(512, 4)
+    y = x[:, :1] * 0.5 + 0.02 * torch.randn(512, 1)  # sharp targets: the NLL of a density > 1 is negative
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    d = str(tmp_path / "run")
+    with gradprobe.watch(model, opt, logdir=d):
+        for _ in range(300):
+            idx = torch.randint(0, 512, (64,))
+            mu, log_var = model(x[idx]).chunk(2, dim=1)
+            opt.zero_grad()
+            F.gaussian_nll_loss(mu, y[idx], log_var.exp()).backward()
+            opt.step()
+    report = gradprobe.analyze(d)
+    assert float(np.nanmin(report.runlog.steps["loss"].to_numpy())) < 0  # negative, by design
+    assert "GP507" not in serious(report), serious(report)
+
+
+def test_a_wgan_critic_loss_negative_by_design_is_quiet(tmp_path):
+    torch.manual_seed(0)
+    real = torch.randn(1024, 2) * 0.3 + torch.tensor([2.0, -1.0])
+    gen = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
+    critic = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    opt_c = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    d = str(tmp_path / "run")
+    with gradprobe.watch([gen, critic], [opt_g, opt_c], logdir=d):
+        for step in range(150):
+            for _ in range(3):
+                xr = real[torch.randint(0, 1024, (64,))]
+                xf = gen(torch.randn(64, 4)).detach()
+                eps = torch.rand(64, 1)
+                xi = (eps * xr + (1 - eps) * xf).requires_grad_(True)
+                grad = torch.autograd.grad(critic(xi).sum(), xi, create_graph=True)[0]
+                gp = ((grad.norm(dim=1) - 1) ** 2).mean()
+                loss_c = critic(xf).mean() - critic(xr).mean() + 10 * gp
+                opt_c.zero_grad()
+                loss_c.backward()
+                opt_c.step()
+            loss_g = -critic(gen(torch.randn(64, 4))).mean()
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+    assert "GP507" not in serious(gradprobe.analyze(d))
+
+
+# ------------------------------------------------------------------------ over-clipping
+def _clipped_sgd(logdir: str, max_norm: float) -> str:
+    torch.manual_seed(33)
+    x = torch.randn(4096, 16)
+    y = (3 * torch.sin(x[:, :1]) + x[:, 1:2] * x[:, 2:3] + 2 * x[:, 3:4]) * 2.0
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(10):
+            perm = torch.randperm(4096)
+            for i in range(0, 4096, 128):
+                idx = perm[i:i + 128]
+                opt.zero_grad()
+                F.mse_loss(model(x[idx]), y[idx]).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                opt.step()
+    return logdir
+
+
+def test_clipping_that_cuts_every_step_hundreds_of_times_is_found_while_the_loss_still_falls(tmp_path):
+    report = gradprobe.analyze(_clipped_sgd(str(tmp_path / "starved"), 0.01))
+    f = report.finding("overclipping")
+    # the loss still falls (a quarter in 200 steps), and the rule fires all the same
+    assert f is not None and f.evidence["starved_but_falling"] and f.evidence["relative_loss_decrease"] > 0.1
+    assert f.evidence["effective_update_factor"] <= 0.01
+    rec = [r for r in f.recommendations if r.name == "max_norm"][0]
+    assert rec.suggested is not None and rec.suggested > 0.01
+    assert "GP201" not in serious(gradprobe.analyze(_clipped_sgd(str(tmp_path / "guard"), 50.0)))
