@@ -13,6 +13,12 @@ installed console script, as a user types it). At the line right after its own
 * CPU: the process's own CPU time at that line (``time.process_time()``), which a busy
   machine disturbs less than wall time.
 
+Bytecode: an installed package has its ``.pyc`` files (pip compiles them at install), so the
+children run with ``PYTHONDONTWRITEBYTECODE`` removed from their environment and the caches
+warmed by the first starts; ``--as-env`` keeps the environment's setting (this development
+machine sets it, so every gradprobe module is compiled from source at every start: the
+pessimistic case, torch's own bytecode being cached either way).
+
 Each figure is the median over the rounds; the difference is the median of the per-round
 paired differences, with its 25th-75th percentile range. The modules gradprobe itself has
 imported by that line are listed (one extra run with ``GRADPROBE_BENCH_MODULES`` set), so a
@@ -80,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15, help="pairs of starts (default 15)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--as-env", action="store_true", help="keep PYTHONDONTWRITEBYTECODE as the environment has it")
     args = ap.parse_args(argv)
     env = dict(os.environ)
+    if not args.as_env:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.setdefault("OMP_NUM_THREADS", "1")
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="gradprobe-startup-") as tmp:
@@ -116,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loaded by then (of {', '.join(HEAVY)}, rich, typer, click, psutil, yaml): {', '.join(heavy) or 'none'}")
     print(f"gradprobe modules loaded by then: {len(gp_mods)}")
     results["_env"] = {"python": sys.version.split()[0], "rounds": args.rounds, "cpus": os.cpu_count(),
-                       "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
+                       "PYTHONDONTWRITEBYTECODE": env.get("PYTHONDONTWRITEBYTECODE", ""),
                        "load_average": os.getloadavg()}
     print(f"python {results['_env']['python']}, {args.rounds} rounds, PYTHONDONTWRITEBYTECODE="
-          f"{os.environ.get('PYTHONDONTWRITEBYTECODE') or '(unset)'}, load average {os.getloadavg()[0]:.1f}")
+          f"{env.get('PYTHONDONTWRITEBYTECODE') or '(unset)'} in the children, load average {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

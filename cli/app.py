@@ -176,6 +176,8 @@ from gradprobe.cli import verify as _verify  # noqa: F401,E402 - registers `grad
 def main() -> None:
     """Console entry point."""
     try:
+        if sys.argv[1:2] == ["run"]:  # the plain forms skip typer's parsing (start-up time)
+            _run.run_fast(sys.argv[2:])
         app()
     except KeyboardInterrupt:
         sys.stderr.write("gradprobe: interrupted\n")

@@ -63,13 +63,21 @@ def run(
 
     Every model, optimizer and GradScaler the script creates is recorded. When the script ends (normally, by an exception, Ctrl-C or SIGTERM) the log is flushed and the report is printed after the script's own output and traceback; the exit status is the script's. Options go before SCRIPT; everything after it belongs to the script.
     """
+    run_script(script, list(script_args or []) + list(ctx.args), module=module, logdir=logdir, format=format.value,
+               output=output, no_report=no_report, memory_limit=memory_limit, sample_every=sample_every,
+               profile=profile.value)
+
+
+def run_script(script: str, args: list[str], *, module: bool = False, logdir: Optional[str] = None, format: str = "text",
+               output: Optional[str] = None, no_report: bool = False, memory_limit: Optional[str] = None,
+               sample_every: Optional[int] = None, profile: str = "default") -> None:
+    """``gradprobe run`` once its options are parsed (by typer or by :func:`parse_fast`)."""
     from gradprobe import runner as R
     from gradprobe.config import ProbeConfig
     from gradprobe.schedule import Schedule
 
     start_cwd = os.getcwd()
     command = ["gradprobe", *sys.argv[1:]]
-    args = list(script_args or []) + list(ctx.args)
     if output and no_report:
         _usage("--output and --no-report contradict each other")
     limit = None
@@ -81,7 +89,7 @@ def run(
     overrides = {}
     if sample_every is not None:
         overrides["schedule"] = Schedule(every=sample_every)
-    config = ProbeConfig.profile(profile.value, **overrides)
+    config = ProbeConfig.profile(profile, **overrides)
     out_path = os.path.abspath(output) if output else None  # before the script can chdir
     try:
         target = R.resolve_target(script, args, module=module)
@@ -101,8 +109,95 @@ def run(
     # only when its own script failed. Started by gradprobe run: one report for the tree
     show = not no_report and getattr(runner, "tree", None) is not None and outcome.started and (rank == 0 or outcome.how == "exception")
     if show:
-        emit_report(runner, outcome, format.value, out_path, cwd=start_cwd)
+        emit_report(runner, outcome, format, out_path, cwd=start_cwd)
+    elif no_report and getattr(runner, "tree", None) is not None and outcome.started and rank == 0:
+        # nothing printed, but the run's TensorBoard log still gets its findings text
+        try:
+            R.build_report(runner)
+        except Exception:  # noqa: BLE001 - the script's status wins
+            pass
     R.exit_like(outcome)
+
+
+#: ``gradprobe run``'s options for :func:`parse_fast`: flag -> (parameter, kind), the same as
+#: the typer declaration of :func:`run` (tests/cli/test_startup.py holds them equal)
+FAST_OPTIONS: dict[str, tuple[str, str]] = {
+    "-m": ("module", "flag"),
+    "--module": ("module", "flag"),
+    "--logdir": ("logdir", "text"),
+    "--format": ("format", "format"),
+    "-f": ("format", "format"),
+    "--output": ("output", "text"),
+    "-o": ("output", "text"),
+    "--no-report": ("no_report", "flag"),
+    "--memory-limit": ("memory_limit", "text"),
+    "--sample-every": ("sample_every", "count"),
+    "--profile": ("profile", "profile"),
+}
+
+
+def parse_fast(argv: list[str]) -> Optional[dict]:
+    """``gradprobe run``'s command line (after ``run``) as :func:`run_script`'s arguments, or
+    None for anything but the plain forms (help, an unknown or malformed option, a bad
+    choice): typer parses those and says what is wrong.
+
+    typer builds a pydantic adapter for every parameter it parses, and importing pydantic
+    costs ~90 ms of the script's start-up; the plain forms need none of it.
+    """
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            i += 1
+            break
+        if not tok.startswith("-") or tok == "-":
+            break
+        flag, eq, attached = tok.partition("=") if tok.startswith("--") else (tok, "", "")
+        spec = FAST_OPTIONS.get(flag)
+        if spec is None:
+            return None
+        name, kind = spec
+        if kind == "flag":
+            if eq:
+                return None
+            out[name] = True
+            i += 1
+            continue
+        if eq:
+            value = attached
+            i += 1
+        elif i + 1 < len(argv):
+            value = argv[i + 1]
+            i += 2
+        else:
+            return None
+        if kind == "format" and value not in {f.value for f in RunFormat}:
+            return None
+        if kind == "profile" and value not in {p.value for p in Profile}:
+            return None
+        if kind == "count":
+            if not value.isdigit():
+                return None
+            value = int(value)
+        out[name] = value
+    if i >= len(argv):
+        return None  # no SCRIPT: typer's usage error
+    out["script"] = argv[i]
+    out["args"] = list(argv[i + 1:])
+    return out
+
+
+def run_fast(argv: list[str]) -> None:
+    """Runs ``gradprobe run ARGV`` without typer's parsing when :func:`parse_fast` can read
+    ARGV (the process then exits here); returns when it cannot."""
+    parsed = parse_fast(argv)
+    if parsed is None:
+        return
+    try:
+        run_script(parsed.pop("script"), parsed.pop("args"), **parsed)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
 
 
 def summary_line(runner: object, outcome: object, cwd: Optional[str] = None) -> str:

@@ -8,6 +8,7 @@
 
 The recorder (``watch``, ``Probe``) imports torch; analysis (``analyze``, ``RunLog``,
 ``Report``) does not, so ``gradprobe analyze`` starts fast and runs where torch is absent.
+Every name is loaded on first use, so ``import gradprobe`` costs a few milliseconds.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from gradprobe._guard import GradprobeWarning
 from gradprobe._version import __version__
-from gradprobe.runlog import LogError, RunLog
 
 if TYPE_CHECKING:
     from gradprobe.config import ProbeConfig
     from gradprobe.probe.core import Probe, watch
     from gradprobe.report import Finding, Recommendation, Report
+    from gradprobe.runlog import LogError, RunLog
     from gradprobe.schedule import Schedule
 
 __all__ = [
@@ -47,6 +48,10 @@ _LAZY = {
     "Report": ("gradprobe.report", "Report"),
     "Finding": ("gradprobe.report", "Finding"),
     "Recommendation": ("gradprobe.report", "Recommendation"),
+    # the run log reads with pandas (~0.4 s to import): loaded on first use, so neither
+    # `gradprobe run` nor a script's `import gradprobe` pays for it before a step is recorded
+    "RunLog": ("gradprobe.runlog.runlog", "RunLog"),
+    "LogError": ("gradprobe.runlog.runlog", "LogError"),
 }
 
 
