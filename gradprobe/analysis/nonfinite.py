@@ -93,9 +93,14 @@ class NonfiniteTimeline:
         for rec in piv.to_dict("records"):
             step = int(rec["step"])
             probe, target = str(rec["probe"]), str(rec["target"])
-            data_input = probe == "input" and not target.endswith("]")
+            if target.endswith("]"):
+                # an argument after the first (a carried hidden state, a mask, a cache) is the
+                # model's own output of an earlier step, not data: a NaN there came from the
+                # model, whatever the token ids beside it held
+                continue
+            data_input = probe == "input"
             # anything but the model's first input could come from non-finite parameters
-            # (a carried state, a normalisation before the first layer, a teacher's targets)
+            # (a normalisation before the first layer, a teacher's targets)
             if not data_input and pstep is not None and step > pstep:
                 continue
             rows.append({"step": step, "probe": probe, "target": target,

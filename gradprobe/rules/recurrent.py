@@ -20,6 +20,7 @@ from gradprobe.analysis import (
     RunContext,
     footprint_growth,
     EXPLODING_FAR_OVER_NEAR,
+    optimizer_family,
     bptt_profiles,
     explodes_from_the_first_profile,
     nonfinite_timeline,
@@ -368,7 +369,11 @@ class LongLookback(Rule):
       Severity ``warning``: the run is not broken, but no dependency longer than h is being
       learned and the window's length costs activation memory and sequential compute. (With a
       loss on every step, every input still gets gradient from its own nearby outputs; what
-      the long window does not buy is a longer dependency.)
+      the long window does not buy is a longer dependency.) The fix, shorter windows with the
+      state carried between them (truncated BPTT), is a stochastic-gradient practice: under a
+      line-search optimizer (LBFGS), whose objective is the loss over the full sequences and
+      whose curvature estimates need that one deterministic function, the sequences' length
+      is the problem's, not a window to shorten, and the vanishing form is not judged.
     * exploding through time: median ``far_over_near`` >= 10 with ``growth_per_step`` > 1: the
       inputs at the far end of the window receive an order of magnitude more gradient than
       the recent ones, the recurrent Jacobian amplifies along the window, and the update is
@@ -525,6 +530,8 @@ class LongLookback(Rule):
         # vanishing through time
         if not np.isfinite(horizon).any():
             return None
+        if optimizer_family(ctx) == "other":
+            return None  # a line-search optimizer's objective is the full sequences: their length is no BPTT choice
         h = float(np.nanmedian(horizon))
         reach = float(np.nanmedian(reaches)) if np.isfinite(reaches).any() else 0.0
         if reach >= 0.5:

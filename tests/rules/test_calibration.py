@@ -296,3 +296,92 @@ def test_clipping_that_cuts_every_step_hundreds_of_times_is_found_while_the_loss
     rec = [r for r in f.recommendations if r.name == "max_norm"][0]
     assert rec.suggested is not None and rec.suggested > 0.01
     assert "GP201" not in serious(gradprobe.analyze(_clipped_sgd(str(tmp_path / "guard"), 50.0)))
+
+
+# ------------------------------------------------------------ a NaN carried state is not data
+def test_a_nan_carried_hidden_state_beside_integer_token_ids_is_not_nonfinite_inputs(tmp_path):
+    """A GRU language model whose carried state turns NaN (injected at step 6) while its
+    token ids are integers and a guard skips the non-finite steps (the parameters stay
+    finite): what went non-finite is the model's own state, not the data."""
+    torch.manual_seed(0)
+    vocab, steps = 40, 12
+    emb, rnn, head = nn.Embedding(vocab, 16), nn.GRU(16, 24, batch_first=True), nn.Linear(24, vocab)
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.head = emb, rnn, head
+
+        def forward(self, ids, state=None):
+            h, state = self.rnn(self.emb(ids), state)
+            return self.head(h), state
+
+    model = LM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = torch.randint(0, vocab, (8, steps * 10 + 1))
+    d = str(tmp_path / "run")
+    with gradprobe.watch(model, opt, logdir=d):
+        state = None
+        for i in range(steps):
+            x, y = data[:, i * 10:(i + 1) * 10], data[:, i * 10 + 1:(i + 1) * 10 + 1]
+            if state is not None:
+                state = state.detach()
+                if i == 6:
+                    state = state * float("nan")
+            opt.zero_grad()
+            out, state = model(x, state)
+            loss = F.cross_entropy(out.reshape(-1, vocab), y.reshape(-1))
+            if not torch.isfinite(loss):
+                continue  # the guard: no step on a non-finite loss
+            loss.backward()
+            opt.step()
+    report = gradprobe.analyze(d)
+    assert report.finding("nonfinite-inputs") is None, [f.code for f in report.findings]
+    assert report.finding("nonfinite-loss") is not None
+
+
+# -------------------------------------------------- long-lookback under a line-search optimizer
+class _CellSequence(nn.Module):
+    """PyTorch's time_sequence_prediction shape: an LSTMCell unrolled over whole sequences, a
+    prediction (and a loss term) at every time step."""
+
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = nn.LSTMCell(1, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        h = c = torch.zeros(seq.size(0), self.hidden)
+        preds = []
+        for x_t in seq.split(1, dim=1):
+            h, c = self.cell(x_t, (h, c))
+            preds.append(self.out(h))
+        return torch.cat(preds, dim=1)
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "sgd"])
+def test_long_lookback_is_not_judged_on_the_full_sequences_of_a_line_search_optimizer(tmp_path, optimizer):
+    torch.manual_seed(9)
+    t = torch.arange(101).float().unsqueeze(0) + torch.randint(-40, 40, (4, 1)).float()
+    waves = torch.sin(t / 8.0)
+    inputs, targets = waves[:, :-1], waves[:, 1:]
+    model = _CellSequence()
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=2)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    d = str(tmp_path / "run")
+    with gradprobe.watch(model, opt, logdir=d):
+        for _ in range(4):
+            def closure():
+                opt.zero_grad()
+                loss = F.mse_loss(model(inputs), targets)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    f = gradprobe.analyze(d).finding("long-lookback")
+    if optimizer == "lbfgs":
+        assert f is None  # the 100 steps are the problem LBFGS solves, not a window to shorten
+    else:
+        assert f is not None and f.evidence["lookback"] == 100  # the same horizon under SGD: windows would do
