@@ -34,6 +34,10 @@ from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Ru
 MIN_EXTRA = 2
 #: Columns in the order a finding prefers to describe them (the loss is what users read).
 _PREFERRED = ("loss", "eval_loss", "grad_norm", "lr")
+#: The streams the rules read as the run's loss and gradient: duplicates there are a warning
+#: (the last record of a step wins, so values of different writers are mixed into the
+#: diagnosis); duplicates only in other columns are a fact about the logging (info).
+JUDGED_STREAMS = ("loss", "eval_loss", "grad_norm")
 
 
 def _streams(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -124,6 +128,12 @@ class DuplicateLogRecords(Rule):
       run resumed from a checkpoint re-logs the steps after it; TensorBoard shows both): info,
       a fact about the log, not a fault of the run.
 
+    Repeated and restarted records are a warning when they are in a stream the rules read as
+    the run's loss or gradient (``JUDGED_STREAMS``): the last record of a step wins, so values
+    of different writers are mixed into the diagnosis. Only in other columns (the lr a monitor
+    writes twice per step, an epoch counter) they are info: a fact about the logging that
+    changes nothing the diagnosis reads.
+
     Confidence: 0.5 + 0.5 x min(1, extra records / records / 0.25) (1.0 when a quarter or more
     of the records are repeats), for the stream with the most extra records.
     """
@@ -133,8 +143,9 @@ class DuplicateLogRecords(Rule):
     severity = "warning"
     title = "The same step is logged several times"
     severities = {
-        "warning": "records repeated within one pass of the log, or the log restarted",
-        "info": "only a resume from a checkpoint re-logged steps (a fact about the log, not a fault)",
+        "warning": "records of the loss or gradient repeated within one pass of the log, or the log restarted",
+        "info": "only a resume from a checkpoint re-logged steps, or only columns the diagnosis does not read "
+                "(the lr, counters) repeat: facts about the log, not faults",
     }
     requires = ("duplicates",)
     evidence_fields = {
@@ -182,7 +193,10 @@ class DuplicateLogRecords(Rule):
         conf = 0.5 + 0.5 * min(1.0, frac / 0.25)
         faults = [p for p in ("repeated", "restarted") if any(p in f for f in found.values())]
         only_resumed = not faults and any("resumed" in f for f in found.values())
-        severity = "info" if only_resumed else "warning"
+        # a duplicated loss mixes values from different writers into what the diagnosis reads;
+        # a duplicated bookkeeping column (the lr a monitor writes twice, an epoch counter) does not
+        judged = [c for c, f in found.items() if c in JUDGED_STREAMS and ("repeated" in f or "restarted" in f)]
+        severity = "info" if only_resumed or not judged else "warning"
         ex = main.get("examples") or []
         ex_txt = ", ".join(f"{unit} {s} x{c}" for s, c in ex[:4])
         msg = (f"{main['duplicated_steps']} {unit}s of '{main.get('name', main_col)}' are logged more than once "

@@ -200,3 +200,16 @@ def test_rule_documents_itself():
     assert "Confidence" in (cls.__doc__ or "")
     for attr in ("what", "why", "causes", "fix", "example"):
         assert getattr(cls.explanation, attr).strip()
+
+
+def test_a_duplicated_lr_column_is_info_a_duplicated_loss_a_warning():
+    """An lr monitor writing the lr twice per step changes nothing the diagnosis reads; a loss
+    written twice per step mixes two writers' values into it."""
+    steps = list(range(40))
+    twice = [s for s in steps for _ in range(2)]
+    f = only(gradprobe.analyze(foreign({"loss": {"name": "train_loss", "step": steps},
+                                        "lr": {"name": "lr-Adam", "step": twice}})))
+    assert f.severity == "info"
+    f = only(gradprobe.analyze(foreign({"loss": {"name": "train_loss", "step": twice},
+                                        "lr": {"name": "lr-Adam", "step": steps}})))
+    assert f.severity == "warning"
