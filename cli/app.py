@@ -86,12 +86,22 @@ def write_output(text: str, output: Optional[str], *, stream: object = None) -> 
         (stream or sys.stdout).flush()  # type: ignore[attr-defined]
 
 
-def render_report(report: object, fmt: str, *, color: bool = False) -> str:
+def render_report(report: object, fmt: str, *, color: bool = False, width: Optional[int] = None) -> str:
     from gradprobe.render import render
 
     if fmt == "text":
-        return render(report, "text", color=color)  # type: ignore[arg-type]
+        return render(report, "text", color=color, width=width)  # type: ignore[arg-type]
     return render(report, fmt)  # type: ignore[arg-type]
+
+
+def text_style(stream: object, to_file: bool, no_color: bool) -> tuple[bool, int]:
+    """(colour, width) of a text report written to ``stream`` (or to a file): colour only on
+    a terminal and never with --no-color or NO_COLOR; the terminal's width, COLUMNS, or 100."""
+    from gradprobe.render.text import color_allowed, terminal_width
+
+    if to_file:
+        return False, terminal_width(None)
+    return color_allowed(stream, no_color), terminal_width(stream)
 
 
 @app.command()
@@ -101,13 +111,14 @@ def analyze(
     fail_on: FailOn = typer.Option(FailOn.error, "--fail-on", help="Exit 1 if a finding is at or above this severity."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the report to FILE instead of stdout."),
     run: Optional[str] = typer.Option(None, "--run", help="The MLflow run to analyze (id, id prefix or run name); default: one report per run."),
+    no_color: bool = typer.Option(False, "--no-color", help="No colour in the text report (also: the NO_COLOR environment variable)."),
 ) -> None:
     """Analyze a saved run and explain what went wrong."""
     from gradprobe.engine import analyze as run_analysis
     from gradprobe.readers import load_runs
     from gradprobe.runlog import LogError
 
-    color = output is None and format == ReportFormat.text and sys.stdout.isatty()
+    color, width = text_style(sys.stdout, output is not None, no_color) if format == ReportFormat.text else (False, None)
     # numeric warnings raised by a log's wild values (overflow, all-NaN slices) are not the
     # user's business: stderr carries the one-line error or nothing
     with warnings.catch_warnings():
@@ -127,7 +138,7 @@ def analyze(
             ids = ", ".join(str(r.source.get("run")) for r in reports[:10])
             fail(f"{path}: {len(reports)} MLflow runs; an HTML report is one run: pass --run ID ({ids})")
         try:
-            texts = [render_report(r, format.value, color=color) for r in reports]
+            texts = [render_report(r, format.value, color=color, width=width) for r in reports]
         except Exception as exc:  # noqa: BLE001
             fail(f"cannot render the report ({type(exc).__name__}: {str(exc)[:200]})")
     # several runs: text and Markdown one after another, JSON an array of reports

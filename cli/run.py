@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from gradprobe.cli.app import app, render_report
+from gradprobe.cli.app import app, render_report, text_style
 
 
 class RunFormat(str, enum.Enum):
@@ -58,6 +58,7 @@ def run(
     ),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", metavar="N", min=0, help="Run the sampled deep probes every N steps (0: only early steps)."),
     profile: Profile = typer.Option(Profile.default, "--profile", help="default, light (no deep probes) or full (deep probes every step)."),
+    no_color: bool = typer.Option(False, "--no-color", help="No colour in the text report (also: the NO_COLOR environment variable)."),
 ) -> None:
     """Run a training script exactly as `python SCRIPT ARGS` would, watched, and explain how it went.
 
@@ -65,12 +66,12 @@ def run(
     """
     run_script(script, list(script_args or []) + list(ctx.args), module=module, logdir=logdir, format=format.value,
                output=output, no_report=no_report, memory_limit=memory_limit, sample_every=sample_every,
-               profile=profile.value)
+               profile=profile.value, no_color=no_color)
 
 
 def run_script(script: str, args: list[str], *, module: bool = False, logdir: Optional[str] = None, format: str = "text",
                output: Optional[str] = None, no_report: bool = False, memory_limit: Optional[str] = None,
-               sample_every: Optional[int] = None, profile: str = "default") -> None:
+               sample_every: Optional[int] = None, profile: str = "default", no_color: bool = False) -> None:
     """``gradprobe run`` once its options are parsed (by typer or by :func:`parse_fast`)."""
     from gradprobe import runner as R
     from gradprobe.config import ProbeConfig
@@ -104,12 +105,12 @@ def run_script(script: str, args: list[str], *, module: bool = False, logdir: Op
         outcome = runner.run()
     except R.RunnerError as exc:
         _usage(str(exc))
-    rank, world = R.distributed_rank()
+    rank = _launcher_rank()
     # started by torchrun (each rank its own gradprobe run): rank 0 reports; another rank
     # only when its own script failed. Started by gradprobe run: one report for the tree
     show = not no_report and getattr(runner, "tree", None) is not None and outcome.started and (rank == 0 or outcome.how == "exception")
     if show:
-        emit_report(runner, outcome, format, out_path, cwd=start_cwd)
+        emit_report(runner, outcome, format, out_path, cwd=start_cwd, no_color=no_color)
     elif no_report and getattr(runner, "tree", None) is not None and outcome.started and rank == 0:
         # nothing printed, but the run's TensorBoard log still gets its findings text
         try:
@@ -133,6 +134,7 @@ FAST_OPTIONS: dict[str, tuple[str, str]] = {
     "--memory-limit": ("memory_limit", "text"),
     "--sample-every": ("sample_every", "count"),
     "--profile": ("profile", "profile"),
+    "--no-color": ("no_color", "flag"),
 }
 
 
@@ -200,6 +202,14 @@ def run_fast(argv: list[str]) -> None:
         sys.exit(exc.exit_code)
 
 
+def _launcher_rank() -> int:
+    """This process's rank when torchrun started it (each rank its own gradprobe run), else 0."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def summary_line(runner: object, outcome: object, cwd: Optional[str] = None) -> str:
     """How the script ended, what was recorded where, and how to read it again."""
     from gradprobe import runner as R
@@ -230,7 +240,8 @@ def summary_line(runner: object, outcome: object, cwd: Optional[str] = None) -> 
             f"(re-read each: {', '.join(f'gradprobe analyze {p}' for p in rereads)})")
 
 
-def emit_report(runner: object, outcome: object, fmt: str, output: Optional[str], *, cwd: Optional[str] = None) -> None:
+def emit_report(runner: object, outcome: object, fmt: str, output: Optional[str], *, cwd: Optional[str] = None,
+                no_color: bool = False) -> None:
     """Prints the summary line and the report; never raises (the script's status wins)."""
     from gradprobe import runner as R
 
@@ -242,8 +253,8 @@ def emit_report(runner: object, outcome: object, fmt: str, output: Optional[str]
     _write(err, f"\n{line}\n")
     try:
         report = R.build_report(runner)  # type: ignore[arg-type]
-        color = output is None and fmt == "text" and _isatty(err)
-        text = render_report(report, fmt, color=color)
+        color, width = text_style(err, output is not None, no_color) if fmt == "text" else (False, None)
+        text = render_report(report, fmt, color=color, width=width)
     except Exception as exc:  # noqa: BLE001 - a bug in the analysis must not hide the status
         _write(err, f"gradprobe: could not build the report ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})\n")
         return
@@ -278,13 +289,6 @@ def _write(stream: object, text: str) -> None:
             sys.__stderr__.write(text)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001
             pass
-
-
-def _isatty(stream: object) -> bool:
-    try:
-        return bool(stream.isatty())  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _short(path: str, cwd: Optional[str] = None) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradprobe.render._common import ICON, fmt_value, header_lines, recommendation_line, severity_note
+from gradprobe.render._common import ICON, evidence_items, fmt_number, header_lines, recommendation_line, severity_note, verdict_lines
 from gradprobe.report import Report
 
 
 def _esc(s: str) -> str:
-    return s.replace("|", "\\|")
+    return s.replace("|", "\\|").replace("\n", " ")
 
 
 def render(report: Report, **_: Any) -> str:
@@ -18,11 +18,12 @@ def render(report: Report, **_: Any) -> str:
     for line in head[1:]:
         out.append(f"- {line.strip()}")
     out.append("")
-    if not report.findings and report.source.get("steps") == 0:  # nothing was judged: never "healthy"
-        out.append("**No training step was recorded:** there is nothing to judge.")
+    verdict = verdict_lines(report)
+    if verdict:  # no finding: what was judged, never "healthy" about what was not observed
+        first, _, rest = verdict[0].partition(": ")
+        out.append(f"**{first}:** {rest}" if rest else f"**{first}**")
+        out.extend(["", *verdict[1:]] if len(verdict) > 1 else [])
         out.extend(["", *[f"- {line}" for line in (report.source.get("no_step") or {}).get("observed") or []], ""])
-    elif not report.findings:
-        out.append("**No findings.** Nothing in this run looks unhealthy to the rules that could run.")
     for f in report.findings:
         where = f" from step {f.first_step}" if f.first_step is not None else ""
         layer = f" in `{f.layer}`" if f.layer else ""
@@ -50,17 +51,18 @@ def render(report: Report, **_: Any) -> str:
                     out.extend("  " + line for line in r.snippet.rstrip().splitlines())
                     out.append("  ```")
             out.append("")
-        if f.evidence:
+        items = evidence_items(f)
+        if items:
             out.append("| evidence | value |")
             out.append("|---|---|")
-            for k, v in f.evidence.items():
-                out.append(f"| {_esc(str(k))} | {_esc(fmt_value(v))} |")
+            for label, value in items:
+                out.append(f"| {_esc(label)} | {_esc(value)} |")
             out.append("")
     if report.suggested_hyperparameters:
         out.append("## Suggested hyperparameters")
         out.append("")
         for k, v in report.suggested_hyperparameters.items():
-            out.append(f"- `{k}` = {v}")
+            out.append(f"- `{k}` = {fmt_number(v)}")
         out.append("")
     if report.skipped_rules:
         # plain Markdown only: TensorBoard's text dashboard shows raw HTML tags as text

@@ -56,7 +56,7 @@ ARGVS = [
     ["train.py", "--lr", "3", "-m", "x", "--help"],
     ["-m", "pkg.train", "--format", "json"],
     ["--logdir", "d", "--memory-limit", "2G", "--sample-every", "7", "--profile", "light", "train.py", "a"],
-    ["--format=markdown", "-o", "r.md", "--no-report", "train.py"],
+    ["--format=markdown", "-o", "r.md", "--no-report", "--no-color", "train.py"],
     ["-f", "json", "--output=out.json", "--logdir=x y", "--", "train.py", "--", "b"],
     ["--sample-every", "0", "--profile", "full", "-m", "mod"],
 ]
@@ -73,7 +73,7 @@ def test_fast_parse_matches_typer(argv, captured):
     (by_typer,) = captured
     fast = run_cli.parse_fast(argv)
     assert fast is not None
-    defaults = {"module": False, "logdir": None, "format": "text", "output": None, "no_report": False,
+    defaults = {"module": False, "logdir": None, "format": "text", "output": None, "no_report": False, "no_color": False,
                 "memory_limit": None, "sample_every": None, "profile": "default"}
     assert {**defaults, **fast} == by_typer
 
