@@ -30,8 +30,9 @@ class ProbeConfig:
         bptt_batch: sequences of the batch used by the side computation.
         age_walk_nodes: most autograd nodes walked to date a tensor made outside modules.
         memory_limit: bytes of process memory (RSS on CPU, allocated on CUDA) above which
-            the probe raises MemoryError at the next step boundary (``gradprobe run
-            --memory-limit``); None for no limit.
+            the probe raises MemoryError into the script at the next step boundary, and at
+            every one after while memory stays above it (``gradprobe run --memory-limit``,
+            for every process of the tree; :mod:`gradprobe.probe.memory`); None for no limit.
     """
 
     schedule: Schedule = field(default_factory=Schedule)

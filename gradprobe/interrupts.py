@@ -1,16 +1,14 @@
-"""How a watched script can be stopped early, and still be reported.
+"""How a watched script can be stopped early by a signal, and still be reported.
 
-Signals (:class:`SignalChain`): SIGINT keeps Python's own handler; for SIGTERM, whose
-default action kills the process before anything can be written, a handler raises
-:class:`ScriptTerminated` in the main thread, so the script unwinds and the run is reported
-before the process dies by that signal. The script's own handlers keep working (see
-:class:`SignalChain`).
+SIGINT keeps Python's own handler; for SIGTERM, whose default action kills the process
+before anything can be written, a handler raises :class:`ScriptTerminated` in the main
+thread, so the script unwinds and the run is reported before the process dies by that
+signal. The script's own handlers keep working (see :class:`SignalChain`).
 
-Memory (:class:`MemoryWatchdog`): on CPU the kernel's OOM killer sends SIGKILL, which nothing
-can report; with ``--memory-limit`` the script gets a ``MemoryError`` at a step boundary
-instead.
+The other early stop, ``--memory-limit``, is the probe's own (one path for every process of
+the tree: :mod:`gradprobe.probe.memory`).
 
-Split from :mod:`gradprobe.runner`, which uses both (and re-exports these names).
+Split from :mod:`gradprobe.runner`, which uses it (and re-exports these names).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -164,93 +161,4 @@ class SignalChain:
         raise ScriptTerminated(signum)
 
 
-# ------------------------------------------------------------------- memory watchdog -----
-class MemoryWatchdog:
-    """Raises ``MemoryError`` in the script once process memory exceeds ``limit`` bytes.
-
-    Checked after every optimizer step (a step boundary: the step is already recorded,
-    because the probe's global step hook was registered first) and, at most every
-    ``interval`` seconds, before a module forward (runs without an optimizer, one giant
-    step). Memory is the probe's own measure: RSS on CPU, allocated CUDA memory on GPU.
-    While over the limit every further check raises again, so a script that catches the
-    error and goes on is stopped at the next step rather than by the OOM killer.
-    """
-
-    def __init__(self, limit: int, probe: Any, *, interval: float = 0.25) -> None:
-        self.limit = int(limit)
-        self.probe = probe
-        self.interval = interval
-        self.pid = os.getpid()
-        self.hit = False
-        self._last = 0.0
-        self._handles: list[Any] = []
-        self._proc: Any = None
-        try:
-            import psutil
-
-            self._proc = psutil.Process()
-        except Exception:  # noqa: BLE001
-            self._proc = None
-
-    def install(self) -> None:
-        from torch.nn.modules.module import register_module_forward_pre_hook
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self._handles.append(register_optimizer_step_post_hook(self._after_step))
-        self._handles.append(register_module_forward_pre_hook(self._before_forward))
-
-    def uninstall(self) -> None:
-        for h in self._handles:
-            try:
-                h.remove()
-            except Exception:  # noqa: BLE001
-                pass
-        self._handles = []
-
-    def used(self) -> int:
-        probe = self.probe
-        if probe is not None and getattr(probe, "_memory_kind", "rss") != "rss":
-            try:
-                return int(probe._memory())
-            except Exception:  # noqa: BLE001
-                pass
-        if self._proc is None:
-            return 0
-        try:
-            return int(self._proc.memory_info().rss)
-        except Exception:  # noqa: BLE001
-            return 0
-
-    def _after_step(self, opt: Any, args: Any, kwargs: Any) -> None:
-        self.check()
-
-    def _before_forward(self, module: Any, args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            self.check()
-
-    def check(self) -> None:
-        if os.getpid() != self.pid:
-            return
-        used = self.used()
-        if used <= self.limit:
-            return
-        probe = self.probe
-        step = int(getattr(probe, "step", 0) or 0)
-        if not self.hit:
-            self.hit = True
-            if probe is not None:
-                try:
-                    probe.writer.put_event(
-                        {"kind": "memory_limit", "step": step, "memory": used, "limit": self.limit, "wall_time": time.time()}
-                    )
-                except Exception:  # noqa: BLE001
-                    pass
-        raise MemoryError(
-            f"gradprobe: process memory {used / 2**20:.0f} MiB exceeded --memory-limit "
-            f"{self.limit / 2**20:.0f} MiB at step {step} (stopped before the kernel's OOM killer)"
-        )
-
-
-__all__ = ["HANDLED_SIGNALS", "MemoryWatchdog", "ScriptTerminated", "SignalChain", "signal_name"]
+__all__ = ["HANDLED_SIGNALS", "ScriptTerminated", "SignalChain", "signal_name"]

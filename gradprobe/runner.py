@@ -25,15 +25,15 @@ closes the probe (everything is flushed), puts the environment back and hands ba
 :class:`Outcome`; the caller prints the report of the whole tree (:meth:`ScriptRunner.report`)
 and then calls :func:`exit_like` to leave with the script's status.
 
-Signals and memory (:mod:`gradprobe.interrupts`). SIGINT keeps Python's own handler
+Signals (:mod:`gradprobe.interrupts`) and memory. SIGINT keeps Python's own handler
 (``KeyboardInterrupt`` unwinds the script like any exception). For SIGTERM, whose default
 action kills the process before anything can be written, the runner installs a handler that
 raises :class:`ScriptTerminated` in the main thread; the report is printed, then the process
 dies by SIGTERM as it would have. Handlers the script installs itself keep working. Forked
 children (DataLoader workers) get the script's dispositions back and no gradprobe handler.
-With a memory limit the runner raises ``MemoryError`` in the script once the process uses
-more, so the run ends by an exception that is logged and diagnosed instead of by the OOM
-killer's SIGKILL.
+With a memory limit each process's probe raises ``MemoryError`` in the script at a step
+boundary once the process uses more (:mod:`gradprobe.probe.memory`), so the run ends by an
+exception that is logged and diagnosed instead of by the OOM killer's SIGKILL.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from gradprobe.interrupts import HANDLED_SIGNALS, MemoryWatchdog, ScriptTerminated, SignalChain, signal_name
+from gradprobe.interrupts import HANDLED_SIGNALS, ScriptTerminated, SignalChain, signal_name
+from gradprobe.probe.ranks import rank_and_world
 
 _REAL_SIGNAL = signal.signal  # the module function, whatever a script later does to it
 
@@ -151,14 +152,6 @@ def parse_size(text: str) -> int:
 
 
 # --------------------------------------------------------------------------- logdir -----
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) from the torchrun environment; (0, 1) outside it."""
-    try:
-        return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return 0, 1
-
-
 def run_logdir(logdir: str | None) -> str:
     """The absolute log directory of the run's process tree (fixed before the script can
     ``chdir``).
@@ -168,7 +161,7 @@ def run_logdir(logdir: str | None) -> str:
     run`` started by it: ``WORLD_SIZE`` > 1) it is named after the launcher (the ranks'
     common parent process and its start time) so that all local ranks share it.
     """
-    _, world = distributed_rank()
+    _, world = rank_and_world()
     if logdir:
         return os.path.abspath(logdir)
     if world <= 1:
@@ -448,7 +441,6 @@ class ScriptRunner:
         self.pid = os.getpid()
         self.main_module: types.ModuleType | None = None
         self.signals: SignalChain | None = None
-        self.watchdog: MemoryWatchdog | None = None
         self._saved: tuple[list[str], list[str], Any] | None = None
         self._code: Any = None
         self._last_outcome: Outcome | None = None
@@ -471,9 +463,6 @@ class ScriptRunner:
             _ACTIVE.append(self)
             self.signals = SignalChain(self)
             self.signals.install()
-            if self.memory_limit is not None:
-                self.watchdog = MemoryWatchdog(self.memory_limit, self.probe)
-                self.watchdog.install()
             try:
                 try:
                     self._execute()
@@ -602,6 +591,7 @@ class ScriptRunner:
             from gradprobe.config import ProbeConfig
 
             config = dataclasses.replace(config or ProbeConfig(), memory_limit=self.memory_limit)
+            self.config = config  # this process's probe too
         tree = ProcessTree(self.logdir, config)
         try:
             tree.start()
@@ -666,8 +656,6 @@ class ScriptRunner:
             pass
 
     def _stop_interception(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.uninstall()
         if self.signals is not None:
             self.signals.uninstall()
 
@@ -759,8 +747,8 @@ class ScriptRunner:
             event["message"] = str(exc)[:500]
             if outcome.location:
                 event["location"] = outcome.location
-        if self.watchdog is not None and self.watchdog.hit:
-            event["memory_limit"] = self.watchdog.limit
+        if probe.memory.hit:
+            event["memory_limit"] = probe.memory.limit
         try:
             probe.writer.put_event(event)
         except Exception:  # noqa: BLE001
@@ -790,9 +778,9 @@ class ScriptRunner:
         report = tree_report.analyze_tree(self.tree.tree_dir, self.runs)
         # the findings as TensorBoard text: in this process's own run, else the first run
         own = next((r.path for r in self.runs if r.meta.get("pid") == os.getpid()), self.runs[0].path)
-        from gradprobe.probe.core import write_findings_to_tensorboard
+        from gradprobe.runlog.tensorboard import write_findings
 
-        write_findings_to_tensorboard(own, report)
+        write_findings(own, report)
         return report
 
     def _restore_sys(self) -> None:
@@ -880,7 +868,6 @@ def run_script(
 
 __all__ = [
     "HANDLED_SIGNALS",
-    "MemoryWatchdog",
     "Outcome",
     "RunnerError",
     "ScriptRunner",

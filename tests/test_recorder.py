@@ -293,12 +293,26 @@ def test_clip_seen_through_every_public_entry_point(logdir, entry):
     assert {n: getattr(torch.nn.utils.clip_grad, n) for n in before_mod} == before_mod
 
 
-@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
-def test_clip_norms_reused_without_a_second_pass(logdir, norm_type):
-    """clip_grad_norm_ already computes every gradient's 2-norm: the probe keeps those
-    (one ``_foreach_norm`` over the gradients per step, the clip's own) and adds only the
-    weight pass; with another norm type it measures the gradients itself. Either way the
-    recorded norms are the brute-force ones, and ``torch._foreach_norm`` is left as it was."""
+def _hand_clip(params, max_norm):
+    """A clip written by hand: what DeepSpeed or a custom loop does, unseen by any patch."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.sqrt(sum(g.detach().pow(2).sum() for g in grads))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+@pytest.mark.parametrize("clip", ["none", "clip_grad_norm_", "clip_grad_norm_ inf-norm", "by hand"])
+def test_passes_over_the_gradients_per_step(logdir, clip):
+    """On an unsampled step the probe takes one pass over the gradients after the backward
+    (A, the gradient as the backward left it) and one over the parameters after the step;
+    the gradient the optimizer steps with (B) costs a second pass only when something it did
+    not observe changed the gradients (their ``_version``): not for ``clip_grad_norm_`` (its
+    coefficient is recorded), but for a clip written by hand; otherwise one small layer's
+    norm is taken again (changes through ``.data`` keep the version). Sampled steps measure
+    B whole. The recorded norms are the brute-force ones either way, and
+    ``torch._foreach_norm`` is left as it was."""
     model = mlp((8, 16, 16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     orig = torch._foreach_norm
@@ -311,29 +325,43 @@ def test_clip_norms_reused_without_a_second_pass(logdir, norm_type):
     ref = []
     torch._foreach_norm = counting
     try:
-        with gradprobe.watch(model, opt, logdir=logdir, config=gradprobe.ProbeConfig.profile("light")):
+        cfg = gradprobe.ProbeConfig(schedule=gradprobe.Schedule(every=10**9, early_until=0), deep=False)  # step 0 sampled
+        with gradprobe.watch(model, opt, logdir=logdir, config=cfg):
             for x, y in regression_batches(5):
                 opt.zero_grad()
                 nn.functional.mse_loss(model(x), y).backward()
-                ref.append(_norms(model))
-                clip_grad_norm_(model.parameters(), 0.1, norm_type=norm_type)
+                pre = _norms(model)
+                if clip == "clip_grad_norm_":
+                    clip_grad_norm_(model.parameters(), 0.1)
+                elif clip == "clip_grad_norm_ inf-norm":
+                    clip_grad_norm_(model.parameters(), 0.1, norm_type=float("inf"))
+                elif clip == "by hand":
+                    _hand_clip(list(model.parameters()), 0.1)
+                post = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))
+                ref.append((pre, post))
                 opt.step()
     finally:
         assert torch._foreach_norm is counting  # restored to what it was during the call
         torch._foreach_norm = orig
     n_params = len(list(model.parameters()))
-    per_step = 2 if norm_type == 2.0 else 3  # the clip's pass, the weights (, the gradients)
-    assert calls == [n_params] * (per_step * len(ref))
+    per_step = {"none": 2, "clip_grad_norm_": 3, "clip_grad_norm_ inf-norm": 3, "by hand": 3}[clip]
+    # none: A, the weights; clip_grad_norm_: its own pass, A, the weights; by hand: A, B, the weights
+    whole = [n for n in calls if n == n_params]
+    assert len(whole) == per_step * len(ref) + (clip != "by hand")  # + B on the sampled step 0
+    assert len(calls) - len(whole) == (0 if clip == "by hand" else len(ref) - 1)  # one layer, unsampled steps
     log = gradprobe.RunLog.load(logdir)
-    for i, pre in enumerate(ref):
+    for i, (pre, post) in enumerate(ref):
         for name, v in pre.items():
             assert log.layer_grad.loc[i, name] == pytest.approx(v, rel=1e-5)
+        assert log.steps["step_grad_norm"].iloc[i] == pytest.approx(post, rel=1e-4)
+    assert log.steps["grad_change"].tolist() == [0 if clip == "none" else 1] * len(ref)
 
 
-def test_clip_norms_of_a_subset_and_of_half_gradients_are_measured_right(logdir):
-    """The clip's norms are used only when they cover the gradients measured, in float32:
-    clipping one layer leaves the others to the probe's own pass, and float16 norms
-    (which overflow at 65504) are never recorded."""
+def test_clip_of_a_subset_and_half_gradients_are_measured_right(logdir):
+    """Clipping one layer of the optimizer's leaves the others as they were (a change that is
+    not uniform across the optimizer's gradients), and the norms of float16 gradients are
+    taken in float32 (a float16 norm overflows at 65504); what the optimizer steps with is
+    measured after a gradient was replaced."""
     model = mlp((8, 16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     ref = []
@@ -348,6 +376,7 @@ def test_clip_norms_of_a_subset_and_of_half_gradients_are_measured_right(logdir)
     for i, pre in enumerate(ref):
         for name, v in pre.items():
             assert log.layer_grad.loc[i, name] == pytest.approx(v, rel=1e-5)
+    assert log.steps["grad_change"].tolist() == [2] * 3  # one layer of four rescaled
     half = torch.full((4,), 60000.0, dtype=torch.float16)
     p = nn.Parameter(torch.zeros(4, dtype=torch.float16))
     opt2 = torch.optim.SGD([p], lr=0.0)
@@ -359,6 +388,8 @@ def test_clip_norms_of_a_subset_and_of_half_gradients_are_measured_right(logdir)
         opt2.step()
     row = gradprobe.RunLog.load(logdir + "-half").steps.iloc[0]
     assert row["grad_norm"] == pytest.approx(120000.0, rel=1e-3) and row["grad_nonfinite_layers"] == 0
+    # the clip saw that float16 norm as inf and zeroed the gradient: the optimizer stepped with 0
+    assert row["step_grad_norm"] == 0.0 and row["grad_change"] == 1
 
 
 def test_state_age_grows_when_state_is_carried_and_is_zero_when_detached(tmp_path):
@@ -673,7 +704,7 @@ def test_process_rss_is_read_at_most_every_rss_every_seconds(logdir):
     seconds (one system call; the first after a training step costs ~25 us): a step that
     closes sooner repeats the last reading, a later one reads it again and sees what the run
     took meanwhile."""
-    from gradprobe.probe.core import RSS_EVERY
+    from gradprobe.probe.memory import RSS_EVERY
 
     model = mlp((8, 16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -26,13 +26,17 @@ class StepRecord:
     """One closed step: host values and device tensors described by ``layout``.
 
     ``layout`` entries are ``(field, meta)`` with one tensor each (any shape, flattened).
-    Fields: ``loss``/``loss_fn``/``eval_loss`` (one value per root/call), ``grad`` and
-    ``weight`` (meta: layer indices), ``clip`` (the clip's total norm; meta: layer indices and
-    max_norm), ``clip_coef`` (meta: layer indices), ``clip_total``,
+    Fields: ``loss``/``loss_fn``/``eval_loss`` (one value per root/call), ``grad`` (the
+    gradient as the last backward left it), ``post`` (as the optimizer stepped with it,
+    where it was measured again) and ``weight`` (meta: layer indices), ``clip`` (the clip's
+    total norm; meta: layer indices, max_norm and the clip's ordinal), ``clip_coef`` (meta:
+    layer indices and ordinal), ``clip_total``,
     ``clip_max``, ``scale_before``, ``scale_after``, ``found_inf``, ``data_check`` (one 0-d
     reduction per data tensor: non-finite when the tensor holds NaN/Inf, see
     :meth:`~gradprobe.probe.step.Segment.count_data`), ``sample`` (meta:
-    ``(probe, target, stat, index0)``), ``scalar`` (meta: name).
+    ``(probe, target, stat, index0)``), ``scalar`` (meta: name). ``host["effect"]``: per
+    comparison of the gradients (:mod:`gradprobe.probe.gradients`), (layer indices, the
+    ordinals of the observed clips of each layer, B measured, compared).
 
     When the step closes, :meth:`compact` stacks all its 0-d values into one vector: a
     buffered step then holds a few objects instead of one tensor per value, so the records
@@ -114,10 +118,13 @@ class StepRecord:
 class PendingBatch:
     """Closed steps on their way to disk; :meth:`resolve` runs on the writer thread."""
 
-    def __init__(self, records: list[StepRecord], n_layers: int, segment: int, device: torch.device) -> None:
+    def __init__(self, records: list[StepRecord], n_layers: int, segment: int, device: torch.device,
+                 tolerances: tuple[float, ...] = ()) -> None:
         self.records = records
         self.n_layers = n_layers
         self.segment = segment
+        # per layer: relative tolerance of a rescaling of its gradient (discovery.grad_tolerance)
+        self.tolerances = tolerances if len(tolerances) == n_layers else (1e-4,) * n_layers
         self._event: Any = None
         self._host: torch.Tensor | None = None
         # the records' parts, concatenated into one flat float32 vector; where each layout
@@ -182,7 +189,11 @@ class PendingBatch:
         w_all = np.full((n, L), S.MISSING, dtype=np.float32)
         samples: list[tuple[int, str, str, str, int, float]] = []
         scalars: list[tuple[int, str, float]] = []
-        coef_all = np.ones((n, L), dtype=np.float64)
+        coef_all = np.ones((n, L), dtype=np.float64)  # the observed clips' coefficients (B = A * coef)
+        post_all = np.zeros((n, L), dtype=np.float64)  # B where it was measured
+        has_post = np.zeros((n, L), dtype=bool)
+        tols = np.asarray(self.tolerances, dtype=np.float64)
+        change: list[int] = []
         has_w = np.zeros(n, dtype=bool)
         for k, rec in enumerate(self.records):
             if k % 16 == 15:
@@ -193,6 +204,8 @@ class PendingBatch:
             evals: list[float] = []
             vals: dict[str, float] = {}
             data_bad = -1
+            coefs: dict[int, float] = {}
+            checks: dict[int, float] = {}
             for name, meta in rec.layout:
                 pos, size = next(places)
                 v = flat[pos : pos + size]
@@ -201,16 +214,20 @@ class PendingBatch:
                 elif name == "weight":
                     w_all[k, list(meta)] = v
                     has_w[k] = True
+                elif name == "post":
+                    post_all[k, list(meta)] = v
+                    has_post[k, list(meta)] = True
+                elif name == "check":
+                    checks[meta] = float(v[0])
                 elif name == "clip_coef":
-                    coef_all[k, list(meta)] = v[0]
+                    coefs[meta[1]] = float(v[0])
                 elif name == "clip":
-                    idx, max_norm = meta
+                    _, max_norm, ordinal = meta
                     t = float(v[0])
                     if math.isfinite(t):
-                        c = min(max_norm / (t + 1e-6), 1.0)
+                        coefs[ordinal] = min(max_norm / (t + 1e-6), 1.0)
                     else:
-                        c = 0.0 if t == math.inf else math.nan
-                    coef_all[k, list(idx)] = c
+                        coefs[ordinal] = 0.0 if t == math.inf else math.nan
                 elif name == "loss":
                     losses.extend(v.tolist())
                 elif name == "loss_fn":
@@ -234,6 +251,27 @@ class PendingBatch:
             finite_losses = all(math.isfinite(x) for x in losses)
             loss = (math.fsum(losses) if finite_losses else sum(losses)) if losses else math.nan
             h = rec.host
+            state = -1
+            for idx, clips, measured, compared in h.get("effect", ()):
+                if measured:
+                    if compared:
+                        state = max(state, measured_change(g_all[k, list(idx)], post_all[k, list(idx)], tols[list(idx)]))
+                    continue
+                factors = []
+                for ordinals in clips:
+                    f = 1.0
+                    for o in ordinals:
+                        f *= coefs.get(o, 1.0)
+                    factors.append(f)
+                extra = unobserved_factor(idx, factors, checks, g_all[k], tols)
+                if extra is not None:  # a change the versions missed (``.data``): one more factor
+                    factors = [f * extra for f in factors]
+                for i, f in zip(idx, factors):
+                    if f != 1.0:
+                        coef_all[k, i] = f
+                if compared:
+                    state = max(state, derived_change(factors))
+            change.append(state)
             cols["step"].append(step)
             cols["wall_time"].append(h["wall_time"])
             cols["step_time"].append(h["step_time"])
@@ -272,8 +310,9 @@ class PendingBatch:
             any_g = present.any(axis=1)
             nan_g = np.isnan(g64).any(axis=1) | ~any_g
             grad_norm = np.sqrt(np.sum(g64 * g64, axis=1))
-            gc = g64 * coef_all
-            step_norm = np.sqrt(np.sum(gc * gc, axis=1))
+            b64 = np.where(has_post, post_all, g64 * coef_all)  # what the optimizer stepped with
+            b64[~present] = 0.0
+            step_norm = np.sqrt(np.sum(b64 * b64, axis=1))
             grad_norm[nan_g] = np.nan
             step_norm[nan_g] = np.nan
             wp = w_all != S.MISSING
@@ -282,6 +321,7 @@ class PendingBatch:
             weight_norm[~has_w | ~wp.any(axis=1) | np.isnan(w64).any(axis=1)] = np.nan
         cols["grad_norm"] = grad_norm.tolist()
         cols["step_grad_norm"] = step_norm.tolist()
+        cols["grad_change"] = change
         cols["grad_nonfinite_layers"] = (~np.isfinite(g_all)).sum(axis=1).tolist()
         cols["param_nonfinite_layers"] = np.where(has_w, (~np.isfinite(w_all)).sum(axis=1), -1).tolist()
         cols["weight_norm"] = weight_norm.tolist()
@@ -289,6 +329,65 @@ class PendingBatch:
         steps = np.asarray(cols["step"], dtype=np.int64)
         sampled = np.asarray(cols["sampled"], dtype=bool)
         return cols, (steps, g_all, w_all, sampled), samples, scalars
+
+
+#: ``grad_change``: how the gradients the optimizer stepped with differ from those the last
+#: backward left (compared groups of a step; the most changed one counts)
+CHANGE_UNKNOWN, CHANGE_NONE, CHANGE_UNIFORM, CHANGE_OTHER = -1, 0, 1, 2
+
+
+def unobserved_factor(idx: tuple[int, ...], factors: list[float], checks: dict[int, float],
+                      a: np.ndarray, tol: np.ndarray) -> float | None:
+    """The factor a group's checked layer shows beyond its observed changes (its norm at
+    the comparison point over A times their coefficient), or None when it shows none.
+    Gradients changed through ``.data`` keep their version, so the probe took one layer's
+    norm again: a change the versions missed is taken as a uniform rescaling by that factor
+    (a ``p.grad.data.mul_(c)`` clip); sampled steps measure every layer instead."""
+    for pos, i in enumerate(idx):
+        b = checks.get(i)
+        if b is None:
+            continue
+        expected = float(a[i]) * factors[pos]
+        if not (math.isfinite(b) and math.isfinite(expected)) or expected <= 0.0:
+            return None
+        r = b / expected
+        return r if abs(r - 1.0) > float(tol[i]) else None
+    return None
+
+
+def derived_change(factors: list[float]) -> int:
+    """The change of a group whose only changes were the observed clips (``factors``: each
+    layer's product of their coefficients, exact host floats)."""
+    if any(not math.isfinite(f) for f in factors):
+        return CHANGE_UNKNOWN
+    if all(f == 1.0 for f in factors):
+        return CHANGE_NONE
+    hi = max(factors)
+    return CHANGE_UNIFORM if hi - min(factors) <= 1e-12 * hi else CHANGE_OTHER
+
+
+def measured_change(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> int:
+    """The change from per-layer norms ``a`` (after the last backward) to ``b`` (measured at
+    the comparison point): none when every ratio is 1 within its layer's tolerance; uniform
+    when all ratios are one factor within it (a rescaling of the whole gradient); otherwise
+    other (per-layer clipping, a gradient added or zeroed in part). Layers with a non-finite
+    norm say nothing."""
+    with np.errstate(all="ignore"):
+        ok = np.isfinite(a) & np.isfinite(b) & (a >= 0)
+        if not ok.any():
+            return CHANGE_UNKNOWN
+        a, b, tol = a[ok], b[ok], tol[ok]
+        pos = a > 0
+        if (b[~pos] > 0).any():
+            return CHANGE_OTHER  # a gradient where the backward left none
+        if not pos.any():
+            return CHANGE_NONE
+        r = b[pos] / a[pos]
+        t = tol[pos]
+        if bool(np.all(np.abs(r - 1.0) <= t)):
+            return CHANGE_NONE
+        hi = float(r.max())
+        return CHANGE_UNIFORM if hi - float(r.min()) <= float(t.max()) * hi else CHANGE_OTHER
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:

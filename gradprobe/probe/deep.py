@@ -59,8 +59,9 @@ import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from gradprobe.probe.core import ModuleInfo, OptInfo, Probe
     from gradprobe.probe.buffer import StepRecord
+    from gradprobe.probe.core import DeepHost
+    from gradprobe.probe.discovery import ModuleInfo, OptInfo
     from gradprobe.probe.step import OpenStep
 
 ACT_STATS = ("mean", "std", "absmax", "nonfinite")
@@ -196,11 +197,18 @@ def _int_stats(x: torch.Tensor) -> torch.Tensor:
 
 
 class DeepProbes:
-    """The sampled probes of one :class:`~gradprobe.probe.core.Probe`."""
+    """The sampled probes of one :class:`~gradprobe.probe.core.Probe`.
 
-    def __init__(self, probe: "Probe") -> None:
-        self.probe = probe
-        self.cfg = probe.config
+    They see the probe only through ``host`` (:class:`~gradprobe.probe.core.DeepHost`): the
+    guard, the configuration, the open step's index and samples, which modules are models,
+    the watched parameters, and the two metadata entries they fill (a recurrent module's
+    lookback, a loss function found from its autograd node). The recorder calls the
+    ``on_*`` methods on sampled steps and :meth:`on_close` when such a step closes.
+    """
+
+    def __init__(self, host: "DeepHost") -> None:
+        self.host = host
+        self.cfg = host.config
         self._snapshots: dict[int, list[torch.Tensor]] = {}
         self._call_order = 0
         self._step_seen = -1
@@ -218,11 +226,16 @@ class DeepProbes:
         self._dtype = torch.float32
 
     # ------------------------------------------------------------------ helpers --------
+    @property
+    def in_side_computation(self) -> bool:
+        """The gradient-through-time side computation is running (its forwards are not the run's)."""
+        return self._side
+
     def _sample(self, probe: str, target: Any, stat: Any, value: Any, index: int = 0) -> None:
-        self.probe._open.samples.append((probe, target, stat, index, value))
+        self.host.add_sample((probe, target, stat, index, value))
 
     def _new_step(self) -> None:
-        idx = self.probe._open.index
+        idx = self.host.step_index()
         if idx != self._step_seen:
             self._step_seen = idx
             self._call_order = 0
@@ -235,14 +248,14 @@ class DeepProbes:
             self._colmax = {}
 
     def _guard(self, part: str, fn: Any, *args: Any) -> Any:
-        return self.probe.guard.call("deep." + part, fn, *args)
+        return self.host.guard.call("deep." + part, fn, *args)
 
     # ------------------------------------------------------------------ forward ---------
     def on_forward_pre(self, module: nn.Module, info: "ModuleInfo", args: Any) -> None:
         if self._side:
             return
         self._new_step()
-        if any(module is m for _, m in self.probe._roots) and id(module) not in self._roots_done:
+        if self.host.is_root(module) and id(module) not in self._roots_done:
             self._roots_done.add(id(module))
             self._guard("input", self._input_stats, "input", info.name, args, None)
         if not self._first_layer_done and isinstance(module, PARAMETRIC) and not isinstance(module, nn.Embedding):
@@ -465,10 +478,7 @@ class DeepProbes:
         self._sample("bptt", name, "hidden_size", float(hidden))
 
     def _set_lookback(self, name: str, T: int) -> None:
-        for rec in self.probe.meta.get("recurrent", []):
-            if rec.get("module") == name and rec.get("lookback") != T:
-                rec["lookback"] = T
-                self.probe._meta_dirty = True
+        self.host.set_lookback(name, T)
 
     # ------------------------------------------------------------------ loss ------------
     def on_backward_root(self, root: torch.Tensor) -> None:
@@ -490,10 +500,7 @@ class DeepProbes:
                 if isinstance(target, torch.Tensor):
                     self._loss_seen = True
                     self._target_sample(kind, pred, target, "mean")
-                    if kind not in self.probe._loss_functions:
-                        self.probe._loss_functions.add(kind)
-                        self.probe.meta["loss_functions"] = sorted(self.probe._loss_functions)
-                        self.probe._meta_dirty = True
+                    self.host.note_loss_function(kind)
                 return
             nxt = [n for n, _ in node.next_functions if n is not None]
             node = nxt[0] if nxt else None
@@ -537,18 +544,17 @@ class DeepProbes:
         self._guard("grad", self._grad_counts, info)
 
     def _snapshot(self, info: "OptInfo") -> None:
-        params = [self.probe._layers[i].param for i in info.scope]
+        params = [layer.param for layer in self.host.layers(info.scope)]
         with torch.no_grad():
             self._snapshots[info.index] = [p.detach().clone() for p in params]
 
     def _grad_counts(self, info: "OptInfo") -> None:
-        layers = self.probe._layers
         names, grads = [], []
-        for i in info.scope:
-            g = layers[i].param.grad
+        for layer in self.host.layers(info.scope):
+            g = layer.param.grad
             if g is None or g.is_sparse:
                 continue
-            names.append(layers[i].name)
+            names.append(layer.name)
             grads.append(g.detach())
         if grads:
             with torch.no_grad():
@@ -565,18 +571,18 @@ class DeepProbes:
     def _weight_counts(self, info: "OptInfo", weights: list[torch.Tensor]) -> None:
         """Exact count of NaN/Inf entries per parameter after the step (sampled steps);
         ``weights``: their 2-norms, measured just after the step."""
-        layers = self.probe._layers
-        if info.scope:
+        layers = self.host.layers(info.scope)
+        if layers:
             with torch.no_grad():
-                counts = _nonfinite_counts([layers[i].param.detach() for i in info.scope], weights)
-            self._sample("weight", tuple(layers[i].name for i in info.scope), "nonfinite_count", counts)
+                counts = _nonfinite_counts([layer.param.detach() for layer in layers], weights)
+            self._sample("weight", tuple(layer.name for layer in layers), "nonfinite_count", counts)
 
     def _update_ratio(self, info: "OptInfo", weights: list[torch.Tensor]) -> None:
         before = self._snapshots.pop(info.index, None)
         if not before:
             return
-        layers = self.probe._layers
-        params = [layers[i].param.detach() for i in info.scope]
+        layers = self.host.layers(info.scope)
+        params = [layer.param.detach() for layer in layers]
         if len(params) != len(before):
             return
         with torch.no_grad():
@@ -587,7 +593,7 @@ class DeepProbes:
             else:
                 wn = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32))
             ratio = dn / wn.clamp(min=1e-12)
-        self._sample("update", tuple(layers[i].name for i in info.scope), "ratio", ratio)
+        self._sample("update", tuple(layer.name for layer in layers), "ratio", ratio)
 
     # ------------------------------------------------------------------ close -----------
     def on_close(self, st: "OpenStep", rec: "StepRecord") -> None:

@@ -1,12 +1,13 @@
 """The few global patches gradprobe needs, installed once and shared by all active probes.
 
 PyTorch has hooks for optimizer steps and module forwards, but none for the autograd entry
-point (where the loss and ``retain_graph`` are seen), for ``clip_grad_norm_``'s internals
-(where ``max_norm`` and the pre-clip norm are seen, also when the script imported
-``clip_grad_norm_`` by name, because the public function looks its helpers up in its module
-at call time), for ``GradScaler`` (scale, found-inf, update) or for functional losses. Those
-are patched here: each wrapper calls the original exactly as the user called it, so behaviour
-is unchanged, and hands what it saw to every active probe. The patches are installed when the
+point (where the loss and ``retain_graph`` are seen, and the gradients as a backward left
+them), for ``clip_grad_norm_``'s internals (where the configured ``max_norm`` is seen, also
+when the script imported ``clip_grad_norm_`` by name, because the public function looks its
+helper up in its module at call time), for ``GradScaler`` (scale, unscale, found-inf, update)
+or for functional losses. Those are patched here: each wrapper calls the original exactly as
+the user called it, so behaviour is unchanged, and hands what it saw to every active probe
+(its :class:`~gradprobe.probe.boundary.StepBoundary`, or its forward hooks for losses). The patches are installed when the
 first probe starts and the originals are put back when the last probe closes
 (:func:`installed_patches` lists what is patched, for the leak tests).
 """
@@ -117,7 +118,7 @@ def _install() -> None:
         if retain_graph is None:
             retain_graph = bool(create_graph)
         for p in probes:
-            p._on_backward_start(tensors, bool(retain_graph))
+            p.boundary.on_backward_start(tensors, bool(retain_graph))
         t0 = time.perf_counter()
         _local.inside = True
         try:
@@ -126,49 +127,43 @@ def _install() -> None:
             _local.inside = False
             dt = time.perf_counter() - t0
             for p in probes:
-                p._on_backward_error(exc)
-                p._backward_end(dt)
+                p.boundary.on_backward_error(exc)
+                p.boundary.backward_end(dt)
             raise
         _local.inside = False
         dt = time.perf_counter() - t0
         for p in probes:
-            p._on_backward_end(dt)  # may raise MemoryError under --memory-limit, by design
+            p.boundary.on_backward_end(dt)  # may raise MemoryError under --memory-limit, by design
         return result
 
     _patch(torch.autograd, "backward", backward)
 
-    # --- clipping: clip_grad_norm_ calls these module-level helpers at call time -----------
+    # --- clipping: clip_grad_norm_ calls this module-level helper at call time -------------
     clip_mod = torch.nn.utils.clip_grad
     if hasattr(clip_mod, "_clip_grads_with_norm_"):
         orig_clip = clip_mod._clip_grads_with_norm_
         clip_wrapper = _clip_with_norm_wrapper(orig_clip)
         _patch(clip_mod, "_clip_grads_with_norm_", clip_wrapper)
-        orig_total = getattr(clip_mod, "_get_total_norm", None)
-        total_wrapper = _total_norm_wrapper(orig_total) if orig_total is not None else None
-        if total_wrapper is not None:
-            _patch(clip_mod, "_get_total_norm", total_wrapper)
-        # The public names (torch >= 2.6: ``torch.nn.utils.get_total_norm`` and
-        # ``clip_grads_with_norm_``) are import-time aliases of the same function objects, so
-        # patching the module-level helpers does not reach callers that look the public names
-        # up (accelerate >= 1.16 does, at call time, for every clip of a Hugging Face run).
-        # An alias gets the helper's wrapper; a distinct function gets its own.
-        for pub_name, orig_fn, wrapper, make in (
-            ("clip_grads_with_norm_", orig_clip, clip_wrapper, _clip_with_norm_wrapper),
-            ("get_total_norm", orig_total, total_wrapper, _total_norm_wrapper),
-        ):
-            target = getattr(torch.nn.utils, pub_name, None)
-            if target is None:
-                continue
-            _patch(torch.nn.utils, pub_name, wrapper if target is orig_fn and wrapper is not None else make(target))
+        # The public name (torch >= 2.6: ``torch.nn.utils.clip_grads_with_norm_``) is an
+        # import-time alias of the same function object, so patching the module-level helper
+        # does not reach callers that look the public name up (accelerate >= 1.16 does, at
+        # call time, for every clip of a Hugging Face run). An alias gets the helper's
+        # wrapper; a distinct function gets its own.
+        target = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+        if target is not None:
+            _patch(torch.nn.utils, "clip_grads_with_norm_", clip_wrapper if target is orig_clip else _clip_with_norm_wrapper(target))
     else:  # torch < 2.6: only calls through the module attributes are seen
         orig_cgn = clip_mod.clip_grad_norm_
 
         @functools.wraps(orig_cgn)
         def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
             params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            for p in _active:
+                p.boundary.clip_begin(params)
             total = orig_cgn(params, max_norm, *args, **kwargs)
             for p in _active:
-                p._on_clip(params, max_norm, total, after=True)
+                p.boundary.clip_seen(max_norm, total)
+                p.boundary.clip_end()
             return total
 
         _patch(clip_mod, "clip_grad_norm_", clip_grad_norm_)
@@ -183,35 +178,37 @@ def _install() -> None:
     def gs_init(self: Any, *args: Any, **kwargs: Any) -> None:
         orig_gs_init(self, *args, **kwargs)
         for p in _active:
-            p._on_scaler_created(self)
+            p.boundary.on_scaler_created(self)
 
     @functools.wraps(orig_scale)
     def scale(self: Any, outputs: Any) -> Any:
         result = orig_scale(self, outputs)
         for p in _active:
-            p._on_scale(self, outputs, result)
+            p.boundary.on_scale(self, outputs, result)
         return result
 
     @functools.wraps(orig_unscale)
     def unscale_(self: Any, optimizer: Any) -> Any:
+        for p in _active:
+            p.boundary.unscale_begin(self, optimizer)
         result = orig_unscale(self, optimizer)
         for p in _active:
-            p._on_unscale(self, optimizer)
+            p.boundary.on_unscale(self, optimizer)
         return result
 
     @functools.wraps(orig_step)
     def step(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         for p in _active:
-            p._on_scaler_step(self, optimizer)
+            p.boundary.on_scaler_step(self, optimizer)
         return orig_step(self, optimizer, *args, **kwargs)
 
     @functools.wraps(orig_update)
     def update(self: Any, new_scale: Any = None) -> Any:
         for p in _active:
-            p._on_update_start(self, new_scale)
+            p.boundary.on_update_start(self, new_scale)
         result = orig_update(self, new_scale)
         for p in _active:
-            p._on_update_end(self)
+            p.boundary.on_update_end(self)
         return result
 
     _patch(GS, "__init__", gs_init)
@@ -227,7 +224,7 @@ def _install() -> None:
     def opt_init(self: Any, *args: Any, **kwargs: Any) -> None:
         orig_opt_init(self, *args, **kwargs)
         for p in _active:
-            p._on_optimizer_created(self)
+            p.boundary.on_optimizer_created(self)
 
     _patch(torch.optim.Optimizer, "__init__", opt_init)
 
@@ -240,70 +237,28 @@ def _install() -> None:
 
 
 def _clip_with_norm_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
-    """``clip_grads_with_norm_(parameters, max_norm, total_norm)``: where ``max_norm`` and the
-    pre-clip ``total_norm`` are seen, whoever computed the norm (``clip_grad_norm_``,
-    accelerate's per-mesh norms, a user's own)."""
+    """``clip_grads_with_norm_(parameters, max_norm, total_norm)``: where the configured
+    ``max_norm`` and the total norm the gradients are rescaled by are seen, whoever computed
+    the norm (``clip_grad_norm_``, accelerate's per-mesh norms, a user's own). The probe
+    notes which gradients it rescales (their versions before and after), so that the
+    gradients the optimizer then steps with need no second pass when nothing else changed
+    them (:mod:`gradprobe.probe.gradients`)."""
 
     @functools.wraps(orig)
     def clip_grads_with_norm_(parameters: Any, max_norm: Any, total_norm: Any, *args: Any, **kwargs: Any) -> Any:
-        seen = getattr(_local, "clip_norms", None)
-        if seen is not None:
-            _local.clip_norms = None
-        if _active and not _is_compiling():
-            params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-            known = seen[1:] if seen is not None and seen[0] is total_norm else None
-            for p in _active:
-                p._on_clip(params, max_norm, total_norm, known=known)
-            parameters = params
-        return orig(parameters, max_norm, total_norm, *args, **kwargs)
+        if not _active or _is_compiling():
+            return orig(parameters, max_norm, total_norm, *args, **kwargs)
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        probes = list(_active)
+        for p in probes:
+            p.boundary.clip_begin(params)
+            p.boundary.clip_seen(max_norm, total_norm)
+        result = orig(params, max_norm, total_norm, *args, **kwargs)
+        for p in probes:
+            p.boundary.clip_end()
+        return result
 
     return clip_grads_with_norm_
-
-
-def _total_norm_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
-    """``clip_grad_norm_`` computes every gradient's 2-norm (one ``torch._foreach_norm``)
-    before it clips: keep those norms for the probe instead of a second pass over the
-    gradients. The original function runs unchanged; while it runs, ``torch._foreach_norm``
-    (looked up at call time) is a pass-through that also hands its result to this thread.
-    The norms are kept only when that one call covered exactly the given tensors, in order.
-    """
-
-    @functools.wraps(orig)
-    def get_total_norm(tensors: Any, norm_type: Any = 2.0, *args: Any, **kwargs: Any) -> Any:
-        if not _active or _is_compiling() or getattr(_local, "capture", None) is not None:
-            return orig(tensors, norm_type, *args, **kwargs)
-        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        try:
-            two = float(norm_type) == 2.0
-        except (TypeError, ValueError):
-            two = False
-        if not two or not tensors:
-            return orig(tensors, norm_type, *args, **kwargs)
-        prev = torch._foreach_norm
-        calls: list[tuple[Any, Any]] = []
-
-        def foreach_norm(ts: Any, *a: Any, **k: Any) -> Any:
-            out = prev(ts, *a, **k)
-            if getattr(_local, "capture", None) is calls:
-                calls.append((ts, out))
-            return out
-
-        _local.capture = calls
-        torch._foreach_norm = foreach_norm
-        try:
-            total = orig(tensors, norm_type, *args, **kwargs)
-        finally:
-            if torch._foreach_norm is foreach_norm:
-                torch._foreach_norm = prev
-            _local.capture = None
-        if len(calls) == 1:
-            ts, out = calls[0]
-            if len(ts) == len(tensors) and len(out) == len(tensors) and all(a is b for a, b in zip(ts, tensors)):
-                # ids, not the gradients: nothing here may keep a gradient alive
-                _local.clip_norms = (total, [id(t) for t in tensors], list(out))
-        return total
-
-    return get_total_norm
 
 
 def _loss_wrapper(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -317,7 +272,7 @@ def _loss_wrapper(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             _local.in_loss = False
         for p in _active:
-            p._on_loss_fn(name, args, kwargs, out)
+            p.forward.on_loss_fn(name, args, kwargs, out)
         return out
 
     return loss_fn

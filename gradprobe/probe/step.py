@@ -27,9 +27,9 @@ class Segment:
     n_backward: int = 0
     backward_time: float = 0.0
     retain_graph: bool = False
-    grad_pieces: list[tuple[tuple[int, ...], list[torch.Tensor]]] = field(default_factory=list)
-    # (layer indices, total norm, max_norm) per clip call; max_norm None: the tensor is the coefficient
-    clip_pieces: list[tuple[tuple[int, ...], torch.Tensor, float | None]] = field(default_factory=list)
+    # (layer indices, total norm, max_norm, ordinal) per clip call; max_norm None: the tensor
+    # is the coefficient; the ordinal names the clip in the gradients' comparison (gradients.py)
+    clip_pieces: list[tuple[tuple[int, ...], torch.Tensor, float | None, int]] = field(default_factory=list)
     clip_max_norm: float | None = None
     clip_max_norm_tensor: torch.Tensor | None = None
     clip_total_norm: torch.Tensor | None = None
@@ -44,7 +44,7 @@ class Segment:
     data_checks: list[torch.Tensor] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return self.n_backward == 0 and not self.loss_fn and not self.eval_loss and not self.grad_pieces
+        return self.n_backward == 0 and not self.loss_fn and not self.eval_loss
 
     def merge(self, later: "Segment") -> None:
         """Appends ``later`` (observed after this one) into this segment."""
@@ -55,7 +55,6 @@ class Segment:
         self.n_backward += later.n_backward
         self.backward_time += later.backward_time
         self.retain_graph |= later.retain_graph
-        self.grad_pieces += later.grad_pieces
         self.clip_pieces += later.clip_pieces
         if later.clip_calls:
             self.clip_max_norm = later.clip_max_norm
@@ -106,6 +105,14 @@ class OpenStep:
     current: Segment = field(default_factory=Segment)
     stepped: list[Any] = field(default_factory=list)  # optimizers that stepped (identity)
     weight_pieces: list[tuple[tuple[int, ...], list[torch.Tensor]]] = field(default_factory=list)
+    # the gradient as the last backward left it, per committed group of layers (gradients.py)
+    grad_pieces: list[tuple[tuple[int, ...], list[torch.Tensor]]] = field(default_factory=list)
+    # per optimizer index (-1: layers no optimizer compared): (layer indices, observed clips
+    # per layer, B measured, compared) and, where B was measured, (layer indices, its norms)
+    effect: dict[int, tuple[tuple[int, ...], tuple[tuple[int, ...], ...], bool, bool]] = field(default_factory=dict)
+    post: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = field(default_factory=dict)
+    # per optimizer index, where B was not measured: (a layer, its norm at the comparison point)
+    check: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
     optimizer_steps: int = 0
     found_inf: torch.Tensor | None = None
     scale_after: torch.Tensor | None = None
@@ -130,4 +137,5 @@ class OpenStep:
         return any(seg.n_backward or seg.loss_fn for seg in (self.sealed, self.current)) or self.optimizer_steps > 0
 
     def active(self) -> bool:
-        return not (self.sealed.empty() and self.current.empty()) or self.optimizer_steps > 0 or self.scaler_updated
+        return (not (self.sealed.empty() and self.current.empty()) or self.optimizer_steps > 0 or self.scaler_updated
+                or bool(self.grad_pieces))

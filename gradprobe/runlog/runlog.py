@@ -63,6 +63,7 @@ _STEP_DEFAULTS: dict[str, Any] = {
     "local_grad_norm": np.nan,
     "data_nonfinite": -1,
     "sampled": False,
+    "grad_change": -1,
 }
 
 _NUMPY_TYPES = {

@@ -48,7 +48,7 @@ STEP_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("loss_fn_nonfinite", pa.bool_(), "a loss-function output with grad enabled was NaN/Inf"),
     ("eval_loss", pa.float32(), "mean of loss-function outputs computed without grad (NaN: none)"),
     ("grad_norm", pa.float32(), "total 2-norm of the gradients after the last backward, before clipping, unscaled"),
-    ("step_grad_norm", pa.float32(), "total 2-norm of the gradients the optimizer consumed (after clipping)"),
+    ("step_grad_norm", pa.float32(), "total 2-norm of the gradients the optimizer stepped with (after clipping, whoever clipped), unscaled"),
     ("grad_nonfinite_layers", pa.int32(), "parameters whose gradient norm was NaN/Inf"),
     ("clip_max_norm", pa.float32(), "max_norm of the observed clip_grad_norm_ call (NaN: none)"),
     ("clip_total_norm", pa.float32(), "total norm returned by clip_grad_norm_ (NaN: none)"),
@@ -72,6 +72,7 @@ STEP_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("local_grad_norm", pa.float32(), "DistributedDataParallel: this rank's gradient norm before the all-reduce (NaN: not DDP)"),
     ("data_nonfinite", pa.int32(), "data tensors holding NaN/Inf this step: the watched models' first tensor input on training forwards and the float targets of observed loss functions (-1: not measured)"),
     ("sampled", pa.bool_(), "the sampled deep probes ran on this step"),
+    ("grad_change", pa.int32(), "how the gradients the optimizer stepped with differ from those the last backward left: 0 unchanged, 1 rescaled uniformly (a clip that fired, a constant factor), 2 changed otherwise (-1: not compared)"),
 ]
 
 STEPS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in STEP_COLUMNS])

@@ -1,0 +1,284 @@
+"""What the probe sees of the forward: module hooks and functional loss calls.
+
+On every training forward: the data entering the watched models (one 0-d check per batch,
+GP404), the state age of what enters each module and the date of what it outputs
+(:mod:`~gradprobe.probe.state_age`), the autocast state module by module, and the loss
+functions' values and targets. On sampled steps the deep probes get the same calls.
+
+Hooks: per module under ``watch`` (roots and modules with parameters on every step; the
+forward-pre side of non-root modules and parameter-free activation modules only while a
+sampled step is open), global under ``gradprobe run`` (models are found at their first
+forward). A module call is also where a forward after gradients were examined without a
+step shows an abandoned iteration.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from gradprobe._guard import guarded
+from gradprobe.probe import patches
+from gradprobe.probe.state_age import date, iter_tensors
+
+if TYPE_CHECKING:
+    from gradprobe.probe.boundary import StepBoundary
+    from gradprobe.probe.context import Context
+    from gradprobe.probe.discovery import Discovery, ModuleInfo
+    from gradprobe.probe.memory import MemoryMonitor
+    from gradprobe.probe.state_age import StateAges
+
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def functorch_active() -> bool:
+    f = _FUNCTORCH_ACTIVE
+    try:
+        return bool(f()) if f is not None else False
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class ForwardHooks:
+    """The forward hooks' handlers and the functional losses' observer."""
+
+    def __init__(self, ctx: "Context", discovery: "Discovery", ages: "StateAges", memory: "MemoryMonitor") -> None:
+        self.ctx = ctx
+        self.guard = ctx.guard
+        self.disc = discovery
+        self.ages = ages
+        self.memory = memory
+        self.boundary: "StepBoundary" = None  # type: ignore[assignment]  # wired by the probe
+        self.auto = ctx.auto
+        self.depth = 0  # nesting of module calls (gradprobe run: depth 0 is a model)
+        self.loss_functions: set[str] = set()
+        self.light_handles: list[Any] = []
+        self.light_stale = False
+
+    # ------------------------------------------------------------- sampled-step hooks ------
+    def mark_new_modules(self) -> None:
+        self.light_stale = True
+        self.sync_light_hooks()
+
+    def sync_light_hooks(self) -> None:
+        """Hooks the parameter-free activation modules, and the forward-pre side of the
+        other non-root modules, while a sampled step with deep probes is open, and unhooks
+        them otherwise: on the other steps nothing is measured there (the root's pre hook
+        counts the data; the post hooks date what modules output), and every hook call is
+        Python on the training thread."""
+        ctx = self.ctx
+        want = ctx.deep is not None and ctx.open.sampled and not ctx.closed
+        if self.light_handles and (not want or self.light_stale):
+            for h in self.light_handles:
+                h.remove()
+            self.light_handles = []
+        self.light_stale = False
+        if want and not self.light_handles:
+            for mod in self.disc.pre_modules:
+                self.light_handles.append(mod.register_forward_pre_hook(self.on_pre))
+            for mod in self.disc.light_modules:
+                self.light_handles.append(mod.register_forward_pre_hook(self.on_pre))
+                self.light_handles.append(mod.register_forward_hook(self.on_post, with_kwargs=True, always_call=True))
+
+    def has_sampled_hooks(self) -> bool:
+        return bool(self.disc.light_modules or self.disc.pre_modules)
+
+    # ------------------------------------------------------------------- forward-pre -----
+    def on_pre(self, module: nn.Module, args: Any) -> None:
+        ctx = self.ctx
+        if ctx.closed or ctx.forked:
+            return None
+        if patches._is_compiling():
+            return None
+        if self.memory.limit is not None:
+            self.memory.gate_between_steps()  # may raise MemoryError, by design
+        if not self.auto:
+            info = self.disc.module_info.get(module)
+            if info is not None and info.light and not ctx.open.sampled:
+                return None  # hot path: an activation module on an unsampled step
+        self._pre(module, args)
+        return None
+
+    @guarded("forward")
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        ctx = self.ctx
+        if functorch_active():
+            if self.auto:
+                self.depth += 1
+            return
+        boundary = self.boundary
+        if boundary.consumed:
+            boundary.maybe_abandon()
+        elif ctx.open.current.loss_fn and not ctx.open.current.n_backward and boundary.stepping is None \
+                and self.disc.is_root(module) and torch.is_grad_enabled():
+            # a new training forward of the model after a training loss that was never
+            # backpropagated: the loop skipped that iteration (``if not isfinite(loss): continue``)
+            boundary.close_step(abandoned=True)
+        info = self.disc.module_info.get(module)
+        if self.auto:
+            depth = self.depth
+            self.depth += 1
+            if info is None and depth == 0 and not functorch_active():
+                self.disc.add_root(module)
+                info = self.disc.module_info.get(module)
+        deep = ctx.deep
+        if self.disc.is_root(module) and args and torch.is_grad_enabled() \
+                and not (deep is not None and deep.in_side_computation):
+            # the data of every training forward, counted on every step: a NaN batch between
+            # two sampled steps is still seen, and named, at its step (GP404)
+            x = args[0]
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                ctx.open.current.count_data(x)
+        if info is not None and deep is not None and ctx.open.sampled and torch.is_grad_enabled():
+            deep.on_forward_pre(module, info, args)
+
+    # ------------------------------------------------------------------ forward-post -----
+    def on_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        ctx = self.ctx
+        if ctx.closed or ctx.forked:
+            return None
+        if patches._is_compiling():
+            return None
+        if not self.auto:
+            info = self.disc.module_info.get(module)
+            if info is not None and not ctx.open.sampled:
+                if info.light or info.passthrough:
+                    return None
+                if not kwargs and len(args) == 1 and self._post_fast(info, args[0], output):
+                    return None
+        self._post(module, args, kwargs, output)
+        return None
+
+    def _post_fast(self, info: "ModuleInfo", x: Any, out: Any) -> bool:
+        """The hot path of :meth:`_post` (one call per module per step): a module of an
+        unsampled training step that took one tensor and returned one, whose input reaches
+        no earlier step, with autocast off as before. Everything it does is what
+        ``StateAges.track`` and ``_track_autocast`` do in that case, in one frame (the general
+        path costs ~4 Python frames per module, each paid with cold caches right after the
+        module's own computation). Returns False, having changed nothing the general path
+        would not also do, when the case is any other; the general path then handles it."""
+        guard = self.guard
+        if guard.inject or "forward" in guard.disabled or self.boundary.consumed:
+            return False
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+            return False
+        try:
+            if not torch.is_grad_enabled() or functorch_active():
+                return False
+            prev = info.amp
+            dev = info.device_type
+            if prev is None or prev[0] or dev is None:
+                return False
+            try:
+                if torch.is_autocast_enabled(dev):
+                    return False
+            except Exception:  # noqa: BLE001 - device types without autocast: as _track_autocast
+                pass
+            step = self.ctx.open.index
+            fn = x.grad_fn
+            if fn is not None:
+                mr = self.ages.reach(x)
+                if mr is None:  # made outside watched modules, nothing dated near: dated now
+                    date(fn, step, step)
+                elif mr[0] != step or mr[1] != step:
+                    return False  # an input from an earlier step's graph: the general path
+            ofn = out.grad_fn
+            if ofn is not None:
+                date(ofn, step, step)
+        except Exception as exc:  # noqa: BLE001 - isolation, as @guarded
+            guard.fail("forward", exc)
+        return True
+
+    @guarded("forward")
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self.auto:
+            self.depth = max(0, self.depth - 1)
+        elif self.boundary.consumed:  # a forward after clipping with no step: see _pre
+            self.boundary.maybe_abandon()
+        info = self.disc.module_info.get(module)
+        if info is None or functorch_active():
+            return
+        if torch.is_grad_enabled():
+            self.ages.track(info, args, kwargs, output)
+        self._track_autocast(info, args, output)
+        ctx = self.ctx
+        if ctx.deep is not None and ctx.open.sampled and torch.is_grad_enabled():
+            ctx.deep.on_forward(module, info, args, kwargs, output)
+
+    def _track_autocast(self, info: "ModuleInfo", args: Any, output: Any) -> None:
+        dev = info.device_type
+        if dev is None:
+            ts = iter_tensors(args)
+            if not ts:
+                return
+            dev = info.device_type = ts[0].device.type
+        grad = torch.is_grad_enabled()  # training forward vs evaluation (no_grad) forward
+        prev = info.amp if grad else info.amp_eval
+        try:
+            enabled = torch.is_autocast_enabled(dev)
+            if not enabled and prev is not None and not prev[0]:
+                return  # hot path: autocast off, as before
+            dtype = str(torch.get_autocast_dtype(dev)).replace("torch.", "") if enabled else "none"
+        except Exception:  # noqa: BLE001 - device types without autocast
+            info.amp = info.amp_eval = (False, "none", None)
+            return
+        out_dtype = None
+        for t in iter_tensors(output):
+            if t.is_floating_point():
+                out_dtype = str(t.dtype).replace("torch.", "")
+                break
+        state = (enabled, dtype, out_dtype)
+        if state != prev:
+            if grad:
+                info.amp = state
+            else:
+                info.amp_eval = state
+            if enabled or prev is not None:
+                ctx = self.ctx
+                entry = {"enabled": enabled, "dtype": dtype, "output_dtype": out_dtype, "class": info.cls, "device": dev,
+                         "grad_enabled": grad}
+                known = ctx.meta["autocast"].get(info.name)
+                if grad or known is None or not known.get("grad_enabled"):  # the training forward wins
+                    ctx.meta["autocast"][info.name] = entry
+                    ctx.meta_dirty = True
+                ctx.event({"kind": "autocast", "module": info.name, "step": ctx.open.index, **entry})
+
+    # ------------------------------------------------------------------------ losses -----
+    def note_loss_function(self, name: str) -> None:
+        if name not in self.loss_functions:
+            self.loss_functions.add(name)
+            self.ctx.meta["loss_functions"] = sorted(self.loss_functions)
+            self.ctx.meta_dirty = True
+
+    @guarded("loss")
+    def on_loss_fn(self, name: str, args: Any, kwargs: Any, out: Any) -> None:
+        ctx = self.ctx
+        if not ctx.live() or not isinstance(out, torch.Tensor) or functorch_active():
+            return
+        if self.boundary.consumed:
+            self.boundary.maybe_abandon()
+        v = out.detach()
+        if v.numel() != 1:
+            with torch.no_grad():
+                v = v.float().mean()
+        self.note_loss_function(name)
+        seg = ctx.open.current
+        if torch.is_grad_enabled() and out.requires_grad:
+            seg.loss_fn.append(v)
+            target = args[1] if len(args) > 1 else kwargs.get("target")
+            if isinstance(target, torch.Tensor) and target.is_floating_point() and not target.requires_grad:
+                seg.count_data(target)
+            if ctx.deep is not None and ctx.open.sampled:
+                ctx.deep.on_loss_fn(name, args, kwargs, out)
+        else:
+            seg.eval_loss.append(v)
+
+    def close(self) -> None:
+        for h in self.light_handles:
+            try:
+                h.remove()
+            except Exception:  # noqa: BLE001
+                pass
+        self.light_handles = []
