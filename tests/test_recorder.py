@@ -606,17 +606,18 @@ def test_tensorboard_events_read_back(logdir):
     acc.Reload()
     tags = set(acc.Tags()["scalars"]) | set(acc.Tags()["tensors"])
     for tag in ("gradprobe/grad_norm/preclip", "gradprobe/grad_norm/max_norm", "gradprobe/loss/train", "gradprobe/lr",
-                "gradprobe/state/age_steps", "gradprobe/layer_grad_norm/0.weight"):
+                "gradprobe/log10/grad_norm/preclip", "gradprobe/layer_grad_norm/0.weight"):
         assert tag in tags, tag
     events = acc.Scalars("gradprobe/grad_norm/preclip") if "gradprobe/grad_norm/preclip" in acc.Tags()["scalars"] else acc.Tensors("gradprobe/grad_norm/preclip")
     assert len(events) == 15
-    # the custom-scalars layout (the gradprobe dashboard) is in the file
-    raw = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    # the custom-scalars layout (the gradprobe dashboard) is in the file: the last one written
+    # (at close) has the charts of the signals this run has (tests/test_tensorboard_output.py)
+    raw = acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0]
     layout = layout_pb2.Layout()
     layout.ParseFromString(raw)
     charts = [c.title for cat in layout.category for c in cat.chart]
-    assert "Gradient norm vs max_norm" in charts and "GradScaler scale and skipped steps" in charts
-    assert "State age (steps a carried graph reaches back)" in charts and "Per-layer gradient norms" in charts
+    assert "Gradient norm vs max_norm (log10)" in charts and "Per-layer gradient norms (log10)" in charts
+    assert "GradScaler scale (log10) and skipped steps" not in charts and "State age (steps a carried graph reaches back)" not in charts
     # the records are framed with google-crc32c's C CRC32C: every checksum is what tensorboard's
     # own (pure-Python) implementation computes
     import glob

@@ -1,16 +1,20 @@
 """The gradprobe TensorBoard dashboard, checked in a real headless Chromium.
 
-Records a tiny run with ``gradprobe.watch``, writes the findings with ``probe.report()``,
-starts ``tensorboard --logdir DIR`` on a free local port, and checks with Selenium driving
-Debian's ``chromium``/``chromium-driver`` (no download; ``.ci/run`` installs them) that the
-Custom Scalars page shows the gradprobe category and charts with data, and the Text page
-shows the findings. Screenshots go to ``artifacts/browser/`` (git-ignored).
+Records two tiny runs with ``gradprobe.watch`` (a healthy one, and one whose loss is blown up
+by 1e30 at one step, so the gradient norm spikes and the weights then go NaN), writes the
+findings with ``probe.report()``, starts ``tensorboard --logdir DIR`` on a free local port,
+and checks with Selenium driving Debian's ``chromium``/``chromium-driver`` (no download;
+``.ci/run`` installs them) that the Custom Scalars page shows the gradprobe category with
+only the charts the runs have data for, every axis readable (no tick at 1e20 or beyond: the
+spike is 30 on a log10 chart, not a flattening 1e30), and that the Text page shows each
+run's findings. Screenshots go to ``artifacts/browser/`` (git-ignored).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -101,19 +105,22 @@ def _wait(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
     raise AssertionError(f"timed out waiting for {what} (last: {str(last)[:500]})")
 
 
-def _record_run(logdir: str) -> Any:
+def _record_run(logdir: str, blow_up_at: int | None = None) -> Any:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 1, generator=g)
     with gradprobe.watch(model, opt, logdir=logdir) as probe:
-        for _ in range(40):
+        for i in range(40):
             x = torch.randn(32, 8, generator=g)
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), x @ w)
+            if i == blow_up_at:
+                loss = loss * 1e30  # a finite spike; the step it feeds sends the weights to NaN
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if blow_up_at is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         report = probe.report()  # writes the findings as TensorBoard text
     return report
@@ -123,6 +130,7 @@ def _record_run(logdir: str) -> Any:
 def tensorboard_url(tmp_path_factory, browser_ready):
     root = str(tmp_path_factory.mktemp("tb"))
     _record_run(os.path.join(root, "exp1"))
+    _record_run(os.path.join(root, "blowup"), blow_up_at=20)
     port = _free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "tensorboard")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "tensorboard.main"]
@@ -133,7 +141,7 @@ def tensorboard_url(tmp_path_factory, browser_ready):
     try:
         _wait("tensorboard to list the run", lambda: "exp1" in _get_json(url + "/data/runs"))
         _wait("the findings text to be loaded",
-              lambda: _get_json(url + "/data/plugin/text/tags").get("exp1"))
+              lambda: all(_get_json(url + "/data/plugin/text/tags").get(r) for r in ("exp1", "blowup")))
         yield url
     finally:
         proc.terminate()
@@ -185,22 +193,35 @@ def _screenshot(driver: Any, name: str) -> str:
     return path
 
 
-def test_custom_scalars_dashboard_renders(tensorboard_url: str, driver: Any) -> None:
-    from gradprobe.runlog.tensorboard import LAYOUT
+#: an axis tick at 1e20 or beyond: a chart flattened by a spike (TensorBoard prints 1e30 as 1e+30)
+HUGE_TICK = re.compile(r"\de\+(?:[2-9]\d|\d{3})")
 
-    charts = list(LAYOUT["gradprobe"])
+
+def test_custom_scalars_dashboard_renders(tensorboard_url: str, driver: Any) -> None:
+    from gradprobe.runlog.tensorboard import CHARTS
+
+    shown = ["Gradient norm vs max_norm (log10)", "Loss (log10)", "Learning rate", "Per-layer gradient norms (log10)",
+             "Update-to-weight ratio (log10)", "Non-finite layers", "Step and backward time (s)", "Memory (bytes)"]
     # charts that have data list their series: the gradient norm chart has all three
-    series = [f"{tag} (exp1)" for tag in ("gradprobe/grad_norm/preclip", "gradprobe/grad_norm/after_clip",
-                                          "gradprobe/grad_norm/max_norm", "gradprobe/loss/train", "gradprobe/lr")]
-    text = _open(driver, tensorboard_url, "custom_scalars", ["gradprobe", *charts, *series])
-    assert "Matches (3)" in text
+    series = [f"{tag} (exp1)" for tag in ("gradprobe/log10/grad_norm/preclip", "gradprobe/log10/grad_norm/after_clip",
+                                          "gradprobe/log10/grad_norm/max_norm", "gradprobe/log10/loss/train", "gradprobe/lr")]
+    text = _open(driver, tensorboard_url, "custom_scalars", ["gradprobe", *shown, *series, "gradprobe/log10/loss/train (blowup)"])
+    assert "Matches (5)" in text  # the gradient norm chart: 3 series of exp1, 2 of blowup (no clip there)
+    # neither run has a GradScaler, a carried state or user scalars: no chart for them
+    for absent in ("GradScaler scale (log10) and skipped steps", "State age (steps a carried graph reaches back)", "User scalars",
+                   "Gradient horizon through time"):
+        assert absent in CHARTS and absent not in text, absent
+    time.sleep(3)  # the charts draw their axes after the data arrives
+    text = driver.execute_script(DEEP_TEXT_JS)
+    assert not HUGE_TICK.search(text), HUGE_TICK.findall(text)
     _screenshot(driver, "custom_scalars.png")
 
 
 def test_findings_text_renders(tensorboard_url: str, driver: Any) -> None:
     text = _open(driver, tensorboard_url, "text", ["gradprobe/findings", "gradprobe report"])
-    assert "exp1" in text
+    assert "exp1" in text and "blowup" in text
     assert "SGD" in text  # the report's summary line
+    assert "GP4" in text  # the blown-up run's non-finite findings
     _screenshot(driver, "findings_text.png")
 
 
