@@ -863,7 +863,7 @@ def train(run: Run, logdir: str) -> dict[str, Any]:
                         scaler.unscale_(opt)
                     norm = torch.nn.utils.clip_grad_norm_(params, run.max_norm) if run.max_norm > 0 else None
                     if run.skip_update_on_inf and norm is not None and not torch.isfinite(norm):
-                        continue  # the field report's guard: the scale never backs off
+                        continue  # a hand-made guard: the scale never backs off
                     if run.scale_by_hand and i % 10 == 5:
                         scaler._scale = torch.clamp(scaler._scale * 0.5, min=1.0)
                     scaler.step(opt)

@@ -1,10 +1,9 @@
-"""Field report 000: a stateful LSTM whose hidden state is detached only on errors.
+"""A stateful LSTM whose hidden state is detached only on errors.
 
 A sequence regressor is trained on consecutive windows of one long signal and carries
 its LSTM state (h, c) from window to window, as stateful training does. The state is
-detached only when the loss is not finite (the field report's "only detached on errors"
-code); on the normal path it is not, so every window's graph still hangs off the previous
-one. The author had met "Trying to backward through the graph a second time" and added
+detached only when the loss is not finite (code that "only detaches on errors"); on the
+normal path it is not, so every window's graph still hangs off the previous one. The author had met "Trying to backward through the graph a second time" and added
 ``retain_graph=True``, which turns that crash into another one:
 
     gradprobe run examples/lstm_undetached.py                # float32 (default): crashes
@@ -30,7 +29,7 @@ import argparse
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import clip_grad_norm_  # imported by name, as in the field report
+from torch.nn.utils import clip_grad_norm_  # imported by name, as many training scripts do
 
 
 class CellVoltageModel(nn.Module):

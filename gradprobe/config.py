@@ -1,7 +1,7 @@
 """Probe configuration: what is recorded and how often.
 
-Profiles are presets (Cockpit's idea): ``"default"`` records every per-step signal of
-SPEC §4 and the deep probes on the sampling schedule; ``"light"`` turns the deep probes
+Profiles are presets (Cockpit's idea): ``"default"`` records every per-step signal
+(docs/run-log.md) and the deep probes on the sampling schedule; ``"light"`` turns the deep probes
 off; ``"full"`` samples every step (slow, for short debugging runs).
 """
 

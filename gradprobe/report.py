@@ -1,4 +1,5 @@
-"""The report: findings, recommendations and the run summary (SPEC §2).
+"""The report: findings, recommendations and the run summary (the JSON report's shape is
+``gradprobe/schemas/report.schema.json``).
 
 A :class:`Report` is plain data produced by the rule engine; renderers in
 :mod:`gradprobe.render` turn it into terminal text, Markdown, JSON or HTML.
@@ -14,7 +15,8 @@ REPORT_SCHEMA = "gradprobe.report/1"
 SEVERITIES = ("error", "warning", "info")
 SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
 
-#: Canonical hyperparameter names (SPEC §2). A report only names those a rule computes.
+#: Canonical hyperparameter names (the keys of ``suggested_hyperparameters``). A report only
+#: names those a rule computes.
 CANONICAL_HYPERPARAMETERS = (
     "lr",
     "max_norm",
@@ -192,7 +194,8 @@ class Report:
         return any(SEVERITY_RANK[f.severity] <= limit for f in self.findings)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON report (SPEC §2) as a dict; ``json.dumps`` it for the text form."""
+        """The JSON report (``gradprobe/schemas/report.schema.json``) as a dict; ``json.dumps``
+        it for the text form."""
         return {
             "schema": REPORT_SCHEMA,
             "source": clean_number(self.source),

@@ -1,6 +1,6 @@
 """Which signals a log provides; rules declare what they require and are skipped otherwise.
 
-A gradprobe run directory provides every per-step signal of SPEC §4 (a zero in
+A gradprobe run directory provides every per-step signal of docs/run-log.md (a zero in
 ``state_age`` is a measurement). Logs written by other programs provide only what their
 columns hold: their readers list them in ``meta["signals"]``. Sampled signals are present
 when the log holds such samples.

@@ -1,4 +1,5 @@
-"""The sample runs: each field report's failure (and a few more), recreated by one command.
+"""The sample runs: training runs with a common failure switched on (and one healthy
+reference), each recreated by one command.
 
     python sample_runs/samples.py make [NAME ...]      # re-record the run directories
     python sample_runs/samples.py list                 # the commands

@@ -1,7 +1,7 @@
 """The reference training loop for sequence regression, with switches that reintroduce each
-field report's failure.
+sample run's failure (sample_runs/README.md).
 
-The healthy default is the loop field report 003 describes: MSE, Adam, ReduceLROnPlateau,
+The healthy default (sample 003): MSE, Adam, ReduceLROnPlateau,
 early stopping with best-model restore, gradient clipping at a sane ``max_norm``, dropout,
 weight decay, separate noise seeds for the training and test sets, and the hidden state
 detached after every step. One loop; every failure is a switch:
@@ -9,15 +9,15 @@ detached after every step. One loop; every failure is a switch:
 =========================  =====================================================================
 switch                      reintroduces
 =========================  =====================================================================
-``--stateful --no-detach``  report 000: the state is carried across consecutive windows and
+``--stateful --no-detach``  sample 000: the state is carried across consecutive windows and
  ``--retain-graph``         detached only when an error is caught (add ``--amp-dtype bfloat16``
                             for the silent-growth form; float32 crashes at step 2)
-``--lookback 400``          report 001: a window far past the gradient horizon, with
+``--lookback 400``          sample 001: a window far past the gradient horizon, with
  ``--hidden-size 10``       ``--max-norm 0.5 --weight-decay 0``
-``--amp-dtype float16``     report 002: GradScaler(init_scale) and a ``continue`` on a
+``--amp-dtype float16``     sample 002: GradScaler(init_scale) and a ``continue`` on a
  ``--skip-update-on-inf``   non-finite norm before ``scaler.update()``, the scale shrunk by hand
  ``--clip-before-unscale``  and clipping on still-scaled gradients
-``--init-gain 0.001``       report 004: xavier/orthogonal gains of 0.01/0.001, AMP on although
+``--init-gain 0.001``       sample 004: xavier/orthogonal gains of 0.01/0.001, AMP on although
  ``--amp-despite-config``   the config says off, tiny targets (``--target-scale 1e-7``)
 ``--input-scale``,          raw, unnormalised features; a NaN injected in one batch
  ``--nan-at-step``
@@ -74,14 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--growth-factor", type=float, default=2.0)
     p.add_argument("--no-scaler", action="store_true", help="float16 autocast without a GradScaler")
     p.add_argument("--stateful", action="store_true", help="carry the state across consecutive windows")
-    p.add_argument("--no-detach", action="store_true", help="detach the carried state only on errors (report 000)")
+    p.add_argument("--no-detach", action="store_true", help="detach the carried state only on errors (sample 000)")
     p.add_argument("--retain-graph", action="store_true")
-    p.add_argument("--init-gain", type=float, default=0.0, help="xavier/orthogonal gain for all weights (report 004 used 0.01/0.001); 0: PyTorch defaults")
-    p.add_argument("--amp-despite-config", action="store_true", help="config says mixed precision off, the code enables it anyway (report 004)")
-    p.add_argument("--skip-update-on-inf", action="store_true", help="`continue` on a non-finite norm before scaler.update(), shrinking the scale by hand (report 002)")
-    p.add_argument("--clip-before-unscale", action="store_true", help="clip the still-scaled gradients (report 002)")
+    p.add_argument("--init-gain", type=float, default=0.0, help="xavier/orthogonal gain for all weights (sample 004 uses 0.001); 0: PyTorch defaults")
+    p.add_argument("--amp-despite-config", action="store_true", help="config says mixed precision off, the code enables it anyway (sample 004)")
+    p.add_argument("--skip-update-on-inf", action="store_true", help="`continue` on a non-finite norm before scaler.update(), shrinking the scale by hand (sample 002)")
+    p.add_argument("--clip-before-unscale", action="store_true", help="clip the still-scaled gradients (sample 002)")
     p.add_argument("--input-scale", type=float, default=1.0, help="multiply the raw features (unnormalised inputs)")
-    p.add_argument("--target-scale", type=float, default=1.0, help="multiply the targets (report 004's tiny targets)")
+    p.add_argument("--target-scale", type=float, default=1.0, help="multiply the targets (sample 004's tiny targets)")
     p.add_argument("--nan-at-step", type=int, default=-1, help="inject a NaN into the batch of this step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-seed", type=int, default=1, help="noise seed of the training set")
@@ -147,8 +147,8 @@ class SeqModel(nn.Module):
 
 
 def init_weights(model: nn.Module, gain: float) -> None:
-    """Report 004's initialisation: xavier for input/output weights, orthogonal for the
-    recurrent ones, all with ``gain`` (the report used 0.01 and 0.001)."""
+    """Sample 004's initialisation: xavier for input/output weights, orthogonal for the
+    recurrent ones, all with ``gain`` (sample 004 uses 0.001)."""
     for name, p in model.named_parameters():
         if p.dim() < 2:
             nn.init.zeros_(p)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss = mse(out.float(), yb)
             if not torch.isfinite(loss):
                 if args.stateful and args.no_detach:
-                    state = detach_state(new_state)  # report 000: detached only on errors
+                    state = detach_state(new_state)  # sample 000: detached only on errors
                 opt.zero_grad()
                 step += 1
                 continue
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                         scaler.unscale_(opt)
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_norm) if args.max_norm > 0 else None
                     if args.skip_update_on_inf and norm is not None and not torch.isfinite(norm):
-                        scaler._scale = torch.clamp(scaler._scale * 0.1, min=1.0)  # report 002's "fix"
+                        scaler._scale = torch.clamp(scaler._scale * 0.1, min=1.0)  # sample 002's hand-made "fix"
                         step += 1
                         continue
                     scaler.step(opt)

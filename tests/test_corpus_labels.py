@@ -1,8 +1,8 @@
 """The calibration corpus's labels (``benchmarks/corpus/labels.json``, ``programs.json``) and
 the corpus benchmark's scoring, without analyzing anything.
 
-The shared logs the labels describe live outside the project (``../shared/corpus/logs`` or
-``$GRADPROBE_CORPUS``); the checks that need their manifest are skipped where it is absent.
+The logs the labels describe live outside the project (``$GRADPROBE_CORPUS``, see
+``benchmarks/corpus.py``); the checks that need their manifest are skipped where it is absent.
 """
 
 from __future__ import annotations

@@ -533,7 +533,7 @@ def test_graphs_alive_when_loss_is_accumulated(logdir):
 
 
 def test_abandoned_iterations_and_scale_set_by_hand(logdir):
-    """Field report 002's loop: clip still-scaled gradients, `continue` on inf without
+    """The loop of sample 002: clip still-scaled gradients, `continue` on inf without
     scaler.update(), and shrink the scale by hand."""
     model = mlp((16, 32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)

@@ -22,7 +22,7 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_there_is_a_sample_per_field_report_and_more():
+def test_there_is_a_sample_per_failure_and_more():
     names = [g.name.split(".golden")[0] for g in GOLDENS]
     for report in ("000", "001", "002", "003", "004"):
         assert any(n.startswith(report) for n in names), report

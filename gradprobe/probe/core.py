@@ -2,7 +2,7 @@
 
 The probe watches models, optimizers and GradScalers through PyTorch's public hooks
 (per-module or global forward hooks, per-optimizer or global step hooks) and the few
-patches of :mod:`gradprobe.probe.patches`, and records one row per step (SPEC §4).
+patches of :mod:`gradprobe.probe.patches`, and records one row per step (docs/run-log.md).
 
 A probe is composed of units, each with one job:
 

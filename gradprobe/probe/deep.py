@@ -1,4 +1,4 @@
-"""Sampled deep probes: *why* a run is unhealthy (SPEC §4, sampled signals).
+"""Sampled deep probes: *why* a run is unhealthy (the sampled signals of docs/run-log.md).
 
 They run only on the steps of the probe's :class:`~gradprobe.schedule.Schedule`, so their
 average cost is small, and everything they compute stays on the device until the step's

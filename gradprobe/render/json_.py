@@ -1,4 +1,5 @@
-"""JSON renderer: SPEC §2, validated against ``gradprobe/schemas/report.schema.json``."""
+"""JSON renderer: the report as ``gradprobe/schemas/report.schema.json`` states it (the tests
+validate every report against it)."""
 
 from __future__ import annotations
 

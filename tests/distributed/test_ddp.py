@@ -1,4 +1,4 @@
-"""torchrun + DistributedDataParallel (SPEC §5 "Scales out on real engines"): each rank
+"""torchrun + DistributedDataParallel (scales out on real engines): each rank
 records its own complete log in the same run directory, nothing is clobbered, no collective
 is added, and ``gradprobe analyze DIR`` merges the ranks and names the rank a fault started
 on.

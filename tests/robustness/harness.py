@@ -2,7 +2,7 @@
 ``benchmarks/robustness.py`` (which runs them at a larger scale and prints the figures).
 
 * :func:`analyze_in_process` / :func:`analyze_subprocess` run ``gradprobe analyze`` and
-  check its contract (SPEC §1): exit 0/1 with a valid report, or exit 2 with one line on
+  check its contract: exit 0/1 with a valid report, or exit 2 with one line on
   stderr; never a traceback, never a hang (a watchdog interrupts a call that runs too long).
 * :func:`template_run` records a small real run (every file a run directory can hold) that
   the fuzz targets (:mod:`tests.robustness.fuzz`) cut, corrupt and mutate.
@@ -41,7 +41,7 @@ KINDS = ("gradprobe", "tensorboard", "hf-trainer-state", "lightning-csv", "mlflo
 FORMATS = ("json", "text", "markdown", "html")
 TRACEBACK = "Traceback (most recent call last)"
 #: what ``gradprobe analyze`` prints when an unexpected exception reached its catch-all
-#: (exit 2 is only for input that is not a readable log: SPEC §1)
+#: (exit 2 is only for input that is not a readable log)
 INTERNAL_ERRORS = (": cannot analyze (", "cannot render the report (")
 
 
@@ -90,7 +90,7 @@ def _strict_json(text: str) -> Any:
 
 
 def check_contract(path: str, fmt: str, code: int, stdout: str, stderr: str, seconds: float) -> AnalyzeResult:
-    """Checks one ``gradprobe analyze`` outcome against SPEC §1; returns it parsed."""
+    """Checks one ``gradprobe analyze`` outcome against that contract; returns it parsed."""
     where = f"gradprobe analyze {path!r} --format {fmt}"
     if TRACEBACK in stdout or TRACEBACK in stderr:
         raise AnalyzeContractError(f"{where}: printed a traceback:\n{stderr[-3000:]}")
@@ -315,7 +315,7 @@ def tfevents_name() -> str:
 # ---------------------------------------------------------------------- kill trials ----
 #: A step that closed more than this long before the SIGKILL must be on disk: the probe hands
 #: records to its writer at least every 0.5 s (flush_seconds) and the writer writes them at
-#: once; the rest is scheduling slack on a loaded machine (SPEC: "at most the last second").
+#: once; the rest is scheduling slack on a loaded machine (at most the last second is lost).
 KILL_SLACK = 1.0
 
 KILL_SCRIPT = textwrap.dedent(

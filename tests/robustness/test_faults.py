@@ -1,4 +1,4 @@
-"""Never break training (SPEC §5): a fault inside any probe part is reported once as a
+"""Never break training: a fault inside any probe part is reported once as a
 ``GradprobeWarning``, that part switches itself off, and the user's run finishes with
 bit-identical parameters (and RNG stream) to an unwatched run.
 

@@ -1,5 +1,5 @@
 """``gradprobe analyze`` on whatever sits behind a path: exit 0/1 with a valid report, or
-exit 2 with one line on stderr; never a traceback, never a hang (SPEC §1, §5 "Nothing lost").
+exit 2 with one line on stderr; never a traceback, never a hang.
 
 Property tests run the CLI in-process (typer's ``CliRunner``, under a watchdog) on the fuzz
 targets of :mod:`tests.robustness.fuzz`; a few real subprocesses check the same end to end.

@@ -1,4 +1,4 @@
-"""SIGKILL survival (SPEC §1, §5 "Nothing lost"): a watched run killed at any moment leaves a
+"""SIGKILL survival (nothing lost): a watched run killed at any moment leaves a
 log that ``gradprobe analyze`` reads (exit 0/1, never 2), with steps contiguous from 0 and
 every step that closed more than a second before the kill.
 

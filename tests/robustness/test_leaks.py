@@ -1,5 +1,5 @@
-"""No leaks: after ``close()`` nothing of gradprobe remains (SPEC §1: "``probe.close()``
-removes every hook it installed and restores everything it patched"), and a long run keeps
+"""No leaks: after ``close()`` nothing of gradprobe remains (``probe.close()``
+removes every hook it installed and restores everything it patched), and a long run keeps
 gradprobe's own memory bounded.
 
 Each scenario of :data:`tests.robustness.harness.LEAK_SCENARIOS` compares the process before

@@ -1,4 +1,4 @@
-"""No observer effect across whole runs (SPEC §5): the reference loop
+"""No observer effect across whole runs: the reference loop
 (``sample_runs/seqloop.py``) in several of its failure configurations, a ``torch.compile``d
 model (aot_eager, inductor) and a loop full of ``torch.func`` and autograd extension points
 give the same printed checksum (parameters, intermediate results, the RNG stream) under
@@ -26,7 +26,7 @@ SEQLOOP = H.REPO / "sample_runs" / "seqloop.py"
 SCRIPTS = Path(__file__).parent / "scripts"
 SHORT = ["--epochs", "1", "--max-steps", "20", "--quiet"]
 
-#: seqloop configurations: the healthy loop and the field reports' failure switches
+#: seqloop configurations: the healthy loop and the sample runs' failure switches
 CONFIGS = {
     "healthy-lstm": [],
     "gru-bf16": ["--model", "gru", "--amp-dtype", "bfloat16"],

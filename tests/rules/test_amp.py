@@ -398,7 +398,7 @@ def test_real_default_scaler_is_info_only(logdir):
     assert f.evidence["autocast_dtypes"] == ["float16"]
     assert f.evidence["scaler"]["init_scale"] == 2.0**16
     # the default scaler backs off a couple of times while the gradients grow: calibration,
-    # not non-finite gradients (field report 004 disabled mixed precision over these)
+    # not non-finite gradients (a run that meets them may switch mixed precision off for nothing)
     skipped = int(r.runlog.steps["skipped"].sum())
     assert skipped >= 1
     assert len(f.evidence["calibration"]["skipped_steps"]) == skipped
@@ -428,7 +428,7 @@ def test_real_forward_overflow_is_gp302(logdir):
 
 
 def _guarded_fp16_loop(logdir: str, *, xscale: float, first_gain: float = 1.0, n: int = 12) -> gradprobe.Report:
-    """Field-report style guard: non-finite losses are skipped before the scaler sees them."""
+    """A common hand-made guard: non-finite losses are skipped before the scaler sees them."""
     model = mlp((8, 64, 64, 1))
     with torch.no_grad():
         model[0].weight.mul_(first_gain)
@@ -503,7 +503,7 @@ def test_real_fp16_autocast_only_for_evaluation_is_not_gp303(logdir):
 
 
 def _report_002_loop(logdir: str, *, unscale_first: bool, init_scale: float = 1e9, n: int = 15) -> None:
-    """Field report 002's AMP loop: `continue` on an inf gradient norm before scaler.update()."""
+    """The AMP loop of sample 002: `continue` on an inf gradient norm before scaler.update()."""
     model = mlp((8, 64, 64, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
