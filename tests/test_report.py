@@ -163,9 +163,9 @@ def test_no_long_digit_strings_in_the_sample_reports(sample_reports):
 def test_numbers_have_four_significant_digits_and_extremes_are_scientific():
     from gradprobe.render._common import compact, fmt_number, with_unit
 
-    assert fmt_number(4796927521003506688.0) == "4.797e18"
-    assert fmt_number(30762319667075963704320498597888.0) == "3.076e31"
-    assert fmt_number(1.5e-7) == "1.5e-7" and fmt_number(0.000153) == "1.53e-4"
+    assert fmt_number(4796927521003506688.0) == "4.797e+18"
+    assert fmt_number(30762319667075963704320498597888.0) == "3.076e+31"
+    assert fmt_number(1.5e-7) == "1.5e-07" and fmt_number(0.000153) == "1.53e-04" and fmt_number(2e6) == "2e+06"
     assert fmt_number(65536.0) == "65536" and fmt_number(3) == "3" and fmt_number(0.12345678) == "0.1235"
     assert fmt_number(float("nan")) == "NaN" and fmt_number(float("inf")) == "inf" and fmt_number(True) == "yes"
     assert with_unit(23, "steps") == "23 steps" and with_unit(1, "steps") == "1 step"

@@ -33,7 +33,7 @@ _COUNT_UNITS = {"steps": "step", "decades": "decade", "halvings": "halving", "na
 
 def fmt_number(v: Any) -> str:
     """A number with at most :data:`DIGITS` significant digits, in scientific notation
-    (``4.797e18``, ``1.5e-7``) outside [:data:`SCI_BELOW`, :data:`SCI_ABOVE`); integers
+    (``4.797e+18``, ``1.5e-07``) outside [:data:`SCI_BELOW`, :data:`SCI_ABOVE`); integers
     below that are printed whole (65536)."""
     if isinstance(v, bool):
         return "yes" if v else "no"
@@ -57,10 +57,10 @@ def fmt_number(v: Any) -> str:
     if v == 0:
         return "0"
     a = abs(v)
-    if a >= SCI_ABOVE or a < SCI_BELOW:
+    if a >= SCI_ABOVE or a < SCI_BELOW:  # Python's own notation, as the rules' messages write it
         mant, exp = f"{v:.{DIGITS - 1}e}".split("e")
-        mant = mant.rstrip("0").rstrip(".")
-        return f"{mant}e{int(exp)}"
+        mant = mant.rstrip("0").rstrip(".") if "." in mant else mant
+        return f"{mant}e{exp}"
     if v.is_integer():
         return str(int(v))
     return f"{v:.{DIGITS}g}"

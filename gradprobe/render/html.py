@@ -81,7 +81,7 @@ SCRIPT = """
     if (v == null || !isFinite(v)) return v == null ? '--' : String(v);
     var a = Math.abs(v);
     if (a === 0) return '0';
-    if (a >= 1e5 || a < 1e-3) return v.toExponential(a.toExponential(2).indexOf('.00e') > 0 ? 0 : 2).replace('e+', 'e');
+    if (a >= 1e5 || a < 1e-3) return v.toExponential(a.toExponential(2).indexOf('.00e') > 0 ? 0 : 2);
     return String(+v.toPrecision(4));
   }
   function ticks(u, splits) { return splits.map(function(v){ return v == null ? null : num(v); }); }
