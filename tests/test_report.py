@@ -177,6 +177,8 @@ def test_numbers_have_four_significant_digits_and_extremes_are_scientific():
     assert compact({"bfloat16": ["body (LSTM)", "head (Linear)"]}) == "bfloat16 (body (LSTM), head (Linear))"
     assert compact([{"probe": "data", "target": "", "steps": 2}]) == "(probe data, steps 2)"
     assert compact(list(range(10))) == "0, 1, 2, 3, 4, 5, ... (10 in all)"
+    assert compact({"body.bias_ih_l0": 161.7, "fc_1": 2.0}, "x") == "body.bias_ih_l0 161.7x, fc_1 2x"  # names as they are
+    assert compact({"max_factor": 97.84, "first_step": 3}) == "max factor 97.84, first step 3"
 
 
 def test_evidence_reads_as_phrases_with_units(sample_reports):

@@ -117,8 +117,14 @@ def with_unit(v: Any, unit: str) -> str:
     return fmt_number(v)  # "", or a quantity's name (lr, norm, scale, loss): the number itself
 
 
+#: a record's own field name (``max_factor``, ``first_step``), read as words; anything else (a
+#: layer ``body.bias_ih_l0``, a module ``fc_1``) is a name from the run and printed as it is
+_FIELD_NAME = re.compile(r"[a-z]+(?:_[a-z]+)+")
+
+
 def _key(k: Any) -> str:
-    return str(k).replace("_", " ")
+    k = str(k)
+    return k.replace("_", " ") if _FIELD_NAME.fullmatch(k) else k
 
 
 def _empty(v: Any) -> bool:
@@ -205,9 +211,22 @@ def header_lines(report: Report) -> list[str]:
         parts.append(f"{r.get('module')}: hidden {fmt_number(r.get('hidden_size'))}, lookback {fmt_number(r.get('lookback'))}")
     if parts:
         lines.append("  " + " | ".join(parts))
+    if isinstance(src.get("stopped"), dict):
+        lines.append("  " + stopped_line(src["stopped"]))
     for note in list(src.get("skipped") or []) + list(src.get("notes") or []):  # notes: how a foreign log was read
         lines.append(f"  note: {note}")
     return lines
+
+
+def stopped_line(stop: dict[str, Any]) -> str:
+    """``stopped after step 70 (--stop-on): GP401 nonfinite-loss, final; 19930 of 20000 steps left``."""
+    who = f"rank {stop['rank']} " if stop.get("rank") is not None else ""
+    left = ""
+    if stop.get("steps_left") is not None and stop.get("total_steps") is not None:
+        left = f"; {stop['steps_left']} of {stop['total_steps']} steps left"
+    note = f" ({stop['note']})" if stop.get("note") else ""
+    return (f"{who}stopped after step {stop.get('step')} (--stop-on): {stop.get('code')} {stop.get('rule')}, final"
+            f"{left}{note}")
 
 
 NOT_SUGGESTED = "not suggested: "
