@@ -30,6 +30,12 @@ class Profile(str, enum.Enum):
     full = "full"
 
 
+class StopOn(str, enum.Enum):
+    error = "error"
+    warning = "warning"
+    never = "never"
+
+
 def _usage(message: str) -> "typer.Exit":
     sys.stderr.write(f"gradprobe run: {message}\n")
     raise typer.Exit(2)
@@ -41,7 +47,7 @@ def _usage(message: str) -> "typer.Exit":
         "allow_interspersed_args": False,
         "allow_extra_args": True,
     },
-    epilog="Exit status: the script's own (2 when gradprobe cannot start it). See docs/run.md.",
+    epilog="Exit status: the script's own (2 when gradprobe cannot start it; 3 when --stop-on stopped it). See docs/run.md.",
 )
 def run(
     ctx: typer.Context,
@@ -58,6 +64,10 @@ def run(
     ),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", metavar="N", min=0, help="Run the sampled deep probes every N steps (0: only early steps)."),
     profile: Profile = typer.Option(Profile.default, "--profile", help="default, light (no deep probes) or full (deep probes every step)."),
+    stop_on: StopOn = typer.Option(
+        StopOn.never, "--stop-on",
+        help="Stop the run at the next step boundary after a finding further training cannot undo (NaN parameters, a loss non-finite for good...) of this severity: log flushed, report printed, exit status 3.",
+    ),
     no_color: bool = typer.Option(False, "--no-color", help="No colour in the text report (also: the NO_COLOR environment variable)."),
 ) -> None:
     """Run a training script exactly as `python SCRIPT ARGS` would, watched, and explain how it went.
@@ -66,12 +76,13 @@ def run(
     """
     run_script(script, list(script_args or []) + list(ctx.args), module=module, logdir=logdir, format=format.value,
                output=output, no_report=no_report, memory_limit=memory_limit, sample_every=sample_every,
-               profile=profile.value, no_color=no_color)
+               profile=profile.value, no_color=no_color, stop_on=stop_on.value)
 
 
 def run_script(script: str, args: list[str], *, module: bool = False, logdir: Optional[str] = None, format: str = "text",
                output: Optional[str] = None, no_report: bool = False, memory_limit: Optional[str] = None,
-               sample_every: Optional[int] = None, profile: str = "default", no_color: bool = False) -> None:
+               sample_every: Optional[int] = None, profile: str = "default", no_color: bool = False,
+               stop_on: str = "never") -> None:
     """``gradprobe run`` once its options are parsed (by typer or by :func:`parse_fast`)."""
     from gradprobe import runner as R
     from gradprobe.config import ProbeConfig
@@ -99,6 +110,7 @@ def run_script(script: str, args: list[str], *, module: bool = False, logdir: Op
             logdir=R.run_logdir(logdir),
             config=config,
             memory_limit=limit,
+            stop_on=stop_on,
             restore=False,
             run_info={"command": command},
         )
@@ -107,8 +119,8 @@ def run_script(script: str, args: list[str], *, module: bool = False, logdir: Op
         _usage(str(exc))
     rank = _launcher_rank()
     # started by torchrun (each rank its own gradprobe run): rank 0 reports; another rank
-    # only when its own script failed. Started by gradprobe run: one report for the tree
-    show = not no_report and getattr(runner, "tree", None) is not None and outcome.started and (rank == 0 or outcome.how == "exception")
+    # only when its own script failed or was stopped. Started by gradprobe run: one report for the tree
+    show = not no_report and getattr(runner, "tree", None) is not None and outcome.started and (rank == 0 or outcome.how in ("exception", "stopped"))
     if show:
         emit_report(runner, outcome, format, out_path, cwd=start_cwd, no_color=no_color)
     elif no_report and getattr(runner, "tree", None) is not None and outcome.started and rank == 0:
@@ -135,6 +147,7 @@ FAST_OPTIONS: dict[str, tuple[str, str]] = {
     "--sample-every": ("sample_every", "count"),
     "--profile": ("profile", "profile"),
     "--no-color": ("no_color", "flag"),
+    "--stop-on": ("stop_on", "stop_on"),
 }
 
 
@@ -177,6 +190,8 @@ def parse_fast(argv: list[str]) -> Optional[dict]:
         if kind == "format" and value not in {f.value for f in RunFormat}:
             return None
         if kind == "profile" and value not in {p.value for p in Profile}:
+            return None
+        if kind == "stop_on" and value not in {v.value for v in StopOn}:
             return None
         if kind == "count":
             if not value.isdigit():

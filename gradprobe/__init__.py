@@ -20,6 +20,7 @@ from gradprobe._version import __version__
 
 if TYPE_CHECKING:
     from gradprobe.config import ProbeConfig
+    from gradprobe.live import RunStopped
     from gradprobe.probe.core import Probe, watch
     from gradprobe.report import Finding, Recommendation, Report
     from gradprobe.runlog import LogError, RunLog
@@ -35,6 +36,7 @@ __all__ = [
     "RunLog",
     "LogError",
     "GradprobeWarning",
+    "RunStopped",
     "Report",
     "Finding",
     "Recommendation",
@@ -48,6 +50,8 @@ _LAZY = {
     "Report": ("gradprobe.report", "Report"),
     "Finding": ("gradprobe.report", "Finding"),
     "Recommendation": ("gradprobe.report", "Recommendation"),
+    # raised at a step boundary when stop_on stops a doomed run (gradprobe.live)
+    "RunStopped": ("gradprobe.live", "RunStopped"),
     # the run log reads with pandas (~0.4 s to import): loaded on first use, so neither
     # `gradprobe run` nor a script's `import gradprobe` pays for it before a step is recorded
     "RunLog": ("gradprobe.runlog.runlog", "RunLog"),

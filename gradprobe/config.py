@@ -33,6 +33,12 @@ class ProbeConfig:
             the probe raises MemoryError into the script at the next step boundary, and at
             every one after while memory stays above it (``gradprobe run --memory-limit``,
             for every process of the tree; :mod:`gradprobe.probe.memory`); None for no limit.
+        stop_on: ``"error"`` or ``"warning"``: stop the run at the next step boundary after
+            a *final* finding of at least that severity (one further training cannot undo),
+            by raising :class:`gradprobe.RunStopped` (``gradprobe run --stop-on``, for every
+            process of the tree; :mod:`gradprobe.live`); ``"never"`` (default) never stops.
+            Closed steps are then handed to the writer at least every
+            ``gradprobe.live.STOP_FLUSH_STEPS`` steps (the checks see a step once it is written).
     """
 
     schedule: Schedule = field(default_factory=Schedule)
@@ -45,6 +51,7 @@ class ProbeConfig:
     bptt_batch: int = 8
     age_walk_nodes: int = 12
     memory_limit: int | None = None
+    stop_on: str = "never"
 
     @classmethod
     def profile(cls, name: str, **overrides: object) -> "ProbeConfig":

@@ -56,12 +56,15 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from gradprobe.interrupts import HANDLED_SIGNALS, ScriptTerminated, SignalChain, signal_name
+from gradprobe.live import EXIT_STOPPED, RunStopped, check_stop_on
 from gradprobe.probe.ranks import rank_and_world
 
 _REAL_SIGNAL = signal.signal  # the module function, whatever a script later does to it
 
 #: How a script ended, as recorded in the ``script_end`` event and :attr:`Outcome.how`.
-HOW = ("returned", "exit", "exception", "keyboard_interrupt", "signal")
+#: ``stopped``: ``--stop-on`` stopped it (this process, or a watched child whose failure
+#: ended the script), exit status 3 (:data:`gradprobe.live.EXIT_STOPPED`).
+HOW = ("returned", "exit", "exception", "keyboard_interrupt", "signal", "stopped")
 
 
 class RunnerError(Exception):
@@ -101,6 +104,8 @@ class Outcome:
         logdir: the run directory, None when no probe was started.
         started: False when the script never started (syntax error, no such module).
         location: ``file:line`` in the script's own code where the exception was raised.
+        stopped: the stop's record (``gradprobe.json`` ``stopped``, with ``run``: whose) when
+            ``how`` is ``stopped``.
     """
 
     status: int
@@ -111,6 +116,7 @@ class Outcome:
     logdir: str | None = None
     started: bool = True
     location: str | None = None
+    stopped: dict[str, Any] | None = None
 
     @property
     def failed(self) -> bool:
@@ -126,9 +132,23 @@ class Outcome:
             return "the script was interrupted (KeyboardInterrupt)"
         if self.how == "signal":
             return f"the script was terminated by {signal_name(self.signum or 0)}"
+        if self.how == "stopped":
+            return _stopped_phrase(self.stopped or {})
         exc = self.exception
         name = type(exc).__name__ if exc is not None else "an exception"
         return f"the script raised {name} (exit status {self.status})"
+
+
+def _stopped_phrase(stop: dict[str, Any]) -> str:
+    """``the run was stopped after step 70 by --stop-on (GP401 nonfinite-loss, final; 19930 of
+    20000 steps left), exit status 3``; the run is named when it is not the script's own."""
+    run = stop.get("run")
+    whose = f" ({run})" if run and run != "script" else ""
+    left = ""
+    if stop.get("steps_left") is not None and stop.get("total_steps") is not None:
+        left = f"; {stop['steps_left']} of {stop['total_steps']} steps left"
+    return (f"the run{whose} was stopped after step {stop.get('step')} by --stop-on ({stop.get('code')} "
+            f"{stop.get('rule')}, final{left}), exit status {EXIT_STOPPED}")
 
 
 # ------------------------------------------------------------------------------ sizes -----
@@ -406,6 +426,9 @@ class ScriptRunner:
         logdir: run directory (absolute; see :func:`run_logdir`); None for the default.
         config: the probe's :class:`~gradprobe.config.ProbeConfig`.
         memory_limit: bytes; None for no limit.
+        stop_on: ``"error"`` or ``"warning"``: stop the run (every watched process of the
+            tree) at the step boundary after a final finding of that severity, exit status 3
+            (:mod:`gradprobe.live`); ``"never"`` or None: never.
         restore: put ``sys.argv``, ``sys.path[0]`` and ``sys.modules["__main__"]`` back
             when the script ends (in-process use). The CLI leaves the script's in place
             until the process exits, as Python does.
@@ -424,6 +447,7 @@ class ScriptRunner:
         logdir: str | None = None,
         config: Any = None,
         memory_limit: int | None = None,
+        stop_on: str | None = None,
         restore: bool = True,
         run_info: dict[str, Any] | None = None,
         children: bool = True,
@@ -435,6 +459,7 @@ class ScriptRunner:
         self.runs: list[Any] = []
         self.config = config
         self.memory_limit = memory_limit
+        self.stop_on = check_stop_on(stop_on)
         self.restore = restore
         self.run_info = dict(run_info or {})
         self.probe: Any = None
@@ -592,6 +617,13 @@ class ScriptRunner:
 
             config = dataclasses.replace(config or ProbeConfig(), memory_limit=self.memory_limit)
             self.config = config  # this process's probe too
+        if self.stop_on != "never":  # every child decides from its own log, as this process does
+            import dataclasses
+
+            from gradprobe.config import ProbeConfig
+
+            config = dataclasses.replace(config or ProbeConfig(), stop_on=self.stop_on)
+            self.config = config
         tree = ProcessTree(self.logdir, config)
         try:
             tree.start()
@@ -616,11 +648,14 @@ class ScriptRunner:
                 "cwd": os.getcwd(),
                 "python": sys.executable,
                 "memory_limit": self.memory_limit,
+                "stop_on": self.stop_on,
             },
         }
         info.update(self.run_info)
         info.update(self.tree.run_info)
         self.probe = Probe([], auto=True, logdir=self.logdir, config=self.config, run_info=info, layout=self.tree.layout())
+        if self.probe.stopper is not None:
+            self.probe.stopper.announce = False  # the summary line says it, before the report
 
     # ---- during ---------------------------------------------------------------------------
     def _execute(self) -> None:
@@ -698,6 +733,9 @@ class ScriptRunner:
         _flush_std()
 
     def _outcome_of(self, exc: BaseException) -> Outcome:
+        if isinstance(exc, RunStopped):  # a SystemExit: its record says more than a traceback
+            _flush_std()
+            return Outcome(EXIT_STOPPED, "stopped", exception=exc, stopped={**exc.decision.to_json(), "run": "script"})
         if isinstance(exc, SystemExit):
             return Outcome(self._exit_status(exc), "exit", exception=exc)
         if isinstance(exc, ScriptTerminated):
@@ -762,7 +800,24 @@ class ScriptRunner:
 
         self.runs = find_runs(self.tree.tree_dir, self.tree.token)
         outcome.steps = sum(r.steps for r in self.runs)
+        self._child_stop(outcome)
         return outcome
+
+    def _child_stop(self, outcome: Outcome) -> None:
+        """A watched child (a torchrun rank, an ``mp.spawn`` worker) that ``--stop-on``
+        stopped exits 3, and the launcher in the script fails with it: the script's failure
+        is then that stop, and the run ends with status 3 too. A script that handled the
+        child's exit and ended well keeps its status."""
+        if outcome.how not in ("exception", "exit") or not outcome.failed:
+            return
+        stops = [(r, r.meta["stopped"]) for r in self.runs
+                 if isinstance(r.meta.get("stopped"), dict) and r.meta.get("pid") != os.getpid()]
+        if not stops:
+            return
+        run, stop = min(stops, key=lambda rs: float(rs[1].get("wall_time") or 0.0))
+        outcome.how = "stopped"
+        outcome.status = EXIT_STOPPED
+        outcome.stopped = {**stop, "run": run.label}
 
     def report(self) -> Any:
         """One report for every run of the process tree (an empty tree: what was seen
@@ -853,6 +908,7 @@ def run_script(
     logdir: str | None = None,
     config: Any = None,
     memory_limit: int | None = None,
+    stop_on: str | None = None,
     restore: bool = True,
 ) -> tuple[Outcome, Any]:
     """Runs a script in this process under an auto probe; returns (outcome, report or None).
@@ -860,7 +916,8 @@ def run_script(
     The in-process counterpart of ``gradprobe run`` (no exit, no printing of the report).
     """
     target = resolve_target(name, list(args or []), module=module)
-    runner = ScriptRunner(target, logdir=run_logdir(logdir), config=config, memory_limit=memory_limit, restore=restore)
+    runner = ScriptRunner(target, logdir=run_logdir(logdir), config=config, memory_limit=memory_limit, stop_on=stop_on,
+                          restore=restore)
     outcome = runner.run()
     report = build_report(runner) if outcome.started else None
     return outcome, report

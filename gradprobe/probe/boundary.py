@@ -50,6 +50,9 @@ class StepBoundary:
         self.memory = memory
         self.forward = forward
         self.emit: Callable[[StepRecord], None] = lambda rec: None
+        #: the probe's :class:`gradprobe.live.Stopper` (``stop_on``): its gate runs once a step
+        #: closed, outside every guard, like the memory limit's; None when the run never stops
+        self.stopper: Any = None
         self.scaler_mode = False  # a GradScaler scaled a loss: steps end at its update()
         self.active_scaler: Any = None  # the scaler between its scale() and update()
         self.scaled_outputs: list[tuple[Any, Any]] = []  # (weakref to scale()'s result, its input)
@@ -134,8 +137,11 @@ class StepBoundary:
             self.close_step(abandoned=True)
 
     def on_backward_end(self, dt: float) -> None:
+        index = self.ctx.open.index
         self.backward_end(dt)
         self.memory.gate()  # may raise MemoryError under --memory-limit, by design
+        if self.stopper is not None and self.ctx.open.index != index:  # a step closed (no optimizer)
+            self.stopper.gate()  # may raise RunStopped under stop_on, by design
 
     @guarded("backward")
     def backward_end(self, dt: float) -> None:
@@ -306,8 +312,11 @@ class StepBoundary:
             self.ctx.event({"kind": "scaler_misuse", "what": "update_new_scale", "detail": "update(new_scale=...) set the scale by hand", "step": self.ctx.open.index})
 
     def on_update_end(self, scaler: Any) -> None:
+        index = self.ctx.open.index
         self._update_end(scaler)
         self.memory.gate()
+        if self.stopper is not None and self.ctx.open.index != index:
+            self.stopper.gate()
 
     @guarded("scaler")
     def _update_end(self, scaler: Any) -> None:
@@ -357,8 +366,11 @@ class StepBoundary:
             ctx.deep.on_pre_step(info)
 
     def on_opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        index = self.ctx.open.index
         self._opt_post(opt, args, kwargs)
         self.memory.gate()
+        if self.stopper is not None and self.ctx.open.index != index:  # never between two optimizers' steps
+            self.stopper.gate()
 
     @guarded("optimizer")
     def _opt_post(self, opt: Any, args: Any, kwargs: Any) -> None:

@@ -142,6 +142,18 @@ class Probe:
         self._last_flush = time.perf_counter()
         self._handles: list[Any] = []  # global hooks
         self._after_close: list[Any] = []  # called once closed (the findings logged to MLflow)
+        #: the doomed-run stop (``stop_on``): live checks on the writer thread, a gate at every
+        #: step boundary (:mod:`gradprobe.live`); None when the run is never stopped
+        self.stopper: Any = None
+        #: steps the script means to run, when it says (``watch(total_steps=)``, the callbacks):
+        #: the stop reports how many were left
+        self.total_steps: int | None = None
+        self._flush_steps = self.config.flush_steps
+        if self.config.stop_on != "never":
+            from gradprobe.live import STOP_FLUSH_STEPS, Stopper
+
+            self.stopper = Stopper(self, self.config.stop_on)
+            self._flush_steps = min(self._flush_steps, STOP_FLUSH_STEPS)
 
         def make_writer(logdir: str, meta: dict[str, Any]) -> RunWriter:
             return RunWriter(
@@ -150,6 +162,7 @@ class Probe:
                 tensorboard=self.config.tensorboard,
                 tb_layers_every=self.config.tb_layers_every,
                 on_error=lambda exc: self.guard.fail("writer", exc),
+                live=self.stopper.checks if self.stopper is not None else None,
             )
 
         self.writer: Any = make_writer(self.logdir, self.meta) if layout is None else layout.writer(make_writer)
@@ -166,6 +179,7 @@ class Probe:
         self.boundary = StepBoundary(ctx, self.discovery, self.grads, self.ages, self.memory, self.forward)
         self.forward.boundary = self.boundary
         self.boundary.emit = self._take_record
+        self.boundary.stopper = self.stopper
         disc = self.discovery
         disc.module_hooks = (self.forward.on_pre, self.forward.on_post)
         disc.optimizer_hooks = (self.boundary.on_opt_pre, self.boundary.on_opt_post)
@@ -236,7 +250,7 @@ class Probe:
             self._name_run_dir()
         with self._flush_lock:
             self._records.append(rec)
-        if time.perf_counter() - self._last_flush >= self.config.flush_seconds or len(self._records) >= self.config.flush_steps:
+        if time.perf_counter() - self._last_flush >= self.config.flush_seconds or len(self._records) >= self._flush_steps:
             self._flush()
 
     def _name_run_dir(self) -> None:
@@ -413,6 +427,8 @@ class Probe:
             self.meta["closed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             self.meta["steps"] = ctx.open.index
             self.meta["probe_failures"] = dict(self.guard.disabled)
+            if self.stopper is not None:
+                self.meta["live_checks"] = self.stopper.stats()
             try:
                 self.writer.put_meta({k: v for k, v in self.meta.items() if not k.startswith("_")})
                 self.writer.close()
@@ -446,7 +462,9 @@ class Probe:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc is not None and self.ctx.live():
+        # a stop is not an error of the run: it is recorded as the ``stopped`` event
+        own_stop = self.stopper is not None and getattr(exc, "decision", None) is self.stopper.decision is not None
+        if exc is not None and self.ctx.live() and not own_stop:
             self.guard.call("close", self.boundary.record_exception, exc, "training loop")
         self.close()
 
@@ -475,6 +493,7 @@ def _run_meta(config: ProbeConfig, auto: bool, rank: int, world: int) -> dict[st
             "schedule_early_until": config.schedule.early_until,
             "deep": config.deep,
             "flush_seconds": config.flush_seconds,
+            "stop_on": config.stop_on,
         },
         "models": [],
         "recurrent": [],
@@ -535,6 +554,8 @@ def watch(
     profile: str = "default",
     sample_every: int | None = None,
     config: ProbeConfig | None = None,
+    stop_on: str | None = None,
+    total_steps: int | None = None,
     **options: Any,
 ) -> Probe:
     """Starts recording a training run.
@@ -549,6 +570,12 @@ def watch(
         profile: ``"default"``, ``"light"`` (no deep probes) or ``"full"`` (sample every step).
         sample_every: steady-state interval of the sampled deep probes.
         config: a full :class:`ProbeConfig` (overrides ``profile`` and options).
+        stop_on: ``"error"`` or ``"warning"``: at the first step boundary after a final
+            finding (one further training cannot undo) of at least that severity, the log is
+            flushed and the step raises :class:`gradprobe.RunStopped` (a ``SystemExit``, exit
+            status 3 if uncaught) carrying the report; ``"never"`` (default) never stops.
+        total_steps: how many steps the run is meant to take: the stop says how many were
+            left (else read from a ``OneCycleLR``, Lightning or Hugging Face ``Trainer``).
         **options: other :class:`ProbeConfig` fields (e.g. ``tensorboard=False``), and
             ``mlflow``: ``True`` logs the report to the MLflow run active now when the
             probe closes, or a run id (:mod:`gradprobe.integrations.mlflow`).
@@ -557,6 +584,16 @@ def watch(
         A :class:`Probe` (a context manager).
     """
     mlflow = options.pop("mlflow", None)
+    if stop_on is not None:
+        from dataclasses import replace
+
+        from gradprobe.live import check_stop_on
+
+        stop_on = check_stop_on(stop_on)  # a bad value fails here, before anything is watched
+        if config is not None:
+            config = replace(config, stop_on=stop_on)
+        else:
+            options["stop_on"] = stop_on
     if config is None:
         if sample_every is not None:
             from gradprobe.schedule import Schedule
@@ -569,6 +606,7 @@ def watch(
 
         logger = ReportLogger(mlflow)
     probe = Probe(model, optimizer, scalers=scaler, logdir=logdir, config=config)
+    probe.total_steps = int(total_steps) if total_steps is not None else None
     if logger is not None:
         # downstream of the recorder, once it closed: the report is built from the run
         # directory (Probe.report also writes its findings as TensorBoard text) and logged

@@ -109,6 +109,8 @@ class RunWriter:
         tensorboard: also write TensorBoard events.
         tb_layers_every: see :class:`gradprobe.config.ProbeConfig`.
         on_error: called with the exception if writing fails (the writer then stops).
+        live: the run's :class:`gradprobe.live.LiveChecks` (``stop_on``): fed each batch of
+            steps on this thread as it is written; None when the run is never stopped.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class RunWriter:
         tensorboard: bool = True,
         tb_layers_every: int = 10,
         on_error: Callable[[BaseException], None] | None = None,
+        live: Any = None,
     ) -> None:
         os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
@@ -126,6 +129,7 @@ class RunWriter:
         self._tb_enabled = tensorboard
         self._tb_layers_every = tb_layers_every
         self._on_error = on_error
+        self.live = live
         self._q: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._layer_names: dict[int, list[str]] = {}
@@ -233,6 +237,8 @@ class RunWriter:
             self._on_scalars(scalars)
 
     def _on_steps(self, cols: dict[str, Any]) -> None:
+        if self.live is not None:  # first: the stop is confirmed after a sync, which waits for this write
+            self.live.feed(cols)
         arrays = []
         for name, typ, _ in S.STEP_COLUMNS:
             arrays.append(pa.array(cols[name], type=typ))

@@ -59,6 +59,8 @@ ARGVS = [
     ["--format=markdown", "-o", "r.md", "--no-report", "--no-color", "train.py"],
     ["-f", "json", "--output=out.json", "--logdir=x y", "--", "train.py", "--", "b"],
     ["--sample-every", "0", "--profile", "full", "-m", "mod"],
+    ["--stop-on", "error", "train.py"],
+    ["--stop-on=warning", "-m", "mod"],
 ]
 
 
@@ -74,13 +76,13 @@ def test_fast_parse_matches_typer(argv, captured):
     fast = run_cli.parse_fast(argv)
     assert fast is not None
     defaults = {"module": False, "logdir": None, "format": "text", "output": None, "no_report": False, "no_color": False,
-                "memory_limit": None, "sample_every": None, "profile": "default"}
+                "memory_limit": None, "sample_every": None, "profile": "default", "stop_on": "never"}
     assert {**defaults, **fast} == by_typer
 
 
 @pytest.mark.parametrize("argv", [
     [], ["--help"], ["-h"], ["--format", "html", "x.py"], ["--profile", "huge", "x.py"], ["--sample-every", "-1", "x.py"],
-    ["--fail-on", "error", "x.py"], ["--logdir"], ["-mx.py"], ["--no-report=1", "x.py"], ["--logdir", "d"],
+    ["--fail-on", "error", "x.py"], ["--stop-on", "info", "x.py"], ["--logdir"], ["-mx.py"], ["--no-report=1", "x.py"], ["--logdir", "d"],
 ])
 def test_fast_parse_leaves_the_rest_to_typer(argv):
     assert run_cli.parse_fast(argv) is None
