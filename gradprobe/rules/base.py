@@ -3,10 +3,14 @@
 Each rule is a class with a code, a slug, the signals it requires, the root causes its symptom
 may follow from, the severities it can take and when, whether a finding of it is *final*
 (further training cannot undo it), the hyperparameters it computes (with their formulas), the
-label and unit of every evidence field, a structured :class:`Explanation`, and a ``check`` over
-a :class:`~gradprobe.analysis.RunContext` that returns structured findings. The class docstring
-states every threshold with its justification and how ``confidence`` is computed: a rule is
-judged on runs it has never seen, so thresholds come from the mechanics of training.
+label and unit of every evidence field, a structured :class:`Explanation`, how it computes a
+finding's ``confidence`` (a :class:`Confidence`: a base and terms that saturate, each named
+with what it measures), and a ``check`` over a :class:`~gradprobe.analysis.RunContext` that
+returns structured findings. The class docstring states every threshold with its
+justification and why the confidence is computed as it is; the catalog prints the formula
+after it, generated from the declaration, so the two cannot drift. A rule is judged on runs it
+has never seen, so thresholds come from the mechanics of training, and every number inside
+``check`` is a named constant with its reason.
 
 A rule module imports the quantities layer (:mod:`gradprobe.analysis`) and this module, never
 another rule: causation is the engine's (a rule names which causes its evidence points to with
@@ -16,17 +20,19 @@ another rule: causation is the engine's (a rule names which causes its evidence 
 from __future__ import annotations
 
 import abc
+import inspect
+import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Union
 
 from gradprobe.report import Finding, Recommendation
 
 if TYPE_CHECKING:
     from gradprobe.analysis import RunContext
 
-__all__ = ["CrossRankRule", "Explanation", "Field", "Finding", "Recommendation", "Rule", "RuleDeclarationError",
-           "get_rule", "register", "registry"]
+__all__ = ["Confidence", "CrossRankRule", "Explanation", "Field", "Finding", "Flag", "Product", "Ramp", "Recommendation",
+           "Rule", "RuleDeclarationError", "get_rule", "register", "registry"]
 
 
 class RuleDeclarationError(ValueError):
@@ -56,6 +62,165 @@ class Explanation:
         ("fix", "Fix"),
         ("example", "Example"),
     )
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """A term of a :class:`Confidence`: ``weight`` times how far a measured value has come from
+    ``start`` towards the point where the term is whole, as a fraction clipped to [0, 1]:
+    ``(value - start) / span``, or with ``log``, ``log10(value / start) / span`` (``span`` in
+    decades; a value that is not positive adds nothing). ``falling``: 1 minus that, a term that
+    shrinks as the value grows. ``clip=False`` keeps the fraction past either end, for a term
+    that keeps growing (under a cap on the whole confidence) or can take confidence away. With
+    the defaults the value is itself a fraction in [0, 1] (a share of steps, a persistence)."""
+
+    weight: float
+    measures: str
+    span: float = 1.0
+    start: float = 0.0
+    log: bool = False
+    falling: bool = False
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.span <= 0 or (self.log and self.start <= 0):
+            raise ValueError(f"{self}: span must be > 0, and start > 0 on a log scale")
+
+    def fraction(self, value: float) -> float:
+        if self.log:
+            if not value > 0:
+                return 0.0
+            r = math.log10(value / self.start) / self.span
+        else:
+            r = (value - self.start) / self.span
+        if self.falling:
+            r = 1.0 - r
+        return max(0.0, min(1.0, r)) if self.clip else r
+
+    def __call__(self, value: float) -> float:
+        return self.weight * self.fraction(value)
+
+    def describe(self) -> str:
+        x = self.measures
+        whole = f"({x})" if any(f" {op} " in x for op in "+-/") and not x.startswith("(") else x
+        bare = False  # the measure as it stands, a fraction in [0, 1]
+        if self.log:
+            r = f"log10({x})" if self.start == 1 else f"log10({whole} / {_num(self.start)})"
+        elif self.start:
+            r = f"({whole} - {_num(self.start)})"
+        else:
+            r, bare = x, True
+        if self.span != 1:
+            r, bare = f"{whole if bare else r} / {_num(self.span)}", False
+        if self.falling:
+            r, bare = f"1 - {whole if bare else r}", False
+        if self.clip and not bare:
+            r = f"max(0, {r})" if self.falling else f"min(1, {r})"
+        elif self.falling:
+            r = f"({r})"
+        if self.weight == 1:
+            return r
+        return f"{_num(self.weight)} x {whole if bare else r}"
+
+    @property
+    def most(self) -> float:
+        """The most this term can add (unbounded when its fraction is not clipped and can grow)."""
+        return self.weight if self.clip or self.falling else math.inf
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A term of a :class:`Confidence` that a condition adds whole (``weight``) or not at all
+    (``otherwise``, usually 0)."""
+
+    weight: float
+    measures: str
+    otherwise: float = 0.0
+
+    def __call__(self, on: bool) -> float:
+        return self.weight if on else self.otherwise
+
+    @property
+    def most(self) -> float:
+        return max(self.weight, self.otherwise)
+
+    def describe(self) -> str:
+        if self.otherwise:
+            return f"({_num(self.weight)} if {self.measures}, else {_num(self.otherwise)})"
+        return f"{_num(self.weight)} if {self.measures}"
+
+
+@dataclass(frozen=True, init=False)
+class Confidence:
+    """How a rule computes a finding's ``confidence``: ``base`` (what is certain about the
+    measurement itself) plus each term (:class:`Ramp`, :class:`Flag`) in order, at most ``cap``.
+    Called with one measured value per term, in the terms' order; :meth:`describe` is the
+    formula as the catalog prints it, so the documented formula is the computed one.
+    ``Confidence(a) * Confidence(b)`` multiplies two factors (:class:`Product`)."""
+
+    base: float
+    terms: tuple[Ramp | Flag, ...]
+    cap: float
+
+    def __init__(self, base: float, *terms: Ramp | Flag, cap: float = 1.0) -> None:
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "terms", terms)
+        object.__setattr__(self, "cap", cap)
+
+    def __call__(self, *values: Any) -> float:
+        if len(values) != len(self.terms):
+            raise TypeError(f"{self.describe()}: {len(self.terms)} values, got {len(values)}")
+        c = self.base
+        for term, value in zip(self.terms, values):
+            c = c + term(value)
+        return min(self.cap, c)
+
+    def __mul__(self, other: "Confidence | Product") -> "Product":
+        return Product((self, *(other.factors if isinstance(other, Product) else (other,))))
+
+    def describe(self) -> str:
+        parts = [t.describe() for t in self.terms]
+        if self.base or not parts:
+            parts.insert(0, _num(self.base))
+        text = " + ".join(parts)
+        most = self.base + sum(t.most for t in self.terms)
+        return f"{text}, at most {_num(self.cap)}" if most > self.cap else text
+
+
+@dataclass(frozen=True)
+class Product:
+    """Confidence factors multiplied (each in [0, 1]: any weak factor weakens the whole), or
+    with ``geometric``, their geometric mean (a weak factor weakens it less). Called with the
+    factors' values one after the other."""
+
+    factors: tuple[Confidence, ...]
+    geometric: bool = False
+
+    def __call__(self, *values: Any) -> float:
+        if len(values) != sum(len(f.terms) for f in self.factors):
+            raise TypeError(f"{self.describe()}: got {len(values)} values")
+        c, i = 1.0, 0
+        for f in self.factors:
+            c = c * f(*values[i:i + len(f.terms)])
+            i += len(f.terms)
+        return c ** (1.0 / len(self.factors)) if self.geometric else c
+
+    def __mul__(self, other: "Confidence | Product") -> "Product":
+        return Product((*self.factors, *(other.factors if isinstance(other, Product) else (other,))))
+
+    def describe(self) -> str:
+        parts = [f"({f.describe()})" if len(f.terms) > 1 or f.base else f.describe() for f in self.factors]
+        if self.geometric:
+            return f"the geometric mean of {', '.join(parts[:-1])} and {parts[-1]}"
+        return " x ".join(parts)
+
+
+#: A confidence formula: a sum of terms, or a product of such sums.
+Formula = Union[Confidence, Product]
 
 
 @dataclass(frozen=True)
@@ -100,6 +265,10 @@ class Rule(abc.ABC):
     #: evidence key -> label and unit (every key a finding's evidence may hold)
     evidence_fields: ClassVar[dict[str, Field]] = {}
     explanation: ClassVar[Explanation]
+    #: how ``confidence`` is computed: one formula, or form -> formula for a rule whose findings
+    #: take several forms; the catalog prints each after the docstring. None only where the
+    #: quantities layer computes it (the docstring then states how).
+    confidence: ClassVar[Formula | dict[str, Formula] | None] = None
 
     @abc.abstractmethod
     def check(self, ctx: "RunContext") -> list[Finding]:
@@ -181,8 +350,29 @@ class Rule(abc.ABC):
             "causes_text": ex.causes,
             "fix": ex.fix,
             "example": ex.example,
-            "thresholds": (cls.__doc__ or "").strip(),
+            "thresholds": cls.thresholds_text(),
+            "confidence": [{"form": form or None, "formula": f.describe()} for form, f in cls.confidence_formulas()],
         }
+
+    @classmethod
+    def confidence_formulas(cls) -> list[tuple[str, Formula]]:
+        """(form, formula) for each way the rule computes ``confidence`` (form "" when one)."""
+        c = cls.confidence
+        if c is None:
+            return []
+        return list(c.items()) if isinstance(c, dict) else [("", c)]
+
+    @classmethod
+    def thresholds_text(cls) -> str:
+        """The docstring (thresholds, and why the confidence is computed as it is), then the
+        confidence formulas generated from :attr:`confidence`."""
+        out = [inspect.cleandoc(cls.__doc__ or "")]
+        formulas = cls.confidence_formulas()
+        if len(formulas) == 1 and not formulas[0][0]:
+            out += ["", "Confidence = " + formulas[0][1].describe()]
+        elif formulas:
+            out += ["", "Confidence:"] + [f"* {form} = {f.describe()}" for form, f in formulas]
+        return "\n".join(out)
 
 
 class CrossRankRule(Rule):

@@ -6,7 +6,6 @@ either is stale (``--check`` says so too)."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import sys
 from typing import Any
@@ -41,7 +40,7 @@ def catalog_text() -> str:
 
 
 def _doc(cls: type[Rule]) -> str:
-    return inspect.cleandoc(cls.__doc__ or "")
+    return cls.thresholds_text()
 
 
 def _facts(cls: type[Rule]) -> list[tuple[str, list[str]]]:
