@@ -19,7 +19,6 @@ import numpy as np
 
 from gradprobe.analysis import (
     RunContext,
-    count_confidence,
     exploding_through_time,
     first_index,
     layer_forward_order,
@@ -28,9 +27,11 @@ from gradprobe.analysis import (
     risen_before,
     too_early_to_rise,
 )
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Flag, Ramp, Recommendation, Rule, register
 
 STAGE_ORDER = {"input": 0, "first_layer": 1, "target": 2}
+#: a probe of no known stage sorts after every stage of the same step
+UNKNOWN_STAGE = max(STAGE_ORDER.values()) + 1
 
 GUARD_SNIPPET = """\
 # while debugging: raise at the autograd op that produced the first NaN/Inf
@@ -86,12 +87,23 @@ def _divergence_causes(ctx: RunContext, step: int) -> list[str]:
 #: A non-finite value is a pattern, not a stray, from this many occurrences: confidence rises
 #: from 0.6 at one to 1.0 at three (the measurement itself is exact).
 PATTERN_COUNT = 3
+#: The confidence of an exact count of non-finite occurrences: 0.6 for one (a NaN is never
+#: noise, but one could be a stray batch), whole at ``PATTERN_COUNT`` (a pattern).
+EXACT_COUNT_BASE = 0.6
 #: A loss non-finite on at least this fraction of the steps is systematic: one batch in twenty
 #: never trains (the data or the model has a fault), not a stray batch.
 SYSTEMATIC_FRACTION = 0.05
 #: A loss that stayed non-finite for the last this-many steps of the run (and at least a
 #: tenth of it) has stopped training: further steps cannot bring it back by themselves.
 SUSTAINED_NONFINITE = 20
+SUSTAINED_NONFINITE_FRACTION = 0.1
+#: The lr a recommended snippet shows when the run's is unknown (Adam's default).
+SNIPPET_LR = 1e-3
+
+
+def _count_confidence(what: str) -> Confidence:
+    """0.6 for one non-finite occurrence of ``what``, whole at ``PATTERN_COUNT``."""
+    return Confidence(EXACT_COUNT_BASE, Ramp(1.0 - EXACT_COUNT_BASE, what, span=PATTERN_COUNT))
 
 
 def _nonfinite_layers_at(frame: Any, step: int) -> list[str]:
@@ -135,8 +147,8 @@ class NonfiniteInputs(Rule):
     the first step after the last clean sample, at or before the first bad one, whose loss or
     gradients went non-finite while the parameters were still finite.
 
-    Confidence: 0.6 + 0.2 * min(1, bad steps observed / 3) + 0.2 if the loss or gradients of
-    the first step were non-finite too (corroborated).
+    Confidence: an exact observation (0.6), a pattern from ``PATTERN_COUNT`` bad steps, and
+    corroborated when the loss or gradients of the first step were non-finite too.
     """
 
     code = "GP404"
@@ -146,6 +158,8 @@ class NonfiniteInputs(Rule):
     #: the sampled ``inputs`` or ``targets`` signal, either one (a model called with keyword
     #: arguments only has target samples)
     requires = ("inputs|targets|data_finiteness",)
+    confidence = Confidence(EXACT_COUNT_BASE, Ramp(0.2, "bad steps observed", span=PATTERN_COUNT),
+                            Flag(0.2, "the loss or gradients of the first step were non-finite too"))
     evidence_fields = {
         "first_observed_step": Field("first seen", "step"),
         "last_clean_sample_step": Field("last clean sample", "step"),
@@ -172,7 +186,7 @@ class NonfiniteInputs(Rule):
         tl = nonfinite_timeline(ctx)
         if not tl.inputs and tl.data_step is None:
             return []
-        sampled = sorted(tl.inputs, key=lambda r: (r["step"], STAGE_ORDER.get(r["probe"], 9)))
+        sampled = sorted(tl.inputs, key=lambda r: (r["step"], STAGE_ORDER.get(r["probe"], UNKNOWN_STAGE)))
         data_rows = np.flatnonzero(tl.data)
         # the per-step count: one observation per bad step, no module to name
         per_step = [{"step": int(ctx.step[i]), "probe": "data", "target": "", "nonfinite": float(tl.data_counts[i]),
@@ -190,7 +204,7 @@ class NonfiniteInputs(Rule):
         i0 = first_index(ctx.step == first)
         corroborated = i0 is not None and bool(tl.loss[i0] or tl.grad_raw[i0])
         n_steps = len({r["step"] for r in bad})
-        conf = 0.6 + 0.2 * min(1.0, n_steps / 3.0) + (0.2 if corroborated else 0.0)
+        conf = self.confidence(n_steps, corroborated)
         what = {"input": "the model's input", "first_layer": "the input of the first layer", "target": "the target of",
                 "data": "the step's data (model input and loss targets)"}
         desc = []
@@ -250,8 +264,8 @@ class NonfiniteLoss(Rule):
     parameters went non-finite) or at least 5% of steps had a non-finite loss (one batch in
     twenty never trains: the data or the model has a systematic fault, not a stray batch);
     warning for isolated, recovered ones (e.g. skipped by a GradScaler or a guard).
-    Confidence 0.6 + 0.4 * min(1, non-finite steps / 3): the measurement is exact, the
-    question is whether it is a pattern, which three occurrences settle.
+    Confidence: the measurement is exact, the question is whether it is a pattern, which
+    ``PATTERN_COUNT`` occurrences settle.
     """
 
     code = "GP401"
@@ -266,6 +280,8 @@ class NonfiniteLoss(Rule):
                    "validation loss non-finite at some evaluations but finite at the last",
     }
     requires = ("loss",)
+    confidence = {"training loss": _count_confidence("steps with a non-finite loss"),
+                  "validation loss": _count_confidence("non-finite evaluations")}
     causes = ("nonfinite-inputs", "fp16-overflow")
     causes_on_evidence = ("nonfinite-parameters", "nonfinite-gradients", *DIVERGENCE_CAUSES, THROUGH_TIME_CAUSE)
     final_when = (f"the loss stayed non-finite through the last {SUSTAINED_NONFINITE} steps (and a tenth of the run), "
@@ -357,14 +373,14 @@ class NonfiniteLoss(Rule):
                 break
             tail += 1
         ev["nonfinite_tail"] = tail
-        final = params_bad or (tail >= SUSTAINED_NONFINITE and tail >= 0.1 * max(ctx.n, 1))
+        final = params_bad or (tail >= SUSTAINED_NONFINITE and tail >= SUSTAINED_NONFINITE_FRACTION * max(ctx.n, 1))
         msg = (f"The loss was NaN/Inf first at step {first} ({count} of {ctx.n} steps"
                + (", the run never recovered" if not last_finite else "") + ")")
         msg += (". Before it: " + "; ".join(context) + ".") if context else (
             ". The loss and gradient norm were steady before it and the parameters finite: the NaN entered with that "
             "step's batch or its forward.")
         return [self.finding(
-            confidence=count_confidence(count, 0.6, PATTERN_COUNT), message=msg, first_step=first, layer=module, evidence=ev,
+            confidence=self.confidence["training loss"](count), message=msg, first_step=first, layer=module, evidence=ev,
             severity="error" if severe else "warning", may_follow=caused_by, final=final,
             recommendations=[Recommendation.code("Stop at the first non-finite loss and find the op", GUARD_SNIPPET)],
         )]
@@ -390,7 +406,7 @@ class NonfiniteLoss(Rule):
                "arithmetic (a perplexity exp(loss), a float16 evaluation), overflow, and no checkpoint can be chosen "
                "from these evaluations.")
         return [self.finding(
-            confidence=count_confidence(count, 0.6, PATTERN_COUNT), message=msg, first_step=first, evidence=ev,
+            confidence=self.confidence["validation loss"](count), message=msg, first_step=first, evidence=ev,
             severity="error" if last_bad else "warning", title="The validation loss became NaN/Inf",
             recommendations=[Recommendation.code("Find where the evaluation overflows", EVAL_GUARD_SNIPPET)],
         )]
@@ -427,7 +443,7 @@ class NonfiniteGradients(Rule):
 
     Severity error when an optimizer applied them or the run did not recover; warning when
     every counted step was left without an optimizer step and the parameters stayed finite.
-    Confidence 0.6 + 0.4 * min(1, counted steps / 3).
+    Confidence: exact counts, a pattern from ``PATTERN_COUNT`` steps.
     """
 
     code = "GP402"
@@ -439,6 +455,7 @@ class NonfiniteGradients(Rule):
         "warning": "every counted step was left without an optimizer step and the parameters stayed finite",
     }
     requires = ("grad_norm",)
+    confidence = _count_confidence("counted steps")
     causes = ("nonfinite-inputs", "nonfinite-loss", "fp16-overflow")
     causes_on_evidence = ("nonfinite-parameters", *DIVERGENCE_CAUSES, THROUGH_TIME_CAUSE)
     evidence_fields = {
@@ -520,7 +537,7 @@ class NonfiniteGradients(Rule):
             msg += " The optimizer stepped on them."
         recs = [Recommendation.code("Never step on non-finite gradients; find the op", GRAD_GUARD_SNIPPET)]
         return [self.finding(
-            confidence=count_confidence(count, 0.6, PATTERN_COUNT), message=msg, first_step=first, layer=origin, evidence=ev,
+            confidence=self.confidence(count), message=msg, first_step=first, layer=origin, evidence=ev,
             severity="error" if (applied or not recovered) else "warning", may_follow=caused_by, recommendations=recs,
         )]
 
@@ -549,8 +566,9 @@ class NonfiniteParameters(Rule):
     The named layer is the
     first, in forward order, that went non-finite with a finite gradient (else the first).
 
-    Confidence 0.6 + 0.4 * persistence, the fraction of measured steps from the first one on
-    whose parameters stayed non-finite (1.0: they never recovered).
+    Confidence: the observation is exact (0.6), and whole when the parameters never recovered
+    (persistence: the fraction of measured steps from the first one on whose parameters stayed
+    non-finite).
     """
 
     code = "GP403"
@@ -558,6 +576,7 @@ class NonfiniteParameters(Rule):
     severity = "error"
     title = "Parameters became NaN/Inf after an optimizer step"
     requires = ("weights",)
+    confidence = Confidence(EXACT_COUNT_BASE, Ramp(0.4, "persistence"))
     causes = ("nonfinite-inputs", "nonfinite-loss", "nonfinite-gradients")
     causes_on_evidence = (*DIVERGENCE_CAUSES, THROUGH_TIME_CAUSE)
     final_when = ("the parameters stayed non-finite from that step on: NaN/Inf weights stay NaN/Inf under every "
@@ -632,7 +651,7 @@ class NonfiniteParameters(Rule):
                     f"(rows of {layer} never used in a batch), while every gradient was finite")
             recs.append(Recommendation.code(
                 f"Keep eps > 0 in {opt}",
-                f"optimizer = torch.optim.{opt}(model.parameters(), lr={ctx.lr0 if ctx.lr0 is not None else 1e-3:g}, "
+                f"optimizer = torch.optim.{opt}(model.parameters(), lr={ctx.lr0 if ctx.lr0 is not None else SNIPPET_LR:g}, "
                 f"eps=1e-8)  # PyTorch's default; any eps > 0 removes the 0/0",
             ))
         else:
@@ -655,7 +674,8 @@ class NonfiniteParameters(Rule):
                                             "optimizer.step()\nassert all(torch.isfinite(p).all() for p in "
                                             "model.parameters()), f'non-finite parameters after step {step}'"))
         return [self.finding(
-            confidence=0.6 + 0.4 * persist, message=msg, first_step=first, layer=layer, evidence=ev, final=persist >= 1.0,
+            confidence=self.confidence(persist), message=msg, first_step=first, layer=layer, evidence=ev,
+            final=persist >= 1.0,
             may_follow=caused_by, recommendations=recs,
         )]
 
