@@ -16,6 +16,7 @@ import numpy as np
 from gradprobe.analysis import (
     AUTOCAST_COMPUTE_CLASSES,
     FP16_MAX,
+    FP16_MAX_SCALE,
     FP16_MIN_NORMAL,
     RunContext,
     ScalerHistory,
@@ -31,19 +32,22 @@ from gradprobe.analysis import (
     scaler_history,
     scaler_rows,
 )
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Ramp, Recommendation, Rule, register
 from gradprobe.rules.snippets import AMP_SNIPPET_BF16, SCALER_LOOP
+
+#: How many skipped steps the evidence lists.
+SHOWN_STEPS = 12
+#: GP303: binades of headroom above float16's normal range at which a run without a scaler is
+#: no more likely to underflow than any other: the loss falls by orders of magnitude over a run
+#: and the gradients with it, so within 10 binades (1000x) of the edge underflow is a matter of time.
+HEADROOM_BINADES = 10.0
 
 
 def _pow2_floor(x: float) -> float:
     return float(2.0 ** math.floor(math.log2(x))) if x > 0 and math.isfinite(x) else x
 
 
-def _steps_list(h: ScalerHistory, positions: np.ndarray, limit: int = 12) -> list[int]:
-    return [h.step_of(int(p)) for p in positions[:limit]]
-
-
-def _steps_list(h: ScalerHistory, positions: np.ndarray, limit: int = 12) -> list[int]:
+def _steps_list(h: ScalerHistory, positions: np.ndarray, limit: int = SHOWN_STEPS) -> list[int]:
     return [h.step_of(int(p)) for p in positions[:limit]]
 
 
@@ -66,10 +70,11 @@ class AmpWithoutScaler(Rule):
     * subnormal: the median per-entry RMS (norm / sqrt(numel)) is below 2**-14, float16's
       smallest normal value.
 
-    Severity error with such evidence (confidence 0.6 + 0.4 * fraction of layers affected);
-    otherwise warning, the configuration alone, with confidence from the measured headroom h
-    (binades between the smallest layer's median RMS and 2**-14):
-    0.5 + 0.4 * max(0, 1 - h / 10), i.e. near-certain when the gradients sit at the edge.
+    Severity error with such evidence (underflow is measured: confidence from 0.6, whole when
+    every layer is affected); otherwise warning, the configuration alone, with confidence from
+    the measured headroom (binades between the smallest layer's median RMS and 2**-14): 0.5
+    (the configuration is a risk, not yet a fault), near-certain when the gradients sit at the
+    edge.
     """
 
     code = "GP303"
@@ -81,6 +86,11 @@ class AmpWithoutScaler(Rule):
         "warning": "float16 layers without a scaler whose gradients still fit (the configuration alone)",
     }
     requires = ("autocast",)
+    confidence = {
+        "underflow": Confidence(0.6, Ramp(0.4, "fraction of layers affected")),
+        "configuration": Confidence(0.5, Ramp(0.4, "headroom", span=HEADROOM_BINADES, falling=True)),
+        "configuration, no gradient measured": Confidence(0.5),
+    }
     evidence_fields = {
         "fp16_modules": Field("float16 modules"),
         "n_fp16_modules": Field("float16 modules"),
@@ -124,7 +134,7 @@ class AmpWithoutScaler(Rule):
         recs: list[Recommendation] = []
         gmax = max((s["max_norm"] for s in stats.values() if math.isfinite(s["max_norm"])), default=math.nan)
         if math.isfinite(gmax) and gmax > 0:
-            init = min(2.0**16, _pow2_floor(FP16_MAX / gmax))
+            init = min(FP16_MAX_SCALE, _pow2_floor(FP16_MAX / gmax))
             ev["max_layer_grad_norm"] = gmax
             recs.append(Recommendation.hyperparameter(
                 "init_scale", None, init,
@@ -157,7 +167,7 @@ class AmpWithoutScaler(Rule):
                              f"(< {FP16_MIN_NORMAL:.2g} per entry: {', '.join(list(subnormal)[:4])})")
             msg = (f"{len(fp16)} module(s) computed in float16 without a GradScaler: " + "; ".join(parts)
                    + ". Those gradients underflowed: the layers do not learn." + note)
-            return [self.finding(confidence=min(1.0, 0.6 + 0.4 * frac), message=msg, first_step=first, layer=layer,
+            return [self.finding(confidence=self.confidence["underflow"](frac), message=msg, first_step=first, layer=layer,
                                  evidence=ev, recommendations=recs)]
         rms = [s["rms"] for s in stats.values() if s["rms"] > 0]
         first_step = min((m["first_step"] for n, m in autocast_modules(ctx).items() if n in fp16
@@ -165,11 +175,11 @@ class AmpWithoutScaler(Rule):
         if rms:
             headroom = math.log2(min(rms) / FP16_MIN_NORMAL)
             ev["headroom_binades"] = round(headroom, 2)
-            conf = 0.5 + 0.4 * max(0.0, 1.0 - headroom / 10.0)
+            conf = self.confidence["configuration"](headroom)
             tail = (f" The smallest layer gradient sits {headroom:.1f} binades above float16's normal range; as the "
                     f"loss falls it will underflow.")
         else:
-            conf = 0.5
+            conf = self.confidence["configuration, no gradient measured"]()
             tail = ""
         msg = f"{len(fp16)} module(s) computed in float16 under autocast without a GradScaler." + tail + note
         return [self.finding(confidence=conf, message=msg, first_step=first_step, evidence=ev, recommendations=recs,
@@ -232,9 +242,9 @@ class MixedPrecisionActive(Rule):
     descent to the settled scale (fewer than GP301's 8 halvings, and the scale held: GP302's
     conditions not met).
 
-    Confidence: 0.5 + 0.5 * coverage, where coverage is the fraction of autocast modules
-    whose output dtype was observed (or, with no autocast, the fraction of steps that
-    recorded a scale): how completely the configuration in force was seen.
+    Confidence: how completely the configuration in force was seen. Coverage: the fraction of
+    autocast modules whose output dtype was observed (or, with no autocast, the fraction of
+    steps that recorded a scale).
     """
 
     code = "GP304"
@@ -242,6 +252,7 @@ class MixedPrecisionActive(Rule):
     severity = "info"
     title = "Mixed precision in force"
     requires = ("autocast",)
+    confidence = Confidence(0.5, Ramp(0.5, "coverage"))
     evidence_fields = {
         "modules": Field("modules by dtype"),
         "autocast_dtypes": Field("autocast dtypes"),
@@ -346,7 +357,7 @@ class MixedPrecisionActive(Rule):
         first = min((m["first_step"] for m in mods.values() if m["first_step"] is not None), default=None)
         if first is None and srows.any():
             first = ctx.first_step_where(srows)
-        return [self.finding(confidence=0.5 + 0.5 * coverage, message=msg, first_step=first, evidence=ev)]
+        return [self.finding(confidence=self.confidence(coverage), message=msg, first_step=first, evidence=ev)]
 
     @staticmethod
     def _calibration(ctx: RunContext) -> dict[str, Any] | None:

@@ -26,19 +26,26 @@ from gradprobe.analysis import (
     overflow_triggers,
     scaler_history,
 )
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Ramp, Recommendation, Rule, register
 from gradprobe.rules.snippets import AMP_SNIPPET_BF16
+
+#: How many skipped steps, and modules near float16's maximum, the evidence lists.
+SHOWN_STEPS = 12
+SHOWN_MODULES = 3
+#: GP301: a skip this many steps after the scale grew is the growth probe failing (futile).
+FUTILE_WITHIN = 2
+#: GP301: the recommended growth_interval keeps futile growth probes at this fraction of steps.
+FUTILE_WASTE = 1e-3
+#: GP302: a float16 value within this factor (3 binades) of 65504 overflows as soon as anything
+#: downstream multiplies it by that much (a residual sum, a square, a loss scale of 8).
+NEAR_FP16_MAX = 8
 
 
 def _pow2_floor(x: float) -> float:
     return float(2.0 ** math.floor(math.log2(x))) if x > 0 and math.isfinite(x) else x
 
 
-def _steps_list(h: ScalerHistory, positions: np.ndarray, limit: int = 12) -> list[int]:
-    return [h.step_of(int(p)) for p in positions[:limit]]
-
-
-def _steps_list(h: ScalerHistory, positions: np.ndarray, limit: int = 12) -> list[int]:
+def _steps_list(h: ScalerHistory, positions: np.ndarray, limit: int = SHOWN_STEPS) -> list[int]:
     return [h.step_of(int(p)) for p in positions[:limit]]
 
 
@@ -62,8 +69,8 @@ class HighInitScale(Rule):
     half of them futile): each futile probe costs one step per ``growth_interval``, and the
     suggestion keeps that waste at or below 0.1% of steps.
 
-    Confidence: 0.5 at the threshold, rising linearly to 1.0 at 16 halvings
-    (0.5 + 0.5 * min(1, (halvings - 7) / 8)).
+    Confidence: 0.5 at the threshold, whole at 15 halvings (a start 4.5 decades above where
+    the gradients fit: no margin anyone would choose).
     """
 
     code = "GP301"
@@ -71,6 +78,7 @@ class HighInitScale(Rule):
     severity = "warning"
     title = "GradScaler starts far above the scale the run settles at"
     requires = ("scaler|loss_scale",)
+    confidence = Confidence(0.5, Ramp(0.5, "halvings", start=LONG_BURST_HALVINGS - 1, span=8.0))
     evidence_fields = {
         "init_scale": Field("initial scale", "scale"),
         "settled_scale": Field("settled scale", "scale"),
@@ -147,7 +155,7 @@ class HighInitScale(Rule):
             )
         recs.append(Recommendation.code("Start the GradScaler at the settled scale",
                                         f"scaler = torch.amp.GradScaler(device, init_scale={suggested:g})"))
-        conf = 0.5 + 0.5 * min(1.0, (halvings2 - (LONG_BURST_HALVINGS - 1)) / 8.0)
+        conf = self.confidence(halvings2)
         msg = (
             f"The GradScaler started at {h.init_scale:g} and skipped {burst.size} steps (steps {first}-{last}), "
             f"backing off {halvings2:.0f} halvings to {settled:g}, where the gradients fit in float16. "
@@ -162,12 +170,12 @@ class HighInitScale(Rule):
             return None
         futile = 0
         for g in growth:
-            nxt = h.skipped[g + 1 : g + 3]
+            nxt = h.skipped[g + 1 : g + 1 + FUTILE_WITHIN]
             futile += int(nxt.any())
         p = futile / growth.size
         if p < 0.5:
             return None
-        suggested = int(math.ceil(p / 1e-3)) - 1
+        suggested = int(math.ceil(p / FUTILE_WASTE)) - 1
         if h.growth_interval is not None and suggested <= h.growth_interval:
             return None
         return suggested, p, int(growth.size)
@@ -302,7 +310,7 @@ class Fp16Overflow(Rule):
                          f"with finite inputs and parameters")
             layer = act[0][1]  # where the first inf was made: more precise than "near the maximum"
         caused_by: list[str] = []
-        if xmax is not None and xmax >= FP16_MAX / 8:
+        if xmax is not None and xmax >= FP16_MAX / NEAR_FP16_MAX:
             parts.append(f"the input itself reaches {xmax:.3g}, "
                          + ("beyond float16's 65504" if xmax >= FP16_MAX else "within 8x of float16's 65504")
                          + " (normalise it)")
@@ -334,7 +342,7 @@ class Fp16Overflow(Rule):
                              recommendations=recs, may_follow=caused_by)]
 
 
-def _overflowing_modules(ctx: RunContext, limit: int = 3) -> dict[str, dict[str, Any]]:
+def _overflowing_modules(ctx: RunContext, limit: int = SHOWN_MODULES) -> dict[str, dict[str, Any]]:
     """float16 modules whose sampled outputs overflowed or came within 8x (3 binades) of
     65504, in forward order: where the overflow starts. A value that close to the top
     overflows as soon as anything downstream multiplies it by 8 (a residual sum, a square, a
@@ -352,6 +360,6 @@ def _overflowing_modules(ctx: RunContext, limit: int = 3) -> dict[str, dict[str,
             m["absmax"] = max(m["absmax"], v)
         elif v > 0:
             m["overflowed"] = True
-    near = [(k, v) for k, v in info.items() if v["overflowed"] or v["absmax"] >= FP16_MAX / 8]
+    near = [(k, v) for k, v in info.items() if v["overflowed"] or v["absmax"] >= FP16_MAX / NEAR_FP16_MAX]
     near.sort(key=lambda kv: kv[1]["order"])
     return {k: {"absmax": v["absmax"], "overflowed": v["overflowed"]} for k, v in near[:limit]}

@@ -8,13 +8,19 @@ from typing import Any
 import numpy as np
 
 from gradprobe.analysis import RunContext, nonfinite_timeline, scaler_rows
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Ramp, Recommendation, Rule, register
 from gradprobe.rules.snippets import SCALER_LOOP
 
 
 #: GP305 is final when the last this-many scaled steps were all discarded overflows at a scale
 #: that never moved: the loop's skip path has taken over and nothing in it can lower the scale.
 FINAL_DISCARDED_TAIL = 3
+#: Each misuse is a direct observation (0.6); a count of them is a pattern from this many steps.
+PATTERN_STEPS = 3
+#: How many discarded steps, details and characters of an error message the evidence keeps.
+SHOWN_STEPS = 12
+SHOWN_DETAILS = 5
+MESSAGE_CHARS = 200
 
 
 @register
@@ -28,14 +34,16 @@ class ScalerMisuse(Rule):
       the RuntimeError PyTorch raises on the next iteration ("unscale_() has already been
       called ..." / "step() has already been called ... since the last update()"). The
       scale only backs off in update(), so it stays too high and the overflow repeats.
-      Error. Confidence 0.6 + 0.4 * (discarded overflows / all overflowing scaled steps): 1.0
-      when the scaler never got to see any of them.
+      Error. Confidence: whole when the scaler never got to see any of the overflowing steps
+      (the share it did not see, from 0.6); without overflows, from the crash message or from
+      how many steps ran without update() (a pattern from ``PATTERN_STEPS``).
     * clipping on still-scaled gradients: ``clip_grad_norm_`` ran while the gradients were
       still multiplied by the scale (no ``unscale_`` first), so max_norm is effectively
       max_norm / scale. Error with a finite max_norm (warning with max_norm=inf, where only a
-      logged norm is wrong). Confidence 0.7 + 0.3 * (scaled clips / all clips).
+      logged norm is wrong). Confidence: from 0.7 (the recorder saw the scale on the clipped
+      gradients), whole when every clip was on scaled gradients.
     * the scale set by hand: ``scaler._scale`` replaced or changed outside update(), or
-      ``update(new_scale=...)``. Warning. Confidence 0.6 + 0.4 * min(1, steps affected / 3).
+      ``update(new_scale=...)``. Warning. Confidence: a pattern from ``PATTERN_STEPS`` steps.
     """
 
     code = "GP305"
@@ -48,6 +56,13 @@ class ScalerMisuse(Rule):
                    "scale set by hand",
     }
     requires = ("scaler",)
+    confidence = {
+        "update() skipped, overflows": Confidence(0.6, Ramp(0.4, "discarded overflows / all overflowing scaled steps")),
+        "update() skipped, the crash": Confidence(0.8),
+        "update() skipped, steps without it": Confidence(0.6, Ramp(0.4, "steps without update()", span=PATTERN_STEPS)),
+        "clipping on scaled gradients": Confidence(0.7, Ramp(0.3, "scaled clips / all clips")),
+        "scale set by hand": Confidence(0.6, Ramp(0.4, "steps affected", span=PATTERN_STEPS)),
+    }
     final_when = ("update() is skipped on every overflowing step through the end at a scale that never backed off: "
                   "the scale only backs off inside update(), so every following step overflows too")
     evidence_fields = {
@@ -121,19 +136,21 @@ class ScalerMisuse(Rule):
         first_candidates = []
         if idx.size:
             sb = ctx.col("scale_before")[idx]
-            ev["first_discarded_steps"] = [ctx.step_at(int(i)) for i in idx[:12]]
+            ev["first_discarded_steps"] = [ctx.step_at(int(i)) for i in idx[:SHOWN_STEPS]]
             ev["scale_during_discarded"] = {"min": float(np.nanmin(sb)), "max": float(np.nanmax(sb))}
             first_candidates.append(ctx.step_at(int(idx[0])))
         if no_update.any():
             first_candidates.append(ctx.first_step_where(no_update))
         if excs:
-            ev["exception"] = str(excs[0].get("message"))[:200]
+            ev["exception"] = str(excs[0].get("message"))[:MESSAGE_CHARS]
             if isinstance(excs[0].get("step"), (int, float)):
                 first_candidates.append(int(excs[0]["step"]))
         if n_overflow_total:
-            conf = 0.6 + 0.4 * (int(discarded_overflow.sum()) / n_overflow_total)
+            conf = self.confidence["update() skipped, overflows"](int(discarded_overflow.sum()) / n_overflow_total)
+        elif excs:
+            conf = self.confidence["update() skipped, the crash"]()
         else:
-            conf = 0.8 if excs else 0.6 + 0.4 * min(1.0, int(no_update.sum()) / 3)
+            conf = self.confidence["update() skipped, steps without it"](int(no_update.sum()))
         parts = []
         if idx.size:
             lo, hi = ev["scale_during_discarded"]["min"], ev["scale_during_discarded"]["max"]
@@ -187,7 +204,8 @@ class ScalerMisuse(Rule):
                f"step(s){eff}" + (" (max_norm=inf: only the norm you log is scaled)" if infinite else "")
                + ". Call scaler.unscale_(optimizer) before clipping.")
         return self.finding(
-            confidence=0.7 + 0.3 * frac, message=msg, first_step=ctx.first_step_where(cos), evidence=ev,
+            confidence=self.confidence["clipping on scaled gradients"](frac), message=msg,
+            first_step=ctx.first_step_where(cos), evidence=ev,
             severity="warning" if infinite else "error", title="Gradients clipped while still scaled",
             recommendations=[Recommendation.code(
                 "Unscale before clipping",
@@ -209,12 +227,13 @@ class ScalerMisuse(Rule):
         if ev_steps:
             first = min([first] + ev_steps) if first is not None else min(ev_steps)
         ev = {"tampered_steps": int(tam.sum()), "events": whats,
-              "details": sorted({str(e.get("detail")) for e in evs if e.get("detail")})[:5]}
+              "details": sorted({str(e.get("detail")) for e in evs if e.get("detail")})[:SHOWN_DETAILS]}
         msg = (f"The GradScaler's scale was set by hand on {n} step(s) ({', '.join(whats) or 'scale_tampered'}). "
                "update() already backs the scale off after every overflow and grows it back; a hand-set scale "
                "fights that and can leave _scale as a Python float.")
         return self.finding(
-            confidence=0.6 + 0.4 * min(1.0, n / 3), message=msg, first_step=first, evidence=ev, severity="warning",
+            confidence=self.confidence["scale set by hand"](n), message=msg, first_step=first, evidence=ev,
+            severity="warning",
             title="GradScaler scale set by hand",
             recommendations=[Recommendation.code(
                 "Do not touch scaler._scale; choose the start and let update() adapt",
