@@ -17,6 +17,7 @@ from gradprobe.rules import (  # noqa: F401
     nonfinite,
     recurrent,
     scaler_misuse,
+    vanishing,
     weight_decay,
 )
 from gradprobe.rules.base import CrossRankRule, Explanation, Field, Rule, get_rule, register, registry

@@ -1,4 +1,5 @@
-"""GP2xx: gradient magnitude (overclipping, exploding-gradients, vanishing-gradients, missing-gradient-clipping).
+"""GP2xx: gradient magnitude (overclipping, exploding-gradients, missing-gradient-clipping; vanishing-gradients
+is :mod:`gradprobe.rules.vanishing`).
 
 These rules read the total gradient norm before clipping (``grad_norm``) and after it (the
 norm the optimizer consumed, ``step_grad_norm``), the observed ``clip_grad_norm_`` calls,
@@ -10,7 +11,6 @@ from the run, loss progress) live in :mod:`gradprobe.analysis`.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
@@ -18,28 +18,27 @@ import numpy as np
 from gradprobe.analysis import (
     MAX_NORM_FORMULA,
     MAX_NORM_PERCENTILE,
-    MISSING,
+    SPIKE_ABOVE_SUSTAINED,
     SPIKE_FACTOR,
+    TRIVIAL_LEVEL,
     RunContext,
     exploding_through_time,
     geometric_growth,
     grad_spikes,
     layer_forward_order,
     layer_grads_by_row,
-    log_ratio_confidence,
     loss_curve,
     loss_spikes,
     material_rise,
     optimizer_eps,
     optimizer_family,
-    rank_correlation,
     suggested_max_norm,
     tiny_targets,
     total_numel,
     trailing_level_at,
     trivial_loss,
 )
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Product, Ramp, Recommendation, Rule, register
 
 #: GP202: the loss over the 10 steps after a spike at this many times the 10 before (and the
 #: rise material: ``analysis.material_rise``) is harm; batch-to-batch noise of a 10-step median
@@ -49,6 +48,11 @@ LOSS_HARM_FACTOR = 1.5
 #: unlucky batches (heavy-tailed features, a rare hard example) spike now and then, one step in
 #: twenty does not.
 SPIKE_FRACTION_WARN = 0.05
+#: GP202: the loss jump is the median of this many records after the spike over the median of
+#: as many before it.
+LOSS_JUMP_RECORDS = 10
+#: A layer's rise over a zero level, kept finite so that it still ranks.
+FINITE_INF = 1e300
 
 #: GP201: clipping that leaves at most this fraction of the update is a hidden lr divisor (a
 #: factor of 5 is one step of a typical learning-rate search grid: it changes outcomes).
@@ -58,16 +62,24 @@ CUT_FACTOR = 0.2
 #: grid), whatever the loss still does.
 STARVED_FACTOR = 0.01
 STARVED_CLIPPED = 0.9
-
-#: float32 machine epsilon: a relative change of a weight below it is rounded away.
-FLOAT32_EPS = 1.1920929e-07
+#: GP201: clipping shrinks the gradient when the post/pre-clip ratio is below this (a norm
+#: recomputed after a no-op clip differs from the original in the last digits).
+CLIPPED_SHRINK = 0.999
+#: GP201: the loss "moved" when it lost this fraction of its start (``LossCurve.fell``'s 10%).
+LOSS_MOVES = 0.10
+#: GP201: the trivial predictor's level reaches up to 2x its loss (an untrained model's
+#: predictions add their own variance to the targets'); far above it the run blew up.
+TRIVIAL_LEVEL_TOP = 2.0
+#: GP201: fewest clipped steps, and loss records, a clipping regime is judged on.
+MIN_CLIPPED_STEPS = 5
+MIN_LOSS_RECORDS = 6
+#: GP202/GP204: spikes make a pattern from this many events.
+SPIKE_EVENTS = 3
 
 _CLIP_SNIPPET = """\
 loss.backward()
 {unscale}torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm})
 {step}"""
-
-_EMBEDDING_NAME = re.compile(r"emb|wte\b|wpe\b|(^|\.)tok", re.I)
 
 
 def _clip_snippet(ctx: RunContext, max_norm: float) -> str:
@@ -152,9 +164,10 @@ class Overclipping(Rule):
     aftermath excluded): clipping then trims only the largest 5% of normal steps and every
     spike. Needs >= 5 steps where clipping was observed.
 
-    Confidence: the geometric mean of three terms: min(1, clipped fraction / 0.9); the
-    log-scale distance of 1/factor past 5 (0.5 at 5x, 1.0 at 50x); 0.5 + 0.5 * (how far the
-    relative loss decrease is below 0.1, 1.0 when the loss did not decrease at all).
+    Confidence: the geometric mean of three terms (one weak term lowers it, none decides
+    alone): how nearly every step is clipped (whole at 90%); how far the cut is past 5x (0.5
+    at 5x, whole at 50x, on a log scale); how little the loss moved (0.5 at a 10% decrease,
+    whole when it did not decrease at all).
     """
 
     code = "GP201"
@@ -184,6 +197,11 @@ class Overclipping(Rule):
     }
     title = "Gradient clipping cuts every step: the effective learning rate is a fraction of the configured one"
     requires = ("grad_norm", "clip", "loss", "optimizer")
+    confidence = Product((
+        Confidence(0, Ramp(1.0, "clipped fraction", span=0.9)),
+        Confidence(0.5, Ramp(0.5, "1 / update factor", start=1 / CUT_FACTOR, log=True)),
+        Confidence(0.5, Ramp(0.5, "(0.1 - relative loss decrease)", span=LOSS_MOVES)),
+    ), geometric=True)
     causes = ()
     computes = {"max_norm": MAX_NORM_FORMULA}
     explanation = Explanation(
@@ -221,10 +239,10 @@ class Overclipping(Rule):
         g, s = ctx.grad_norm, ctx.step_grad_norm
         clip = ctx.clip_mask & ~ctx.col("clip_on_scaled", bool)
         rows = np.flatnonzero(clip & np.isfinite(g) & np.isfinite(s) & (g > 0))
-        if rows.size < 5:
+        if rows.size < MIN_CLIPPED_STEPS:
             return []
         shrink = s[rows] / g[rows]
-        clipped = shrink < 0.999
+        clipped = shrink < CLIPPED_SHRINK
         frac = float(clipped.mean())
         if frac < 0.5:
             return []
@@ -251,7 +269,7 @@ class Overclipping(Rule):
         if factor > CUT_FACTOR:
             return []
         curve = loss_curve(ctx)
-        if curve.n < 6 or not curve.start > 0:
+        if curve.n < MIN_LOSS_RECORDS or not curve.start > 0:
             return []
         rel = curve.progress
         if curve.rose:
@@ -264,7 +282,7 @@ class Overclipping(Rule):
             half = curve.n // 2
             still_falling = float(curve.smooth[half] - curve.smooth[-1]) > curve.significance / 2
             starved = fam == "sgd" and factor <= STARVED_FACTOR and frac >= STARVED_CLIPPED and still_falling
-            if not (0.8 <= late <= 2.0) and not starved:
+            if not (TRIVIAL_LEVEL <= late <= TRIVIAL_LEVEL_TOP) and not starved:
                 return []  # it learned (or blew up: not what clipping does); clipping is its regime
         evidence["starved_but_falling"] = starved
         evidence.update(loss_first=curve.start, loss_last=curve.final, relative_loss_decrease=rel)
@@ -275,10 +293,7 @@ class Overclipping(Rule):
         if not upd.empty:
             evidence["median_update_ratio"] = float(np.median(upd["value"].to_numpy(dtype=np.float64)))
 
-        c_frac = min(1.0, frac / 0.9)
-        c_shrink = log_ratio_confidence(1.0 / max(factor, 1e-12), 5.0, 1.0)
-        c_loss = 0.5 + 0.5 * min(1.0, max(0.0, (0.1 - max(rel, 0.0)) / 0.1))
-        conf = (c_frac * c_shrink * c_loss) ** (1.0 / 3.0)
+        conf = self.confidence(frac, 1.0 / max(factor, 1e-12), LOSS_MOVES - max(rel, 0.0))
 
         current = ctx.max_norm
         recs = _max_norm_recommendations(ctx, current, "clipping then trims only spikes")
@@ -326,7 +341,7 @@ def _start_layer(ctx: RunContext, base_row: int, onset_row: int) -> tuple[str | 
     window = arr[base_row + 1 : onset_row + 1]
     with np.errstate(all="ignore"):
         rise = window / np.where(base > 0, base, np.nan)
-    rise = np.nan_to_num(rise, nan=0.0, posinf=1e300)
+    rise = np.nan_to_num(rise, nan=0.0, posinf=FINITE_INF)
     at_onset = rise[-1]
     ranked = sorted(((names[j], float(at_onset[j])) for j in range(len(names)) if at_onset[j] > 0), key=lambda t: -t[1])
     hit = rise >= SPIKE_FACTOR
@@ -354,8 +369,8 @@ def _loss_jump(ctx: RunContext, row: int) -> tuple[float | None, float, float]:
     """(median loss over the 10 steps after ``row`` over the median of the 10 before, the
     median before, the median after); the ratio is None without both."""
     loss = ctx.loss
-    before = loss[max(0, row - 10) : row]
-    after = loss[row + 1 : row + 11]
+    before = loss[max(0, row - LOSS_JUMP_RECORDS) : row]
+    after = loss[row + 1 : row + 1 + LOSS_JUMP_RECORDS]
     before, after = before[np.isfinite(before)], after[np.isfinite(after)]
     if before.size == 0 or after.size == 0:
         return None, math.nan, math.nan
@@ -427,8 +442,9 @@ class ExplodingGradients(Rule):
     cause (with the static causes present in the report); otherwise the engine links the
     static causes.
 
-    Confidence: log-scale distance of the largest ratio (or growth factor) past 10x (0.5 at
-    10x, 1.0 at 1000x), times 0.7 + 0.3 * min(1, events / 3).
+    Confidence: how far the largest ratio (or growth factor) is past 10x on a log scale (0.5
+    at 10x, whole at 1000x), times how many events there were (one can be a freak batch,
+    ``SPIKE_EVENTS`` are a pattern).
     """
 
     code = "GP202"
@@ -462,6 +478,8 @@ class ExplodingGradients(Rule):
     }
     title = "Exploding gradients"
     requires = ("grad_norm",)
+    confidence = (Confidence(0.5, Ramp(0.5, "largest ratio", start=SPIKE_FACTOR, span=2.0, log=True))
+                  * Confidence(0.7, Ramp(0.3, "events", span=SPIKE_EVENTS)))
     causes = ("undetached-hidden-state", "lr-too-high", "poor-initialization", "input-scale", "missing-weight-decay",
               "fp16-overflow")
     computes = {"max_norm": "only if the run never clips: " + MAX_NORM_FORMULA}
@@ -513,7 +531,7 @@ class ExplodingGradients(Rule):
         clip_calls = ctx.clip_mask
         s = ctx.step_grad_norm
         scale = np.fmax(np.nan_to_num(sp.level[event_rows], nan=0.0), sp.sustained[event_rows])
-        bounded = np.nan_to_num(s[event_rows], nan=np.inf) <= 3 * scale
+        bounded = np.nan_to_num(s[event_rows], nan=np.inf) <= SPIKE_ABOVE_SUSTAINED * scale
         contained_rows = clip_calls[event_rows] & bounded
         contained = bool(contained_rows.all()) and bool(clip_calls.any())
         nonfinite = ~np.isfinite(ctx.loss) & (ctx.col("loss_nonfinite", bool) | ctx.col("loss_fn_nonfinite", bool))
@@ -562,7 +580,7 @@ class ExplodingGradients(Rule):
         if through_time is not None and through_time <= onset_step:
             caused_by.append("long-lookback")
 
-        conf = log_ratio_confidence(max_ratio, SPIKE_FACTOR, 2.0) * (0.7 + 0.3 * min(1.0, n_events / 3))
+        conf = self.confidence(max_ratio, n_events)
         recs = []
         if not clip_calls.any():
             recs = _max_norm_recommendations(ctx, None, "cuts spikes, leaves normal steps")
@@ -598,260 +616,6 @@ class ExplodingGradients(Rule):
                              evidence=evidence, recommendations=recs, severity=severity, may_follow=caused_by)]
 
 
-def _embedding_layers(ctx: RunContext, names: list[str], order: dict[str, float]) -> set[str]:
-    """Embedding tables: named like one, or the first layer of a model fed integer ids (the
-    recorder then samples no ``first_layer`` inputs: an embedding took the ids)."""
-    out = {n for n in names if _EMBEDDING_NAME.search(n)}
-    inputs = ctx.samples("input", "integer")
-    if not inputs.empty and (inputs["value"] > 0).any() and ctx.samples("first_layer").empty and names:
-        first = min(names, key=lambda n: order.get(n, math.inf))
-        module = ctx.layer_info.get(first, {}).get("module")
-        out |= {n for n in names if ctx.layer_info.get(n, {}).get("module") == module}
-    return out
-
-
-@register
-class VanishingGradients(Rule):
-    """Early layers get gradients orders of magnitude below later layers, or every gradient is
-    negligible.
-
-    Depth form (``warning``): weight matrices and kernels only (>= 2 dims; biases and norm
-    gains have their own scales), embedding tables excluded (their gradient is sparse by
-    construction: parameters named like ``emb``/``wte``/``wpe``/``tok``, and the first layer
-    of a model fed integer ids, which the recorder marks by sampling no ``first_layer``
-    input), in forward order (module call order from the sampled activations, else
-    registration order), at least 4 of them. Per layer, the median over steps of the relative
-    gradient ||g|| / ||w||, the per-step relative update an SGD step makes per unit of lr. The
-    median of log10 over the last quarter of the layers minus that of the first quarter must
-    be >= 3 decades ("orders of magnitude": at 1000x, the early layers learn 1000x slower
-    than the late ones under SGD) and the decay must be consistent with depth (Spearman rank
-    correlation of position and log ratio >= 0.7), not one odd layer. Under an Adam-like
-    optimizer, which normalises per parameter, the depth form is ``info`` unless the early
-    layers' per-element gradient RMS is below the optimizer's eps (the update is then
-    suppressed as well). A layer whose gradient is exactly zero on half of the steps or more
-    takes no part: an exactly zero gradient is not a small one but no gradient path at all (a
-    zero input, a dead or saturated path, an unused layer: GP605/GP604/GP505), and its ratio
-    has no scale to decay from.
-
-    Negligible form (``error``): on >= 80% of the steps the total gradient is exactly zero,
-    or too small to change the weights: SGD-like, lr * ||g|| / ||w|| < float32 epsilon
-    (1.19e-7: the update is rounded away); Adam-like, per-element RMS ||g|| / sqrt(N) < eps
-    (eps dominates the denominator). And the loss is not moving (``LossCurve.fell`` false: no
-    fall by 10% and by 3 standard errors of a window median)
-    and not converged (its final level is above 1e-3 of its start): at convergence gradients
-    vanish by design. Under SGD the criterion involves the learning rate, so a tiny lr (GP502)
-    makes it true with ordinary gradients: when GP502 finds the lr too low, the negligible
-    form names lr-too-low as its cause (the depth form never does: a ratio that decays
-    through depth is the gradient's, and GP502's small steps are then its symptom).
-
-    Causes (linked by the engine when present and not later): a poor initialisation,
-    saturated or dead units, float16 without a scaler, unnormalised inputs, and an exploding
-    step that threw the weights into saturation.
-
-    Confidence: depth form: log-scale distance of the ratio past 1e3 (0.5 at 3 decades, 1.0
-    at 6) times min(1, rank correlation / 0.9). Negligible form: the fraction of negligible
-    steps.
-    """
-
-    code = "GP203"
-    slug = "vanishing-gradients"
-    severity = "warning"
-    severities = {
-        "warning": "the early layers' gradients are 1000x below the late ones' and the optimizer does not rescale "
-                   "them (SGD-like, or Adam-like with the gradient below eps)",
-        "info": "the depth decay under an Adam-like optimizer, which rescales per parameter",
-        "error": "every gradient is negligible (zero, or too small to change the weights) and the loss is not moving",
-    }
-    #: under SGD the negligible form's criterion is lr x gradient: a too-low lr makes it true
-    causes_on_evidence = ("lr-too-low",)
-    evidence_fields = {
-        "negligible_fraction": Field("steps with negligible gradients", "%"),
-        "median_grad_norm": Field("median gradient norm", "norm"),
-        "criterion": Field("negligible means"),
-        "optimizer": Field("optimizer"),
-        "median_grad_rms": Field("median per-element gradient RMS"),
-        "loss_first": Field("loss at the start", "loss"),
-        "loss_last": Field("loss at the end", "loss"),
-        "decades": Field("early vs late layers", "decades"),
-        "measure": Field("measured as"),
-        "rank_correlation": Field("decay with depth (rank correlation)"),
-        "early_layers": Field("early layers"),
-        "late_layers": Field("late layers"),
-        "layer_median_ratio": Field("median relative gradient per layer"),
-        "early_grad_rms": Field("early layers' per-element gradient RMS"),
-    }
-    title = "Vanishing gradients"
-    requires = ("grad_norm",)
-    causes = ("poor-initialization", "saturated-activations", "dead-units", "amp-without-scaler", "input-scale",
-              "exploding-gradients")
-    computes: dict[str, str] = {}
-    explanation = Explanation(
-        what=(
-            "Early layers receive gradients orders of magnitude below later layers, or all gradients "
-            "are negligible."
-        ),
-        why=(
-            "A layer whose gradient is 1000x smaller than the others' barely trains under SGD: the "
-            "network behaves as if its first layers were frozen at their random initialisation. When "
-            "every gradient is negligible (or zero), the run does not learn at all."
-        ),
-        causes=(
-            "Deep stacks of sigmoid/tanh layers (their derivatives are <= 1/4 and <= 1, multiplied "
-            "layer after layer); tiny initialisation gains; saturated or dead activations; float16 "
-            "gradients underflowing without a GradScaler; a detached or constant output."
-        ),
-        fix=(
-            "Use ReLU-family activations with He/Kaiming initialisation, normalisation layers or "
-            "residual connections; an adaptive optimizer; check for dead units and AMP without a "
-            "scaler when every gradient is zero."
-        ),
-        example="12-layer sigmoid MLP: layer 0 gets ||g||/||w|| ~ 1e-10 while the last layer gets ~1.",
-    )
-
-    def check(self, ctx: RunContext) -> list[Finding]:
-        out = self._negligible(ctx)
-        if out:
-            return out
-        return self._depth(ctx)
-
-    def _negligible(self, ctx: RunContext) -> list[Finding]:
-        g = ctx.grad_norm
-        rows = np.flatnonzero(np.isfinite(g) & ~ctx.skipped)
-        if rows.size < 5:
-            return []
-        fam = optimizer_family(ctx)
-        gg = g[rows]
-        negl = gg == 0
-        criterion = "exactly zero"
-        numel = total_numel(ctx)
-        if fam == "sgd":
-            w = ctx.col("weight_norm")[rows]
-            lr = ctx.lr[rows]
-            with np.errstate(all="ignore"):
-                rel = lr * gg / w
-            negl |= np.nan_to_num(rel, nan=np.inf) < FLOAT32_EPS
-            criterion = f"lr * ||g|| / ||w|| below float32 epsilon ({FLOAT32_EPS:.3g})"
-        elif fam == "adaptive" and numel > 0:
-            eps = optimizer_eps(ctx)
-            negl |= gg / math.sqrt(numel) < eps
-            criterion = f"per-element gradient RMS below {ctx.optimizer_class}'s eps ({eps:.2g})"
-        frac = float(negl.mean())
-        if frac < 0.8:
-            return []
-        curve = loss_curve(ctx)
-        if curve.n >= 6:
-            if curve.fell:
-                return []
-            if curve.start > 0 and curve.final <= 1e-3 * curve.start:
-                return []
-        first = ctx.step_at(int(rows[np.flatnonzero(negl)[0]]))
-        evidence: dict[str, Any] = {"negligible_fraction": frac, "median_grad_norm": float(np.median(gg)),
-                                    "criterion": criterion, "optimizer": ctx.optimizer_class}
-        if numel:
-            evidence["median_grad_rms"] = float(np.median(gg)) / math.sqrt(numel)
-        if curve.n:
-            evidence.update(loss_first=curve.start, loss_last=curve.final)
-        message = (
-            f"On {100 * frac:.0f}% of the steps the gradient is negligible ({criterion}; median total norm "
-            f"{evidence['median_grad_norm']:.3g}) and the loss is not moving: the run is not learning."
-        )
-        # under SGD the criterion involves the lr: a too-low lr makes ordinary gradients negligible
-        follow = ["lr-too-low"] if fam == "sgd" else []
-        return [self.finding(confidence=frac, message=message, first_step=first, evidence=evidence,
-                             severity="error", title="All gradients negligible", may_follow=follow)]
-
-    def _depth(self, ctx: RunContext) -> list[Finding]:
-        lg = layer_grads_by_row(ctx)
-        if lg.empty:
-            return []
-        lw = ctx.log.layer_weight
-        info = ctx.layer_info
-        names = [n for n in lg.columns if len(info.get(n, {}).get("shape") or []) >= 2]
-        order = layer_forward_order(ctx)
-        emb = _embedding_layers(ctx, names, order)
-        names = [n for n in names if n not in emb]
-        if len(names) < 4:
-            return []
-        present = lg[names]
-        zero_frac = (present == 0).sum(axis=0) / present.notna().sum(axis=0).clip(lower=1)
-        names = [n for n in names if float(zero_frac.get(n, 0.0)) < 0.5]  # no gradient path: not vanishing
-        if len(names) < 4:
-            return []
-        names.sort(key=lambda n: order.get(n, math.inf))
-        g = lg[names].to_numpy(dtype=np.float64)
-        if not lw.empty and all(n in lw.columns for n in names):
-            w = lw.reindex(ctx.step)[names].to_numpy(dtype=np.float64)
-            w = np.where(w == MISSING, np.nan, w)
-            with np.errstate(all="ignore"):
-                rel = g / w
-            measure = "||g|| / ||w||"
-        else:
-            rel = g
-            measure = "||g||"
-        rel = np.where(np.isfinite(rel), rel, np.nan)
-        with np.errstate(all="ignore"):
-            logr = np.log10(np.maximum(rel, 1e-30))
-        ok_rows = np.isfinite(logr).all(axis=1)
-        if ok_rows.sum() < 3:
-            return []
-        per_layer = np.median(logr[ok_rows], axis=0)
-        L = len(names)
-        q = max(1, L // 4)
-        early, late = float(np.median(per_layer[:q])), float(np.median(per_layer[-q:]))
-        decades = late - early
-        if decades < 3:
-            return []
-        rho = rank_correlation(np.arange(L, dtype=np.float64), per_layer)
-        if rho < 0.7:
-            return []
-        per_row = np.median(logr[:, -q:], axis=1) - np.median(logr[:, :q], axis=1)
-        hit = np.flatnonzero(np.nan_to_num(per_row, nan=-np.inf) >= 3)
-        first = ctx.step_at(int(hit[0])) if hit.size else None
-        starved = names[int(np.argmin(per_layer[:q]))]
-        severity = "warning"
-        fam = optimizer_family(ctx)
-        pairs = list(zip(names, per_layer))
-        evidence: dict[str, Any] = {
-            "decades": decades,
-            "measure": measure,
-            "rank_correlation": rho,
-            "early_layers": names[:q],
-            "late_layers": names[-q:],
-            "layer_median_ratio": {n: float(10**v) for n, v in pairs[:q] + pairs[-q:]},
-        }
-        if fam == "adaptive":
-            eps = optimizer_eps(ctx)
-            rms = []
-            for n in names[:q]:
-                numel = int(info.get(n, {}).get("numel") or 0)
-                col = lg[n].to_numpy(dtype=np.float64)
-                col = col[np.isfinite(col)]
-                if numel and col.size:
-                    rms.append(float(np.median(col)) / math.sqrt(numel))
-            evidence["early_grad_rms"] = min(rms) if rms else None
-            if not rms or min(rms) >= eps:
-                severity = "info"
-        conf = log_ratio_confidence(10 ** decades, 1e3, 3.0) * min(1.0, rho / 0.9)
-        message = (
-            f"Gradients vanish with depth: the first layers ({', '.join(names[:q][:3])}) get a relative gradient "
-            f"{measure} about {10 ** decades:.2g}x smaller than the last ones ({', '.join(names[-q:][:3])}), "
-            f"decaying steadily through the {L} weight layers (rank correlation {rho:.2f}). "
-            + ("Under SGD the first layers barely train." if severity == "warning" else
-               f"{ctx.optimizer_class} rescales per parameter, so the early layers still move; this is for "
-               "information.")
-        )
-        recs = [Recommendation.code(
-            "Keep the gradient scale through depth",
-            "nn.ReLU() / nn.GELU() instead of nn.Sigmoid() / nn.Tanh() between layers\n"
-            "for m in model.modules():\n"
-            "    if isinstance(m, nn.Linear):\n"
-            "        nn.init.kaiming_normal_(m.weight, nonlinearity='relu')\n"
-            "# or add normalisation (nn.LayerNorm / nn.BatchNorm1d) and residual connections")]
-        return [self.finding(confidence=conf, message=message, first_step=first, layer=starved,
-                             evidence=evidence, recommendations=recs if severity != "info" else [],
-                             severity=severity)]
-
-
 @register
 class MissingGradientClipping(Rule):
     """A recurrent run has gradient spikes and never clips.
@@ -870,8 +634,9 @@ class MissingGradientClipping(Rule):
     (finite norms after warm-up, spikes and the 2 steps after each excluded), so clipping
     cuts the spikes and leaves normal steps alone.
 
-    Confidence: log-scale distance of the largest spike past 10x (0.5 at 10x, 1.0 at 1000x),
-    times 0.6 + 0.4 * min(1, spikes / 3).
+    Confidence: how far the largest spike is past 10x on a log scale (0.5 at 10x, whole at
+    1000x), times how many spikes there were (one observed spike already places the run in
+    that regime: 0.6; ``SPIKE_EVENTS`` make it certain).
     """
 
     code = "GP204"
@@ -887,6 +652,8 @@ class MissingGradientClipping(Rule):
     }
     title = "Gradient spikes in a recurrent run with no clipping"
     requires = ("grad_norm", "clip")
+    confidence = (Confidence(0.5, Ramp(0.5, "largest spike", start=SPIKE_FACTOR, span=2.0, log=True))
+                  * Confidence(0.6, Ramp(0.4, "spikes", span=SPIKE_EVENTS)))
     causes = ("exploding-gradients",)
     computes = {"max_norm": MAX_NORM_FORMULA}
     explanation = Explanation(
@@ -930,6 +697,6 @@ class MissingGradientClipping(Rule):
             + (f". Clipping at max_norm={sug.value:g} (the normal steps' {MAX_NORM_PERCENTILE}th percentile) would cut "
                "the spikes and leave normal steps alone." if sug else ".")
         )
-        conf = log_ratio_confidence(sp.max_ratio, SPIKE_FACTOR, 2.0) * (0.6 + 0.4 * min(1.0, n / 3))
+        conf = self.confidence(sp.max_ratio, n)
         return [self.finding(confidence=conf, message=message, first_step=evidence["first_spike_step"],
                              evidence=evidence, recommendations=recs)]
