@@ -25,6 +25,7 @@ import numpy as np
 
 from gradprobe.analysis import (
     RISE_FACTOR,
+    SPIKE_ABOVE_SUSTAINED,
     TARGET_UPDATE_RATIO,
     TRIVIAL_LEVEL,
     RunContext,
@@ -43,7 +44,7 @@ from gradprobe.analysis import (
     update_ratio_by_step,
     warmup_rows,
 )
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Flag, Ramp, Recommendation, Rule, register
 
 #: GP501 acts from a median update-to-weight ratio of 1e-2: a decade above the target ratio.
 RATIO_HIGH = 1e-2
@@ -56,8 +57,10 @@ RATIO_LOW = 1e-4
 #: initialisations have an element RMS of at least 1e-2 (1 / sqrt(fan_in), fan_in up to 10^4).
 #: Together they bound the update-to-weight ratio by lr / 1e-2 with no measurement (GP502).
 WEIGHT_RMS_MIN = 1e-2
-#: GP502's lr-only form needs a loss curve of at least this many records to see its pace.
+#: GP502 (and GP501's stall form) need a loss curve of at least this many records to see its
+#: pace; any judgement of the loss at least ``MIN_LOSS_RECORDS``.
 MIN_CURVE_RECORDS = 10
+MIN_LOSS_RECORDS = 6
 #: The loss "barely moves" when it lost less than this fraction of its starting level.
 BARELY_MOVES = 0.10
 #: GP501's lr suggestion aims here, half a decade above the centre. A too-high lr is measured
@@ -73,6 +76,22 @@ LR_CLIMB = 1.5
 #: GP501: a loss that rose above its start within this many smoothing windows of the first
 #: record got worse from the first updates on (the untrained model was better).
 EARLY_WINDOWS = 2
+#: GP501: the instability was early (a warmup, not a lower lr, is the fix) when it began in
+#: this first fraction of the run.
+EARLY_FRACTION = 0.25
+#: GP501: a gradient spike is clean (the gradient exploded on its own) when its batch's loss is
+#: at most ``RISE_FACTOR`` x the median of this many losses before it.
+LOSSES_BEFORE_SPIKE = 10
+#: GP501: how strongly each harm this module finds says "the steps are too large" (``c_harm``;
+#: loss_harm's own: non-finite or diverged 1.0, unrecovered spikes 0.9, regression 0.8, spikes
+#: 0.7): a loss that climbed with the lr, or collapsed to the trivial level, as strongly as a
+#: regression; no progress at all only weakly (a run can fail to learn for many reasons).
+HARM_ROSE_WITH_LR = 0.8
+HARM_COLLAPSED = 0.8
+HARM_NO_PROGRESS = 0.6
+#: GP502: a first loss this far below the loss of predictions unrelated to the targets comes
+#: from a model trained before it was watched.
+TRAINED_BEFORE = 1 / 3
 #: The catalog's example for GP501: Adam at lr 1.0 stepping 0.3x the weights' size.
 _EXAMPLE_LR, _EXAMPLE_RATIO = 1.0, 0.3
 
@@ -98,7 +117,7 @@ def _rose_with_lr(ctx: RunContext) -> dict[str, Any] | None:
     lr_top = ctx.lr[ctx.row_of(int(curve.steps[top]))]
     if not (np.isfinite(lr_best) and np.isfinite(lr_top) and lr_best > 0 and lr_top >= LR_CLIMB * lr_best):
         return None
-    return {"step": int(curve.steps[b]), "strength": 0.8, "best": curve.best, "top": float(curve.smooth[top]),
+    return {"step": int(curve.steps[b]), "strength": HARM_ROSE_WITH_LR, "best": curve.best, "top": float(curve.smooth[top]),
             "top_step": int(curve.steps[top]), "lr_at_best": float(lr_best), "lr_at_top": float(lr_top)}
 
 
@@ -130,9 +149,9 @@ def _clean_gradient_spike(ctx: RunContext) -> int | None:
         if r < warm:
             return None  # the first steps: a too-large first update shows as a gradient jump first
         scale = max(float(np.nan_to_num(sp.level[r], nan=0.0)), float(sp.sustained[r]))
-        if clip[r] and np.isfinite(s[r]) and s[r] <= 3.0 * scale:
+        if clip[r] and np.isfinite(s[r]) and s[r] <= SPIKE_ABOVE_SUSTAINED * scale:
             continue  # contained by clipping: no harm can come from it
-        before = loss[max(0, r - 10):r]
+        before = loss[max(0, r - LOSSES_BEFORE_SPIKE):r]
         before = before[np.isfinite(before)]
         if not before.size or not np.isfinite(loss[r]):
             continue
@@ -229,16 +248,22 @@ class LrTooHigh(Rule):
     linear warmup then reaches the full lr only where the recorded run had already settled
     at it) instead of a lower lr.
 
-    Confidence: 0.5 x c_ratio + 0.5 x c_harm (+0.1 when the harm followed the lr), where
-    c_ratio = 0.5 at 1e-2 rising to 1.0 at 1e-1 on a log scale (0.3 without ratios) and
-    c_harm is the strongest harm (non-finite/diverged 1.0, unrecovered spikes 0.9, regression
-    or collapse to the trivial level 0.8, spikes 0.7, no progress 0.6).
+    Confidence: the step size and the harm weigh the same. c_ratio: 0.5 at 1e-2, whole a
+    decade higher (every step moves the weights by a tenth of their size); without ratios the
+    step size is only inferred. c_harm: the strongest harm (non-finite/diverged 1.0,
+    unrecovered spikes 0.9, regression, collapse to the trivial level or a loss that climbed
+    with the lr 0.8, spikes 0.7, no progress 0.6). A harm that followed the lr up adds to it.
     """
 
     code = "GP501"
     slug = "lr-too-high"
     severity = "warning"
     title = "Learning rate too high: updates are large relative to the weights and the loss suffers"
+    confidence = {
+        "confidence": Confidence(0, Ramp(0.5, "c_ratio"), Ramp(0.5, "c_harm"), Flag(0.1, "the harm followed the lr")),
+        "c_ratio": Confidence(0.5, Ramp(0.5, "update ratio", start=RATIO_HIGH, log=True)),
+        "c_ratio without ratios": Confidence(0.3),
+    }
     severities = {
         "warning": "the loss spiked and recovered, regressed, or made no progress at runaway steps",
         "error": "the loss went non-finite, diverged, collapsed to the trivial level, or a spike never recovered",
@@ -285,7 +310,7 @@ class LrTooHigh(Rule):
 
     def check(self, ctx: RunContext) -> list[Finding]:
         curve = loss_curve(ctx)
-        if curve.n < 6 and "nonfinite" not in loss_harm(ctx):
+        if curve.n < MIN_LOSS_RECORDS and "nonfinite" not in loss_harm(ctx):
             return []
         if tiny_targets(ctx):
             return []  # a loss on targets of 1e-3 or less moves by a whole target range per step at any lr (GP602)
@@ -329,7 +354,7 @@ class LrTooHigh(Rule):
             used = [int(s) for s in pre.index]
             if ratio < RATIO_HIGH:
                 return []
-            if curve.n >= 10:
+            if curve.n >= MIN_CURVE_RECORDS:
                 tl = trivial_loss(ctx)
                 mid = int(curve.steps[curve.n // 2])
                 # at (or above) the trivial level in the second half: collapsed, whatever the loss
@@ -342,11 +367,12 @@ class LrTooHigh(Rule):
                 stall_ratio = max(ratio, float(early.median()) if len(early) >= 2 else ratio)
                 wrecked = exploded is not None and exploded <= mid  # a stall after an explosion is its aftermath
                 if at_trivial and stall_ratio >= RATIO_RUNAWAY and not wrecked:
-                    harm["stalled"] = {"step": int(curve.steps[0]), "strength": 0.8, "progress": curve.progress,
-                                       "at_trivial_loss": True, "early_update_ratio": stall_ratio}
-                elif stall_ratio >= RATIO_RUNAWAY and not harm and not wrecked and not curve.fell:
-                    harm["stalled"] = {"step": int(curve.steps[0]), "strength": 0.6, "progress": curve.progress,
+                    harm["stalled"] = {"step": int(curve.steps[0]), "strength": HARM_COLLAPSED,
+                                       "progress": curve.progress, "at_trivial_loss": True,
                                        "early_update_ratio": stall_ratio}
+                elif stall_ratio >= RATIO_RUNAWAY and not harm and not wrecked and not curve.fell:
+                    harm["stalled"] = {"step": int(curve.steps[0]), "strength": HARM_NO_PROGRESS,
+                                       "progress": curve.progress, "early_update_ratio": stall_ratio}
             if not harm:
                 return []
             onset = _onset(harm)
@@ -356,10 +382,10 @@ class LrTooHigh(Rule):
 
         strongest = max(h["strength"] for h in harm.values())
         if ratio is not None:
-            c_ratio = min(1.0, max(0.5, 0.5 + 0.5 * math.log10(ratio / RATIO_HIGH)))
+            c_ratio = self.confidence["c_ratio"](ratio)
         else:
-            c_ratio = 0.3
-        conf = min(1.0, 0.5 * c_ratio + 0.5 * strongest + (0.1 if follow else 0.0))
+            c_ratio = self.confidence["c_ratio without ratios"]()
+        conf = self.confidence["confidence"](c_ratio, strongest, follow)
         spikes = harm.get("spikes")
         broken = ("nonfinite" in harm or "diverged" in harm or (spikes is not None and spikes["unrecovered"] > 0)
                   or bool(harm.get("stalled", {}).get("at_trivial_loss")))
@@ -368,7 +394,7 @@ class LrTooHigh(Rule):
         lr_now = median_lr(ctx, used) if used else (follow["lr_at_onset"] if follow else ctx.lr0)
         recs: list[Recommendation] = []
         early_recovered = (
-            onset is not None and curve.n and onset <= curve.steps[0] + 0.25 * (curve.steps[-1] - curve.steps[0])
+            onset is not None and curve.n and onset <= curve.steps[0] + EARLY_FRACTION * (curve.steps[-1] - curve.steps[0])
             and spikes is not None and spikes["all_recovered"] and follow is None
             and not ({"nonfinite", "diverged", "regressed", "stalled", "rose_with_lr"} & set(harm))
         )
@@ -503,8 +529,11 @@ class LrTooLow(Rule):
     (GP201) makes the same tiny steps at a sane lr. The engine then links that cause, and the lr computed here is not merged into
     the report's suggestions (raising the lr 1000x would not fix a starved gradient).
 
-    Confidence: 0.5 x c_ratio + 0.5 x c_still, with c_ratio = 0.5 at 1e-4 rising to 1.0 two
-    decades lower (log scale) and c_still = 1 - progress / 0.1.
+    Confidence: the step size and the stall weigh the same. c_ratio: 0.5 at 1e-4, whole two
+    decades lower; the stall term falls from whole (no progress) to 0 at 10% progress, and a
+    loss that did progress more than that (within its noise) takes confidence away. Without
+    ratios, from the bound on the ratio in the same way, and more when the loss is still
+    falling at the first half's pace (starved of step size) than when it barely moved.
     """
 
     code = "GP502"
@@ -512,6 +541,14 @@ class LrTooLow(Rule):
     severity = "warning"
     title = "Learning rate too low: updates are tiny and the loss barely moves"
     requires = ("loss",)
+    confidence = {
+        "confidence": Confidence(0, Ramp(0.5, "c_ratio"),
+                                 Ramp(0.5, "max(0, progress)", span=BARELY_MOVES, falling=True, clip=False)),
+        "c_ratio": Confidence(0.5, Ramp(0.5, "1e-4 / update ratio", start=1.0, span=2.0, log=True)),
+        "without ratios, from the lr": Confidence(
+            0.5, Ramp(0.25, "1e-4 / update-ratio bound", start=1.0, span=2.0, log=True),
+            Flag(0.25, "the loss is still falling", otherwise=0.1)),
+    }
     causes = ("overclipping", "poor-initialization", "saturated-activations", "dead-units", "vanishing-gradients")
     computes = {"lr": f"lr x {TARGET_UPDATE_RATIO:g} / median update-to-weight ratio of the weight matrices at the "
                 "configured lr"}
@@ -579,7 +616,7 @@ class LrTooLow(Rule):
             "lr", lr_max, f"this log has no update-to-weight ratios to scale the lr by; for {ctx.optimizer_class}, "
             f"steps of ~1e-3 of the weights need an lr of at least {TARGET_UPDATE_RATIO * WEIGHT_RMS_MIN:g} (weights of "
             f"element RMS {WEIGHT_RMS_MIN:g}) and up to {TARGET_UPDATE_RATIO:g} (RMS 1)")]
-        conf = 0.5 + 0.25 * min(1.0, math.log10(RATIO_LOW / bound) / 2) + (0.25 if still_falling else 0.1)
+        conf = self.confidence["without ratios, from the lr"](RATIO_LOW / bound, still_falling)
         return [self.finding(confidence=conf, message=msg, first_step=int(curve.steps[0]), evidence=ev,
                              recommendations=recs)]
 
@@ -588,7 +625,7 @@ class LrTooLow(Rule):
         curve = loss_curve(ctx)
         if len(ratios) < 2:
             return self._from_the_lr(ctx, curve)
-        if curve.n < 10 or tiny_targets(ctx):
+        if curve.n < MIN_CURVE_RECORDS or tiny_targets(ctx):
             return []
         lr = ctx.lr
         fin_lr = lr[np.isfinite(lr) & (lr > 0)]
@@ -631,7 +668,7 @@ class LrTooLow(Rule):
                 return []
             ev["loss_over_trivial"] = base_ratio
             ev["trivial_loss_kinds"] = tl.kinds
-        elif tl.first_over_expected < 1 / 3:
+        elif tl.first_over_expected < TRAINED_BEFORE:
             return []  # already 3x below unrelated predictions: trained before it was watched
         else:
             if fin_lr.size and fin_lr[-1] < 0.5 * lr_max:
@@ -642,9 +679,8 @@ class LrTooLow(Rule):
                 ev["grad_norm_initial"], ev["grad_norm_final"] = g0, g1
                 if g1 < 0.5 * g0:
                     return []
-        c_ratio = min(1.0, 0.5 + 0.25 * math.log10(RATIO_LOW / max(ratio, 1e-300)))
-        c_still = 1.0 - max(0.0, progress) / BARELY_MOVES
-        conf = 0.5 * c_ratio + 0.5 * c_still
+        c_ratio = self.confidence["c_ratio"](RATIO_LOW / max(ratio, 1e-300))
+        conf = self.confidence["confidence"](c_ratio, max(0.0, progress))
         recs = []
         lr_cfg = median_lr(ctx, cfg.index)
         if lr_cfg:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gradprobe.analysis import (
+    LOSS_SPIKE_FACTOR,
     TRIVIAL_LEVEL,
     LossCurve,
     RunContext,
@@ -27,7 +28,7 @@ from gradprobe.analysis import (
     trivial_loss,
     uniform_classes,
 )
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Flag, Ramp, Recommendation, Rule, register
 
 #: GP505: the plateau must cover at least this fraction of the run (and 2 smoothing windows).
 PLATEAU_FRACTION = 0.30
@@ -62,8 +63,28 @@ UNIFORM_FLAT = 0.02
 UNIFORM_COLLAPSED_FLAT = 1e-4
 #: ... and with fewer records than this, its level must match ln K tightly (``uniform_classes``).
 MIN_LOOSE_RECORDS = 8
-#: GP505: an improvement counts when the smoothed loss beats its best by 1% (and by the noise).
+#: GP505: an improvement counts when the smoothed loss beats its best by 1% (and by 4 standard
+#: errors of a block median: one odd block among ~20 under pure noise stays below it; the
+#: standard error of a median is 1.25 x noise / sqrt(records), for Gaussian noise).
 PLATEAU_IMPROVEMENT = 0.01
+PLATEAU_IMPROVEMENT_SE = 4.0
+MEDIAN_SE_FACTOR = 1.25
+#: GP505: confidence in a plateau is whole when it covers 70% of the run (0.4 past the
+#: ``PLATEAU_FRACTION`` it needs).
+PLATEAU_SPAN = 0.4
+#: GP505: a rise of the trivial-loss ratio by 10% from the first half to the second is a
+#: divergence, not a plateau.
+TRIVIAL_RISE = 0.1
+#: GP505: predictions whose across-batch spread is below 5% (of the target std, or of 1 nat
+#: for logits) do not vary with the input.
+CONSTANT_PREDICTION = 0.05
+#: GP505 without target statistics: the loss never moved when it ended less than 5% below its
+#: first record and first window and not 5% above its first window, with the plateau starting
+#: in the first tenth of the run; and not already this far below the loss of predictions
+#: unrelated to the targets (a model trained before it was watched).
+NEVER_MOVED = 0.05
+PLATEAU_FROM_START = 0.1
+TRAINED_BEFORE = 1 / 3
 #: GP507: the loss must stay negative over at least this fraction of the run's records, ...
 NEGATIVE_FRACTION = 0.25
 #: ... fall steadily there (rank correlation with the step at most -0.9), ...
@@ -81,10 +102,25 @@ MIN_UNBOUNDED_RECORDS = 20
 MIN_OVERFIT_EVALS = 4
 MIN_OVERFIT_EVALS_ANY_SHAPE = 5
 MIN_OVERFIT_TRAIN_RECORDS = 5
-#: GP506: the validation loss must end at least 10% above its minimum ...
+#: GP506: the validation loss must end at least 10% above its minimum, by more than this many
+#: robust standard deviations of its noise, with at least ``MIN_AFTER_MINIMUM`` records after
+#: it (its end is the median of the last ``OVERFIT_TAIL`` of them, at most half), ...
 OVERFIT_RISE = 0.10
-#: ... while the training loss fell by at least 5% over the same steps.
+OVERFIT_NOISE = 3.0
+MIN_AFTER_MINIMUM = 3
+OVERFIT_TAIL = 3
+#: ... while the training loss fell by at least 5% over the same steps, and by more than this
+#: many standard errors of a window median.
 OVERFIT_TRAIN_FALL = 0.05
+OVERFIT_TRAIN_SE = 2.0
+#: GP507: the weight growth at which confidence is whole (a decade), and how steady the fall
+#: must be for it (a perfect -1 rank correlation, from ``STEADY``).
+GROWTH_FULL = 10.0
+STEADY_SPAN = 0.1
+#: GP507: fewest records after the crossing whose trend is judged, and fewest weight-norm
+#: records whose growth is.
+MIN_NEGATIVE_RECORDS = 4
+MIN_WEIGHT_RECORDS = 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -116,8 +152,8 @@ class LossSpike(Rule):
     that level: the weights were knocked off course and the run lost ground); info when the
     loss came straight back to its level after every spike. A hard or corrupt batch, or a
     heavy-tailed feature, lifts its own records and nothing after them; damaged weights lift
-    the loss of the batches that follow. Confidence: 0.5 + 0.5 x min(1, log10(factor / 3))
-    (1.0 at 30x), +0.1 with several spikes.
+    the loss of the batches that follow. Confidence: 0.5 at the spike threshold, whole a decade
+    past it (30x), more with several spikes.
     """
 
     code = "GP504"
@@ -125,6 +161,8 @@ class LossSpike(Rule):
     severity = "warning"
     title = "The loss jumps far above its running level"
     requires = ("loss",)
+    confidence = Confidence(0.5, Ramp(0.5, "worst factor", start=LOSS_SPIKE_FACTOR, log=True),
+                            Flag(0.1, "several spikes"))
     causes = ("undetached-hidden-state", "graph-retained-across-steps", "exploding-gradients", "missing-gradient-clipping",
               "lr-too-high", "missing-weight-decay", "fp16-overflow", "scaler-misuse", "nonfinite-inputs",
               "input-scale", "degenerate-targets", "overfitting")
@@ -167,8 +205,7 @@ class LossSpike(Rule):
         unrecovered = [(n, e) for n, e in events if not e.recovered]
         curves = {name: c for name, c, _ in hits}
         setback = [(n, e) for n, e in events if e.recovered and set_back(curves[n], e)]
-        conf = min(1.0, 0.5 + 0.5 * min(1.0, max(0.0, math.log10(max(worst.factor, 1e-12) / 3.0)))
-                   + (0.1 if len(events) > 1 else 0.0))
+        conf = self.confidence(max(worst.factor, 1e-12), len(events) > 1)
         ev: dict[str, Any] = {}
         for name, c, evs in hits:
             ev[name] = {"spikes": len(evs), "max_factor": max(e.factor for e in evs),
@@ -241,7 +278,7 @@ def _plateau_start(curve: LossCurve) -> int:
     blocks = np.empty(nb)
     blocks[:-1] = np.median(v[:(nb - 1) * w].reshape(nb - 1, w), axis=1)
     blocks[-1] = np.median(v[(nb - 1) * w:])
-    se = 1.25 * curve.noise / math.sqrt(w)
+    se = MEDIAN_SE_FACTOR * curve.noise / math.sqrt(w)
     # the last improved block k: scan back from the end, the median of the blocks after k kept
     # exactly by two heaps (lower half as a max-heap of negatives, upper half as a min-heap)
     # instead of a median of the whole suffix per block (quadratic on long runs)
@@ -258,7 +295,7 @@ def _plateau_start(curve: LossCurve) -> int:
         elif len(upper) > len(lower):
             heapq.heappush(lower, -heapq.heappop(upper))
         med = -lower[0] if len(lower) > len(upper) else (-lower[0] + upper[0]) / 2
-        tol = max(PLATEAU_IMPROVEMENT * abs(blocks[k]), 4.0 * se)
+        tol = max(PLATEAU_IMPROVEMENT * abs(blocks[k]), PLATEAU_IMPROVEMENT_SE * se)
         if blocks[k] - med > tol:
             return int(k + 1) * w
     return 0
@@ -311,9 +348,10 @@ class LossPlateau(Rule):
     earlier (a loss that never left the trivial level was stuck from the start, whatever
     noise made its last "improvement"), so that a fault that began later (units dying in a
     run that never learned anything) is not linked as its cause.
-    Confidence: 0.5 + 0.3 x min(1, (plateau fraction - 0.3) / 0.4) + 0.2 when the predictions
-    do not vary with the input (across-batch spread < 5% of the target std, or of 1 nat for
-    logits); 0.4 + 0.3 x the same fraction term without a baseline.
+    Confidence: more the longer the plateau, and more when the predictions do not vary with
+    the input (across-batch spread < 5% of the target std, or of 1 nat for logits); lower
+    without a baseline (the level cannot be compared with the trivial loss). A loss frozen at
+    one number is measured exactly; one at ln K more so the more records show it.
     """
 
     code = "GP505"
@@ -321,6 +359,14 @@ class LossPlateau(Rule):
     severity = "warning"
     title = "The loss stopped decreasing at a level that is not convergence"
     requires = ("loss|eval_loss",)
+    confidence = {
+        "at the trivial level": Confidence(0.5, Ramp(0.3, "plateau fraction", start=PLATEAU_FRACTION, span=PLATEAU_SPAN),
+                                           Flag(0.2, "the predictions do not vary with the input")),
+        "never decreased, without a baseline": Confidence(
+            0.4, Ramp(0.3, "plateau fraction", start=PLATEAU_FRACTION, span=PLATEAU_SPAN)),
+        "frozen": Confidence(0.6, Ramp(0.4, "fraction of the run", start=PLATEAU_FRACTION, span=PLATEAU_SPAN)),
+        "at ln K": Confidence(0, Flag(0.7, f"{MIN_LOOSE_RECORDS}+ records", otherwise=0.55)),
+    }
     causes = ("lr-too-low", "dead-units", "saturated-activations", "vanishing-gradients", "poor-initialization",
               "overclipping", "input-scale", "degenerate-targets", "amp-without-scaler", "lr-too-high",
               "fp16-overflow", "exploding-gradients", "undetached-hidden-state")
@@ -413,7 +459,7 @@ class LossPlateau(Rule):
                f"{b - a + 1} records in a row, from step {int(c.steps[a])} to step {int(c.steps[b])} ({covered:.0%} of "
                "the run): nothing was being updated (a learning rate of 0 or ~0, frozen parameters, or outputs that "
                "no longer depend on the input).")
-        return self.finding(confidence=0.6 + 0.4 * min(1.0, (covered - PLATEAU_FRACTION) / 0.4), message=msg,
+        return self.finding(confidence=self.confidence["frozen"](covered), message=msg,
                             first_step=int(c.steps[a]), evidence=ev, recommendations=[_CHECK_SNIPPET],
                             title="The loss is frozen at one value")
 
@@ -464,7 +510,7 @@ class LossPlateau(Rule):
                f"distribution over {k} classes, until step {int(c.steps[-1])}. The model's outputs no longer depend "
                "on its input: it has learned nothing, or " + ("never learned anything." if never_left else
                                                                "collapsed and forgot what it had."))
-        return self.finding(confidence=0.7 if records >= MIN_LOOSE_RECORDS else 0.55, message=msg,
+        return self.finding(confidence=self.confidence["at ln K"](records >= MIN_LOOSE_RECORDS), message=msg,
                             first_step=int(c.steps[a]), evidence=ev, recommendations=[_CHECK_SNIPPET],
                             title="The loss sits at the uniform prediction")
 
@@ -484,7 +530,7 @@ class LossPlateau(Rule):
             # judged against the trivial level: batches of different variance move the raw loss
             lo, mid = int(curve.steps[0]), int(curve.steps[n // 2])
             early, late = tl.ratio_between(lo, mid), tl.ratio_between(mid, end)
-            rose = math.isfinite(early) and math.isfinite(late) and late - early >= 0.1 * early and curve.rose
+            rose = math.isfinite(early) and math.isfinite(late) and late - early >= TRIVIAL_RISE * early and curve.rose
         else:
             rose = curve.rose
         if rose:
@@ -499,16 +545,15 @@ class LossPlateau(Rule):
         ev: dict[str, Any] = {"plateau_start_step": start, "plateau_level": level, "plateau_fraction": frac,
                               "loss_initial": float(curve.values[0]), "records": n}
         first_step = start
-        f_term = min(1.0, max(0.0, (frac - PLATEAU_FRACTION) / 0.4))
         constant_pred = False
         if math.isfinite(base_ratio):
             if base_ratio < TRIVIAL_LEVEL:
                 return []
             spread = tl.pred_spread[(tl.pred_spread.index >= start) & (tl.pred_spread.index <= end)]
-            constant_pred = bool(len(spread)) and float(spread.median()) < 0.05
+            constant_pred = bool(len(spread)) and float(spread.median()) < CONSTANT_PREDICTION
             ev.update({"trivial_loss": baseline, "loss_over_trivial": base_ratio, "trivial_kinds": tl.kinds,
                        "prediction_spread": float(spread.median()) if len(spread) else None})
-            conf = 0.5 + 0.3 * f_term + (0.2 if constant_pred else 0.0)
+            conf = self.confidence["at the trivial level"](frac, constant_pred)
             kinds = {"mean": "predicting the target mean (MSE = target variance)",
                      "uniform": "predicting the uniform distribution (cross-entropy = ln n_classes)",
                      "base-rate": "predicting the base rate (binary cross-entropy = its entropy)"}
@@ -529,12 +574,12 @@ class LossPlateau(Rule):
             moved = max((fw - curve.final) / abs(fw) if fw != 0 else 0.0,
                         (first - curve.final) / abs(first) if first != 0 else 0.0)
             rose = (curve.final - curve.first_window) / abs(curve.first_window) if curve.first_window != 0 else 0.0
-            if last > 0.1 * n or moved >= 0.05 or rose >= 0.05:
+            if last > PLATEAU_FROM_START * n or moved >= NEVER_MOVED or rose >= NEVER_MOVED:
                 return []  # it learned, or it rose (divergence: GP501), not a plateau
-            if tl.first_over_expected < 1 / 3:
+            if tl.first_over_expected < TRAINED_BEFORE:
                 return []  # already far below the loss of unrelated predictions: trained before it was watched
             ev["progress"] = moved
-            conf = 0.4 + 0.3 * f_term
+            conf = self.confidence["never decreased, without a baseline"](frac)
             msg = (f"The training loss never decreased: it sits at {level:.4g} from step {start} to step {end} "
                    f"({moved:.1%} below where it started).")
         return [self.finding(confidence=conf, message=msg, first_step=first_step, evidence=ev,
@@ -560,8 +605,8 @@ class Overfitting(Rule):
     curves diverge, the signature of memorising the training set. A validation loss that
     rises together with the training loss is divergence (GP501), not overfitting.
 
-    Confidence: 0.5 + 0.25 x min(1, rise / 0.5) + 0.25 x min(1, (records after the minimum -
-    2) / 5).
+    Confidence: 0.5 at the thresholds, more with a larger rise (whole at 50%) and with more
+    evaluations after the minimum (whole at 7).
     """
 
     code = "GP506"
@@ -569,6 +614,8 @@ class Overfitting(Rule):
     severity = "warning"
     title = "The validation loss rises while the training loss keeps falling"
     requires = ("loss", "eval_loss")
+    confidence = Confidence(0.5, Ramp(0.25, "rise", span=0.5),
+                            Ramp(0.25, "records after the minimum", start=MIN_AFTER_MINIMUM - 1, span=5.0))
     causes = ("missing-weight-decay",)
     evidence_fields = {
         "best_val_step": Field("best validation loss at", "step"),
@@ -601,18 +648,18 @@ class Overfitting(Rule):
         sm = np.array([np.median(v[max(0, i - 1): i + 2]) for i in range(ec.n)])
         k = int(np.argmin(sm))
         after = ec.n - 1 - k
-        if after < 3:
+        if after < MIN_AFTER_MINIMUM:
             return []
         monotone = bool(np.all(np.diff(v[k:]) > 0))
         if ec.n < MIN_OVERFIT_EVALS_ANY_SHAPE and not monotone:
             return []  # with this few evaluations only a rise at every one of them says anything
         # a rise at every evaluation has no lucky minimum to smooth away
         vmin = float(v[k]) if monotone else float(sm[k])
-        tail = v[-min(3, max(1, after // 2)):]
+        tail = v[-min(OVERFIT_TAIL, max(1, after // 2)):]
         vend = float(np.median(tail))
         rise = (vend - vmin) / abs(vmin) if vmin != 0 else math.inf
         noise = ec.noise
-        if rise < OVERFIT_RISE or vend - vmin <= 3.0 * noise:
+        if rise < OVERFIT_RISE or vend - vmin <= OVERFIT_NOISE * noise:
             return []
         s_min = int(ec.steps[k])
         ti = tr.index_at(s_min)
@@ -622,16 +669,16 @@ class Overfitting(Rule):
             return []
         t_at = float(np.median(seg))
         t_end = tr.final
-        se = 1.25 * tr.noise / math.sqrt(tr.window)
+        se = MEDIAN_SE_FACTOR * tr.noise / math.sqrt(tr.window)
         fall = (t_at - t_end) / abs(t_at) if t_at != 0 else 0.0
-        if fall < OVERFIT_TRAIN_FALL or t_at - t_end <= 2.0 * se:
+        if fall < OVERFIT_TRAIN_FALL or t_at - t_end <= OVERFIT_TRAIN_SE * se:
             return []
-        conf = 0.5 + 0.25 * min(1.0, rise / 0.5) + 0.25 * min(1.0, (after - 2) / 5.0)
+        conf = self.confidence(rise, after)
         ev = {"best_val_step": s_min, "best_val_loss": vmin, "final_val_loss": vend, "val_rise": rise,
               "train_loss_at_best_val": t_at, "final_train_loss": t_end, "train_fall": fall,
               "val_records_after_best": after, "val_records": ec.n}
         # evaluations that noise alone can keep above the minimum: 3 noise units against the 10% rise
-        patience = max(2, min(after, int(math.ceil(3.0 * noise / max(abs(vmin) * OVERFIT_RISE, 1e-300)))))
+        patience = max(2, min(after, int(math.ceil(OVERFIT_NOISE * noise / max(abs(vmin) * OVERFIT_RISE, 1e-300)))))
         recs = [Recommendation.code(
             "Stop at the validation minimum and keep that checkpoint",
             f"best, bad = float('inf'), 0\n"
@@ -677,7 +724,8 @@ class UnboundedLoss(Rule):
       without weight norms (foreign logs) the loss must end at least ``DEPTH`` times further
       below 0 than its largest magnitude before the crossing.
 
-    Confidence: 0.6 + 0.2 x min(1, weight growth / 10) + 0.2 x the steadiness beyond 0.9.
+    Confidence: 0.6 from the conditions above, more with a larger weight growth (whole at
+    10x) and a steadier fall (whole at a rank correlation of -1).
     """
 
     code = "GP507"
@@ -685,6 +733,8 @@ class UnboundedLoss(Rule):
     severity = "error"
     title = "The loss falls without bound: the loss function can be lowered without fitting the data"
     requires = ("loss",)
+    confidence = Confidence(0.6, Ramp(0.2, "weight growth", span=GROWTH_FULL),
+                            Ramp(0.2, "-rank correlation", start=STEADY, span=STEADY_SPAN))
     evidence_fields = {
         "negative_from_step": Field("negative from", "step"),
         "loss_at_crossing": Field("loss then", "loss"),
@@ -718,7 +768,7 @@ class UnboundedLoss(Rule):
         if not neg.size:
             return []
         k = int(neg[0])
-        if not (sm[k:] < 0).all() or (curve.n - k) < NEGATIVE_FRACTION * curve.n or curve.n - k < 4:
+        if not (sm[k:] < 0).all() or (curve.n - k) < NEGATIVE_FRACTION * curve.n or curve.n - k < MIN_NEGATIVE_RECORDS:
             return []
         tail = sm[k:]
         rho = rank_correlation(np.arange(tail.size, dtype=np.float64), tail)
@@ -732,7 +782,7 @@ class UnboundedLoss(Rule):
         wn = ctx.col("weight_norm") if ctx.n else np.zeros(0)
         fin = np.isfinite(wn) & (wn > 0)
         growth = None
-        if fin.sum() >= 4:
+        if fin.sum() >= MIN_WEIGHT_RECORDS:
             at = wn[(ctx.step >= step0) & fin]
             if at.size >= 2:
                 growth = float(at[-1] / at[0])
@@ -743,7 +793,7 @@ class UnboundedLoss(Rule):
             before = np.abs(curve.values[:max(k, 1)])
             if abs(curve.final) < DEPTH * max(float(before.max()), 1e-12):
                 return []
-        conf = 0.6 + 0.2 * min(1.0, (growth or DEPTH) / 10.0) + 0.2 * min(1.0, max(0.0, (-rho - 0.9) / 0.1))
+        conf = self.confidence(growth or DEPTH, -rho)
         msg = (f"The training loss went below 0 at step {step0} and kept falling without slowing down, to "
                f"{curve.final:.4g} ({d1:.4g} over the first half of that stretch, {d2:.4g} over the second)"
                + (f", while the weight norm grew {growth:.3g}x" if growth is not None else "")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from gradprobe.analysis import RunContext, loss_curve, loss_harm, median_lr, nice
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Flag, Ramp, Recommendation, Rule, register
 
 #: GP503: a weight norm grown by this factor no longer reflects the initialisation ...
 WEIGHT_GROWTH = 3.0
@@ -16,8 +16,20 @@ LATE_GROWTH = 0.10
 #: GP503 recommends weight decay only for growth up to 1% per step; faster growth is the
 #: learning rate's doing (GP501), and a decay that strong would erase the weights' learning.
 MAX_DECAY_PER_STEP = 0.01
-#: Fewest records a norm's growth is judged on (a window of 5 at each end and a middle).
+#: Fewest records a norm's growth is judged on (a window at each end and in the middle).
 MIN_GROWTH_RECORDS = 20
+#: The window: a twentieth of the records (20 windows across the run keep its shape), at least 3.
+WINDOWS = 20
+MIN_WINDOW = 3
+#: The last quarter of the records starts here.
+LAST_QUARTER = 0.75
+#: The growth began where the norm first passed this multiple of its start.
+ONSET_GROWTH = 1.5
+#: Growth is useless when the second half of the run bought less than this fraction of the
+#: run's loss progress while the norm grew at least ``USELESS_NORM_GROWTH`` (judged on a loss of
+#: at least ``MIN_GROWTH_RECORDS`` records).
+USELESS_GAIN = 0.05
+USELESS_NORM_GROWTH = 0.2
 
 
 def _weight_groups_without_decay(ctx: RunContext) -> bool | None:
@@ -45,11 +57,11 @@ def _norm_growth(values: np.ndarray, reference: float = 0.0) -> dict[str, float]
     v = values[np.isfinite(values) & (values > 0)]
     if v.size < MIN_GROWTH_RECORDS:
         return None
-    w = max(3, v.size // 20)
+    w = max(MIN_WINDOW, v.size // WINDOWS)
     start = float(np.median(v[:w]))
     first = max(start, reference)
     last = float(np.median(v[-w:]))
-    q = int(0.75 * v.size)
+    q = int(LAST_QUARTER * v.size)
     at_q = float(np.median(v[max(0, q - w // 2): q + w // 2 + 1]))
     h = v.size // 2
     at_h = float(np.median(v[max(0, h - w // 2): h + w // 2 + 1]))
@@ -92,8 +104,8 @@ class MissingWeightDecay(Rule):
     level inflates the weights by orders of magnitude at once, and the growth that follows is
     that step's aftermath, not a missing decay (the engine links it when present and earlier).
 
-    Confidence: 0.5 + 0.25 x min(1, log10(growth)) (the full 0.25 at 10x) + 0.25 if instability
-    followed the growth.
+    Confidence: 0.5 from the conditions above, more with a larger growth (whole at 10x) and
+    when instability followed it.
     """
 
     code = "GP503"
@@ -101,6 +113,7 @@ class MissingWeightDecay(Rule):
     severity = "warning"
     title = "Weights grow without bound and there is no weight decay"
     requires = ("weights", "optimizer")
+    confidence = Confidence(0.5, Ramp(0.25, "growth", start=1.0, log=True), Flag(0.25, "instability followed"))
     causes = ("exploding-gradients",)
     evidence_fields = {
         "layer": Field("weight matrix"),
@@ -156,17 +169,17 @@ class MissingWeightDecay(Rule):
         if best is None:
             return []
         name, g, steps, values = best
-        onset = int(steps[int(np.argmax(values > 1.5 * g["start"]))])
+        onset = int(steps[int(np.argmax(values > ONSET_GROWTH * g["start"]))])
         harm = {k: v for k, v in loss_harm(ctx).items() if v["step"] >= onset}
         curve = loss_curve(ctx)
         useless = False
-        if curve.n >= 20:
+        if curve.n >= MIN_GROWTH_RECORDS:
             mid = curve.values[curve.n // 2 - curve.window // 2: curve.n // 2 + curve.window // 2 + 1]
             gain_total = curve.start - curve.best
             gain_late = float(np.median(mid)) - curve.final if mid.size else 0.0
             half = values[len(values) // 2:]
             grew_late = half[-1] / half[0] - 1.0 if half.size and half[0] > 0 else 0.0
-            useless = gain_total > 0 and gain_late < 0.05 * gain_total and grew_late >= 0.2
+            useless = gain_total > 0 and gain_late < USELESS_GAIN * gain_total and grew_late >= USELESS_NORM_GROWTH
         if not harm and not useless:
             return []
         h0 = int(steps[len(steps) // 2])
@@ -187,7 +200,7 @@ class MissingWeightDecay(Rule):
                        if ctx.adaptive else
                        f"optimizer = torch.optim.{cls}(model.parameters(), lr={lr:.3g}, weight_decay={wd:g})")
             recs.append(Recommendation.code("Apply decoupled weight decay", snippet))
-        conf = min(1.0, 0.5 + 0.25 * min(1.0, math.log10(g["total"])) + (0.25 if harm else 0.0))
+        conf = self.confidence(g["total"], bool(harm))
         where = f"the weight matrix {name}" if name else "the total weight norm"
         msg = (f"With no weight decay, {where} grew from {g['start']:.3g} to {g['final']:.3g} "
                f"({g['total']:.1f}x {'its start' if g['initial'] == g['start'] else 'the norm of a Kaiming init'}) and "
