@@ -42,16 +42,28 @@ from gradprobe.analysis import (
     tiny_targets,
     trivial_loss,
 )
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Flag, Ramp, Recommendation, Rule, register
 
 #: GP601: features of scale above 10 (a decade above unit) with a largest magnitude above 10.
 INPUT_LARGE = 10.0
 #: GP601: features of scale below 0.01 (two decades below unit) with a largest magnitude below 0.1.
 INPUT_SMALL = 1e-2
+INPUT_SMALL_ABSMAX = 10 * INPUT_SMALL
 #: GP602: a std this small relative to the targets' magnitude is a constant (float32 rounding).
 TARGET_CONSTANT = 1e-6
+#: GP602: a magnitude floor, so that a std of exactly 0 still compares as constant.
+MAGNITUDE_FLOOR = 1e-30
+#: GP602: constant targets over this many sampled batches are certain (fewer could be one
+#: unlucky draw of identical labels).
+CONSTANT_BATCHES = 3
 #: GP602: MSE at or below 1e-4 of the target variance (R^2 >= 0.9999).
 LEAKAGE_RATIO = 1e-4
+#: GP602: a fit is memorisation, not leakage, when the validation loss over the last quarter of
+#: the evaluations stayed at 1% of the target variance or above, or when this many sampled
+#: batches or more all had the same input statistics.
+MEMORISED_VAL_FLOOR = 1e-2
+LATE_QUARTER = 4
+SAME_INPUT_BATCHES = 3
 #: GP602: a training loss exactly 0 on this fraction of its records (and at least this many)
 #: is stuck there: a loss that only touches 0 now and then (an easy batch) is not.
 ZERO_FRACTION = 0.10
@@ -60,11 +72,31 @@ ZERO_RECORDS = 5
 INIT_DECADES = 2.0
 #: GP603 without activation samples: three decades between the first and last weight gradients.
 INIT_GRAD_DECADES = 3.0
+#: GP603: from 6 decades the signal is below float32's relative resolution of the values it is
+#: added to: an error.
+INIT_ERROR_DECADES = 6
+#: GP603: at least this many layers (or the input and one layer), with at least this share of
+#: the transitions going the same way (a trend, not one odd layer).
+MIN_INIT_LAYERS = 3
+INIT_TREND = 2 / 3
+#: GP603: the samples of the first steps up to this one show the initialisation.
+INIT_STEPS = 3
+#: GP603: features of this std are of unit scale (the scale initialisers are designed for);
+#: other scales are GP601's.
+UNIT_STD_MIN, UNIT_STD_MAX = 0.1, INPUT_LARGE
+#: GP603: a zero scale on the log scale (-30 decades, below anything float32 holds).
+LOG_FLOOR = 1e-30
+#: GP603: how many layers' scales a message lists.
+SHOWN_LAYERS = 8
 #: GP604: half of a module's outputs (or of a gate's values) at their bounds.
 SATURATED = 0.5
 #: GP605: half of a layer's units never active over a batch; 99% is an error.
 DEAD = 0.5
 DEAD_ALL = 0.99
+#: GP605: batches of fewer examples are not judged (a healthy unit is off for all of them too often).
+MIN_BATCH = 8
+#: GP604/GP605: confidence is whole this far above the threshold (0.9 of the units: all but a few).
+SATURATION_SPAN = 0.4
 
 
 INIT_SNIPPETS = {
@@ -117,7 +149,7 @@ class InputScale(Rule):
     Standardised data with heavy tails (scale ~1, a few |x| > 10) is not a finding; raw
     pixels (0-255), physical units, timestamps and counts are.
 
-    Confidence: 0.5 + 0.5 x min(1, decades past the threshold / 2).
+    Confidence: 0.5 at the threshold, whole two decades past it (raw pixels, physical units).
     """
 
     code = "GP601"
@@ -125,6 +157,7 @@ class InputScale(Rule):
     severity = "warning"
     title = "Input features are far from unit scale"
     requires = ("inputs",)
+    confidence = Confidence(0.5, Ramp(0.5, "decades past the threshold", span=2.0))
     evidence_fields = {
         "layer": Field("where they enter"),
         "where": Field("measured at"),
@@ -177,7 +210,7 @@ class InputScale(Rule):
             kind = "large"
             msg = (f"The features entering {target} have mean {mean:.3g}, std {std:.3g} (largest feature std "
                    f"{fmax:.3g}) and reach |x| = {absmax:.3g}: {big:.3g}x unit scale.")
-        elif 0 < scale < INPUT_SMALL and absmax < 10 * INPUT_SMALL:
+        elif 0 < scale < INPUT_SMALL and absmax < INPUT_SMALL_ABSMAX:
             decades = math.log10(INPUT_SMALL / scale)
             kind = "small"
             msg = (f"The features entering {target} have mean {mean:.3g}, std {std:.3g} and never exceed "
@@ -185,7 +218,7 @@ class InputScale(Rule):
         else:
             return []
         ev["problem"] = kind
-        conf = 0.5 + 0.5 * min(1.0, decades / 2.0)
+        conf = self.confidence(decades)
         sd = std if std > 0 else 1.0
         snippet = (
             f"# gradprobe measured the features entering {target}: mean {mean:.3g}, std {std:.3g}, max |x| {absmax:.3g}\n"
@@ -230,9 +263,10 @@ class DegenerateTargets(Rule):
       first record is not judged: an untrained model cannot have a loss of 0, so that term is
       not being trained (a loss switched off, e.g. a GAN discriminator before it starts).
 
-    Confidence: constant 0.9 (1.0 over 3+ batches); tiny 0.5 + 0.5 x min(1, decades below 1e-3
-    / 3); near-zero loss 0.5 + 0.1 x decades below 1e-4 (at most 0.8); exactly zero 0.6 +
-    0.4 x min(1, fraction of the run at 0 / 0.5).
+    Confidence: constant targets are measured, certain over ``CONSTANT_BATCHES`` batches; tiny
+    targets from 0.5 at 1e-3, whole three decades below; a loss near zero from 0.5 at 1e-4 of
+    the variance, never above 0.8 (noiseless targets fit that well too, without a leak); a
+    loss at exactly 0 from 0.6, whole when it covers half the run.
     """
 
     code = "GP602"
@@ -245,6 +279,13 @@ class DegenerateTargets(Rule):
         "error": "constant targets in every sampled batch, for every loss function: there is nothing to learn",
     }
     requires = ("targets|loss",)
+    confidence = {
+        "constant": Confidence(0.9, Flag(0.1, f"constant over {CONSTANT_BATCHES}+ sampled batches")),
+        "tiny": Confidence(0.5, Ramp(0.5, "decades below 1e-3", span=3.0)),
+        "near zero": Confidence(0.5, Ramp(0.1, "1e-4 / (MSE / target variance)", start=1.0, log=True, clip=False),
+                                cap=0.8),
+        "exactly zero": Confidence(0.6, Ramp(0.4, "fraction of the run at 0", span=0.5)),
+    }
     evidence_fields = {
         "zero_records": Field("records at exactly 0"),
         "zero_fraction": Field("of the run", "%"),
@@ -306,7 +347,8 @@ class DegenerateTargets(Rule):
                "gradient is exactly 0, and nothing is learned from there. A task solved that completely has targets "
                "that carry nothing to learn (constant, templated or duplicated examples, or the label leaking into "
                "the inputs).")
-        return self.finding(confidence=0.6 + 0.4 * min(1.0, covered / 0.5), message=msg, first_step=first, evidence=ev,
+        return self.finding(confidence=self.confidence["exactly zero"](covered), message=msg, first_step=first,
+                            evidence=ev,
                             title="The training loss is exactly zero",
                             recommendations=[Recommendation.code(
                                 "Check what makes the task trivial",
@@ -330,13 +372,14 @@ class DegenerateTargets(Rule):
             mag = np.maximum(np.abs(mean), absmax)
             first = int(g["step"].min())
             integer = bool((g.get("integer", pd.Series([0.0])).fillna(0) > 0.5).all())
-            constant = bool(np.all(std <= TARGET_CONSTANT * np.maximum(mag, 1e-30)))
-            same = bool(np.ptp(mean) <= TARGET_CONSTANT * max(float(np.max(mag)), 1e-30)) if mean.size else False
+            constant = bool(np.all(std <= TARGET_CONSTANT * np.maximum(mag, MAGNITUDE_FLOOR)))
+            same = bool(np.ptp(mean) <= TARGET_CONSTANT * max(float(np.max(mag)), MAGNITUDE_FLOOR)) if mean.size else False
             if constant and same:
                 val = float(np.median(mean))
                 ev = {"loss_function": name, "value": val, "std": float(np.max(std)), "batches": int(len(g))}
                 constants.append(self.finding(
-                    confidence=1.0 if len(g) >= 3 else 0.9, severity="error", first_step=first, evidence=ev,
+                    confidence=self.confidence["constant"](len(g) >= CONSTANT_BATCHES), severity="error",
+                    first_step=first, evidence=ev,
                     message=f"The targets of {name} are the constant {val:.6g} in every sampled batch ({len(g)}): "
                     f"there is nothing to learn.",
                     recommendations=[Recommendation.code(
@@ -359,7 +402,7 @@ class DegenerateTargets(Rule):
                            f"y_scaled = (y - y_mean) / y_std          # train on unit-scale targets\n"
                            f"prediction = model(x) * y_std + y_mean   # and map predictions back")
                 out.append(self.finding(
-                    confidence=0.5 + 0.5 * min(1.0, decades / 3.0), first_step=first, evidence=ev,
+                    confidence=self.confidence["tiny"](decades), first_step=first, evidence=ev,
                     message=f"The targets of {name} have RMS {rms:.3g} (max |y| {amax:.3g}): the loss of a model that "
                     f"predicts 0 is already {rms * rms:.3g}, so every loss looks converged, and one optimizer step "
                     f"moves a prediction by about the whole target range.",
@@ -377,7 +420,7 @@ class DegenerateTargets(Rule):
                         ev = {"loss_function": name, "loss_over_variance": best, "step": step0,
                               "target_variance": float(tl.table.loc[step0, "baseline"]),
                               "loss": float(tl.table.loc[step0, "loss_fn"])}
-                        conf = min(0.8, 0.5 + 0.1 * math.log10(LEAKAGE_RATIO / max(best, 1e-300)))
+                        conf = self.confidence["near zero"](LEAKAGE_RATIO / max(best, 1e-300))
                         out.append(self.finding(
                             confidence=conf, first_step=step0, evidence=ev,
                             message=f"At step {step0} the MSE was {best:.2g} of the target variance (R^2 = "
@@ -398,14 +441,15 @@ class DegenerateTargets(Rule):
         whereas a leaked target does), or every sampled batch had the same input statistics (the
         same few examples every step, which a large enough model can always fit exactly)."""
         ev = ctx.eval_loss
-        if len(ev) >= 2 and variance > 0 and float(ev.iloc[-max(1, len(ev) // 4):].median()) >= 1e-2 * variance:
+        if len(ev) >= 2 and variance > 0 and \
+                float(ev.iloc[-max(1, len(ev) // LATE_QUARTER):].median()) >= MEMORISED_VAL_FLOOR * variance:
             return True
         for probe in ("first_layer", "input"):
             w = sample_table(ctx, probe)
             if w.empty or "mean" not in w or "std" not in w:
                 continue
             w = w[~w["target"].str.contains(r"\[", regex=True)]
-            if len(w) >= 3:
+            if len(w) >= SAME_INPUT_BATCHES:
                 return bool(w["mean"].nunique() == 1 and w["std"].nunique() == 1)
         return False
 
@@ -443,7 +487,8 @@ class PoorInitialization(Rule):
     unit after it gets the same gradient (error, confidence 1).
 
     Severity: warning; error from 6 decades (the signal is below float32's relative resolution
-    of the values it is added to). Confidence: 0.5 + 0.5 x min(1, (decades - 2) / 4).
+    of the values it is added to). Confidence: 0.5 at the threshold, whole 4 decades past it
+    (for activations that is the error threshold's 6 decades).
     """
 
     code = "GP603"
@@ -455,6 +500,11 @@ class PoorInitialization(Rule):
         "error": "6 decades or more (below float32's relative resolution), or a first layer whose output is constant",
     }
     requires = ("activations|layer_grad",)
+    confidence = {
+        "activations": Confidence(0.5, Ramp(0.5, "decades", start=INIT_DECADES, span=4.0)),
+        "weight gradients": Confidence(0.5, Ramp(0.5, "decades", start=INIT_GRAD_DECADES, span=4.0)),
+        "constant first layer": Confidence(1.0),
+    }
     evidence_fields = {
         "source": Field("measured on"),
         "step": Field("at", "step"),
@@ -497,26 +547,26 @@ class PoorInitialization(Rule):
             inp = self._unit_input_std(ctx, step)
             if inp is not None and names:
                 names, scales = ["input", *names], [inp, *scales]  # the first layer's own gain counts too
-            if len(names) < 3 and not (inp is not None and len(names) == 2):
+            if len(names) < MIN_INIT_LAYERS and not (inp is not None and len(names) == 2):
                 return []
-        logs = np.log10(np.maximum(np.asarray(scales, dtype=np.float64), 1e-30))
+        logs = np.log10(np.maximum(np.asarray(scales, dtype=np.float64), LOG_FLOOR))
         total = float(logs[-1] - logs[0])
         need = INIT_DECADES if source == "activations" else INIT_GRAD_DECADES
         if abs(total) < need:
             return []
         d = np.diff(logs)
         trend = float(np.mean(np.sign(d) == np.sign(total)))
-        if trend < 2 / 3:
+        if trend < INIT_TREND:
             return []
         per_layer = 10 ** (total / (len(logs) - 1))
         decades = abs(total)
         kind = "collapse" if total < 0 else "explode"
-        conf = 0.5 + 0.5 * min(1.0, (decades - need) / 4.0)
-        sev = "error" if decades >= 6 else "warning"
+        conf = self.confidence["activations" if source == "activations" else "weight gradients"](decades)
+        sev = "error" if decades >= INIT_ERROR_DECADES else "warning"
         what = "activation std" if source == "activations" else "weight-gradient RMS"
-        seq = ", ".join(f"{n}: {s:.2g}" for n, s in list(zip(names, scales))[:8])
+        seq = ", ".join(f"{n}: {s:.2g}" for n, s in list(zip(names, scales))[:SHOWN_LAYERS])
         msg = (f"At step {step} the {what} {'shrinks' if total < 0 else 'grows'} by {decades:.1f} decades from {names[0]} "
-               f"to {names[-1]} ({per_layer:.2g}x per layer: {seq}{', ...' if len(names) > 8 else ''}).")
+               f"to {names[-1]} ({per_layer:.2g}x per layer: {seq}{', ...' if len(names) > SHOWN_LAYERS else ''}).")
         ev = {"source": source, "step": step, "layers": names, "scales": [float(s) for s in scales],
               "decades": total, "per_layer_factor": per_layer, "trend": trend, "nonlinearity": nonlin}
         _, gain = INIT_SNIPPETS[nonlin]
@@ -536,7 +586,8 @@ class PoorInitialization(Rule):
                f"units while its input varies: a zero (or constant) initialisation erases the input there, and every "
                f"unit after it receives the same (zero) gradient.")
         recs = [Recommendation.code(f"Initialise for {nonlin} (gain {gain}) instead of zeros", _init_snippet(nonlin, recurrent))]
-        return self.finding(confidence=1.0, message=msg, first_step=step, layer=names[0], evidence=ev,
+        return self.finding(confidence=self.confidence["constant first layer"](), message=msg, first_step=step,
+                            layer=names[0], evidence=ev,
                             recommendations=recs, severity="error", title="Initial activations collapse to zero")
 
     @staticmethod
@@ -553,7 +604,7 @@ class PoorInitialization(Rule):
         if not len(w):
             return None
         sd = float(w["std"].iloc[0])
-        return sd if 0.1 <= sd <= 10.0 else None
+        return sd if UNIT_STD_MIN <= sd <= UNIT_STD_MAX else None
 
     @staticmethod
     def _input_varies(ctx: RunContext, step: int) -> bool:
@@ -572,7 +623,7 @@ class PoorInitialization(Rule):
         if act.empty or "std" not in act:
             return None
         step = int(act["step"].min())
-        if step > 3:
+        if step > INIT_STEPS:
             return None
         modules = {str(info.get("module")) for info in ctx.layer_info.values() if info.get("module") is not None}
         a = act[(act["step"] == step) & act["target"].isin(modules) & (act["call"] == 0)].sort_values("index")
@@ -601,7 +652,7 @@ class PoorInitialization(Rule):
             numel = float(np.prod(shape))
             names.append(str(name))
             scales.append(g / math.sqrt(numel))
-        if len(names) < 3:
+        if len(names) < MIN_INIT_LAYERS:
             return None
         return names, scales, step
 
@@ -630,7 +681,8 @@ class SaturatedActivations(Rule):
     initialisation, a too-high lr, weights grown without decay, or an exploding step that
     blew the weights up.
 
-    Confidence: 0.5 + 0.5 x min(1, (fraction - 0.5) / 0.4) for the worst module.
+    Confidence: 0.5 at the threshold, whole when nearly all (0.9) of the worst module's units
+    are saturated.
     """
 
     code = "GP604"
@@ -638,6 +690,8 @@ class SaturatedActivations(Rule):
     severity = "warning"
     title = "Sigmoid/tanh units are stuck at their bounds"
     requires = ("activations|gates",)
+    confidence = Confidence(0.5, Ramp(0.5, "the worst module's saturated fraction", start=SATURATED,
+                                      span=SATURATION_SPAN))
     causes = ("input-scale", "poor-initialization", "lr-too-high", "missing-weight-decay", "exploding-gradients")
     evidence_fields = {
         "saturated": Field("saturated modules"),
@@ -691,7 +745,7 @@ class SaturatedActivations(Rule):
         if not hits:
             return []
         worst = max(hits, key=lambda h: h["fraction"])
-        conf = 0.5 + 0.5 * min(1.0, (worst["fraction"] - SATURATED) / 0.4)
+        conf = self.confidence(worst["fraction"])
         listed = ", ".join(f"{h['layer']} ({h['fraction']:.0%})" for h in sorted(hits, key=lambda h: -h["fraction"])[:6])
         msg = (f"Sigmoid/tanh outputs stay at their bounds through the run: {listed}. Units there pass less than 2% of "
                f"their gradient.")
@@ -734,8 +788,8 @@ class DeadUnits(Rule):
     produce one).
 
     Severity: error when some layer is at least 99% dead (it passes essentially nothing, so
-    every layer before it stops learning), warning otherwise. Confidence: 0.5 + 0.5 x min(1,
-    (fraction - 0.5) / 0.4) for the worst layer.
+    every layer before it stops learning), warning otherwise. Confidence: 0.5 at the threshold,
+    whole when nearly all (0.9) of the worst layer's units are dead.
     """
 
     code = "GP605"
@@ -747,6 +801,7 @@ class DeadUnits(Rule):
         "error": "99% or more of a layer's units never activate: it passes essentially nothing",
     }
     requires = ("activations",)
+    confidence = Confidence(0.5, Ramp(0.5, "the worst layer's dead fraction", start=DEAD, span=SATURATION_SPAN))
     evidence_fields = {
         "dead": Field("dead layers"),
         "threshold": Field("threshold", "%"),
@@ -769,7 +824,7 @@ class DeadUnits(Rule):
         if act.empty:
             return []
         tw = sample_table(ctx, "target")
-        if not tw.empty and "numel" in tw and float(tw["numel"].median()) < 8:
+        if not tw.empty and "numel" in tw and float(tw["numel"].median()) < MIN_BATCH:
             return []
         if input_constant(ctx):
             return []  # one input for the whole batch: every unit is on or off for all of it
@@ -807,7 +862,7 @@ class DeadUnits(Rule):
             return []
         worst = max(hits, key=lambda h: h["fraction"])
         sev = "error" if worst["fraction"] >= DEAD_ALL else "warning"
-        conf = 0.5 + 0.5 * min(1.0, (worst["fraction"] - DEAD) / 0.4)
+        conf = self.confidence(worst["fraction"])
         listed = ", ".join(
             f"{h['layer']} ({h['fraction']:.0%} of its {'units' if h['what'] == 'units' else 'input features'})"
             for h in sorted(hits, key=lambda h: -h["fraction"])[:6])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradprobe.analysis import RunContext
-from gradprobe.rules.base import CrossRankRule, Explanation, Field, Finding, Recommendation, register
+from gradprobe.rules.base import Confidence, CrossRankRule, Explanation, Field, Finding, Ramp, Recommendation, register
 
 #: Relative disagreement of the all-reduced gradient norm between ranks that is not float
 #: rounding. An all-reduce hands every rank the same bits (NCCL and gloo reduce once and
@@ -54,20 +54,25 @@ class RankDivergence(CrossRankRule):
       one disagreeing step (one can be a step some rank skipped) means the gradients were
       not averaged: a model that is not (or not on every rank) wrapped in DDP, gradients
       modified after the all-reduce on one rank, or ``no_sync()`` left on. Only runs whose
-      models are DDP-wrapped are judged. Confidence: 0.6 + 0.4 × min(1, disagreeing steps /
-      10) (more disagreeing steps, more certain).
+      models are DDP-wrapped are judged. Confidence: from 0.6 (an exact comparison), whole at
+      10 disagreeing steps (more disagreeing steps, more certain).
     * A fault that started on one rank: the first step at which a rank's own inputs, loss or
       local (pre-all-reduce) gradients went NaN/Inf, compared across ranks; when one rank is
-      strictly first, the all-reduce then spread the NaN to the others. Confidence: 0.95
-      when the other ranks stayed finite for at least one more step, 0.7 when they went bad
-      in the same step (the order within the step is then from the stage: inputs before
-      loss before gradients).
+      strictly first, the all-reduce then spread the NaN to the others. Confidence: high when
+      the other ranks stayed finite for at least one more step, lower when they went bad in
+      the same step (the order within the step is then from the stage: inputs before loss
+      before gradients).
     """
 
     code = "GP801"
     slug = "rank-divergence"
     severity = "error"
     title = "Ranks of a distributed run disagree, or a fault started on one rank"
+    confidence = {
+        "reduced norms disagree": Confidence(0.6, Ramp(0.4, "disagreeing steps", span=10)),
+        "one rank first, a step ahead": Confidence(0.95),
+        "one rank first, in the same step": Confidence(0.7),
+    }
     evidence_fields = {
         "disagreeing_steps": Field("steps where the ranks disagree", "steps"),
         "compared_steps": Field("steps compared", "steps"),
@@ -113,7 +118,7 @@ class RankDivergence(CrossRankRule):
                         steps = np.asarray(common)[ok][bad_cols]
                         worst = float(diff.max())
                         out.append(self.finding(
-                            confidence=0.6 + 0.4 * min(1.0, n_bad / 10),
+                            confidence=self.confidence["reduced norms disagree"](n_bad),
                             first_step=int(steps[0]),
                             message=(f"The all-reduced gradient norm differs between ranks at {n_bad} of {int(ok.sum())} steps "
                                      f"(largest relative difference {worst:.2g}, first at step {int(steps[0])}): DDP is not "
@@ -134,8 +139,9 @@ class RankDivergence(CrossRankRule):
             strictly_first = all(o is None or o > s0 for o in others)
             if strictly_first or len(bad) < len(ranks):
                 same_step = any(o == s0 for o in others)
+                form = "one rank first, in the same step" if same_step else "one rank first, a step ahead"
                 out.append(self.finding(
-                    confidence=0.7 if same_step else 0.95,
+                    confidence=self.confidence[form](),
                     first_step=s0,
                     message=(f"Non-finite values started on rank {r0} at step {s0} (its {where}); "
                              + ("the other ranks' own data stayed finite until later: the all-reduce spread it." if not same_step

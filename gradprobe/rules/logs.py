@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gradprobe.analysis import RunContext
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Ramp, Recommendation, Rule, register
 
 #: A stream counts from 2 extra records: one repeated record is routinely a final evaluation
 #: run again at the last step (``trainer.evaluate()`` after ``train()``), not a logging fault.
@@ -134,8 +134,9 @@ class DuplicateLogRecords(Rule):
     writes twice per step, an epoch counter) they are info: a fact about the logging that
     changes nothing the diagnosis reads.
 
-    Confidence: 0.5 + 0.5 x min(1, extra records / records / 0.25) (1.0 when a quarter or more
-    of the records are repeats), for the stream with the most extra records.
+    Confidence: 0.5 from the threshold (the records are counted exactly, but a few repeats can
+    be a harmless re-run of an evaluation), whole when a quarter or more of the records of the
+    stream with the most extra records are repeats.
     """
 
     code = "GP701"
@@ -148,6 +149,7 @@ class DuplicateLogRecords(Rule):
                 "(the lr, counters) repeat: facts about the log, not faults",
     }
     requires = ("duplicates",)
+    confidence = Confidence(0.5, Ramp(0.5, "extra records / records", span=0.25))
     evidence_fields = {
         "streams": Field("duplicated streams"),
         "main": Field("main stream"),
@@ -186,11 +188,11 @@ class DuplicateLogRecords(Rule):
         if not found:
             return []
         order = {c: i for i, c in enumerate(_PREFERRED)}
-        main_col = max(found, key=lambda c: (found[c].get("extra_records", 0), -order.get(c, 99)))
+        main_col = max(found, key=lambda c: (found[c].get("extra_records", 0), -order.get(c, len(_PREFERRED))))
         main = found[main_col]
         unit = main.get("unit", "step")
         frac = main["extra_records"] / max(1, main["records"])
-        conf = 0.5 + 0.5 * min(1.0, frac / 0.25)
+        conf = self.confidence(frac)
         faults = [p for p in ("repeated", "restarted") if any(p in f for f in found.values())]
         only_resumed = not faults and any("resumed" in f for f in found.values())
         # a duplicated loss mixes values from different writers into what the diagnosis reads;

@@ -25,16 +25,42 @@ from gradprobe.analysis import (
     explodes_from_the_first_profile,
     nonfinite_timeline,
     footprint_grows,
-    log_ratio_confidence,
     run_exceptions,
     trend,
     warmup_rows,
 )
-from gradprobe.rules.base import Explanation, Field, Finding, Recommendation, Rule, register
+from gradprobe.analysis.graphs import GROWS_MEMORY_BYTES, GROWS_TIME_FACTOR
+from gradprobe.rules.base import Confidence, Explanation, Field, Finding, Flag, Ramp, Recommendation, Rule, register
 
 #: Substrings of the two errors a carried, undetached state raises.
 SECOND_BACKWARD_ERROR = "backward through the graph a second time"
 INPLACE_ERROR = "modified by an inplace operation"
+#: How much of an error message the evidence keeps.
+MESSAGE_CHARS = 200
+#: GP101: a state whose age at the last aged step is at least this fraction of the steps
+#: elapsed since the first is never detached (its age grows every step).
+UNBOUNDED_AGE = 0.8
+#: GP101: backward time and memory trends are measured from this many aged steps; the message
+#: names a trend from this rank correlation (``footprint_grows`` decides the confidence).
+MIN_TREND_STEPS = 4
+TREND_SPEARMAN = 0.5
+#: GP101's silent form: confidence is whole from 10 aged steps.
+AGED_STEPS_FULL = 10
+MIB = 2**20
+#: GP102's vanishing form: the window is at least this many horizons long (three quarters or
+#: more of it carries < 1e-3 of the peak gradient) and at least ``MIN_UNUSED_WINDOW`` steps
+#: longer than the horizon (conventional windows, such as word-level LMs' 35 to 70 tokens,
+#: cost a few dozen cheap steps and stay quiet while a young model's horizon is still growing).
+LOOKBACK_OVER_HORIZON = 4
+MIN_UNUSED_WINDOW = 64
+#: GP102's exploding form: an error from three decades of amplification over the window; the
+#: recommended window keeps it within one decade.
+EXPLODING_ERROR = 1000
+AMPLIFICATION_KEPT = 10
+#: math.exp overflows past ~709: the amplification is reported up to exp(700).
+EXP_MAX = 700.0
+#: How many sampled steps the evidence lists.
+SHOWN_STEPS = 10
 
 _DETACH_SNIPPET = """\
 state = None
@@ -52,6 +78,8 @@ for x, y in loader:
 GRAPHS_ALIVE = 8
 GRAPHS_RISING = 0.5
 GRAPHS_LEAK = 100
+#: GP103: confidence in retained graphs is whole at 50 alive (half way to a leak of any shape).
+GRAPHS_FULL = 50
 #: GP103's growth form: at least 20 steps; backward time rank-correlated with the step >= 0.8
 #: and x3 from the first to the last quarter; memory rank-correlated >= 0.9, up by >= 16 MiB
 #: and by >= 10% of process RSS (>= 5% of CUDA allocated memory), rising in every quarter.
@@ -62,6 +90,9 @@ GROWTH_MEMORY_SPEARMAN = 0.9
 GROWTH_MEMORY_RSS = 1.1
 GROWTH_MEMORY_CUDA = 1.05
 GROWTH_MEMORY_BYTES = 16 * 2**20
+#: GP103's growth form: fewest steps after the warm-up, and memory records, a trend is judged on.
+GROWTH_MIN_ROWS = 16
+GROWTH_MIN_MEMORY_RECORDS = 8
 
 _ITEM_SNIPPET = """\
 running_loss = 0.0
@@ -76,7 +107,7 @@ for x, y in loader:
 def _first_sentence(msg: str) -> str:
     """The error's first sentence (PyTorch messages run on with hints), at most 200 chars."""
     head = msg.split(". ")[0].split("\n")[0].strip()
-    return head[:200]
+    return head[:MESSAGE_CHARS]
 
 
 def _recurrent_names(ctx: RunContext) -> set[str]:
@@ -125,11 +156,12 @@ class UndetachedHiddenState(Rule):
     never detached: the age at the last aged step is >= 80% of the steps elapsed since the
     first); ``warning`` for a bounded age (the state is detached every few steps).
 
-    Confidence: crash form 0.6, + 0.35 when a state age >= 1 was measured (the carried tensor
-    is seen, not inferred), + 0.05 when the message is the one its ``retain_graph`` setting
-    predicts. Silent form 0.6 + 0.3 * min(1, aged steps / 10) + 0.1 when backward time or
-    memory grows with the step over the aged steps (rank correlation >= 0.7, and backward
-    time x1.5 from the first to the last quarter or memory up by >= 1 MiB).
+    Confidence: crash form 0.6 (the error names the mechanism), most of the rest when a state
+    age >= 1 was measured (the carried tensor is seen, not inferred), the last bit when the
+    message is the one its ``retain_graph`` setting predicts. Silent form 0.6 (the age is
+    measured), more with more aged steps, and more when backward time or memory grows with the
+    step over the aged steps (rank correlation >= 0.7, and backward time x1.5 from the first
+    to the last quarter or memory up by >= 1 MiB).
 
     Exception events stamped before this run's ``created`` time come from an earlier run
     that used the same directory and are ignored.
@@ -144,6 +176,12 @@ class UndetachedHiddenState(Rule):
     }
     title = "Hidden state carried across steps without detach"
     requires = ("state_age",)
+    confidence = {
+        "crash form": Confidence(0.6, Flag(0.35, "a state age >= 1 was measured"),
+                                 Flag(0.05, "the message is the one its retain_graph setting predicts")),
+        "silent form": Confidence(0.6, Ramp(0.3, "aged steps", span=AGED_STEPS_FULL),
+                                  Flag(0.1, "backward time or memory grows")),
+    }
     final_when = ("the run crashed on the carried graph, or the state's age grows every step: each step adds a "
                   "graph that every later backward walks again, so backward time and memory only grow")
     evidence_fields = {
@@ -273,7 +311,7 @@ class UndetachedHiddenState(Rule):
                 _DETACH_SNIPPET.format(module=module or "the model"),
             )
         ]
-        growth = footprint_growth(ctx, aged) if aged.size >= 4 else {}
+        growth = footprint_growth(ctx, aged) if aged.size >= MIN_TREND_STEPS else {}
         evidence.update({k: v for k, v in growth.items() if isinstance(v, float) and math.isfinite(v)})
 
         if crash is not None:
@@ -287,7 +325,7 @@ class UndetachedHiddenState(Rule):
             evidence.update({"exception_step": step, "exception": _first_sentence(msg), "crash_form": kind,
                              "exception_retain_graph": bool(e.get("retain_graph")),
                              "exception_state_age": int(e.get("state_age") or 0)})
-            conf = 0.6 + (0.35 if measured else 0.0) + (0.05 if consistent else 0.0)
+            conf = self.confidence["crash form"](measured, consistent)
             if kind == "second-backward":
                 why = ("the previous backward freed that graph's saved tensors, so the next backward "
                        "cannot go through it again")
@@ -309,10 +347,10 @@ class UndetachedHiddenState(Rule):
         # silent form
         last_age = int(ages[aged[-1]])
         elapsed = int(ctx.step[aged[-1]] - ctx.step[aged[0]]) + 1
-        unbounded = last_age >= 0.8 * elapsed
+        unbounded = last_age >= UNBOUNDED_AGE * elapsed
         evidence["age_grows_without_bound"] = bool(unbounded)
         grows = footprint_grows(growth)
-        conf = 0.6 + 0.3 * min(1.0, aged.size / 10) + (0.1 if grows else 0.0)
+        conf = self.confidence["silent form"](aged.size, grows)
         reasons = []
         if not ctx.optimizer and ctx.optimizer_class is None:
             reasons.append("parameters are updated without an optimizer (p.data), so no version counter changes")
@@ -324,10 +362,11 @@ class UndetachedHiddenState(Rule):
             reasons.append("the old graph saves no tensors (e.g. an average built from additions)")
         trend = []
         bt_ratio = evidence.get("backward_time_late_over_early", 0.0)
-        if bt_ratio >= 1.5 and evidence.get("backward_time_spearman", 0.0) >= 0.5:
+        if bt_ratio >= GROWS_TIME_FACTOR and evidence.get("backward_time_spearman", 0.0) >= TREND_SPEARMAN:
             trend.append(f"backward time x{bt_ratio:.2g} from the first to the last quarter")
-        if evidence.get("memory_growth_bytes", 0) >= 2**20 and evidence.get("memory_spearman", 0.0) >= 0.5:
-            trend.append(f"memory +{evidence['memory_growth_bytes'] / 2**20:.1f} MiB")
+        if evidence.get("memory_growth_bytes", 0) >= GROWS_MEMORY_BYTES and \
+                evidence.get("memory_spearman", 0.0) >= TREND_SPEARMAN:
+            trend.append(f"memory +{evidence['memory_growth_bytes'] / MIB:.1f} MiB")
         if unbounded:
             shape = f"its age grows every step (reaching {last_age} steps)"
         else:
@@ -392,9 +431,9 @@ class LongLookback(Rule):
     was made by the initialisation or the architecture, and it is the root cause of what
     follows (exploding gradients, non-finite values, a harm that looks like a too-high lr).
 
-    Confidence: vanishing: log-scale distance of T/h past 4 (0.5 at 4, 1.0 at 40), times the
-    fraction of the used samples that meet the condition. Exploding: log-scale distance of
-    far_over_near past 10 (0.5 at 10, 1.0 at 1000), times that fraction.
+    Confidence: how far past its threshold on a log scale (vanishing: T/h, 0.5 at 4, whole at
+    40; exploding: far_over_near, 0.5 at 10, whole at 1000), times the fraction of the used
+    samples that meet the condition (one odd profile is not the run's).
     """
 
     code = "GP102"
@@ -407,6 +446,12 @@ class LongLookback(Rule):
     }
     title = "BPTT window far longer than the gradient horizon"
     requires = ("bptt",)
+    confidence = {
+        "exploding": (Confidence(0.5, Ramp(0.5, "far_over_near", start=EXPLODING_FAR_OVER_NEAR, span=2.0, log=True))
+                      * Confidence(0, Ramp(1.0, "fraction of samples"))),
+        "vanishing": (Confidence(0.5, Ramp(0.5, "T / h", start=LOOKBACK_OVER_HORIZON, log=True))
+                      * Confidence(0, Ramp(1.0, "fraction of samples"))),
+    }
     #: the exploding form, when the recurrent weights grew into it (the first profile did not
     #: explode yet): a too-high lr blows the weights up
     causes_on_evidence = ("lr-too-high",)
@@ -479,7 +524,7 @@ class LongLookback(Rule):
         growth, fon = col("growth_per_step"), col("far_over_near")
         n = len(recent)
         evidence: dict[str, Any] = {"lookback": int(T), "samples": int(n),
-                                    "sampled_steps": [int(s) for s in recent.index[:10]],
+                                    "sampled_steps": [int(s) for s in recent.index[:SHOWN_STEPS]],
                                     "horizon_fraction": HORIZON_FRACTION}
         hidden = recent["hidden_size"].iloc[-1] if "hidden_size" in recent else None
         if hidden is not None and np.isfinite(hidden):
@@ -493,8 +538,9 @@ class LongLookback(Rule):
             frac = float(ok.mean())
             first = self._first_step(piv, lambda r: r.get("far_over_near", 0) >= EXPLODING_FAR_OVER_NEAR
                                      and r.get("growth_per_step", 0) > 1)
-            suggested = int(min(T, max(2, math.floor(math.log(10) / math.log(g_med))))) if g_med > 1 else int(T)
-            amplification = math.exp(min(700.0, (T - 1) * math.log(g_med)))
+            suggested = int(min(T, max(2, math.floor(math.log(AMPLIFICATION_KEPT) / math.log(g_med))))) \
+                if g_med > 1 else int(T)
+            amplification = math.exp(min(EXP_MAX, (T - 1) * math.log(g_med)))
             evidence.update({"far_over_near": f_med, "growth_per_step": g_med,
                              "amplification_over_window": amplification})
             recs = []
@@ -522,9 +568,9 @@ class LongLookback(Rule):
             tl = nonfinite_timeline(ctx)
             broke = any(s is not None and (first is None or s >= first) for s in (tl.loss_step, tl.grad_step,
                                                                                   tl.param_step))
-            return self.finding(confidence=log_ratio_confidence(f_med, EXPLODING_FAR_OVER_NEAR, 2.0) * frac,
+            return self.finding(confidence=self.confidence["exploding"](f_med, frac),
                                 message=message, first_step=first, layer=module, evidence=evidence,
-                                recommendations=recs, severity="error" if f_med >= 1000 or broke else "warning",
+                                recommendations=recs, severity="error" if f_med >= EXPLODING_ERROR or broke else "warning",
                                 title="Gradients explode backwards through time", may_follow=follow)
 
         # vanishing through time
@@ -537,14 +583,15 @@ class LongLookback(Rule):
         if reach >= 0.5:
             return None
         h_eff = max(h, 1.0)
-        if T < 4 * h_eff or T - h < 64:
+        if T < LOOKBACK_OVER_HORIZON * h_eff or T - h < MIN_UNUSED_WINDOW:
             return None
-        ok = (np.nan_to_num(horizon, nan=np.inf) * 4 <= T) & (T - np.nan_to_num(horizon, nan=np.inf) >= 64)
+        ok = ((np.nan_to_num(horizon, nan=np.inf) * LOOKBACK_OVER_HORIZON <= T)
+              & (T - np.nan_to_num(horizon, nan=np.inf) >= MIN_UNUSED_WINDOW))
         frac = float(ok.mean())
         suggested = int(min(T, math.ceil(2 * h_eff)))
         first = self._first_step(piv, lambda r: r.get("reaches_end", 1) < 0.5
-                                 and 4 * max(r.get("horizon", np.inf), 1) <= r.get("lookback", T)
-                                 and r.get("lookback", T) - r.get("horizon", np.inf) >= 64)
+                                 and LOOKBACK_OVER_HORIZON * max(r.get("horizon", np.inf), 1) <= r.get("lookback", T)
+                                 and r.get("lookback", T) - r.get("horizon", np.inf) >= MIN_UNUSED_WINDOW)
         evidence.update({"median_horizon": h, "lookback_over_horizon": T / h_eff,
                          "window_fraction_without_gradient": 1 - h / T})
         if np.isfinite(g_med):
@@ -561,7 +608,7 @@ class LongLookback(Rule):
             "would give every output the same gradient to within 1e-6 for a fraction of the activation memory "
             "per window."
         )
-        return self.finding(confidence=log_ratio_confidence(T / h_eff, 4, 1.0) * frac, message=message,
+        return self.finding(confidence=self.confidence["vanishing"](T / h_eff, frac), message=message,
                             first_step=first, layer=module, evidence=evidence, recommendations=recs)
 
     @staticmethod
@@ -605,9 +652,9 @@ class GraphRetainedAcrossSteps(Rule):
     Severity: ``error`` for retained graphs (memory grows until the process dies), ``warning``
     for growth without a visible cause (a leak whose source the recorder could not name).
 
-    Confidence: retained graphs: 0.5 + 0.5 * min(1, max graphs_alive / 50), times
-    min(1, rising fraction / 0.5) unless >= 100 graphs are alive. Growth: the rank correlation
-    itself (how steadily it grows).
+    Confidence: retained graphs: 0.5 (a count, exact) rising with the graphs alive, times how
+    steadily they rose (whole from rising on half the steps, or with a leak of 100 graphs,
+    whatever the shape). Growth: the rank correlation itself (how steadily it grows).
     """
 
     code = "GP103"
@@ -619,6 +666,12 @@ class GraphRetainedAcrossSteps(Rule):
     }
     title = "Autograd graphs of earlier steps kept alive"
     requires = ("state_age",)
+    confidence = {
+        "retained graphs": (Confidence(0.5, Ramp(0.5, "max graphs_alive", span=GRAPHS_FULL))
+                            * Confidence(0, Ramp(1.0, "rising fraction", span=GRAPHS_RISING),
+                                         Flag(1.0, f"{GRAPHS_LEAK}+ graphs are alive"))),
+        "growth": Confidence(0, Ramp(1.0, "rank correlation")),
+    }
     #: a state carried into a module without detach keeps every earlier step's graph alive too
     causes = ("undetached-hidden-state",)
     final_when = ("graphs of earlier steps stay alive and their number rises step after step: nothing frees them, "
@@ -672,7 +725,7 @@ class GraphRetainedAcrossSteps(Rule):
                                             "max_state_age": int(ages.max()) if ages.size else 0}
                 grown = footprint_growth(ctx, rows)
                 evidence.update({k: v for k, v in grown.items() if isinstance(v, float) and math.isfinite(v)})
-                conf = (0.5 + 0.5 * min(1.0, top / 50)) * (1.0 if top >= GRAPHS_LEAK else min(1.0, rising / GRAPHS_RISING))
+                conf = self.confidence["retained graphs"](top, rising, top >= GRAPHS_LEAK)
                 message = (
                     f"From step {first} the loss graphs of earlier steps stay alive: {int(top)} graphs at least "
                     f"2 steps old were still reachable, about {evidence['graphs_per_step']:.2g} more every step. "
@@ -687,29 +740,29 @@ class GraphRetainedAcrossSteps(Rule):
 
     def _growth_form(self, ctx: RunContext, recs: list[Recommendation]) -> list[Finding]:
         rows = np.arange(ctx.n)[warmup_rows(ctx):]
-        if rows.size < 16:
+        if rows.size < GROWTH_MIN_ROWS:
             return []
         evidence: dict[str, Any] = {"steps_used": int(rows.size), "max_state_age": 0}
-        what, conf = [], 0.0
+        what, spearman = [], 0.0
         if "timing" in ctx.signals:
             bt = trend(ctx.col("backward_time")[rows], ctx.step[rows])
             if bt.rises(GROWTH_TIME_SPEARMAN, GROWTH_TIME_FACTOR):
                 evidence.update(backward_time_spearman=bt.spearman, backward_time_late_over_early=bt.late_over_early)
                 what.append(f"backward time grew x{bt.late_over_early:.2g}")
-                conf = max(conf, bt.spearman)
+                spearman = max(spearman, bt.spearman)
         if "memory" in ctx.signals:
             mem = ctx.col("memory")[rows]
             mem = np.where(mem > 0, mem, np.nan)
             tr = trend(mem, ctx.step[rows])
             kind = str(ctx.meta.get("memory_kind", "rss"))
             rel_needed = GROWTH_MEMORY_CUDA if kind.startswith("cuda") else GROWTH_MEMORY_RSS
-            if tr.n >= 8 and tr.rises(GROWTH_MEMORY_SPEARMAN, rel_needed):
+            if tr.n >= GROWTH_MIN_MEMORY_RECORDS and tr.rises(GROWTH_MEMORY_SPEARMAN, rel_needed):
                 grown = tr.quarters[-1] - tr.quarters[0]
                 if grown >= GROWTH_MEMORY_BYTES and tr.steady:
                     evidence.update(memory_spearman=tr.spearman, memory_late_over_early=tr.late_over_early,
                                     memory_growth_bytes=grown, memory_kind=ctx.meta.get("memory_kind", "rss"))
-                    what.append(f"memory grew by {grown / 2**20:.0f} MiB (x{tr.late_over_early:.2g})")
-                    conf = max(conf, tr.spearman)
+                    what.append(f"memory grew by {grown / MIB:.0f} MiB (x{tr.late_over_early:.2g})")
+                    spearman = max(spearman, tr.spearman)
         if not what:
             return []
         first = ctx.step_at(int(rows[0]))
@@ -719,6 +772,6 @@ class GraphRetainedAcrossSteps(Rule):
             "backward time, walked again by later backward calls (a tensor carried from step to step outside "
             "the watched modules, a cache of non-detached tensors)."
         )
-        return [self.finding(confidence=conf, message=message, first_step=first, evidence=evidence,
-                             recommendations=recs, severity="warning",
+        return [self.finding(confidence=self.confidence["growth"](spearman), message=message, first_step=first,
+                             evidence=evidence, recommendations=recs, severity="warning",
                              title="Memory or backward time grows step over step")]
