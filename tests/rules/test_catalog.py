@@ -5,6 +5,7 @@ rule base, never each other; no rule runs another rule's check)."""
 from __future__ import annotations
 
 import ast
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gradprobe.report import CANONICAL_HYPERPARAMETERS, SEVERITIES
-from gradprobe.rules.base import CrossRankRule, Field, Rule, registry
+from gradprobe.rules.base import Confidence, CrossRankRule, Field, Flag, Product, Ramp, Rule, registry
 from gradprobe.rules.catalog import docs_text, readme_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,3 +125,95 @@ def test_the_report_states_an_escalation_and_a_final_finding():
         rule.finding(confidence=0.9, message="m", evidence={"not_declared": 1})
     with pytest.raises(RuleDeclarationError):
         get_rule("GP504")().finding(confidence=0.9, message="m", final=True)  # a spike is never final
+
+
+#: Numbers a rule function may write as literals: 0, 1, -1 (the unary minus is its own node),
+#: 2, 0.5 as "half", 100 for percent. Every other number is a named constant with its reason.
+PLAIN_NUMBERS = {0, 1, 2, 0.5, 100}
+#: ... and a floor that only guards a division or a log: ``max(x, 1e-300)``, ``np.maximum(x, 1e-12)``.
+GUARDS = {1e-300, 1e-12}
+GUARD_CALLS = {"max", "maximum", "fmax"}
+
+
+def _literal_problems(path: Path) -> list[str]:
+    """``file:line: value`` for each numeric literal inside a function (or lambda) of ``path``
+    that is not plain (``PLAIN_NUMBERS``), a guard inside ``max()`` (``GUARDS``), a slice bound
+    (how many items a message or an evidence list shows: ``names[:20]``), the digits of
+    ``round()`` or the 10 of ``10 ** decades`` (decades back to a factor)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    allowed: set[int] = set()  # ids of Constant nodes whose place makes them display-only or guards
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Slice):
+            allowed |= {id(b) for b in (node.lower, node.upper, node.step) if isinstance(b, ast.Constant)}
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow) and isinstance(node.left, ast.Constant) \
+                and node.left.value == 10:
+            allowed.add(id(node.left))
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name == "round" and len(node.args) == 2:
+                allowed.add(id(node.args[1]))
+            if name in GUARD_CALLS:
+                allowed |= {id(a) for a in node.args if isinstance(a, ast.Constant) and a.value in GUARDS}
+    out: dict[int, str] = {}
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        for node in ast.walk(fn):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, (int, float))
+                    and not isinstance(node.value, bool) and node.value not in PLAIN_NUMBERS
+                    and id(node) not in allowed):
+                out[id(node)] = f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}"
+    return sorted(set(out.values()), key=lambda s: (s.split(":")[0], int(s.split(":")[1])))
+
+
+def test_rule_functions_name_their_thresholds():
+    """Thresholds and confidence weights are named constants with their reasons, never numbers
+    inside ``check``: every rule module and the base (the catalog and the snippets too, which
+    hold text and no numbers)."""
+    problems = [p for path in sorted(RULES_DIR.glob("*.py")) for p in _literal_problems(path)]
+    assert not problems, f"{len(problems)} numeric literals inside rule functions:\n" + "\n".join(problems)
+
+
+#: rules whose confidence the quantities layer computes (GP302's triggers, in
+#: ``gradprobe.analysis.amp.OverflowTriggers``): their docstring states it
+CONFIDENCE_FROM_ANALYSIS = {"GP302"}
+
+
+def test_every_rule_declares_its_confidence_and_the_catalog_prints_it():
+    for cls in registry():
+        if cls.code in CONFIDENCE_FROM_ANALYSIS:
+            assert cls.confidence is None and "Confidence" in (cls.__doc__ or ""), cls.code
+            continue
+        formulas = cls.confidence_formulas()
+        assert formulas, f"{cls.code} declares no confidence"
+        text = cls.thresholds_text()
+        assert all(f.describe() in text for _, f in formulas), cls.code
+        assert [c["formula"] for c in cls.describe()["confidence"]] == [f.describe() for _, f in formulas]
+    assert "Confidence = 0.6 + 0.2 x min(1, bad steps observed / 3) + 0.2 if" in docs_text()
+
+
+def test_a_confidence_computes_what_it_describes():
+    c = Confidence(0.6, Ramp(0.2, "bad steps", span=3), Flag(0.2, "corroborated"))
+    assert c.describe() == "0.6 + 0.2 x min(1, bad steps / 3) + 0.2 if corroborated"
+    assert (c(0, False), c(3, True), c(30, False)) == (0.6, 1.0, 0.6 + 0.2)
+    spikes = Confidence(0.5, Ramp(0.5, "ratio", start=10.0, span=2.0, log=True))
+    assert spikes.describe() == "0.5 + 0.5 x min(1, log10(ratio / 10) / 2)"
+    assert [spikes(v) for v in (10.0, 100.0, 1e3, 1e9, math.inf, 5.0, 0.0, math.nan)] == [0.5, 0.75, 1, 1, 1, 0.5, 0.5, 0.5]
+    headroom = Confidence(0.5, Ramp(0.4, "headroom", span=10.0, falling=True))
+    assert headroom.describe() == "0.5 + 0.4 x max(0, 1 - headroom / 10)"
+    assert (headroom(0.0), headroom(10.0), headroom(20.0)) == (0.9, 0.5, 0.5)
+    capped = Confidence(0.5, Ramp(0.1, "decades", clip=False), cap=0.8)
+    assert capped.describe() == "0.5 + 0.1 x decades, at most 0.8"
+    assert (capped(2.0), capped(9.0)) == (0.5 + 0.1 * 2.0, 0.8)
+    either = Confidence(0.5, Flag(0.25, "still falling", otherwise=0.1))
+    assert either.describe() == "0.5 + (0.25 if still falling, else 0.1)" and (either(True), either(False)) == (0.75, 0.6)
+    count = Confidence(0.7, Ramp(0.3, "events", span=3))
+    product = spikes * count
+    assert isinstance(product, Product) and product(1e3, 3) == 1.0 and product(10.0, 0) == 0.5 * 0.7
+    assert product.describe() == "(0.5 + 0.5 x min(1, log10(ratio / 10) / 2)) x (0.7 + 0.3 x min(1, events / 3))"
+    mean = Product((spikes, count), geometric=True)
+    assert mean(10.0, 0) == (0.5 * 0.7) ** 0.5 and mean.describe().startswith("the geometric mean of (0.5 + ")
+    with pytest.raises(TypeError):
+        c(1)
+    with pytest.raises(ValueError):
+        Ramp(0.5, "ratio", log=True)  # a log scale needs a start above 0
