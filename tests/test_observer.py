@@ -132,12 +132,22 @@ def test_torch_func_keeps_working_under_watch(logdir):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-@pytest.mark.parametrize("deep", [False, True])
-def test_no_host_sync_from_gradprobe_on_unsampled_steps(tmp_path, monkeypatch, deep):
+def _clip_by_hand(params, max_norm: float, data: bool) -> None:
+    grads = [p.grad for p in params]
+    with torch.no_grad():
+        coef = torch.clamp(max_norm / (torch.sqrt(sum(g.pow(2).sum() for g in grads)) + 1e-6), max=1.0)
+        for g in grads:
+            (g.data if data else g).mul_(coef)
+
+
+@pytest.mark.parametrize("deep,clip", [(False, "clip_grad_norm_"), (True, "clip_grad_norm_"), (True, "by hand"),
+                                       (True, "by hand .data")])
+def test_no_host_sync_from_gradprobe_on_unsampled_steps(tmp_path, monkeypatch, deep, clip):
     """The default path keeps step records on the device: on steps without sampled probes,
     gradprobe's code on the training thread never calls ``item``/``cpu``/``tolist``/
     ``numpy`` or converts a tensor to a Python number or bool (each a host-device sync on a
-    GPU)."""
+    GPU), whichever way the loop clips (the gradient the optimizer steps with is measured, or
+    derived from the observed clip, on the device)."""
     import os
     import sys
     import threading
@@ -171,7 +181,10 @@ def test_no_host_sync_from_gradprobe_on_unsampled_steps(tmp_path, monkeypatch, d
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if clip == "clip_grad_norm_":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            else:
+                _clip_by_hand(list(model.parameters()), 0.1, data=clip.endswith(".data"))
             opt.step()
         monkeypatch.undo()
     assert calls == []

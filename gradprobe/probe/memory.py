@@ -37,6 +37,7 @@ class MemoryMonitor:
         self.hit = False  # the limit was exceeded (its event is written once)
         self._rss_read_at = -math.inf  # perf_counter of the last RSS reading
         self._checked_at = -math.inf  # perf_counter of the last check between steps
+        self._boundary_at = time.perf_counter()  # perf_counter of the last step boundary
         # /proc/self/statm read with one pread (psutil reopens it at every reading)
         self._statm: int | None = None
         self._page = 4096
@@ -99,15 +100,17 @@ class MemoryMonitor:
         next step, not by the OOM killer."""
         if self.limit is None or not self.ctx.live():
             return
+        self._boundary_at = time.perf_counter()
         self._check(self.last)
 
     def gate_between_steps(self) -> None:
-        """At a module's forward, at most every ``BETWEEN_STEPS_EVERY`` seconds, on a fresh
-        reading: a run whose step never closes is held to the limit too."""
+        """At a module's forward, once no step boundary came for ``BETWEEN_STEPS_EVERY``
+        seconds, at most that often, on a fresh reading: a run whose step never closes (or
+        takes long) is held to the limit too."""
         if self.limit is None or not self.ctx.live():
             return
         now = time.perf_counter()
-        if now - self._checked_at < BETWEEN_STEPS_EVERY:
+        if now - self._boundary_at < BETWEEN_STEPS_EVERY or now - self._checked_at < BETWEEN_STEPS_EVERY:
             return
         self._checked_at = now
         self._check(self.read(fresh=True))
