@@ -125,6 +125,9 @@ def analyze_ranks(path: str, dirs: dict[int, str]) -> Report:
         "ranks": sorted(logs),
         "skipped": notes + [f"rank {r}: {s}" for r, log in logs.items() for s in log.source.get("skipped", [])],
     }
+    stops = [dict(rep.source["stopped"], rank=r) for r, rep in reports.items() if rep.source.get("stopped")]
+    if stops:  # each rank decides from its own log: the first to stop is the one that ended the job
+        source["stopped"] = min(stops, key=lambda s: float(s.get("wall_time") or 0.0))
     summary = dict(reports[first].summary)
     summary["world_size"] = len(dirs)
     return Report(source=source, summary=summary, findings=findings, suggested_hyperparameters=suggested,
@@ -155,6 +158,9 @@ def analyze_runlog(log: RunLog) -> Report:
     source.setdefault("path", "<memory>")
     source.setdefault("kind", "gradprobe")
     source["steps"] = int(len(log.steps))
+    stop = (log.meta or {}).get("stopped")
+    if isinstance(stop, dict):  # --stop-on ended the run here (gradprobe.live)
+        source["stopped"] = dict(stop)
     return Report(
         source=source,
         summary=summarize(ctx),

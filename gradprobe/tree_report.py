@@ -129,6 +129,10 @@ def analyze_tree(tree_dir: str, runs: list[TreeRun]) -> Report:
     }
     if ranks:
         source["ranks"] = sorted(ranks)
+    stops = [dict(rep.source["stopped"], run=label if label != "ranks" else f"rank {rep.source['stopped'].get('rank')}")
+             for label, rep, _ in groups if isinstance(rep.source.get("stopped"), dict)]
+    if stops:  # --stop-on: the first run stopped
+        source["stopped"] = min(stops, key=lambda s: float(s.get("wall_time") or 0.0))
     return Report(source=source, summary=dict(main.summary), findings=findings,
                   suggested_hyperparameters=dict(main.suggested_hyperparameters),
                   skipped_rules=list(main.skipped_rules), runlog=main.runlog)
