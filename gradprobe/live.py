@@ -573,7 +573,9 @@ def _total_of(obj: Any, kinds: list[tuple[type, str]], watched: set[int]) -> tup
     if kind == "onecycle":
         if id(getattr(obj, "optimizer", None)) not in watched:
             return None
-        return int(obj.total_steps), int(obj.last_epoch), "OneCycleLR total_steps"
+        # the stop comes inside optimizer.step(), before this batch's scheduler.step(): the
+        # scheduler has counted one step fewer than the optimizer made
+        return int(obj.total_steps), min(int(obj.last_epoch) + 1, int(obj.total_steps)), "OneCycleLR total_steps"
     if kind == "lightning":
         total = lightning_total_steps(obj)
         return None if total is None else (total, int(obj.global_step), "Lightning Trainer")
@@ -626,6 +628,7 @@ class Stopper:
         self.unconfirmed: list[dict[str, Any]] = []
         self.confirm_seconds = 0.0
         self.failed: str | None = None
+        threading.Thread(target=_warm_writer, name="gradprobe-stop-warmup", daemon=True).start()
 
     # ---- training thread ----------------------------------------------------------------
     def gate(self) -> None:
@@ -719,6 +722,19 @@ class Stopper:
         if self.failed:
             out["stop_failed"] = self.failed
         return out
+
+
+def _warm_writer() -> None:
+    """The writer's first ``pyarrow.array`` imports pandas (pyarrow checks every input against
+    pandas types): 0.4-2 s holding the GIL, during which no step reaches the checks, so a
+    fault in the first seconds of a run would be seen that much later. Under ``stop_on`` the
+    import is done at once, while the script starts, off the training thread."""
+    try:
+        import pyarrow
+
+        pyarrow.array([0.0])
+    except Exception:  # noqa: BLE001 - only a warm-up
+        pass
 
 
 def _optimizers_of(probe: Any) -> list[Any]:

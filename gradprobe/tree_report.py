@@ -104,7 +104,10 @@ def analyze_tree(tree_dir: str, runs: list[TreeRun]) -> Report:
             rep = engine.analyze(run.path)
             groups.append((run.label, rep, int(rep.source.get("steps") or 0)))
     if len(groups) == 1:
-        return groups[0][1]
+        label, rep, _ = groups[0]
+        if label != "ranks" and isinstance(rep.source.get("stopped"), dict):  # --stop-on: whose run stopped
+            rep.source["stopped"]["run"] = label
+        return rep
     # the main group first: the ranks, else the run with the most steps
     groups.sort(key=lambda g: (g[0] != "ranks", -g[2]))
     main = groups[0][1]

@@ -428,6 +428,10 @@ class Probe:
             self.meta["steps"] = ctx.open.index
             self.meta["probe_failures"] = dict(self.guard.disabled)
             if self.stopper is not None:
+                try:
+                    self.writer.sync()  # the last batch fed to the checks (close waits for it anyway)
+                except Exception:  # noqa: BLE001
+                    pass
                 self.meta["live_checks"] = self.stopper.stats()
             try:
                 self.writer.put_meta({k: v for k, v in self.meta.items() if not k.startswith("_")})
