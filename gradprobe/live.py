@@ -529,7 +529,8 @@ class LiveChecks:
 
 
 # ================================================================== steps left ========
-def total_steps_hint(explicit: int | None, optimizers: list[Any], done: int) -> tuple[int | None, int | None, str | None]:
+def total_steps_hint(explicit: int | None, optimizers: list[Any], done: int,
+                     explicit_from: str = "watch(total_steps=)") -> tuple[int | None, int | None, str | None]:
     """How many steps the script meant to run and how many it had done, when it says:
     ``watch(total_steps=)`` (or a callback's: Lightning's ``max_steps`` or
     ``estimated_stepping_batches``, Hugging Face's ``state.max_steps``), else, looked up once
@@ -538,7 +539,7 @@ def total_steps_hint(explicit: int | None, optimizers: list[Any], done: int) -> 
     process. Returns ``(total, done, where it came from)``; ``(None, None, None)`` when
     nothing says."""
     if explicit is not None and explicit > 0:
-        return int(explicit), int(done), "watch(total_steps=)"
+        return int(explicit), int(done), explicit_from
     import gc
 
     kinds: list[tuple[type, str]] = []
@@ -624,6 +625,8 @@ class Stopper:
         self.raise_at_boundary = True
         self.announce = True
         self.note: str | None = None
+        #: where the probe's ``total_steps`` came from (the callbacks set the framework's)
+        self.total_from = "watch(total_steps=)"
         self.decision: StopDecision | None = None
         self.unconfirmed: list[dict[str, Any]] = []
         self.confirm_seconds = 0.0
@@ -686,8 +689,8 @@ class Stopper:
             probe.ctx.meta_dirty = True
             return None
         finding = final[0]
-        total, done_by_script, source = total_steps_hint(getattr(probe, "total_steps", None),
-                                                         _optimizers_of(probe), done)
+        total, done_by_script, source = total_steps_hint(getattr(probe, "total_steps", None), _optimizers_of(probe),
+                                                         done, self.total_from)
         left = None
         if total is not None:
             left = max(0, int(total) - int(done_by_script if done_by_script is not None else done))

@@ -7,7 +7,9 @@
 * :mod:`gradprobe.integrations.mlflow`: the findings logged to an MLflow run, from
   ``watch(..., mlflow=True)``, ``GradprobeCallback(mlflow=True)`` or ``log_report``
   (``pip install gradprobe[mlflow]``).
+* :mod:`gradprobe.integrations.optuna`: ``watch_trial`` prunes an Optuna trial that
+  ``stop_on`` stopped (``pip install gradprobe[optuna]``).
 
-Both attach :func:`gradprobe.watch` to the framework's model, optimizers and GradScaler when
+The callbacks attach :func:`gradprobe.watch` to the framework's model, optimizers and GradScaler when
 training starts, close the probe when it ends (or fails), and expose ``.report()``.
 """

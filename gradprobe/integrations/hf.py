@@ -23,6 +23,14 @@ training ends: the run is captured in ``on_train_begin``, after the Trainer's ow
 this one runs; the findings are logged to the ended run by its id (tags ``gradprobe.*`` and
 ``artifacts/gradprobe/``; see :mod:`gradprobe.integrations.mlflow`). Only the main process
 logs. ``mlflow="<run id>"`` logs to that run.
+
+``stop_on="error"`` (or ``"warning"``) ends a doomed ``train()`` gracefully: once the probe
+confirms a final finding (parameters that stayed NaN, a loss non-finite for a sustained
+stretch...; see :mod:`gradprobe.live`), the callback sets ``control.should_training_stop`` at
+that step's end, with no exception; the Trainer ends training as it does at ``max_steps``
+(``on_train_end`` runs, the probe is closed). ``stopped`` holds the
+:class:`~gradprobe.live.StopDecision`; the report says where training stopped and how many of
+``state.max_steps`` were left.
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ class GradprobeCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         logdir: run directory (default ``<args.output_dir>/gradprobe``).
         mlflow: ``True`` to log the report to the MLflow run in use when training ends, or
             a run id (needs ``gradprobe[mlflow]``).
+        stop_on: ``"error"`` or ``"warning"``: end training (``control.should_training_stop``)
+            after a final finding of that severity; ``"never"`` (default): record only.
         **watch_options: passed to :func:`gradprobe.watch` (``profile="light"``,
             ``sample_every=50``, ``tensorboard=False``, ...).
 
@@ -70,10 +80,15 @@ class GradprobeCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         probe: the live :class:`gradprobe.Probe` during training, the last one after it.
         logdir: the run directory of the last ``train()``.
         mlflow_run_id: the MLflow run the last report was logged to (None: not logged).
+        stopped: the :class:`~gradprobe.live.StopDecision` when the last ``train()`` was stopped.
     """
 
     def __init__(self, logdir: str | os.PathLike[str] | None = None, *, mlflow: bool | str | None = None,
-                 **watch_options: Any) -> None:
+                 stop_on: str = "never", **watch_options: Any) -> None:
+        from gradprobe.live import check_stop_on
+
+        self.stop_on = check_stop_on(stop_on)
+        self.stopped: Any = None
         self._logdir_arg = os.fspath(logdir) if logdir is not None else None
         self.watch_options = watch_options
         self.probe: Any = None
@@ -106,7 +121,16 @@ class GradprobeCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
         self._runs += 1
         opt, scaler = _unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
         self.logdir = self._choose_logdir(args)
-        self.probe = gradprobe.watch(model, opt, scaler=scaler, logdir=self.logdir, **self.watch_options)
+        self.stopped = None
+        self.probe = gradprobe.watch(model, opt, scaler=scaler, logdir=self.logdir, stop_on=self.stop_on,
+                                     **self.watch_options)
+        if self.probe.stopper is not None:  # no exception inside the Trainer's loop: should_training_stop
+            self.probe.stopper.raise_at_boundary = False
+        max_steps = int(getattr(state, "max_steps", 0) or 0)
+        if self.probe.total_steps is None and max_steps > 0:
+            self.probe.total_steps = max_steps
+            if self.probe.stopper is not None:
+                self.probe.stopper.total_from = "Trainer state.max_steps"
         if self._mlflow_spec is not None and getattr(state, "is_world_process_zero", True):
             from gradprobe.integrations.mlflow import ReportLogger
 
@@ -115,6 +139,12 @@ class GradprobeCallback(_TrainerCallback):  # type: ignore[misc,valid-type]
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._mlflow is not None and self._mlflow.target is None:
             self._mlflow.capture()  # MLflowCallback set its run up late (at its first log)
+        stopper = getattr(self.probe, "stopper", None)
+        if stopper is not None and (stopper.checks.pending or stopper.decision is not None):
+            decision = stopper.poll()
+            if decision is not None:
+                self.stopped = decision
+                control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()

@@ -24,6 +24,18 @@ on an exception): the run of the trainer's ``MLFlowLogger``, else the run active
 :mod:`gradprobe.integrations.mlflow`). Only global rank 0 logs. ``mlflow="<run id>"`` logs to
 that run.
 
+``stop_on="error"`` (or ``"warning"``) ends a doomed fit gracefully: once the probe confirms a
+final finding (parameters that stayed NaN, a loss non-finite for a sustained stretch...; see
+:mod:`gradprobe.live`), the callback sets ``trainer.should_stop = True`` at the end of that
+batch, with no exception. Lightning honours it only once ``min_steps``/``min_epochs`` are met
+(it keeps training until then, and says so), and runs a last validation first. ``stopped``
+holds the :class:`~gradprobe.live.StopDecision`; the report says where the fit stopped and how
+many of its steps (``max_steps``, else ``estimated_stepping_batches``) were left. Under a
+multi-process strategy each rank decides from its own log (no collective is added): a NaN that
+reaches the parameters through the gradient all-reduce stops every rank at the same step; a
+fault on one rank alone would leave the others waiting at their next collective, so stop such
+jobs with ``gradprobe run --stop-on``, whose stopped rank exits and lets the launcher end the job.
+
 Works with the ``lightning`` package (``lightning.pytorch``) and with the standalone
 ``pytorch_lightning`` package.
 """
@@ -44,6 +56,10 @@ except ImportError:  # pragma: no cover - depends on what is installed
         ) from exc
 
 __all__ = ["GradprobeCallback"]
+
+#: what Lightning does with ``should_stop`` (the stop record's ``note``)
+STOP_NOTE = ("Lightning sets should_stop: the fit ends after this batch (and a last validation), once "
+             "min_steps/min_epochs are met")
 
 
 def _scaler_of(trainer: Any) -> Any:
@@ -87,6 +103,8 @@ class GradprobeCallback(_Callback):  # type: ignore[misc,valid-type]
         logdir: run directory (default ``<trainer.log_dir>/gradprobe``).
         mlflow: ``True`` to log the report to the fit's MLflow run, or a run id (needs
             ``gradprobe[mlflow]``).
+        stop_on: ``"error"`` or ``"warning"``: end the fit (``trainer.should_stop``) after
+            a final finding of that severity; ``"never"`` (default): record only.
         **watch_options: passed to :func:`gradprobe.watch` (``profile="light"``,
             ``sample_every=50``, ``tensorboard=False``, ...).
 
@@ -94,11 +112,16 @@ class GradprobeCallback(_Callback):  # type: ignore[misc,valid-type]
         probe: the live :class:`gradprobe.Probe` during a fit, the last one after it.
         logdir: the run directory of the last fit.
         mlflow_run_id: the MLflow run the last report was logged to (None: not logged).
+        stopped: the :class:`~gradprobe.live.StopDecision` when the last fit was stopped.
     """
 
     def __init__(self, logdir: str | os.PathLike[str] | None = None, *, mlflow: bool | str | None = None,
-                 **watch_options: Any) -> None:
+                 stop_on: str = "never", **watch_options: Any) -> None:
+        from gradprobe.live import check_stop_on
+
         super().__init__()
+        self.stop_on = check_stop_on(stop_on)
+        self.stopped: Any = None
         self._logdir_arg = os.fspath(logdir) if logdir is not None else None
         self.watch_options = watch_options
         self.probe: Any = None
@@ -137,18 +160,41 @@ class GradprobeCallback(_Callback):  # type: ignore[misc,valid-type]
         self._fits += 1
         optimizers = [_unwrap_optimizer(o) for o in (getattr(trainer, "optimizers", None) or [])]
         self.logdir = self._choose_logdir(trainer)
+        self.stopped = None
         self.probe = gradprobe.watch(
             pl_module,
             optimizers or None,
             scaler=_scaler_of(trainer),
             logdir=self.logdir,
+            stop_on=self.stop_on,
             **self.watch_options,
         )
+        stopper = self.probe.stopper
+        if stopper is not None:  # no exception inside Lightning's loop: should_stop at the batch end
+            stopper.raise_at_boundary = False
+            stopper.note = STOP_NOTE
         if self._mlflow_spec is not None and getattr(trainer, "is_global_zero", True):
             from gradprobe.integrations.mlflow import ReportLogger
 
             spec = self._mlflow_spec
             self._mlflow = ReportLogger((_mlflow_logger_target(trainer) or spec) if spec is True else spec)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.probe is not None and self.probe.total_steps is None:
+            from gradprobe.live import lightning_total_steps
+
+            self.probe.total_steps = lightning_total_steps(trainer)  # the dataloaders exist by now
+            if self.probe.stopper is not None:
+                self.probe.stopper.total_from = "Lightning max_steps or estimated_stepping_batches"
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stopper = getattr(self.probe, "stopper", None)
+        if stopper is None or (not stopper.checks.pending and stopper.decision is None):
+            return
+        decision = stopper.poll()
+        if decision is not None:
+            self.stopped = decision
+            trainer.should_stop = True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.close()
