@@ -92,6 +92,13 @@ HARM_NO_PROGRESS = 0.6
 #: GP502: a first loss this far below the loss of predictions unrelated to the targets comes
 #: from a model trained before it was watched.
 TRAINED_BEFORE = 1 / 3
+#: GP502 without ratios: the loss is "still falling" when at least this fraction of what it
+#: can still gain lies ahead at the end. A loss approaching its floor as L_inf + A e^(-t/tau)
+#: drops by d1 = A(1 - q) over the first half of T steps and d2 = q d1 over the second, with
+#: q = e^(-T/(2 tau)); what is left at the end is A q^2 of the whole drop A. So the second
+#: half's drop must be at least sqrt(STILL_AHEAD) = 0.32 of the first's: a run that has
+#: converged has q near 0 (its second half is flat), one starved of step size keeps q near 1.
+STILL_AHEAD = 0.1
 #: The catalog's example for GP501: Adam at lr 1.0 stepping 0.3x the weights' size.
 _EXAMPLE_LR, _EXAMPLE_RATIO = 1.0, 0.3
 
@@ -587,8 +594,10 @@ class LrTooLow(Rule):
         fan_in up to 10^4), so an lr at most ``RATIO_LOW`` x ``WEIGHT_RMS_MIN`` bounds every
         update-to-weight ratio below ``RATIO_LOW`` without measuring it. It fires when that
         bound holds over the whole run and the loss is far from converged: it barely moved, or
-        it is still falling at the end at the pace of the first half (a converging run slows
-        down; one starved of step size falls at the same slow pace throughout)."""
+        it is still falling at the end with at least a tenth of what it can gain still ahead
+        (``STILL_AHEAD``: under an exponential approach to its floor, a second half's drop at
+        least 0.32 of the first half's; a converging run flattens out, one starved of step
+        size falls at nearly the same slow pace throughout)."""
         if optimizer_family(ctx) != "adaptive" or curve.n < MIN_CURVE_RECORDS:
             return []
         lr = ctx.lr[np.isfinite(ctx.lr) & (ctx.lr > 0)]
@@ -601,13 +610,15 @@ class LrTooLow(Rule):
         half = curve.n // 2
         d1 = float(curve.smooth[0] - curve.smooth[half])
         d2 = float(curve.smooth[half] - curve.smooth[-1])
-        still_falling = d2 > curve.significance / 2 and d2 >= 0.5 * d1
+        still_falling = d2 > curve.significance / 2 and d2 >= math.sqrt(STILL_AHEAD) * d1
         if curve.fell and not still_falling:
             return []
         ev: dict[str, Any] = {"update_ratio_bound": bound, "lr": lr_max, "optimizer": ctx.optimizer_class,
                               "loss_initial": curve.start, "loss_final": curve.final, "progress": curve.progress}
-        how = (f"it is still falling at the end at the pace of the first half ({d1:.4g} then {d2:.4g}): far from "
-               "converged" if still_falling else f"it barely moved ({curve.progress:.1%})")
+        ahead = (f": slowing down as a loss nearing its floor does, {(d2 / d1) ** 2:.0%} of its whole drop would "
+                 "still be ahead" if 0 < d2 < d1 else "")
+        how = (f"it is still falling at the end ({d1:.4g} over the first half, {d2:.4g} over the second{ahead}): far "
+               "from converged" if still_falling else f"it barely moved ({curve.progress:.1%})")
         msg = (f"{ctx.optimizer_class} ran at lr at most {lr_max:.3g} for the whole run: each step moves a weight by "
                f"about lr at most, so no weight matrix of a standard initialisation (element RMS >= {WEIGHT_RMS_MIN:g}) "
                f"moves by more than {bound:.2g} of its size per step, {TARGET_UPDATE_RATIO / bound:.0f}x below the "

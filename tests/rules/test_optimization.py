@@ -352,6 +352,26 @@ def test_gp502_flat_loss_well_below_the_trivial_level_is_converged():
     quiet(gradprobe.analyze(build(n, noisy(loss), samples=samples, grad_norm=gn)), "GP502", "GP505")
 
 
+def _adam_lr_only(q: float, n: int = 300) -> gradprobe.RunLog:
+    """A foreign-like log (no sampled ratios) of Adam at lr 5e-7, whose loss approaches its floor
+    exponentially with the second half's drop ``q`` times the first half's."""
+    tau = n / (2 * -math.log(q))
+    loss = 0.5 + 1.5 * np.exp(-np.arange(n) / tau)
+    return build(n, noisy(loss, 0.01), m=meta("Adam", 5e-7), lr=[5e-7] * n)
+
+
+def test_gp502_without_ratios_a_loss_still_falling_with_a_tenth_of_its_drop_ahead_fires():
+    # q = 0.41: 17% of the whole drop still ahead at the end (a corpus run's pace)
+    f = only(gradprobe.analyze(_adam_lr_only(0.41)), "GP502")
+    assert f.evidence["update_ratio_bound"] == pytest.approx(5e-5)
+    assert "still falling" in f.message and "would still be ahead" in f.message
+
+
+def test_gp502_without_ratios_a_loss_that_flattened_out_is_quiet():
+    # q = 0.2: 4% of the drop left, the loss has levelled off (converging at this lr)
+    quiet(gradprobe.analyze(_adam_lr_only(0.2)), "GP502")
+
+
 # ================================================================== GP503 ===================
 def _weights(n: int, norms: np.ndarray) -> dict[str, list[float]]:
     return {"0.weight": list(norms), "0.bias": [1.0] * n, "2.weight": [1.0] * n, "2.bias": [0.1] * n}
