@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["EXIT_STOPPED", "LIVE_CHECKS", "NOT_LIVE", "STOP_FLUSH_STEPS", "STOP_LEVELS", "LiveCheck", "LiveChecks", "RunStopped",
+__all__ = ["EXIT_STOPPED", "LIVE_CHECKS", "NOT_LIVE", "STOP_FLUSH_STEPS", "STOP_FLUSH_STEPS_MAX", "STOP_LEVELS", "LiveCheck", "LiveChecks", "RunStopped",
            "StopDecision", "Stopper", "check_stop_on", "total_steps_hint"]
 
 #: ``stop_on`` values: the least severe final finding that stops the run (``never``: none)
@@ -48,11 +48,17 @@ STOP_LEVELS = ("error", "warning", "never")
 #: 2 (usage) and from the signal statuses (128 + n)
 EXIT_STOPPED = 3
 _SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
-#: under ``stop_on``, closed steps are handed to the writer (and so to the live checks) at
-#: least every this many steps, besides every ``flush_seconds``: on a fast loop (0.3 ms a
-#: step) the time bound alone would leave a fault unseen for ~1600 steps, this one for at
-#: most 256 (a hand-over costs the writer well under a millisecond)
-STOP_FLUSH_STEPS = 256
+#: under ``stop_on``, closed steps are handed to the writer (and so to the live checks)
+#: besides every ``flush_seconds``, on a step bound: this many at first, then as many as were
+#: handed over so far (16, 16, 32, 64, 128...), up to :data:`STOP_FLUSH_STEPS_MAX`. On a fast
+#: loop (0.3 ms a step) the time bound alone would leave a fault unseen for ~1600 steps. The
+#: doubling start sees a fault of the first steps (a NaN batch, an absurd learning rate: most
+#: doomed runs) within tens of steps, also in a run whose whole training lasts a fraction of
+#: a second, for ~4 extra hand-overs per run
+STOP_FLUSH_STEPS = 16
+#: the step bound in steady state: a fault is seen within 256 steps; a hand-over every 16
+#: steps would cost a 1 ms step a few per cent (the writer thread holds the GIL meanwhile)
+STOP_FLUSH_STEPS_MAX = 256
 
 
 def check_stop_on(value: Any) -> str:
@@ -474,6 +480,8 @@ class LiveChecks:
         seconds, steps, batches: time spent in :meth:`feed`, steps and batches fed (the
             benchmark's cost figure; also written to the run's metadata).
         failed: the error that switched the checks off (a bug here never stops the writer).
+        after_feed: called with the steps fed so far after each batch (the stop's hand-over
+            bound, :meth:`Stopper.ramp`); a fault in it switches the checks off too.
     """
 
     def __init__(self) -> None:
@@ -485,6 +493,7 @@ class LiveChecks:
         self.steps = 0
         self.batches = 0
         self.failed: str | None = None
+        self.after_feed: Any = None
         self._lock = threading.Lock()
 
     def feed(self, cols: dict[str, Any]) -> None:
@@ -493,6 +502,7 @@ class LiveChecks:
             return
         t0 = time.perf_counter()
         try:
+            self.steps += len(cols.get("step") or ())
             b = Batch(cols)
             if b.n:
                 for code, check in self.checks.items():
@@ -501,11 +511,12 @@ class LiveChecks:
                         with self._lock:
                             self.candidate = (code, step)
                             self.pending = True
+            if self.after_feed is not None:
+                self.after_feed(self.steps)
         except Exception as exc:  # noqa: BLE001 - a fault here must not stop the run log
             self.enabled = False
             self.failed = f"{type(exc).__name__}: {exc}"[:300]
         finally:
-            self.steps += len(cols.get("step") or ())
             self.batches += 1
             self.seconds += time.perf_counter() - t0
 
@@ -631,7 +642,20 @@ class Stopper:
         self.unconfirmed: list[dict[str, Any]] = []
         self.confirm_seconds = 0.0
         self.failed: str | None = None
+        self.checks.after_feed = self.ramp
         threading.Thread(target=_warm_writer, name="gradprobe-stop-warmup", daemon=True).start()
+
+    # ---- writer thread ------------------------------------------------------------------
+    def ramp(self, fed: int) -> None:
+        """The probe's hand-over step bound after ``fed`` steps reached the checks: as many
+        as were fed (doubling from :data:`STOP_FLUSH_STEPS`), at most
+        :data:`STOP_FLUSH_STEPS_MAX` and the configuration's ``flush_steps``. The probe
+        starts at :data:`STOP_FLUSH_STEPS` under ``stop_on`` and reads the bound when a step
+        closes (one int, written here, read there)."""
+        probe = self.probe
+        if hasattr(probe, "_flush_steps"):
+            ceiling = min(STOP_FLUSH_STEPS_MAX, int(probe.config.flush_steps))
+            probe._flush_steps = max(1, min(ceiling, max(STOP_FLUSH_STEPS, fed)))
 
     # ---- training thread ----------------------------------------------------------------
     def gate(self) -> None:

@@ -193,6 +193,31 @@ def test_live_checks_take_one_request_and_never_raise():
     assert checks.stats()["steps"] == 7
 
 
+def test_hand_over_bound_doubles_from_16_to_256():
+    """Under stop_on the probe hands steps to the writer (and the checks) after 16 steps,
+    then after as many as were handed over so far, up to 256 (and the configured bound)."""
+    from types import SimpleNamespace
+
+    probe = SimpleNamespace(_flush_steps=live.STOP_FLUSH_STEPS, config=SimpleNamespace(flush_steps=512))
+    stopper = live.Stopper(probe, "error")
+    bounds = []
+    for fed in (1, 17, 33, 65, 129, 257, 513, 5000):
+        stopper.checks.after_feed(fed)
+        bounds.append(probe._flush_steps)
+    assert bounds == [16, 17, 33, 65, 129, 256, 256, 256]
+    probe.config.flush_steps = 100
+    stopper.ramp(5000)
+    assert probe._flush_steps == 100
+
+
+def test_a_fault_in_the_first_steps_of_a_short_run_is_stopped(logdir):
+    """250 steps of a tiny model train in a fraction of a second: only the step bound hands
+    them over before the run ends; it starts at 16, so a NaN at step 3 stops the run."""
+    with pytest.raises(RunStopped) as info:
+        _nan_loop({"logdir": logdir, "stop_on": "error", "profile": "light"}, 250, 3)
+    assert 3 < info.value.step < 250 and info.value.finding.code in ("GP401", "GP403")
+
+
 def test_stop_on_is_checked():
     assert live.check_stop_on(None) == "never"
     for bad in ("info", "fatal", 3):
