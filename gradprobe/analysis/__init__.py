@@ -80,6 +80,7 @@ from gradprobe.analysis.loss import (
     LossCurve,
     LossSpike,
     eval_curve,
+    eval_curves,
     eval_loss_spikes,
     find_loss_spikes,
     healthy_end,

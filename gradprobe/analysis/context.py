@@ -11,13 +11,16 @@ and values handed out are shared, so nobody modifies them.
 from __future__ import annotations
 
 import functools
+import math
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from gradprobe.runlog import RunLog
+from gradprobe.runlog.schema import eval_stream_name
 from gradprobe.signals import available_signals
 
 T = TypeVar("T")
@@ -28,6 +31,36 @@ ADAPTIVE_OPTIMIZERS = frozenset(
     {"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam",
      "Adafactor", "LAMB", "Lamb", "FusedAdam", "FusedLAMB", "Lion", "AdamWScheduleFree", "Adam8bit", "AdamW8bit"}
 )
+
+#: The recorder's validation stream is chosen among the no-grad loss streams with at least this
+#: many evaluations: a one-off evaluation (a final test pass after training) says nothing of
+#: how the run went, whereas a stream evaluated again and again does.
+MIN_STREAM_RECORDS = 2
+
+
+#: frames of a no-grad loss stream's call chain shown in messages (the loss call, the function
+#: that computed it, the line that called that)
+SHOWN_FRAMES = 3
+
+
+@dataclass(frozen=True)
+class EvalStream:
+    """One no-grad loss stream of a recorded run: the loss function's values computed without
+    grad at one call site (``site``: ``file:line`` of each frame of the call chain, innermost
+    first; empty where the log does not say), one value per step (the mean of that step's
+    calls), indexed by step."""
+
+    name: str
+    site: tuple[str, ...]
+    series: pd.Series
+
+    @property
+    def where(self) -> str:
+        """The call chain as people read it: ``train.py:30 <- train.py:55`` (file names only,
+        the innermost ``SHOWN_FRAMES``: a trainer's own loop below the user's code goes on)."""
+        shown = [re.split(r"[\\/]", x)[-1] for x in self.site[:SHOWN_FRAMES]]
+        return " <- ".join(shown + ["..."] * (len(self.site) > SHOWN_FRAMES))
+
 
 _EVAL_NAME = re.compile(r"(val|valid|validation|eval|test|dev)[_/ .-]*(loss|mse|rmse|error)|^(val|eval)$", re.I)
 
@@ -216,22 +249,79 @@ class RunContext:
         return self.log.samples_of(probe, stat)
 
     @attribute
+    def eval_streams(self) -> list[EvalStream]:
+        """The no-grad loss streams, one per call site of the loss (the recorder's
+        ``eval_streams``: stream 0 is the ``eval_loss`` column with any evaluation after the last
+        step, stream k the scalar ``eval_loss/<k>``); a log that does not list streams (a foreign
+        log, a log from an earlier recorder) has at most one, its ``eval_loss`` column. Streams
+        without a value are left out."""
+        entries = self.meta.get("eval_streams")
+        col = self.steps["eval_loss"].to_numpy(dtype=np.float64)
+        mask = ~np.isnan(col)
+        column = pd.Series(col[mask], index=self.step[mask], dtype=np.float64)
+        if not entries:
+            return [EvalStream("eval_loss", (), column)] if len(column) else []
+        out = []
+        for entry in entries:
+            name = entry.get("name")
+            if not isinstance(name, str):
+                continue
+            series = self.log.scalar(name).astype(np.float64)
+            if name == eval_stream_name(0):
+                # an evaluation after the last step was written (a scalar) is the stream's latest value
+                series = pd.concat([column[~column.index.isin(series.index)], series]).sort_index()
+            if len(series):
+                out.append(EvalStream(name, tuple(entry.get("site") or ()), series))
+        return out
+
+    @attribute
+    def validation_stream(self) -> EvalStream | None:
+        """The no-grad loss stream that describes the held-out data: among the streams with at
+        least ``MIN_STREAM_RECORDS`` evaluations (all, where none has), the one that ends
+        farthest above the training loss (the median, over its second half, of each evaluation
+        minus the training loss of its step). A stream computed on the training data follows
+        the training loss; held-out data ends above it. A stream with a non-finite evaluation
+        comes first: that is what must be seen of it. None without a stream."""
+        streams = self.eval_streams
+        if len(streams) <= 1:
+            return streams[0] if streams else None
+        many = [s for s in streams if len(s.series) >= MIN_STREAM_RECORDS] or streams
+        loss = self.loss
+        fin = np.isfinite(loss)
+        train_steps, train = self.step[fin], loss[fin]
+
+        def above(s: EvalStream) -> float:
+            v = s.series.to_numpy(dtype=np.float64)
+            if not np.isfinite(v).all():
+                return math.inf
+            half = v[len(v) // 2:]
+            if not train.size:
+                return float(np.median(half))
+            at = np.clip(np.searchsorted(train_steps, s.series.index.to_numpy(dtype=np.int64), side="right") - 1,
+                         0, train.size - 1)
+            return float(np.median(half - train[at][len(v) // 2:]))
+
+        return max(many, key=above)  # the first of equals: max keeps the earliest
+
+    @attribute
     def eval_loss(self) -> pd.Series:
-        """Validation loss by step: ``probe.log(val_loss=...)``-style scalars, else the eval
-        loss functions seen without grad, else a foreign log's eval_loss."""
+        """Validation loss by step: ``probe.log(val_loss=...)``-style scalars, else the
+        recorder's :attr:`validation_stream` (the eval loss functions seen without grad), else a
+        foreign log's eval_loss."""
         sc = self.log.scalars
         if not sc.empty:
+            streams = {e.get("name") for e in self.meta.get("eval_streams") or () if isinstance(e, dict)}
             counts = sc["name"].astype(str).value_counts()
-            names = [n for n in counts.index if _EVAL_NAME.search(n)]
+            names = [n for n in counts.index if _EVAL_NAME.search(n) and n not in streams]
             if names:
-                # the series with the most evaluations describes the run (the recorder adds a
-                # one-record "eval_loss" for an evaluation after the last step), then losses
+                # the series with the most evaluations describes the run (a recorder that did not
+                # list its streams added a one-record "eval_loss" for an evaluation after the last
+                # step), then losses
                 names.sort(key=lambda n: (-int(counts[n]), 0 if "loss" in n.lower() else 1, n))
                 s = self.log.scalar(names[0])
                 return s.astype(np.float64)
-        ev = self.steps["eval_loss"].to_numpy(dtype=np.float64)
-        mask = ~np.isnan(ev)
-        return pd.Series(ev[mask], index=self.step[mask], dtype=np.float64)
+        vs = self.validation_stream
+        return vs.series if vs is not None else pd.Series([], dtype=np.float64)
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         return self.log.events_of(kind)

@@ -150,18 +150,47 @@ def loss_curve(ctx: RunContext) -> LossCurve:
     return LossCurve(ctx.step, ctx.loss, per_step=per_step, nonfinite=nonfinite)
 
 
+def _eval_series_curve(ev: pd.Series | None) -> LossCurve | None:
+    if ev is None or len(ev) == 0:
+        return None
+    ev = ev.sort_index()
+    steps = ev.index.to_numpy(dtype=np.int64)
+    return LossCurve(steps, ev.to_numpy(dtype=np.float64), per_step=_per_step_records(steps) and len(ev) > 1)
+
+
 @quantity
 def eval_curve(ctx: RunContext) -> LossCurve | None:
     """The validation loss (:attr:`RunContext.eval_loss`) as a :class:`LossCurve`; None
     without one. A record averages a whole validation pass (``per_step`` False), unless the
     records come every step (a no-grad loss computed on each training batch, e.g. for
     logging): those are single batches, as noisy as the training loss."""
-    ev = ctx.eval_loss
-    if ev is None or len(ev) == 0:
-        return None
-    ev = ev.sort_index()
-    steps = ev.index.to_numpy(dtype=np.int64)
-    return LossCurve(steps, ev.to_numpy(dtype=np.float64), per_step=_per_step_records(steps) and len(ev) > 1)
+    return _eval_series_curve(ctx.eval_loss)
+
+
+@quantity
+def eval_curves(ctx: RunContext) -> list[tuple[str, LossCurve]]:
+    """Every validation-loss curve of the run, each with where it was computed (the call
+    chain, :attr:`~gradprobe.analysis.context.EvalStream.where`; "" where the log does not
+    say): :func:`eval_curve` first, then each other no-grad loss stream the recorder kept (one
+    per call site of the loss: a script that evaluates the training set and the validation set
+    from two lines has two). A rule that asks whether *any* evaluation shows something reads
+    these; a stream computed on the training data follows the training loss."""
+    out: list[tuple[str, LossCurve]] = []
+    primary = eval_curve(ctx)
+    vs = ctx.validation_stream
+    # ctx.eval_loss is the stream's own series (one cache) unless a logged val_loss came first
+    user = vs is None or ctx.eval_loss is not vs.series
+    if primary is not None:
+        out.append(("" if user or vs is None else vs.where, primary))
+    if not ctx.meta.get("eval_streams"):
+        return out  # a log that does not keep streams apart: its one eval loss, as it always was
+    for s in ctx.eval_streams:
+        if s is vs and not user:
+            continue
+        c = _eval_series_curve(s.series)
+        if c is not None:
+            out.append((s.where, c))
+    return out
 
 
 #: A loss record at least this many times its running level (jump >= 2 x |level|) is high.

@@ -483,8 +483,8 @@ class StepBoundary:
             rec.add("loss", r)
         for v in seg.loss_fn:
             rec.add("loss_fn", v)
-        for v in seg.eval_loss:
-            rec.add("eval_loss", v)
+        for k, v in seg.eval_loss:
+            rec.add("eval_loss", v, k)
         if seg.data_checks:
             rec.add("data_check", seg.data_checks)
         for idx, norms in st.grad_pieces:

@@ -26,7 +26,8 @@ class StepRecord:
     """One closed step: host values and device tensors described by ``layout``.
 
     ``layout`` entries are ``(field, meta)`` with one tensor each (any shape, flattened).
-    Fields: ``loss``/``loss_fn``/``eval_loss`` (one value per root/call), ``grad`` (the
+    Fields: ``loss``/``loss_fn``/``eval_loss`` (one value per root/call; ``eval_loss`` meta: its
+    no-grad loss stream, see :mod:`gradprobe.probe.forward`), ``grad`` (the
     gradient as the last backward left it), ``post`` (as the optimizer stepped with it,
     where it was measured again) and ``weight`` (meta: layer indices), ``clip`` (the clip's
     total norm; meta: layer indices, max_norm and the clip's ordinal), ``clip_coef`` (meta:
@@ -201,7 +202,7 @@ class PendingBatch:
             step = int(rec.host["step"])
             losses: list[float] = []
             loss_fn: list[float] = []
-            evals: list[float] = []
+            evals: dict[int, list[float]] = {}  # no-grad loss stream -> its values
             vals: dict[str, float] = {}
             data_bad = -1
             coefs: dict[int, float] = {}
@@ -233,7 +234,7 @@ class PendingBatch:
                 elif name == "loss_fn":
                     loss_fn.extend(v.tolist())
                 elif name == "eval_loss":
-                    evals.extend(v.tolist())
+                    evals.setdefault(meta or 0, []).extend(v.tolist())
                 elif name == "data_check":  # one reduction per data tensor: non-finite iff it holds NaN/Inf
                     data_bad = max(data_bad, 0) + sum(1 for x in v.tolist() if not math.isfinite(x))
                 elif name == "local_grad":
@@ -281,7 +282,10 @@ class PendingBatch:
             cols["loss_nonfinite"].append(bool(losses) and not finite_losses)
             cols["loss_fn"].append(sum(loss_fn) if loss_fn else math.nan)
             cols["loss_fn_nonfinite"].append(bool(loss_fn) and not all(math.isfinite(x) for x in loss_fn))
-            cols["eval_loss"].append(sum(evals) / len(evals) if evals else math.nan)
+            first = evals.pop(0, None)
+            cols["eval_loss"].append(sum(first) / len(first) if first else math.nan)
+            for stream, xs in evals.items():
+                scalars.append((step, S.eval_stream_name(stream), sum(xs) / len(xs)))
             cols["clip_max_norm"].append(vals.get("clip_max", h.get("clip_max_norm", math.nan)))
             cols["clip_total_norm"].append(vals.get("clip_total", math.nan))
             cols["clip_calls"].append(h["clip_calls"])

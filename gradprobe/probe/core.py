@@ -276,8 +276,8 @@ class Probe:
         with self._flush_lock:
             if self._records:
                 rec = self._records[-1]
-                for v in evals:
-                    rec.add("eval_loss", v)
+                for k, v in evals:
+                    rec.add("eval_loss", v, k)
                 for name, value in pending:
                     if isinstance(value, torch.Tensor):
                         rec.add("scalar", value, name)
@@ -285,9 +285,12 @@ class Probe:
                         rec.host_scalar((name, float(value)))
                 self.boundary.pending_scalars = []
                 return
-        if evals:  # the last step is already on disk: keep the value as a scalar of that step
-            vals = [float(v.float().mean().cpu()) for v in evals]
-            self.writer.put_scalars([(st.index - 1, "eval_loss", sum(vals) / len(vals))])
+        if evals:  # the last step is already on disk: keep each stream's value as a scalar of that step
+            by_stream: dict[int, list[float]] = {}
+            for k, v in evals:
+                by_stream.setdefault(k, []).append(float(v.float().mean().cpu()))
+            self.writer.put_scalars([(st.index - 1, S.eval_stream_name(k), sum(vals) / len(vals))
+                                     for k, vals in by_stream.items()])
 
     def _flush(self, force: bool = False) -> None:
         # non-blocking: a signal handler (or the flusher) arriving while a flush or a step

@@ -23,7 +23,7 @@ class Segment:
     roots: list[torch.Tensor] = field(default_factory=list)  # backward roots outside optimizer.step
     inner_roots: list[torch.Tensor] = field(default_factory=list)  # roots inside step (LBFGS closures)
     loss_fn: list[torch.Tensor] = field(default_factory=list)
-    eval_loss: list[torch.Tensor] = field(default_factory=list)
+    eval_loss: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (no-grad loss stream, value)
     n_backward: int = 0
     backward_time: float = 0.0
     retain_graph: bool = False

@@ -19,6 +19,7 @@ from gradprobe.analysis import (
     LossCurve,
     RunContext,
     eval_curve,
+    eval_curves,
     eval_loss_spikes,
     exploding_through_time,
     loss_curve,
@@ -589,11 +590,19 @@ class LossPlateau(Rule):
 # ------------------------------------------------------------------------------------------
 @register
 class Overfitting(Rule):
-    """Fires when the validation loss (``probe.log(val_loss=...)``, loss functions computed
-    without grad, or a foreign log's eval loss; at least 5 records, or 4 that rise at every
+    """Fires when a validation loss (``probe.log(val_loss=...)``, a foreign log's eval loss, or
+    any of the recorder's no-grad loss streams; at least 5 records, or 4 that rise at every
     evaluation after the minimum: three rises in a row happen by noise one time in six, and
     the 10% and 3-noise-unit conditions below must hold as well) rose after its minimum
     while the training loss kept falling (at least 5 training records).
+
+    The recorder keeps one stream per call site of a loss computed without grad
+    (:func:`~gradprobe.analysis.eval_curves`): a loop that evaluates the training set and the
+    validation set each epoch, from two lines, has two, and each is judged alone. Their mean
+    would fall with the training-set one while the validation one rises; the stream computed on
+    the training data falls with the training loss and never fires. Where several fire (a
+    validation and a test set), the one with the highest confidence is reported, with its call
+    site.
 
     Minimum: the lowest point of the validation series lightly smoothed (centred median of 3,
     so one lucky evaluation is not the minimum). Rise: the median of the last min(3, half of
@@ -627,6 +636,7 @@ class Overfitting(Rule):
         "train_fall": Field("training loss fall since", "%"),
         "val_records_after_best": Field("evaluations after the best"),
         "val_records": Field("evaluations"),
+        "val_site": Field("computed at"),
     }
     explanation = Explanation(
         what="After its minimum the validation loss rises while the training loss keeps falling.",
@@ -640,19 +650,26 @@ class Overfitting(Rule):
     )
 
     def check(self, ctx: RunContext) -> list[Finding]:
-        ec = eval_curve(ctx)
         tr = loss_curve(ctx)
-        if ec is None or ec.n < MIN_OVERFIT_EVALS or tr.n < MIN_OVERFIT_TRAIN_RECORDS:
+        if tr.n < MIN_OVERFIT_TRAIN_RECORDS:
             return []
+        curves = eval_curves(ctx)
+        found = [f for f in (self._check_curve(ec, tr, where, len(curves) > 1) for where, ec in curves) if f is not None]
+        # the stream that shows it most clearly (several at once: a validation and a test set)
+        return [max(found, key=lambda f: (f.confidence, f.evidence["val_rise"]))] if found else []
+
+    def _check_curve(self, ec: LossCurve, tr: LossCurve, where: str, several: bool) -> Finding | None:
+        if ec.n < MIN_OVERFIT_EVALS:
+            return None
         v = ec.values
         sm = np.array([np.median(v[max(0, i - 1): i + 2]) for i in range(ec.n)])
         k = int(np.argmin(sm))
         after = ec.n - 1 - k
         if after < MIN_AFTER_MINIMUM:
-            return []
+            return None
         monotone = bool(np.all(np.diff(v[k:]) > 0))
         if ec.n < MIN_OVERFIT_EVALS_ANY_SHAPE and not monotone:
-            return []  # with this few evaluations only a rise at every one of them says anything
+            return None  # with this few evaluations only a rise at every one of them says anything
         # a rise at every evaluation has no lucky minimum to smooth away
         vmin = float(v[k]) if monotone else float(sm[k])
         tail = v[-min(OVERFIT_TAIL, max(1, after // 2)):]
@@ -660,19 +677,19 @@ class Overfitting(Rule):
         rise = (vend - vmin) / abs(vmin) if vmin != 0 else math.inf
         noise = ec.noise
         if rise < OVERFIT_RISE or vend - vmin <= OVERFIT_NOISE * noise:
-            return []
+            return None
         s_min = int(ec.steps[k])
         ti = tr.index_at(s_min)
         lo = max(0, ti - tr.window // 2)
         seg = tr.values[lo: lo + tr.window]
         if not seg.size:
-            return []
+            return None
         t_at = float(np.median(seg))
         t_end = tr.final
         se = MEDIAN_SE_FACTOR * tr.noise / math.sqrt(tr.window)
         fall = (t_at - t_end) / abs(t_at) if t_at != 0 else 0.0
         if fall < OVERFIT_TRAIN_FALL or t_at - t_end <= OVERFIT_TRAIN_SE * se:
-            return []
+            return None
         conf = self.confidence(rise, after)
         ev = {"best_val_step": s_min, "best_val_loss": vmin, "final_val_loss": vend, "val_rise": rise,
               "train_loss_at_best_val": t_at, "final_train_loss": t_end, "train_fall": fall,
@@ -691,9 +708,13 @@ class Overfitting(Rule):
             f"        bad += 1\n"
             f"        if bad >= {patience}:   # evaluations without improvement\n"
             f"            break")]
-        msg = (f"The validation loss reached its minimum {vmin:.4g} at step {s_min} and rose {rise:.0%} to {vend:.4g} "
+        what = "The validation loss"
+        if several and where:  # which of the run's no-grad losses it is
+            ev["val_site"] = where
+            what = f"The loss computed without grad at {where}"
+        msg = (f"{what} reached its minimum {vmin:.4g} at step {s_min} and rose {rise:.0%} to {vend:.4g} "
                f"over the next {after} evaluations, while the training loss fell {fall:.0%} ({t_at:.4g} -> {t_end:.4g}).")
-        return [self.finding(confidence=conf, message=msg, first_step=s_min, evidence=ev, recommendations=recs)]
+        return self.finding(confidence=conf, message=msg, first_step=s_min, evidence=ev, recommendations=recs)
 
 
 # ------------------------------------------------------------------------------------------

@@ -490,7 +490,7 @@ def read_events(path: str, skipped: list[str]) -> list[dict[str, Any]]:
 #: writes it). A field of another type (a hand-edited or corrupt file) is dropped on load and
 #: named in ``source["skipped"]``, so the analysis sees a log with less information rather
 #: than failing on it.
-_META_LISTS = ("models", "recurrent", "optimizers", "scalers", "layer_segments")
+_META_LISTS = ("models", "recurrent", "optimizers", "scalers", "layer_segments", "eval_streams")
 _META_DICTS = ("autocast", "probe_failures", "config")
 _META_INTS = ("rank", "world_size", "steps", "pid")
 _META_STRINGS = ("schema", "device", "memory_kind", "mode", "created", "closed", "gradprobe_version", "torch_version", "python")
@@ -501,12 +501,14 @@ _ENTRY_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "optimizers": {"class": (str,), "param_groups": (list,)},
     "scalers": {"class": (str,)},
     "layer_segments": {"layers": (list,)},
+    "eval_streams": {"name": (str,), "site": (list,)},
 }
 #: within list entries: integer fields (an integral float is taken, anything else dropped)
 _ENTRY_INTS: dict[str, tuple[str, ...]] = {
     "recurrent": ("hidden_size", "lookback", "num_layers", "input_size"),
     "models": ("parameters",),
     "scalers": ("growth_interval",),
+    "eval_streams": ("first_step",),
 }
 
 
@@ -556,6 +558,8 @@ def sanitize_meta(meta: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
                         entry[fld] = as_int
             if key == "optimizers" and "param_groups" in entry:
                 entry["param_groups"] = [g for g in entry["param_groups"] if isinstance(g, dict)]
+            if key == "eval_streams" and "site" in entry:
+                entry["site"] = [x for x in entry["site"] if isinstance(x, str)]
             if key == "layer_segments" and "layers" in entry:
                 entry["layers"] = [layer for layer in entry["layers"] if isinstance(layer, dict)]
             kept.append(entry)

@@ -31,6 +31,18 @@ def layers_file(segment: int) -> str:
     return f"layers-{segment}.arrow"
 
 
+#: The recorder keeps one no-grad loss stream per call site of the loss function (see
+#: :mod:`gradprobe.probe.forward`): stream 0 (the first call site of the run) is the
+#: ``eval_loss`` column, stream ``k`` >= 1 the scalar ``eval_loss/<k>``; an evaluation after the
+#: last recorded step is the scalar of its stream (``eval_loss/0`` for stream 0). The metadata's
+#: ``eval_streams`` lists every stream: its ``name`` and ``site`` (the call chain, innermost first).
+EVAL_STREAM_PREFIX = "eval_loss/"
+
+
+def eval_stream_name(k: int) -> str:
+    return f"{EVAL_STREAM_PREFIX}{k}"
+
+
 #: Missing per-layer value (no gradient that step, or not measured). Norms are >= 0, and a
 #: non-finite norm (inf/nan) is the per-layer non-finite flag, so -1 is unambiguous.
 MISSING = -1.0
@@ -46,7 +58,7 @@ STEP_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("loss_nonfinite", pa.bool_(), "a backward root was NaN/Inf"),
     ("loss_fn", pa.float32(), "sum of loss-function outputs computed with grad enabled"),
     ("loss_fn_nonfinite", pa.bool_(), "a loss-function output with grad enabled was NaN/Inf"),
-    ("eval_loss", pa.float32(), "mean of loss-function outputs computed without grad (NaN: none)"),
+    ("eval_loss", pa.float32(), "mean of loss-function outputs computed without grad at the first call site (stream 0; NaN: none)"),
     ("grad_norm", pa.float32(), "total 2-norm of the gradients after the last backward, before clipping, unscaled"),
     ("step_grad_norm", pa.float32(), "total 2-norm of the gradients the optimizer stepped with (after clipping, whoever clipped), unscaled"),
     ("grad_nonfinite_layers", pa.int32(), "parameters whose gradient norm was NaN/Inf"),
