@@ -75,12 +75,14 @@ def test_integrations_doc_examples_run(tmp_path) -> None:
     pytest.importorskip("lightning")
     pytest.importorskip("transformers")
     pytest.importorskip("mlflow")
+    pytest.importorskip("optuna")
     ran = run_doc("integrations.md", str(tmp_path))
-    assert sum(r.startswith("python") for r in ran) == 4
+    assert sum(r.startswith("python") for r in ran) == 5
     assert sum(r.startswith("gradprobe analyze") for r in ran) == 4
     assert os.path.isdir(tmp_path / "mlruns")
     assert os.path.exists(tmp_path / "hf_out" / "trainer_state.json")
     assert os.path.exists(tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv")
+    assert os.path.isdir(tmp_path / "runs" / "study" / "trial-1")  # the Optuna example
 
 
 @pytest.mark.slow
@@ -99,5 +101,5 @@ def test_readers_doc_has_the_current_mapping_table() -> None:
 
 def test_docs_examples_are_found() -> None:
     langs = [lang for lang, _ in blocks("integrations.md")]
-    assert langs.count("python") == 4 and langs.count("bash") == 3
+    assert langs.count("python") == 5 and langs.count("bash") == 3
     assert [lang for lang, _ in blocks("readers.md")].count("python") == 1
