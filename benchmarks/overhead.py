@@ -1,7 +1,7 @@
 """Overhead of watching a run: baseline vs watched, in one process, alternating blocks.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/overhead.py [--models lstm,mlp,transformer]
-        [--rounds 5] [--device cpu|cuda] [--modes ...] [--json out.json]
+        [--rounds 5] [--device cpu|cuda] [--modes ...] [--clip function|hand|none] [--json out.json]
 
 Each model trains in blocks of steps; every round runs one block per mode in a shuffled
 order (baseline, gradprobe light = per-step signals only, gradprobe default = per-step
@@ -27,6 +27,10 @@ run and are timed apart and printed separately. A gradprobe block
 opens a fresh probe whose schedule has no early burst (``early_until=0``), runs its first
 step untimed (every mode does), and times steps 1..n, a multiple of the sampling interval, so
 each block samples at exactly the steady-state rate.
+
+Every loop clips at 1.0: with ``clip_grad_norm_`` (``--clip function``, the default), with
+the same arithmetic written by hand (``--clip hand``: a rescale no patch sees, which the
+probe measures by its effect: one more pass over the gradients per step), or not at all.
 
 With ``--device cuda`` it also counts host-device synchronisations added per step with
 ``torch.cuda.set_sync_debug_mode("warn")`` (target: zero). It also reports the time Python's
@@ -114,8 +118,21 @@ def make_case(name: str, device: str) -> dict[str, Any]:
     return {"model": model, "opt": opt, "x": x.to(device), "y": y.to(device), "loss_fn": loss_fn, "block": block}
 
 
+#: how the loops clip (``--clip``)
+CLIP = {"how": "function"}
+
+
+def clip_by_hand(params: list[torch.Tensor], max_norm: float) -> None:
+    """``clip_grad_norm_``'s arithmetic written out: what a custom loop or DeepSpeed does."""
+    grads = [p.grad for p in params if p.grad is not None]
+    with torch.no_grad():
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+
+
 def train_steps(case: dict[str, Any], n: int, *, anomaly: bool = False, naive: bool = False) -> None:
     model, opt, x, y, loss_fn = case["model"], case["opt"], case["x"], case["y"], case["loss_fn"]
+    how = CLIP["how"]
     for _ in range(n):
         opt.zero_grad(set_to_none=True)
         if anomaly:
@@ -128,7 +145,10 @@ def train_steps(case: dict[str, Any], n: int, *, anomaly: bool = False, naive: b
         if naive:
             norms = [p.grad.norm().item() for p in model.parameters() if p.grad is not None]
             case.setdefault("naive_sink", []).append(sum(norms))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if how == "function":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        elif how == "hand":
+            clip_by_hand(list(model.parameters()), 1.0)
         opt.step()
 
 
@@ -300,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="baseline,baseline-repeat,gradprobe-light,gradprobe-default,detect_anomaly,naive-item,wandb")
     ap.add_argument("--json", help="write the figures as JSON to this file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clip", choices=("function", "hand", "none"), default="function",
+                    help="clip with clip_grad_norm_ (default), by hand (seen by its effect), or not")
     args = ap.parse_args(argv)
+    CLIP["how"] = args.clip
     modes = args.modes.split(",")
     if "wandb" in modes:
         try:
@@ -310,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             modes.remove("wandb")
     rnd = random.Random(args.seed)
-    results: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+    results: dict[str, Any] = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(), "clip": args.clip,
                                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rounds": args.rounds, "models": {}}
     gc.callbacks.append(_gc_callback)
     with tempfile.TemporaryDirectory() as tmp:
