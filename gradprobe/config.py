@@ -37,8 +37,9 @@ class ProbeConfig:
             a *final* finding of at least that severity (one further training cannot undo),
             by raising :class:`gradprobe.RunStopped` (``gradprobe run --stop-on``, for every
             process of the tree; :mod:`gradprobe.live`); ``"never"`` (default) never stops.
-            Closed steps are then handed to the writer at least every
-            ``gradprobe.live.STOP_FLUSH_STEPS`` steps (the checks see a step once it is written).
+            Closed steps are then handed to the writer after ``gradprobe.live.STOP_FLUSH_STEPS``
+            (16) steps, the bound doubling up to ``STOP_FLUSH_STEPS_MAX`` (256) (the checks see a
+            step once it is written).
     """
 
     schedule: Schedule = field(default_factory=Schedule)
