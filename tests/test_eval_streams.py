@@ -7,8 +7,12 @@ Real PyTorch training in every recorder test (tiny models, CPU, about a second e
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -236,6 +240,89 @@ def test_gp506_silent_on_a_healthy_run_evaluating_train_and_val_each_epoch(logdi
     report = gradprobe.analyze(log)
     assert not [c for c in _codes(report) if c[0] == "GP506"], _codes(report)
     assert not _codes(report), _codes(report)
+
+
+OVERFIT_SCRIPT = """
+import torch
+import torch.nn as nn
+
+torch.manual_seed(54)
+
+
+def make(n):
+    x = torch.rand(n, 5) * 2 - 1
+    return x, torch.sin(3 * x[:, :1]) + 0.5 * x[:, 1:2] + 0.5 * torch.randn(n, 1)
+
+
+def evaluate(model, x, y):
+    with torch.no_grad():
+        return criterion(model(x), y).item()
+
+
+x_train, y_train = make(48)
+x_val, y_val = make(400)
+model = nn.Sequential(nn.Linear(5, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+criterion = nn.MSELoss()
+for epoch in range(70):
+    perm = torch.randperm(48)
+    for i in range(0, 48, 16):
+        idx = perm[i:i + 16]
+        optimizer.zero_grad()
+        criterion(model(x_train[idx]), y_train[idx]).backward()
+        optimizer.step()
+    train_loss = evaluate(model, x_train, y_train)
+    val_loss = evaluate(model, x_val, y_val)
+print(f"train {train_loss:.4f} val {val_loss:.4f}")
+"""
+
+
+def test_gradprobe_run_names_the_validation_line_of_a_plain_script(tmp_path):
+    """``gradprobe run`` on a script whose one ``evaluate`` function computes the training-set
+    and the validation loss from two lines: two streams, each call chain ending at the script
+    (not in the launcher below it), and GP506 in the report, at the validation line."""
+    script = tmp_path / "overfit.py"
+    script.write_text(textwrap.dedent(OVERFIT_SCRIPT).lstrip())
+    lines = script.read_text().splitlines()
+    inner = 1 + next(i for i, line in enumerate(lines) if "return criterion" in line)
+    val = 1 + next(i for i, line in enumerate(lines) if "val_loss = evaluate" in line)
+    train = 1 + next(i for i, line in enumerate(lines) if "train_loss = evaluate" in line)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gradprobe", "run", "--logdir", "run", "--format", "json",
+                           "--output", "report.json", "overfit.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = gradprobe.RunLog.load(tmp_path / "run")
+    sites = [s["site"] for s in log.meta["eval_streams"]]
+    assert sites == [[f"{script}:{inner}", f"{script}:{train}"], [f"{script}:{inner}", f"{script}:{val}"]]
+    report = json.loads((tmp_path / "report.json").read_text())
+    found = [f for f in report["findings"] if f["code"] == "GP506"]
+    assert len(found) == 1, [(f["code"], f["message"]) for f in report["findings"]]
+    assert found[0]["evidence"]["val_site"] == f"overfit.py:{inner} <- overfit.py:{val}"
+
+
+@pytest.mark.slow
+def test_a_lightning_sanity_check_and_the_validation_loop_are_one_stream(tmp_path):
+    """Lightning reaches ``validation_step`` through one path for its sanity check and another
+    for the validation proper: the trainer's frames are not the call site, the user's are."""
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+
+    from gradprobe.integrations.lightning import GradprobeCallback
+    from tests.integrations.tiny import lightning_module, regression_loader
+
+    pl.seed_everything(0, verbose=False)
+    cb = GradprobeCallback(logdir=str(tmp_path / "gp"))
+    trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1,
+                         default_root_dir=str(tmp_path), num_sanity_val_steps=2)
+    trainer.fit(lightning_module(), regression_loader(), regression_loader(64, seed=1))
+    log = gradprobe.RunLog.load(cb.logdir)
+    streams = log.meta["eval_streams"]
+    assert len(streams) == 1 and os.path.join("integrations", "tiny.py:") in streams[0]["site"][0]  # validation_step
+    assert all("site-packages" not in frame for frame in streams[0]["site"])
+    assert log.steps["eval_loss"].notna().sum() == 4  # the sanity check, then 3 epochs
+    assert not [n for n in log.scalars["name"].astype(str) if n.startswith(S.EVAL_STREAM_PREFIX)]
 
 
 # ------------------------------------------------------------------ the analysis alone ------

@@ -15,6 +15,7 @@ step shows an abandoned iteration.
 from __future__ import annotations
 
 import os
+import site
 import sys
 import sysconfig
 from typing import TYPE_CHECKING, Any
@@ -57,20 +58,19 @@ def _prefixes(dirs: list[str]) -> tuple[str, ...]:
 
 
 _PATHS = sysconfig.get_paths()
+_GRADPROBE = _prefixes([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])
 #: Files whose frames are not the user's call site: torch and gradprobe (their lines vary with
 #: the hooks installed at the moment: ``Module._call_impl`` takes another path while a sampled
-#: step's hooks are on) and the standard library (runpy, contextlib), except site-packages
-#: where it lies inside the standard library (a trainer's evaluation loop is the user's side).
-_GRADPROBE = _prefixes([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])
-_TORCH_OR_GRADPROBE = _prefixes([os.path.dirname(torch.__file__)]) + _GRADPROBE
-_STDLIB = _prefixes([_PATHS[k] for k in ("stdlib", "platstdlib") if _PATHS.get(k)])
-_PACKAGES = _prefixes([_PATHS[k] for k in ("purelib", "platlib") if _PATHS.get(k)])
+#: step's hooks are on), the standard library (runpy, contextlib) and installed packages (a
+#: trainer's loops: Lightning reaches the same ``validation_step`` through one path for its
+#: sanity check and another for the evaluation proper).
+_LIBRARY = _prefixes([os.path.dirname(torch.__file__),
+                      *(_PATHS[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if _PATHS.get(k)),
+                      *(site.getsitepackages() if hasattr(site, "getsitepackages") else ())]) + _GRADPROBE
 
 
 def _user_file(name: str) -> bool:
-    if name.startswith(("<frozen", *_TORCH_OR_GRADPROBE)):
-        return False
-    return not name.startswith(_STDLIB) or name.startswith(_PACKAGES)
+    return not name.startswith(("<frozen", *_LIBRARY))
 
 
 def functorch_active() -> bool:
@@ -322,8 +322,8 @@ class ForwardHooks:
     def eval_stream(self) -> int:
         """The no-grad loss stream of the current loss call: one per call site, the chain of
         the user's frames (file and line of each, innermost first) from the loss call out to
-        the script (torch, gradprobe and the standard library are skipped; ``gradprobe run``'s
-        launcher below the script ends the chain). ``evaluate(loader)`` called from two lines (the training set, then the
+        the script (torch, gradprobe, the standard library and installed packages are
+        skipped; ``gradprobe run``'s launcher below the script ends the chain). ``evaluate(loader)`` called from two lines (the training set, then the
         validation set) is two streams; a loop over validation batches at one line is one,
         averaged over its batches in each step. Only no-grad loss calls pay for this walk
         (about 2 us from a script's top level, 10 us thirty frames deep); the training path
