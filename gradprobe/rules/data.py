@@ -259,7 +259,10 @@ class DegenerateTargets(Rule):
       or a margin loss is exactly 0 only when every example is predicted with certainty (a
       logit margin above ~17 nats): the gradient is then exactly 0 too, and nothing is learned
       from there on. A task solved that completely has targets that carry nothing to learn
-      (constant, templated, duplicated, or leaked into the inputs). A loss that is 0 from its
+      (constant, templated, duplicated, or leaked into the inputs), unless the margin was
+      blown up rather than earned: inputs far from unit scale (GP601) or weights grown by
+      steps too large (GP501) scale every logit, and the margin past 17 nats, with them; the
+      engine names those as the cause when they fired no later. A loss that is 0 from its
       first record is not judged: an untrained model cannot have a loss of 0, so that term is
       not being trained (a loss switched off, e.g. a GAN discriminator before it starts).
 
@@ -279,6 +282,7 @@ class DegenerateTargets(Rule):
         "error": "constant targets in every sampled batch, for every loss function: there is nothing to learn",
     }
     requires = ("targets|loss",)
+    causes_on_evidence = ("input-scale", "lr-too-high")
     confidence = {
         "constant": Confidence(0.9, Flag(0.1, f"constant over {CONSTANT_BATCHES}+ sampled batches")),
         "tiny": Confidence(0.5, Ramp(0.5, "decades below 1e-3", span=3.0)),
@@ -346,9 +350,10 @@ class DegenerateTargets(Rule):
                f"from step {first} on (it started at {v[0]:.4g}): every example is predicted with certainty, the "
                "gradient is exactly 0, and nothing is learned from there. A task solved that completely has targets "
                "that carry nothing to learn (constant, templated or duplicated examples, or the label leaking into "
-               "the inputs).")
+               "the inputs), unless the logits were blown up rather than trained: inputs far from unit scale, or "
+               "weights grown by too large steps, reach the same certainty.")
         return self.finding(confidence=self.confidence["exactly zero"](covered), message=msg, first_step=first,
-                            evidence=ev,
+                            evidence=ev, may_follow=("input-scale", "lr-too-high"),
                             title="The training loss is exactly zero",
                             recommendations=[Recommendation.code(
                                 "Check what makes the task trivial",

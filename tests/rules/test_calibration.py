@@ -146,6 +146,37 @@ def test_a_loss_that_is_zero_from_the_start_and_one_that_only_nears_zero_are_qui
     assert "GP602" not in serious(gradprobe.analyze(hf_log(tmp_path, near, name="b.json")))
 
 
+def _separable_classifier(logdir: str, scale: float) -> Report:
+    """Two well-separated classes under cross-entropy, the inputs multiplied by ``scale``."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    y = (x[:, 0] > 0).long()
+    x[:, 0] += 3 * (2 * y - 1)
+    x = x * scale
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(120):
+            i = torch.randint(0, 512, (64,))
+            loss = F.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return gradprobe.analyze(logdir)
+
+
+def test_a_loss_at_exactly_zero_from_blown_up_inputs_names_the_input_scale(tmp_path):
+    """Inputs at ~1e3: every logit margin passes 17 nats and the cross-entropy reads exactly 0;
+    the margin was blown up, not earned, so the input scale is the cause (the same task at unit
+    scale never reaches exactly 0)."""
+    report = _separable_classifier(str(tmp_path / "big"), 1000.0)
+    zero = report.finding("degenerate-targets")
+    assert zero is not None and zero.evidence["zero_records"] > 0
+    assert zero.caused_by == ["input-scale"]
+    assert report.findings[0].code == "GP601"
+    assert serious(_separable_classifier(str(tmp_path / "unit"), 1.0)) == []
+
+
 # ------------------------------------------------------------------- non-finite validation
 def test_a_validation_loss_nan_at_every_evaluation_is_nonfinite_loss(tmp_path):
     losses = noisy(np.linspace(5.9, 5.2, 80), 0.01)
