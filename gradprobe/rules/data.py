@@ -865,6 +865,13 @@ class DeadUnits(Rule):
                     hits.append(self._hit(str(name), "inputs", g, v))
         if not hits:
             return []
+        first = min(h["first_step"] for h in hits)
+        strongest: dict[tuple[str, str], dict[str, Any]] = {}
+        for h in hits:  # a module called several times a step (a critic on real and fake) is one layer
+            k = (h["layer"], h["what"])
+            if k not in strongest or h["fraction"] > strongest[k]["fraction"]:
+                strongest[k] = h
+        hits = list(strongest.values())
         worst = max(hits, key=lambda h: h["fraction"])
         sev = "error" if worst["fraction"] >= DEAD_ALL else "warning"
         conf = self.confidence(worst["fraction"])
@@ -877,7 +884,7 @@ class DeadUnits(Rule):
                    "nn.init.kaiming_normal_(linear.weight, nonlinearity=\"relu\")\n"
                    "nn.init.zeros_(linear.bias)         # not negative")
         ev = {"dead": hits[:20], "threshold": DEAD}
-        return [self.finding(confidence=conf, message=msg, first_step=min(h["first_step"] for h in hits),
+        return [self.finding(confidence=conf, message=msg, first_step=first,
                              layer=worst["layer"], evidence=ev, severity=sev,
                              recommendations=[Recommendation.code("Revive the units", snippet)])]
 

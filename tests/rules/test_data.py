@@ -302,6 +302,19 @@ def test_gp605_all_units_dead_is_an_error_and_named_once():
     assert [h["layer"] for h in f.evidence["dead"]] == ["1"]
 
 
+def test_gp605_a_module_called_twice_a_step_is_named_once():
+    # a GAN critic on the real and the fake batch: each call is judged, the layer listed once
+    samples = []
+    for s in SAMPLED:
+        for base, frac in ((0, 0.6), (3, 0.7)):
+            samples += act(s, "0", base, mean=0.0, std=1.0, absmax=3.0, nonfinite=0)
+            samples += act(s, "1", base + 1, mean=0.3, std=0.5, absmax=2.0, nonfinite=0, dead_frac=frac)
+            samples += act(s, "2", base + 2, mean=0.0, std=1.0, absmax=3.0, nonfinite=0, input_dead_frac=frac)
+    f = only(gradprobe.analyze(build(samples + input_samples(0.0, 1.0, 3.0))), "GP605")
+    assert [(h["layer"], h["fraction"]) for h in f.evidence["dead"]] == [("1", 0.7)]
+    assert f.message.count("1 (") == 1
+
+
 def test_gp605_half_dead_is_a_warning():
     f = only(gradprobe.analyze(build(_relu_samples([0.6] * len(SAMPLED)))), "GP605")
     assert f.severity == "warning"
