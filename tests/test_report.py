@@ -308,3 +308,22 @@ def test_html_short_series_are_points_and_markers_are_one_per_finding():
     assert sum(v is not None for v in by_label["val_loss"]["y"]) <= SHORT_SERIES
     marks = markers(report)
     assert len(marks) == sum(1 for f in report.findings if f.first_step is not None and f.severity != "info")
+
+
+def test_html_names_each_no_grad_loss_stream_by_the_line_that_computed_it():
+    # a script evaluating the training set (line 47) and the validation set (line 48) under no_grad
+    from gradprobe.render.html import figures
+
+    n = 60
+    log = gradprobe.RunLog.build(
+        {"step": np.arange(n), "loss": np.linspace(2, 0.1, n),
+         "eval_loss": np.where(np.arange(n) % 10 == 9, np.linspace(2, 0.1, n), np.nan)},
+        meta={"eval_streams": [
+            {"name": "eval_loss/0", "site": ["train.py:12", "train.py:47"], "first_step": 9},
+            {"name": "eval_loss/1", "site": ["train.py:12", "train.py:48"], "first_step": 9}]},
+        scalars=[(i, "eval_loss/1", 1.0 + i / 100) for i in range(9, n, 10)],
+    )
+    loss = next(f for f in figures(analyze_runlog(log)) if f["title"] == "Loss")
+    labels = [s["label"] for s in loss["series"]]
+    assert "no-grad loss at train.py:47" in labels and "no-grad loss at train.py:48" in labels
+    assert "eval_loss/1" not in labels

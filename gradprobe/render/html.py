@@ -31,6 +31,7 @@ from gradprobe.render._common import (
     where_text,
 )
 from gradprobe.report import Report
+from gradprobe.runlog.schema import eval_stream_name
 
 #: x values per plot: a plot is 1000 pixels wide, and 2000 points (every non-finite point, and
 #: each series' extremes, kept on top) keep a 100k-step run's report near 1 MB
@@ -246,6 +247,19 @@ def _has(values: np.ndarray) -> bool:
     return bool((~np.isnan(values)).any() or np.isinf(values).any())
 
 
+def _stream_labels(meta: dict[str, Any]) -> dict[str, str]:
+    """The recorder's no-grad loss streams named by where the script computed them (the
+    outermost frame of each call site: the script's line that called the evaluation)."""
+    out: dict[str, str] = {}
+    for entry in meta.get("eval_streams") or ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            continue
+        site = [s for s in entry.get("site") or () if isinstance(s, str)]
+        if site:
+            out[entry["name"]] = f"no-grad loss at {os.path.basename(site[-1])}"
+    return out
+
+
 def figures(report: Report) -> list[dict[str, Any]]:
     """The plots of the signals this run has, as the page's JSON."""
     log = report.runlog
@@ -277,14 +291,15 @@ def figures(report: Report) -> list[dict[str, Any]]:
     if np.isfinite(loss).any():
         parts.append((x, loss, "training loss"))
     ev = st["eval_loss"].to_numpy(dtype=np.float64)
+    streams = _stream_labels(log.meta)
     if np.isfinite(ev).any():
         m = np.isfinite(ev)
-        parts.append((x[m], ev[m], "eval loss (no-grad loss functions)"))
+        parts.append((x[m], ev[m], streams.get(eval_stream_name(0), "eval loss (no-grad loss functions)")))
     if not log.scalars.empty:
         for name in sorted(set(log.scalars["name"].astype(str))):
             if "loss" in name.lower():
                 s = log.scalar(name)
-                parts.append((s.index.to_numpy(), s.to_numpy(dtype=np.float64), name))
+                parts.append((s.index.to_numpy(), s.to_numpy(dtype=np.float64), streams.get(name, name)))
     if parts:
         allv = np.concatenate([p[1] for p in parts])
         fin = allv[np.isfinite(allv)]
