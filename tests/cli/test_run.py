@@ -598,6 +598,7 @@ def test_torchrun_one_log_per_rank(tmp_path):
         for _ in range(5):
             loss = model(torch.randn(8, 4)).pow(2).mean()
             opt.zero_grad(); loss.backward(); opt.step()
+        dist.barrier()  # both ranks tear gloo down together (one alone sometimes aborts)
         dist.destroy_process_group()
     """)
     res = subprocess.run(

@@ -98,6 +98,9 @@ def main() -> None:
     with open(os.path.join(args.outdir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": world, "checksum": h.hexdigest()[:16], "losses": losses,
                    "grad_norms": norms, "collective_seq": seq1 - seq0, "collective_calls": dict(CALLS)}, f)
+    # both ranks tear gloo down together (after the counts above): a rank destroying its group
+    # while the other is still in it sometimes aborts ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
