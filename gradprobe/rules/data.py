@@ -793,8 +793,18 @@ class DeadUnits(Rule):
     produce one).
 
     Severity: error when some layer is at least 99% dead (it passes essentially nothing, so
-    every layer before it stops learning), warning otherwise. Confidence: 0.5 at the threshold,
-    whole when nearly all (0.9) of the worst layer's units are dead.
+    every layer before it stops learning). Otherwise warning when training killed them: of the
+    units alive at the run's first sampled step (before any update), at least half
+    (``DEAD``) are dead later, ``(late - start) / (1 - start) >= 0.5``, the same threshold
+    applied to the units an update could kill. A layer already that dead before the first
+    update and no deader since is info: the data's geometry or the initialisation left those
+    units off, not the training. The 2**-32 argument above assumes pre-activations that vary in
+    sign over the batch; a network fed low-dimensional data (a 1-D GAN, a curve fit) has many
+    units whose half-space misses the whole data from the start (measured: 25-48% of the second
+    ReLU layer of a healthy 1-D sine fit, 58% of a weight-clipped WGAN critic's from step 0,
+    both training as intended), and an initialisation that leaves most units off is reported
+    with its number at info. Confidence: 0.5 at the threshold, whole when nearly all (0.9) of
+    the worst layer's units are dead.
     """
 
     code = "GP605"
@@ -802,7 +812,9 @@ class DeadUnits(Rule):
     severity = "warning"
     title = "ReLU units never activate"
     severities = {
-        "warning": "half or more of a layer's units never activate",
+        "info": "half or more of a layer's units were already off before the first update and no more since "
+        "(the data's geometry or the initialisation, not the training)",
+        "warning": "training killed half or more of a layer's units that were alive at the start",
         "error": "99% or more of a layer's units never activate: it passes essentially nothing",
     }
     requires = ("activations",)
@@ -873,12 +885,21 @@ class DeadUnits(Rule):
                 strongest[k] = h
         hits = list(strongest.values())
         worst = max(hits, key=lambda h: h["fraction"])
-        sev = "error" if worst["fraction"] >= DEAD_ALL else "warning"
+        for h in hits:  # the layer before any update: its first call of the first sampled step
+            col = "dead_frac" if h["what"] == "units" else "input_dead_frac"
+            mine = act[(act["target"].astype(str) == h["layer"]) & act[col].notna()]
+            h["at_start"] = float(mine.sort_values(["step", "index"])[col].iloc[0]) if len(mine) else 0.0
+        killed = [h for h in hits if h["at_start"] >= 1.0
+                  or (h["fraction"] - h["at_start"]) / (1.0 - h["at_start"]) >= DEAD]
+        sev = "error" if worst["fraction"] >= DEAD_ALL else "warning" if killed else "info"
         conf = self.confidence(worst["fraction"])
         listed = ", ".join(
             f"{h['layer']} ({h['fraction']:.0%} of its {'units' if h['what'] == 'units' else 'input features'})"
             for h in sorted(hits, key=lambda h: -h["fraction"])[:6])
         msg = f"ReLU units never activate over the sampled batches: {listed}. Dead units pass no gradient and do not recover."
+        if sev == "info":
+            msg += (" They were already off at the first sampled step, before any update, and training killed no more "
+                    "of them: the data's geometry (low-dimensional inputs) or the initialisation left them off.")
         snippet = ("# keep a gradient on the negative side, and start the units alive\n"
                    "act = nn.LeakyReLU(0.01)            # or nn.GELU()\n"
                    "nn.init.kaiming_normal_(linear.weight, nonlinearity=\"relu\")\n"

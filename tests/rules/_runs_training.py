@@ -216,6 +216,51 @@ def dead_relus(logdir: str, steps: int = 100) -> str:
 
 
 @one_thread
+def killed_relus(logdir: str, steps: int = 100) -> str:
+    """Units alive at the start (5% of the second ReLU layer off), killed by one SGD step at 50x
+    the lr on large targets: ~78% of that layer is off for the rest of the run, loss finite."""
+    torch.manual_seed(0)
+    model = mlp((8, 64, 64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = list(regression_batches(steps))
+    with gradprobe.watch(model, opt, logdir=logdir, **WATCH):
+        for i, (x, y) in enumerate(batches):
+            for g in opt.param_groups:
+                g["lr"] = 0.5 if i == 3 else 0.01
+            opt.zero_grad()
+            mse(model(x), y * 5).backward()
+            opt.step()
+    return logdir
+
+
+@one_thread
+def clipped_critic_1d(logdir: str, iters: int = 100) -> str:
+    """The original WGAN on 1-D data (critic weights clamped to +-0.01, 5 critic steps a
+    generator step): more than half of the critic's second ReLU layer is off from the first
+    step, by the geometry of 1-D data under clamped weights, and stays so while it learns."""
+    torch.manual_seed(58)
+    gen = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    critic = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt_g = torch.optim.RMSprop(gen.parameters(), lr=5e-4)
+    opt_d = torch.optim.RMSprop(critic.parameters(), lr=5e-4)
+    with gradprobe.watch([gen, critic], [opt_g, opt_d], logdir=logdir, **WATCH):
+        for _ in range(iters):
+            for _ in range(5):
+                real = 4.0 + 1.5 * torch.randn(128, 1)
+                d_loss = critic(gen(torch.randn(128, 8)).detach()).mean() - critic(real).mean()
+                opt_d.zero_grad()
+                d_loss.backward()
+                opt_d.step()
+                for p in critic.parameters():
+                    p.data.clamp_(-0.01, 0.01)
+            g_loss = -critic(gen(torch.randn(128, 8))).mean()
+            opt_g.zero_grad()
+            g_loss.backward()
+            opt_g.step()
+    return logdir
+
+
+@one_thread
 def tiny_gain_tanh(logdir: str, steps: int = 60) -> str:
     torch.manual_seed(0)
     model = mlp((8, 32, 32, 32, 32, 32, 1), act=nn.Tanh)

@@ -315,9 +315,18 @@ def test_gp605_a_module_called_twice_a_step_is_named_once():
     assert f.message.count("1 (") == 1
 
 
-def test_gp605_half_dead_is_a_warning():
-    f = only(gradprobe.analyze(build(_relu_samples([0.6] * len(SAMPLED)))), "GP605")
+def test_gp605_half_dead_is_a_warning_when_training_killed_them():
+    # alive before the first update (5% off), 60% dead from step 10 on: the updates killed them
+    f = only(gradprobe.analyze(build(_relu_samples([0.05] * 6 + [0.6] * (len(SAMPLED) - 6)))), "GP605")
     assert f.severity == "warning"
+    # off before any update (a low-dimensional input, a 1-D GAN critic or curve fit) and no more
+    # since: the data's geometry or the init, reported with its number, not a warning
+    f = only(gradprobe.analyze(build(_relu_samples([0.6] * len(SAMPLED)))), "GP605")
+    assert f.severity == "info" and "before any update" in f.message
+    # 40% off at the start, 75% later: more than half of the 60% alive were killed
+    f = only(gradprobe.analyze(build(_relu_samples([0.4] + [0.75] * (len(SAMPLED) - 1)))), "GP605")
+    assert f.severity == "warning"
+    quiet(gradprobe.analyze(build(_relu_samples([0.4] + [0.6] * (len(SAMPLED) - 1)))), "GP605")
 
 
 def test_gp605_functional_relu_is_seen_through_the_next_layer_input():
@@ -420,3 +429,17 @@ def test_rule_documents_itself(code):
         assert getattr(cls.explanation, attr).strip()
     for name in cls.computes:
         assert name in CANONICAL_HYPERPARAMETERS
+
+
+def test_real_units_killed_by_one_huge_step_are_a_warning(real):
+    f = only(real("killed_relus"), "GP605")
+    assert f.severity == "warning" and f.layer == "3" and f.evidence["dead"][0]["fraction"] > 0.5
+
+
+def test_real_weight_clipped_1d_critic_units_off_from_the_start_are_info(real):
+    # the original WGAN on 1-D data: 58% of the critic's second ReLU layer off from its first
+    # forward on and no more since, while it learns the distribution: not a warning
+    report = real("clipped_critic_1d")
+    f = only(report, "GP605")
+    assert f.severity == "info" and f.layer.endswith(".3") and "before any update" in f.message
+    quiet(report, "GP605")
