@@ -68,6 +68,12 @@ SAME_INPUT_BATCHES = 3
 #: is stuck there: a loss that only touches 0 now and then (an easy batch) is not.
 ZERO_FRACTION = 0.10
 ZERO_RECORDS = 5
+#: GP602: hinge losses, max(0, margin - score): exactly 0 once every example of the batch clears
+#: a finite margin (1 by default), their intended end state, with no certainty involved; the
+#: soft-margin (logistic) forms are not among them.
+HINGE_LOSSES = frozenset({"triplet_margin_loss", "triplet_margin_with_distance_loss", "margin_ranking_loss",
+                          "hinge_embedding_loss", "multi_margin_loss", "multilabel_margin_loss",
+                          "cosine_embedding_loss"})
 #: GP603: two decades of activation scale lost (or gained) across the hidden layers at step 0.
 INIT_DECADES = 2.0
 #: GP603 without activation samples: three decades between the first and last weight gradients.
@@ -264,7 +270,12 @@ class DegenerateTargets(Rule):
       steps too large (GP501) scale every logit, and the margin past 17 nats, with them; the
       engine names those as the cause when they fired no later. A loss that is 0 from its
       first record is not judged: an untrained model cannot have a loss of 0, so that term is
-      not being trained (a loss switched off, e.g. a GAN discriminator before it starts).
+      not being trained (a loss switched off, e.g. a GAN discriminator before it starts). Nor
+      a run whose every loss function is a hinge (``HINGE_LOSSES``: triplet, ranking,
+      multi-class SVM margins): max(0, margin - score) is exactly 0 whenever the batch clears
+      a finite margin, which is what it trains for (a triplet embedding: 0 on 71 of every 100
+      batches once it separates the classes), and the examples inside the margin still give
+      a gradient.
 
     Confidence: constant targets are measured, certain over ``CONSTANT_BATCHES`` batches; tiny
     targets from 0.5 at 1e-3, whole three decades below; a loss near zero from 0.5 at 1e-4 of
@@ -333,6 +344,9 @@ class DegenerateTargets(Rule):
         v = curve.values
         if curve.n < ZERO_RECORDS or not (v != 0).any():
             return None  # no loss, or one that is 0 from its first record: not a term being trained
+        fns = set(ctx.meta.get("loss_functions") or [])
+        if fns and fns <= HINGE_LOSSES:
+            return None  # a hinge is exactly 0 whenever the batch clears its margin: its aim
         nz = np.flatnonzero(v != 0)
         if v[0] == 0:
             return None

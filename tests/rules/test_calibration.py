@@ -146,6 +146,28 @@ def test_a_loss_that_is_zero_from_the_start_and_one_that_only_nears_zero_are_qui
     assert "GP602" not in serious(gradprobe.analyze(hf_log(tmp_path, near, name="b.json")))
 
 
+def test_a_triplet_loss_at_exactly_zero_once_the_margin_is_met_is_quiet(tmp_path):
+    """A hinge reads exactly 0 on every batch whose triplets all clear the margin (1.0): the aim
+    of the loss, not certainty; the cross-entropy case above stays a finding."""
+    torch.manual_seed(0)
+    centres = torch.randn(4, 8) * 3
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    with gradprobe.watch(model, opt, logdir=str(tmp_path / "run"), tensorboard=False):
+        for _ in range(200):
+            c = torch.randint(0, 4, (32,))
+            other = (c + torch.randint(1, 4, (32,))) % 4
+            a, p, n = (centres[k] + 0.3 * torch.randn(32, 8) for k in (c, c, other))
+            loss = F.triplet_margin_loss(model(a), model(p), model(n), margin=1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    assert losses[0] > 0 and sum(v == 0.0 for v in losses) > 50  # the fact the rule used to flag
+    assert "GP602" not in serious(gradprobe.analyze(str(tmp_path / "run")))
+
+
 def _separable_classifier(logdir: str, scale: float) -> Report:
     """Two well-separated classes under cross-entropy, the inputs multiplied by ``scale``."""
     torch.manual_seed(0)
