@@ -30,6 +30,14 @@ ONSET_GROWTH = 1.5
 #: at least ``MIN_GROWTH_RECORDS`` records).
 USELESS_GAIN = 0.05
 USELESS_NORM_GROWTH = 0.2
+#: ... and only growth at a drift's pace: the growth above the start (norm - start) rising at
+#: least as t**0.75 over the last quarter of the steps. Adam along a consistent gradient moves
+#: every weight by ~lr per step in the same direction: the norm grows linearly (exponent 1),
+#: without bound. Steps of a fixed size in random directions (a noisy gradient under Adam)
+#: grow it as a random walk, sqrt(t) (exponent 0.5), and gradient descent on separable data
+#: logarithmically (exponent -> 0): every run without decay does the first, and neither harms
+#: anything by itself. 0.75 lies midway between diffusion and drift.
+DRIFT_EXPONENT = 0.75
 
 
 def _weight_groups_without_decay(ctx: RunContext) -> bool | None:
@@ -70,6 +78,22 @@ def _norm_growth(values: np.ndarray, reference: float = 0.0) -> dict[str, float]
             "late": last / at_q - 1.0 if at_q > 0 else 0.0, "rate": rate}
 
 
+def _growth_exponent(steps: np.ndarray, values: np.ndarray, start: float) -> float:
+    """p in (norm - start) ~ t**p over the last quarter of the steps (t counted from the first
+    record), from window medians at the three-quarter point and at the end; 0 when the norm
+    did not grow there."""
+    w = max(MIN_WINDOW, values.size // WINDOWS)
+    t = steps.astype(np.float64) - float(steps[0]) + 1.0
+    q = int(np.searchsorted(t, LAST_QUARTER * t[-1]))
+    lo = max(0, min(q, values.size - 1) - w // 2)
+    g_q = float(np.median(values[lo: lo + w])) - start
+    g_end = float(np.median(values[-w:])) - start
+    t_q, t_end = float(np.median(t[lo: lo + w])), float(np.median(t[-w:]))
+    if g_q <= 0 or g_end <= g_q or t_end <= t_q:
+        return 0.0
+    return math.log(g_end / g_q) / math.log(t_end / t_q)
+
+
 @register
 class MissingWeightDecay(Rule):
     """Fires when no parameter group of any optimizer has weight decay (``weight_decay`` == 0
@@ -87,8 +111,11 @@ class MissingWeightDecay(Rule):
     * the growth is harmful or useless: instability followed its onset (a loss spike,
       divergence, regression or non-finite values after the norm passed 1.5x its start), or
       the second half of the run bought less than 5% of the run's loss progress while the norm
-      grew at least 20%. Growth that buys loss (a head growing to the targets' scale) is not a
-      finding.
+      grew at least 20% at a drift's pace (``DRIFT_EXPONENT``: the growth above the start rising
+      as t**0.75 or faster over the last quarter; a random walk's sqrt(t), which every noisy run
+      without decay shows, is not a finding: a frozen backbone's linear head under Adam grew
+      4.4x that way while its accuracy held at 0.96). Growth that buys loss (a head growing to the
+      targets' scale) is not a finding.
 
     Recommends ``weight_decay`` = r / lr, with r the growth rate of ln(norm) per step over
     the second half of the run and lr the learning rate there: decoupled weight decay (AdamW,
@@ -127,6 +154,7 @@ class MissingWeightDecay(Rule):
         "weight_decay": Field("weight decay"),
         "instability_after": Field("instability after it"),
         "unproductive": Field("growth bought no loss"),
+        "growth_exponent": Field("growth ~ t^p over the last quarter, p"),
     }
     computes = {"weight_decay": "r / lr: r = growth rate of ln(weight norm) per step over the second half of the run, "
                 "lr = the learning rate there (decoupled decay shrinks the weights by lr x weight_decay per step)"}
@@ -180,6 +208,9 @@ class MissingWeightDecay(Rule):
             half = values[len(values) // 2:]
             grew_late = half[-1] / half[0] - 1.0 if half.size and half[0] > 0 else 0.0
             useless = gain_total > 0 and gain_late < USELESS_GAIN * gain_total and grew_late >= USELESS_NORM_GROWTH
+            if useless:
+                g["exponent"] = _growth_exponent(steps, values, g["start"])
+                useless = g["exponent"] >= DRIFT_EXPONENT
         if not harm and not useless:
             return []
         h0 = int(steps[len(steps) // 2])
@@ -212,6 +243,8 @@ class MissingWeightDecay(Rule):
         ev = {"layer": name, "growth": g["total"], "start_norm": g["start"], "reference_norm": g["initial"],
               "final_norm": g["final"], "late_growth": g["late"], "growth_rate_per_step": r, "growth_onset_step": onset,
               "weight_decay": 0.0, "instability_after": sorted(harm), "unproductive": useless}
+        if "exponent" in g:
+            ev["growth_exponent"] = g["exponent"]
         # the norms are measured after the optimizer step: the forward of the next step is the
         # first to run with the grown weights (and a gradient spike of the onset step itself,
         # computed before that update, cannot be this growth's doing)

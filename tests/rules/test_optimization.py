@@ -399,6 +399,7 @@ def test_gp503_is_quiet_with_weight_decay_or_growth_that_levels_off_or_buys_loss
     for m, norm, loss in [
         (meta(weight_decay=0.01), norms, flat),                                  # decay is on
         (meta(), 3.0 + 30.0 * np.log1p(np.arange(n)) / np.log(n), flat),         # logarithmic: levels off
+        (meta(), 3.0 + 57.0 * np.sqrt(np.arange(n) / n), flat),                  # a random walk's sqrt(t)
         (meta(), norms, noisy(np.linspace(50.0, 1.0, n))),                       # growth buys loss
         (meta(), np.linspace(0.005, 0.9, n), flat),                              # tiny init growing back to size
     ]:
