@@ -262,7 +262,7 @@ class DegenerateTargets(Rule):
     * a training loss stuck at exactly 0 (warning; no target samples needed, so foreign logs
       too): after being non-zero, the loss reads exactly 0.0 on records that cover at least
       ``ZERO_FRACTION`` of the run (and ``ZERO_RECORDS`` of them). In float32 a cross-entropy
-      or a margin loss is exactly 0 only when every example is predicted with certainty (a
+      (or a soft-margin loss) is exactly 0 only when every example is predicted with certainty (a
       logit margin above ~17 nats): the gradient is then exactly 0 too, and nothing is learned
       from there on. A task solved that completely has targets that carry nothing to learn
       (constant, templated, duplicated, or leaked into the inputs), unless the margin was
