@@ -6,6 +6,7 @@ text (:mod:`gradprobe.rules.snippets`), never another rule module.
 """
 
 from gradprobe.rules import (  # noqa: F401
+    activations,
     amp_autocast,
     amp_scale,
     data,
@@ -20,6 +21,14 @@ from gradprobe.rules import (  # noqa: F401
     vanishing,
     weight_decay,
 )
-from gradprobe.rules.base import CrossRankRule, Explanation, Field, Rule, get_rule, register, registry
+from gradprobe.rules.base import (
+    CrossRankRule,
+    Explanation,
+    Field,
+    Rule,
+    get_rule,
+    register,
+    registry,
+)
 
 __all__ = ["CrossRankRule", "Explanation", "Field", "Rule", "get_rule", "register", "registry"]
