@@ -189,6 +189,8 @@ class Discovery:
                 name=cls[:1].lower() + cls[1:], cls=cls, root="", is_loss=isinstance(model, nn.modules.loss._Loss)
             )
             return
+        if ctx.auto and self.roots:
+            self._demote_nested(model)
         if not self.roots and not self.prefix_all:
             root_name = ""
         else:
@@ -254,6 +256,27 @@ class Discovery:
                 })
         self._layout_version += 1
         ctx.meta_dirty = True
+
+    def _demote_nested(self, model: nn.Module) -> None:
+        """Earlier roots that ``model`` contains are its parts, not models. A script that calls
+        layers on their own before wrapping them (``for m in layers: h = m(h)`` to print the
+        activation scale at init, then ``nn.Sequential(*layers)``) made each of them a root at
+        that first call; left so, every layer's input would count as the run's data (a NaN
+        activation read as NaN data) and their parameters would carry the wrong names."""
+        inside = {id(m) for m in model.modules()}
+        nested = [(n, r) for n, r in self.roots if id(r) in inside]
+        if not nested:
+            return
+        modules = self.ctx.meta.setdefault("modules", {})
+        for _, r in nested:
+            for mod in r.modules():
+                old = self.module_info.get(mod)
+                if old is not None:
+                    modules.pop(old.name, None)
+        gone = {n or type(unwrap(r)).__name__ for n, r in nested}
+        self.roots = [(n, r) for n, r in self.roots if id(r) not in inside]
+        self.root_ids -= {id(r) for _, r in nested}
+        self.ctx.meta["models"] = [m for m in self.ctx.meta["models"] if m["name"] not in gone]
 
     def is_root(self, module: nn.Module) -> bool:
         return id(module) in self.root_ids

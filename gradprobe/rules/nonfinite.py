@@ -70,8 +70,10 @@ assert torch.isfinite(x).all() and torch.isfinite(y).all(), f"non-finite batch a
 
 #: Root causes outside this family a non-finite value can follow from when the run diverged
 #: (unnormalised inputs make the first layer's gradient, and an SGD step on it, as large as
-#: the features: the first updates overshoot).
-DIVERGENCE_CAUSES = ("exploding-gradients", "lr-too-high", "input-scale")
+#: the features: the first updates overshoot; an initialisation that multiplies the activation
+#: scale at every layer makes the first loss and gradients as large as the product, decades at
+#: step 0, and the first update overshoots the same way).
+DIVERGENCE_CAUSES = ("exploding-gradients", "lr-too-high", "input-scale", "poor-initialization")
 #: ... and, when gradients grew backwards through time at or before the first non-finite value,
 #: the recurrence that made them (long-lookback's exploding form; not a window merely too long)
 THROUGH_TIME_CAUSE = "long-lookback"

@@ -287,6 +287,47 @@ def test_nan_guard_example_is_logged_and_diagnosed(tmp_path):
     assert re.search(r"GP40[1-4]", report), report  # the NaN chain
 
 
+LAYERS_CALLED_BEFORE_WRAPPING = """
+import torch, torch.nn as nn
+torch.manual_seed(66)
+x, y = torch.randn(400, 32), torch.randint(0, 8, (400,))
+layers = [nn.Linear(32, 128), nn.ReLU()]
+for _ in range(5):
+    layers += [nn.Linear(128, 128), nn.ReLU()]
+layers += [nn.Linear(128, 8)]
+for m in layers:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0.0, 1.0)   # std 1 whatever the fan-in: 8x the scale per layer
+with torch.no_grad():                       # print the activation scale layer by layer
+    h = x[:64]
+    for m in layers:
+        h = m(h)
+    print("output std at init", float(h.std()))
+model = nn.Sequential(*layers)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+for i in range(0, 400, 50):
+    loss = nn.functional.cross_entropy(model(x[i:i + 50]), y[i:i + 50])
+    opt.zero_grad(); loss.backward(); opt.step()
+"""
+
+
+def test_layers_called_alone_before_being_wrapped_are_parts_of_the_model(tmp_path):
+    """Each layer called on its own (to print the scale at init) was a model of its own until
+    the Sequential that holds them ran: then they are its parts, their inputs activations, not
+    data. The N(0, 1) init blows the activations up 8x a layer and the run goes NaN: the init
+    is named first, not 'NaN entered with the data'."""
+    write(tmp_path / "train.py", LAYERS_CALLED_BEFORE_WRAPPING)
+    got = gp("--logdir", "log", "--format", "json", "train.py", cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    report = json.loads(got.stdout[got.stdout.index("{"):])
+    codes = [f["code"] for f in report["findings"] if f["severity"] != "info"]
+    assert "GP404" not in codes and codes[0] == "GP603", codes
+    assert "poor-initialization" in next(f for f in report["findings"] if f["code"] == "GP402")["caused_by"]
+    meta = load(tmp_path / "log").meta
+    assert [m["class"] for m in meta["models"]] == ["Sequential"]
+    assert "0.weight" in {layer["name"] for layer in meta["layer_segments"][-1]["layers"]}
+
+
 MEMORY_GROWTH = """
 import psutil, torch, torch.nn as nn
 torch.manual_seed(0)
