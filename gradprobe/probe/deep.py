@@ -269,6 +269,8 @@ class DeepProbes:
             if k >= 2:
                 break
             name = target if k == 0 else f"{target}[{k}]"
+            if probe == "input" and t.grad_fn is not None:
+                continue  # computed from parameters in this step (another model's output): not data
             if t.is_floating_point():
                 # features: channels for conv layers and image-like (N, C, H, W...) inputs, else the last dim
                 conv = isinstance(module, nn.modules.conv._ConvNd) or (module is None and t.dim() >= 4)

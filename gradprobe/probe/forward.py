@@ -171,9 +171,11 @@ class ForwardHooks:
         if self.disc.is_root(module) and args and torch.is_grad_enabled() \
                 and not (deep is not None and deep.in_side_computation):
             # the data of every training forward, counted on every step: a NaN batch between
-            # two sampled steps is still seen, and named, at its step (GP404)
+            # two sampled steps is still seen, and named, at its step (GP404). A tensor with a
+            # grad_fn was computed from parameters in this step (a backbone's features fed to a
+            # head called on its own, a generator's output fed to the critic): not data
             x = args[0]
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.grad_fn is None:
                 ctx.open.current.count_data(x)
         if info is not None and deep is not None and ctx.open.sampled and torch.is_grad_enabled():
             deep.on_forward_pre(module, info, args)

@@ -317,6 +317,42 @@ def test_real_guarded_nan_batches_between_samples(logdir):
     assert r.finding("GP401").severity == "warning" and r.finding("GP401").caused_by == ["nonfinite-inputs"]
 
 
+class _SqrtFeatures(nn.Module):
+    """A backbone whose features turn NaN when its pre-activations go negative (sqrt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.fc(x))
+
+
+@pytest.mark.parametrize("nan_in", ["backbone", "data"])
+def test_real_a_second_model_fed_by_the_first_is_not_fed_data(logdir, nan_in):
+    """A backbone and a head called one after the other, each a watched model: the head's input
+    is the backbone's output (it has a grad_fn), so NaN features are not 'NaN data'; a NaN in
+    the batch itself still is."""
+    torch.manual_seed(0)
+    backbone, head = _SqrtFeatures(), nn.Linear(16, 1)
+    if nan_in == "data":
+        backbone.forward = lambda x: torch.relu(backbone.fc(x))  # features stay finite
+    opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.01)
+    with gradprobe.watch([backbone, head], opt, logdir=logdir):
+        for i, (x, y) in enumerate(regression_batches(8)):
+            if nan_in == "data" and i == 5:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            nn.functional.mse_loss(head(backbone(x)), y).backward()
+            opt.step()
+    r = gradprobe.analyze(logdir)
+    if nan_in == "backbone":
+        assert "GP404" not in codes(r) and "GP401" in codes(r)
+    else:
+        assert nf_findings(r)[0] == "GP404" and r.finding("GP404").first_step == 5
+
+
 def test_real_data_count_does_not_change_training(tmp_path):
     def train(watch: bool) -> torch.Tensor:
         torch.manual_seed(0)
