@@ -259,13 +259,19 @@ def analyze_logs(corpus: str, wanted: dict[str, dict[str, Any]], manifest: dict[
 
 
 # ========================================================================== programs ====
-def _env_with_root() -> dict[str, str]:
-    """The environment with this checkout first on PYTHONPATH: the gradprobe under test."""
+def _env_with_root(workers: int = 1) -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH (the gradprobe under test) and,
+    unless the caller set it, each program's torch and OpenMP threads limited to its share of
+    the cores: two programs each spinning as many OpenMP threads as there are cores made tiny
+    runs of ~7 s take 80-320 s on the 2-core machine (spin-waiting threads oversubscribed)."""
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else "")}
+    env = {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else "")}
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    return env
 
 
-def run_program(item_id: str, timeout: float) -> tuple[dict[str, Any] | None, str | None, float]:
+def run_program(item_id: str, timeout: float, workers: int = 1) -> tuple[dict[str, Any] | None, str | None, float]:
     """``gradprobe run`` on one program in a fresh process group; (report, error, seconds)."""
     script = os.path.join(PROGRAMS_DIR, f"{item_id}.py")
     t0 = time.perf_counter()
@@ -276,7 +282,7 @@ def run_program(item_id: str, timeout: float) -> tuple[dict[str, Any] | None, st
         cmd = [sys.executable, "-m", "gradprobe", "run", "--logdir", os.path.join(tmp, "run"),
                "--format", "json", "--output", out, script]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, env=_env_with_root())
+                                start_new_session=True, env=_env_with_root(workers))
         try:
             _stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -302,7 +308,7 @@ def run_programs(wanted: dict[str, dict[str, Any]], timeout: float, workers: int
         i: make_result(i, "program", e, None) for i, e in wanted.items() if e["label"] == "unclear"}
     runnable = [i for i in wanted if i not in results]
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(run_program, item_id, timeout): item_id for item_id in runnable}
+        futures = {pool.submit(run_program, item_id, timeout, workers): item_id for item_id in runnable}
         for n, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             item_id = futures[fut]
             report, err, seconds = fut.result()
