@@ -32,6 +32,7 @@ first few steps of a run that is not doomed (see each check).
 
 from __future__ import annotations
 
+import abc
 import math
 import sys
 import threading
@@ -236,7 +237,7 @@ class Batch:
         return np.isfinite(self.col("scale_before")) | np.isfinite(self.col("scale"))
 
 
-class LiveCheck:
+class LiveCheck(abc.ABC):
     """The final condition of one rule, followed step by step (O(1) state).
 
     ``feed(batch)`` returns the step at which the condition holds on everything seen so far,
@@ -252,8 +253,9 @@ class LiveCheck:
         self.level = 1
         self.retired = False  # the rule's final condition can no longer hold in this run
 
+    @abc.abstractmethod
     def feed(self, b: Batch) -> int | None:
-        raise NotImplementedError  # pragma: no cover - every check implements it
+        """The step at which the condition holds on everything fed so far, or None."""
 
     def back_off(self) -> None:
         self.level *= 2
