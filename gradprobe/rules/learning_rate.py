@@ -128,6 +128,19 @@ def _rose_with_lr(ctx: RunContext) -> dict[str, Any] | None:
             "top_step": int(curve.steps[top]), "lr_at_best": float(lr_best), "lr_at_top": float(lr_top)}
 
 
+def _collapse_step(tl: Any, last: int) -> int | None:
+    """The first sampled step from which the loss sits at its trivial level (ratio to the
+    trivial loss at or above ``TRIVIAL_LEVEL`` there and in the median of every later sampled
+    step): where a collapse ended. None without target samples."""
+    t = tl.table["ratio"].dropna() if not tl.table.empty else None
+    if t is None or not len(t):
+        return None
+    for s, r in t.items():
+        if r >= TRIVIAL_LEVEL and tl.ratio_between(int(s), last) >= TRIVIAL_LEVEL:
+            return int(s)
+    return None
+
+
 def _onset(harm: dict[str, dict[str, Any]]) -> int | None:
     steps = [h["step"] for h in harm.values() if h.get("step") is not None]
     return int(min(steps)) if steps else None
@@ -368,8 +381,17 @@ class LrTooHigh(Rule):
                 # "fell" from a start the first oversized steps blew up
                 at_trivial = tl.consistent and tl.ratio_between(mid, int(curve.steps[-1])) >= TRIVIAL_LEVEL
                 # a collapse happens while the steps are largest relative to the weights: under a
-                # too-high lr the weights then grow until the relative step shrinks
+                # too-high lr the weights then grow (and Adam's noise-averaged steps shrink) until
+                # the relative step is ordinary. The steps that did it are those up to the step the
+                # loss reached the trivial level for good; a fixed early window dilutes them when the
+                # collapse took one or two steps (Adam at lr 0.1: 0.38 of the weights at step 1, 0.24
+                # at step 2, 0.1 by step 5, 0.01 by step 22)
                 early_end = int(curve.steps[min(curve.n - 1, 2 * curve.window)])
+                if at_trivial:
+                    collapse = _collapse_step(tl, int(curve.steps[-1]))
+                    sampled = [int(s) for s in ratios.index if s >= 1]
+                    if collapse is not None and len(sampled) >= 2:
+                        early_end = max(collapse, sampled[1])
                 early = ratios[(ratios.index >= 1) & (ratios.index <= early_end)]
                 stall_ratio = max(ratio, float(early.median()) if len(early) >= 2 else ratio)
                 wrecked = exploded is not None and exploded <= mid  # a stall after an explosion is its aftermath

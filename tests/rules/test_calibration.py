@@ -438,3 +438,53 @@ def test_long_lookback_is_not_judged_on_the_full_sequences_of_a_line_search_opti
         assert f is None  # the 100 steps are the problem LBFGS solves, not a window to shorten
     else:
         assert f is not None and f.evidence["lookback"] == 100  # the same horizon under SGD: windows would do
+
+
+# ------------------------------------------------------------------- a collapse in one step
+def _token_count_transformer(logdir: str, lr: float, epochs: int = 6) -> Report:
+    """Which of 5 tokens occurs most often in 16: a 2-layer Transformer encoder under Adam."""
+    torch.manual_seed(61)
+    x = torch.randint(0, 12, (2000, 16))
+    counts = torch.stack([(x == k).sum(1) for k in range(5)], 1).float()
+    y = (counts + 0.01 * torch.arange(5)).argmax(1)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(12, 32)
+            self.pos = nn.Parameter(torch.randn(16, 32) * 0.02)
+            self.enc = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(self.emb(t) + self.pos).mean(1))
+
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with gradprobe.watch(model, opt, logdir=logdir, tensorboard=False):
+        for _ in range(epochs):
+            perm = torch.randperm(2000)
+            for i in range(0, 2000, 64):
+                idx = perm[i:i + 64]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return gradprobe.analyze(logdir)
+
+
+def test_adam_at_lr_0_1_collapses_to_the_prior_in_its_first_steps_and_the_lr_is_named(tmp_path):
+    """Adam at lr 0.1 moves the weights by a third of their norm at step 1 and collapses the
+    classifier to the label prior within two steps; by step 20 its steps are 1% of the weights
+    (the prior's gradient is noise, which Adam's moments average away). The steps that made the
+    collapse are the first ones: lr-too-high is named as the plateau's cause. At lr 1e-3 the
+    same model learns: no lr-too-high."""
+    report = _token_count_transformer(str(tmp_path / "hot"), 0.1)
+    f = report.finding("lr-too-high")
+    assert f is not None and f.evidence["harm"]["stalled"]["at_trivial_loss"]
+    assert f.evidence["harm"]["stalled"]["early_update_ratio"] >= 0.1
+    assert "lr-too-high" in report.finding("loss-plateau").caused_by
+    assert serious(report)[0] == "GP501"
+    cool = _token_count_transformer(str(tmp_path / "cool"), 1e-3)
+    assert "GP501" not in serious(cool)
