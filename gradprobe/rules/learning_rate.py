@@ -29,6 +29,7 @@ from gradprobe.analysis import (
     TARGET_UPDATE_RATIO,
     TRIVIAL_LEVEL,
     RunContext,
+    TrivialLoss,
     diverged_into_nonfinite,
     exploding_through_time,
     grad_spikes,
@@ -128,7 +129,7 @@ def _rose_with_lr(ctx: RunContext) -> dict[str, Any] | None:
             "top_step": int(curve.steps[top]), "lr_at_best": float(lr_best), "lr_at_top": float(lr_top)}
 
 
-def _collapse_step(tl: Any, last: int) -> int | None:
+def _collapse_step(tl: TrivialLoss, last: int) -> int | None:
     """The first sampled step from which the loss sits at its trivial level (ratio to the
     trivial loss at or above ``TRIVIAL_LEVEL`` there and in the median of every later sampled
     step): where a collapse ended. None without target samples."""

@@ -35,8 +35,8 @@ USELESS_NORM_GROWTH = 0.2
 #: every weight by ~lr per step in the same direction: the norm grows linearly (exponent 1),
 #: without bound. Steps of a fixed size in random directions (a noisy gradient under Adam)
 #: grow it as a random walk, sqrt(t) (exponent 0.5), and gradient descent on separable data
-#: logarithmically (exponent -> 0): every run without decay does the first, and neither harms
-#: anything by itself. 0.75 lies midway between diffusion and drift.
+#: logarithmically (exponent -> 0): every noisy run without decay shows the random walk, and
+#: neither harms anything by itself. 0.75 lies midway between diffusion and drift.
 DRIFT_EXPONENT = 0.75
 
 
