@@ -702,8 +702,9 @@ class ScriptRunner:
         except Exception as close_exc:  # noqa: BLE001 - the script's status matters more
             sys.stderr.write(f"gradprobe: closing the run log failed ({type(close_exc).__name__}: {close_exc})\n")
         self.tree.stop()
-        from gradprobe.tree_report import find_runs
+        from gradprobe.tree_report import find_runs, wait_for_children
 
+        wait_for_children(self.tree.tree_dir, self.tree.token)  # children the script did not join
         self.runs = find_runs(self.tree.tree_dir, self.tree.token)
         outcome.steps = sum(r.steps for r in self.runs)
         self._child_stop(outcome)

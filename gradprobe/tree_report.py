@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 from gradprobe.report import Report
@@ -28,6 +29,11 @@ from gradprobe.report import Report
 NO_STEP = "no training step was recorded"
 #: child commands named in an empty report (the rest are counted)
 SHOWN_COMMANDS = 4
+#: The longest the report waits for other processes of the tree still writing their runs: a
+#: launcher that does not join its workers (Lightning's rank 0 returns from ``fit`` and ends
+#: while rank 1 is still closing its log) would otherwise have its children's logs read
+#: mid-write (their last steps, the NaN that started there, missing).
+CHILD_CLOSE_WAIT_S = 30.0
 
 
 @dataclasses.dataclass
@@ -84,6 +90,36 @@ def find_runs(tree_dir: str, token: str) -> list[TreeRun]:
         if isinstance(meta, dict) and (meta.get("tree") or {}).get("id") == token:
             runs.append(TreeRun(name, path, meta))
     return runs
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (exited, waiting for its parent to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): alive as far as we can tell
+
+
+def wait_for_children(tree_dir: str, token: str, timeout: float = CHILD_CLOSE_WAIT_S) -> list[int]:
+    """Waits, at most ``timeout`` seconds, until every other process writing a run of the tree
+    has closed it (``closed`` in its metadata, written after its last steps) or exited; returns
+    the pids still writing then."""
+    deadline = time.monotonic() + timeout
+    me = os.getpid()
+    while True:
+        writing = [int(r.meta["pid"]) for r in find_runs(tree_dir, token)
+                   if isinstance(r.meta.get("pid"), int) and r.meta["pid"] != me and not r.meta.get("closed")
+                   and _running(int(r.meta["pid"]))]
+        if not writing or time.monotonic() >= deadline:
+            return writing
+        time.sleep(0.05)
 
 
 def rank_group(runs: list[TreeRun]) -> dict[int, str]:
@@ -240,4 +276,5 @@ def empty_report(tree_dir: str, no_step: dict[str, Any]) -> Report:
     return Report(source=source, summary={"optimizer": None, "lr": None, "max_norm": None, "amp": None, "recurrent": []})
 
 
-__all__ = ["NO_STEP", "TreeRun", "analyze_tree", "empty_report", "find_runs", "observations", "rank_group"]
+__all__ = ["NO_STEP", "TreeRun", "analyze_tree", "empty_report", "find_runs", "observations", "rank_group",
+           "wait_for_children"]

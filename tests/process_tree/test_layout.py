@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,49 @@ def test_gradprobe_run_a_console_script(tmp_path):
     bad = subprocess.run([*run, "shellprog"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "is not a Python script" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _child_run(tree: Path, name: str, token: str, code: str) -> subprocess.Popen:
+    """A child process that writes a run of the tree ``token`` (its gradprobe.json without
+    ``closed``), then does ``code``."""
+    run = tree / name
+    run.mkdir(parents=True)
+    return subprocess.Popen([sys.executable, "-c", (
+        "import json, os, sys, time\n"
+        f"path = {str(run / 'gradprobe.json')!r}\n"
+        f"meta = {{'pid': os.getpid(), 'tree': {{'id': {token!r}}}}}\n"
+        "json.dump(meta, open(path, 'w'))\n"
+        "sys.stdout.write('ready\\n'); sys.stdout.flush()\n" + code)], stdout=subprocess.PIPE, text=True)
+
+
+def test_the_report_waits_for_children_still_closing_their_runs(tmp_path):
+    """A launcher that does not join its workers (Lightning's rank 0 leaves fit while rank 1 is
+    closing its log): the report waits for the child's run to close, or for the child to exit;
+    an exited child that nobody reaped (a zombie) is not waited for."""
+    from gradprobe.tree_report import wait_for_children
+
+    token = "t0"
+    closing = _child_run(tmp_path, "rank1", token, (
+        "time.sleep(1.0)\n"
+        "meta['closed'] = 'now'; json.dump(meta, open(path, 'w'))\n"
+        "time.sleep(60)\n"))
+    assert closing.stdout.readline() == "ready\n"
+    exiting = _child_run(tmp_path, "rank2", token, "time.sleep(1.5)\n")
+    assert exiting.stdout.readline() == "ready\n"
+    try:
+        t0 = time.monotonic()
+        assert wait_for_children(str(tmp_path), token, timeout=30.0) == []
+        waited = time.monotonic() - t0
+        assert 1.0 <= waited < 10.0  # until the first closed and the second exited (a zombie: not reaped yet)
+        assert exiting.poll() is not None
+    finally:
+        closing.kill()
+        closing.wait()
+        exiting.wait()
+    stuck = _child_run(tmp_path, "rank3", token, "time.sleep(60)\n")
+    assert stuck.stdout.readline() == "ready\n"
+    try:
+        assert wait_for_children(str(tmp_path), token, timeout=0.3) == [stuck.pid]  # bounded
+    finally:
+        stuck.kill()
+        stuck.wait()
