@@ -738,6 +738,47 @@ def test_foreign_metrics_csv_loss_that_never_moved(tmp_path):
     assert "never decreased" in f.message and f.confidence < 0.75
 
 
+def _short_csv(path, losses: np.ndarray, every: int = 50) -> str:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["epoch", "step", "train_loss"])
+        w.writeheader()
+        for i, v in enumerate(losses):
+            w.writerow({"epoch": i // 10, "step": (i + 1) * every - 1, "train_loss": float(v)})
+    return str(path)
+
+
+def test_short_noisy_log_that_never_learned_is_a_plateau(tmp_path):
+    # a probe on random features, logged every 50 steps: 28 records at ln 17 with 10% noise,
+    # the first one low by chance (nothing fell from it); its thirds differ by noise alone
+    rng = np.random.default_rng(3)
+    stuck = 2.9 * (1 + 0.10 * rng.standard_normal(28))
+    stuck[0] = 2.35
+    f = only(gradprobe.analyze(_short_csv(tmp_path / "stuck.csv", stuck)), "GP505")
+    assert "never decreased" in f.message
+    # a summed loss that drifts up 7% within its noise (13%): it never decreased either
+    drift = 3200 * np.linspace(1.0, 1.07, 114) * (1 + 0.13 * rng.standard_normal(114))
+    only(gradprobe.analyze(_short_csv(tmp_path / "drift.csv", drift)), "GP505")
+
+
+def test_short_noisy_logs_that_learned_are_not_a_plateau(tmp_path):
+    rng = np.random.default_rng(4)
+    # as noisy, but falling 30% over the run
+    falling = 2.9 * np.linspace(1.0, 0.7, 28) * (1 + 0.10 * rng.standard_normal(28))
+    quiet(gradprobe.analyze(_short_csv(tmp_path / "falling.csv", falling)), "GP505")
+    # a quiet loss falling 7%: beyond its noise, slow learning is learning
+    slow = 1.3 * np.linspace(1.0, 0.93, 25) * (1 + 0.003 * rng.standard_normal(25))
+    quiet(gradprobe.analyze(_short_csv(tmp_path / "slow.csv", slow)), "GP505")
+    # converged within its first record, then flat (a model that keeps training at its floor)
+    fast = np.full(30, 0.4) * (1 + 0.02 * rng.standard_normal(30))
+    fast[0] = 2.3
+    quiet(gradprobe.analyze(_short_csv(tmp_path / "fast.csv", fast)), "GP505")
+    # under 50 optimizer steps: too young to call stuck
+    young = 2.9 * (1 + 0.10 * rng.standard_normal(20))
+    quiet(gradprobe.analyze(_short_csv(tmp_path / "young.csv", young, every=2)), "GP505")
+
+
 # ================================================================== catalog =================
 @pytest.mark.parametrize("code", MY_CODES)
 def test_rule_documents_itself(code):
