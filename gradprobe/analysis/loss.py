@@ -30,9 +30,10 @@ class LossCurve:
     Attributes:
         steps, values: the finite records in order (``values`` as float64).
         n: finite records.
-        per_step: every record is one optimizer step's own loss (a gradprobe log, or a
-            foreign log that logged every step); False when a record averages many steps
-            (Hugging Face ``logging_steps``, one validation pass).
+        per_step: every record is one optimizer step's own loss (a gradprobe log, a foreign
+            log that logged every step, or one that sampled single steps' losses every few
+            steps); False when a record averages many steps (Hugging Face ``logging_steps``,
+            an epoch's mean, one validation pass).
         window: :func:`~gradprobe.analysis.numeric.smoothing_window` of ``n``.
         smooth: centred rolling median over ``window`` (post hoc, so non-causal).
         first_window, final: medians of the first and last ``window`` records.
@@ -141,12 +142,27 @@ def _per_step_records(steps: np.ndarray) -> bool:
     return float(np.median(np.diff(steps))) <= 1.0
 
 
+def _one_step_samples(ctx: RunContext) -> bool:
+    """A saved log's loss records are single steps' losses, sampled every few steps, not
+    averages over them: Lightning's ``self.log("train_loss", loss)`` (and its ``*_step``
+    series) and a TensorBoard ``add_scalar`` record the loss of the step they are logged at. A
+    Hugging Face trainer state averages the steps since the last log, and a name that says so
+    (``epoch_loss``, ``avg_loss``, ``running_loss``, ``smoothed``) is an average."""
+    from gradprobe.readers.mapping import meaning
+
+    if ctx.kind in ("gradprobe", "hf-trainer-state"):
+        return False
+    name = ((ctx.meta.get("names") or {}).get("columns") or {}).get("loss")
+    m = meaning(name) if isinstance(name, str) else None
+    return m is not None and m.column == "loss" and not m.aggregate
+
+
 @quantity
 def loss_curve(ctx: RunContext) -> LossCurve:
     """The training loss (:attr:`RunContext.loss`) as a :class:`LossCurve`."""
     nonfinite = (ctx.col("loss_nonfinite", bool) | ctx.col("loss_fn_nonfinite", bool)) if ctx.n else np.zeros(0, bool)
     fin = np.isfinite(ctx.loss)
-    per_step = ctx.kind == "gradprobe" or _per_step_records(ctx.step[fin])
+    per_step = ctx.kind == "gradprobe" or _per_step_records(ctx.step[fin]) or _one_step_samples(ctx)
     return LossCurve(ctx.step, ctx.loss, per_step=per_step, nonfinite=nonfinite)
 
 

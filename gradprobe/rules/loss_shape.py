@@ -152,8 +152,10 @@ class LossSpike(Rule):
     follow), and a spike of L records counts only if the run's own outliers would not produce
     L in a row (n p**L < 0.05, p the run's rate of records at least as far above their running
     level as the spike's lowest record, the spike's own included; so in a run of 80 records or
-    fewer two records are not enough). Validation records (and foreign logs' records averaging many
-    steps) average a whole pass and count alone.
+    fewer two records are not enough). A saved log's records count the same way when each is one
+    step's loss sampled every few steps (Lightning's ``self.log``, TensorBoard's ``add_scalar``);
+    validation records, and records that average many steps (a Hugging Face trainer state, an
+    epoch's mean), count alone.
 
     A symptom: ``caused_by`` names the root cause found in the same run (an undetached
     state, exploding gradients, a too-high lr, float16 overflow, ...; for the validation
