@@ -88,6 +88,7 @@ from gradprobe.analysis.loss import (
     loss_curve,
     loss_harm,
     loss_spikes,
+    new_parameter_steps,
     lr_following,
     material_rise,
     median_lr,

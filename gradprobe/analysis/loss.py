@@ -18,6 +18,7 @@ import pandas as pd
 from gradprobe.analysis.context import RunContext, quantity
 from gradprobe.analysis.nonfinite import nonfinite_timeline
 from gradprobe.analysis.numeric import smoothing_window
+from gradprobe.analysis.steps import layer_grads
 
 
 #: A loss negative on at least this fraction of its records is not a fit measure bounded by 0.
@@ -418,9 +419,40 @@ def set_back(curve: LossCurve, spike: LossSpike) -> bool:
 
 
 @quantity
+def new_parameter_steps(ctx: RunContext) -> list[int]:
+    """Steps at which parameters the run had not trained before started getting gradients,
+    observed by effect (the first step with a recorded gradient norm of a layer that had none
+    while other layers had): a new head swapped in for fine-tuning, a layer grown into the
+    model, a second model's optimizer taking over. Also a layer segment after the first that
+    names a parameter no earlier segment had."""
+    out: set[int] = set()
+    seen: set[str] = set()
+    for i, seg in enumerate(ctx.meta.get("layer_segments") or []):
+        names = {str(layer.get("name")) for layer in seg.get("layers", [])}
+        if i and names - seen and seg.get("first_step") is not None:
+            out.add(int(seg["first_step"]))
+        seen |= names
+    lg = layer_grads(ctx)
+    if not lg.empty:
+        has = lg.notna().to_numpy()
+        rows = has.any(axis=0)
+        first = np.where(rows, has.argmax(axis=0), -1)
+        start = int(first[rows].min()) if rows.any() else 0
+        out |= {int(lg.index[k]) for k in first[rows] if k > start}
+    return sorted(out)
+
+
+@quantity
 def loss_spikes(ctx: RunContext) -> list[LossSpike]:
-    """Spike events of the training loss (:func:`find_loss_spikes` of :func:`loss_curve`)."""
-    return find_loss_spikes(loss_curve(ctx))
+    """Spike events of the training loss (:func:`find_loss_spikes` of :func:`loss_curve`),
+    but for a jump whose first record is the step at which new parameters joined the run
+    (:func:`new_parameter_steps`): that loss was computed before any update could knock
+    anything off course, by a model with freshly initialised parts (a new head gives the loss
+    of an untrained model). It is a new phase of training, not a spike."""
+    curve = loss_curve(ctx)
+    found = find_loss_spikes(curve)
+    joins = {curve.index_at(s) for s in new_parameter_steps(ctx)}
+    return [e for e in found if e.start not in joins]
 
 
 @quantity

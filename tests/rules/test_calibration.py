@@ -278,6 +278,51 @@ def test_sampled_single_step_losses_with_a_heavy_tail_are_not_loss_spike_warning
     assert f is not None and f.severity in ("warning", "error"), f
 
 
+def _pretrain_then_finetune(logdir: str, new_head: bool) -> str:
+    """Pretrain backbone + head on task A, then fine-tune on task B: with a freshly initialised
+    head (the recipe), or the old head knocked off course (its weights x 8, nothing new)."""
+    torch.manual_seed(0)
+    proj_a = torch.randn(10, 4)
+    proj_b = proj_a @ torch.linalg.qr(torch.randn(4, 4))[0]
+    backbone = nn.Sequential(nn.Linear(10, 64), nn.ReLU())
+    head_a, head_b = nn.Linear(64, 4), nn.Linear(64, 4)
+
+    def batch(proj):
+        x = torch.randn(32, 10)
+        return x, (x @ proj).argmax(1)
+
+    with gradprobe.watch([backbone, head_a, head_b], logdir=logdir):
+        opt = torch.optim.Adam([*backbone.parameters(), *head_a.parameters()], lr=3e-3)
+        for _ in range(150):
+            x, y = batch(proj_a)
+            opt.zero_grad()
+            F.cross_entropy(head_a(backbone(x)), y).backward()
+            opt.step()
+        if new_head:
+            head, proj = head_b, proj_b
+            opt = torch.optim.AdamW([{"params": backbone.parameters(), "lr": 1e-4},
+                                     {"params": head_b.parameters(), "lr": 1e-3}])
+        else:
+            head, proj = head_a, proj_a
+            with torch.no_grad():
+                for p in [*backbone.parameters(), *head_a.parameters()]:
+                    p.mul_(8.0)
+        for _ in range(150):
+            x, y = batch(proj)
+            opt.zero_grad()
+            F.cross_entropy(head(backbone(x)), y).backward()
+            opt.step()
+    return logdir
+
+
+def test_a_new_head_for_fine_tuning_is_a_new_phase_not_a_loss_spike(tmp_path):
+    report = gradprobe.analyze(_pretrain_then_finetune(str(tmp_path / "ft"), new_head=True))
+    assert "GP504" not in serious(report), serious(report)
+    # the same jump with no new parameters: weights knocked off course
+    f = gradprobe.analyze(_pretrain_then_finetune(str(tmp_path / "hit"), new_head=False)).finding("loss-spike")
+    assert f is not None and f.severity in ("warning", "error"), f
+
+
 # ----------------------------------------------------------------------- unbounded loss
 def _classifier(logdir: str, loss: str, steps: int = 200) -> str:
     torch.manual_seed(0)
