@@ -87,18 +87,11 @@ NEVER_MOVED = 0.05
 PLATEAU_FROM_START = 0.1
 TRAINED_BEFORE = 1 / 3
 #: ... judged, where no trivial loss is known (a saved log), from this many records when they
-#: cover ``MIN_PLATEAU_STEPS`` optimizer steps (a logged record averages many steps): three
-#: thirds of at least 4 records, whose medians are compared (the standard error of a median of
-#: 4 is 0.6x the noise, against 1.25x for one record).
+#: cover ``MIN_PLATEAU_STEPS`` optimizer steps (a logged record stands for many steps): enough
+#: for a first window of 5 and a plateau of 2 windows after it.
 MIN_NEVER_RECORDS = 12
-NEVER_PARTS = 3
-#: ... a fall from the first third to the last between ``NEVER_MOVED`` and this counts as
-#: movement only when it exceeds this many standard errors of the difference of the two
-#: medians: under that, noise alone explains it. A rise counts as divergence (not judged here,
-#: GP501) from 10%, as ``LossCurve.rose`` has it: a loss that never fell and drifted up by less
-#: never decreased either.
-NEVER_MOVED_NOISY = 0.10
-NEVER_MOVED_SE = 2.0
+#: ... a rise counts as divergence (not judged here, GP501) from 10%, as ``LossCurve.rose``
+#: has it: a loss that never fell and drifted up by less never decreased either.
 NEVER_ROSE = 0.10
 #: GP507: the loss must stay negative over at least this fraction of the run's records, ...
 NEGATIVE_FRACTION = 0.25
@@ -351,14 +344,14 @@ class LossPlateau(Rule):
     end, and a young model's first steps are no plateau).
 
     Without target statistics (foreign logs, custom losses) it fires only when the loss never
-    moved at all: the median of its last third under 5% below both its first record and the
-    median of its first third, and not 10% above the latter (a divergence, GP501), with the
-    plateau starting in the first tenth of the run, and (where target statistics exist but
-    their scale does not match) not already 3x below the loss of predictions unrelated to the
-    targets (a model trained before it was watched). A fall counts beyond noise only: from the
-    first third, one under 10% must exceed 2 standard errors of the difference of the two
-    medians; from the first record, 2 standard deviations of one record. A run that learned
-    and then flattened at a low level (e.g. ReduceLROnPlateau at its floor) is not a finding.
+    moved at all: under 5% below both its first record and its first window and not 10% above
+    its first window (a divergence, GP501, as ``LossCurve.rose`` has it), with the plateau
+    starting in the first tenth of the run, and (where target statistics exist but their scale
+    does not match) not already 3x below the loss of predictions unrelated to the targets (a
+    model trained before it was watched). A run that learned and then flattened at a low level
+    (e.g. ReduceLROnPlateau at its floor) is not a finding, nor one whose loss fell early by 5%
+    or more and then sat on a floor it cannot go below (a robust loss over gross outliers):
+    without a trivial loss, a fall is a fall, however noisy the records around it.
     A saved log is judged from 12 records when they cover 50 optimizer steps (each record of
     a Hugging Face or Lightning log stands for many steps).
 
@@ -592,26 +585,11 @@ class LossPlateau(Rule):
                 msg += f" It has sat at that level since step {stuck}."
                 first_step = stuck
         else:
-            # where it started and ended: the first record, and the medians of the first and the
-            # last third (one window of a noisy loss is a poor estimate of either end: a summed
-            # loss with 13% noise has a first window 15% above a level it never left)
             first = float(curve.values[0])
-            third = max(n // NEVER_PARTS, 1)
-            early = float(np.median(curve.values[:third]))
-            late = float(np.median(curve.values[-third:]))
-            # a fall counts beyond noise: from the first third, one of 5-10% only beyond 2
-            # standard errors of the two medians' difference (on a loss whose noise is 8% of its
-            # level, 9-record thirds differ by 5% by chance); from the first record, beyond 2
-            # standard deviations of one record against the last third's median
-            se_late = MEDIAN_SE_FACTOR * curve.noise / math.sqrt(third)
-            from_third = (early - late) / abs(early) if early != 0 else 0.0
-            if from_third < NEVER_MOVED_NOISY and early - late <= NEVER_MOVED_SE * math.sqrt(2.0) * se_late:
-                from_third = 0.0
-            from_first = (first - late) / abs(first) if first != 0 else 0.0
-            if first - late <= NEVER_MOVED_SE * math.hypot(curve.noise, se_late):
-                from_first = 0.0
-            moved = max(from_third, from_first)
-            rose = (late - early) / abs(early) if early != 0 else 0.0
+            fw = curve.first_window
+            moved = max((fw - curve.final) / abs(fw) if fw != 0 else 0.0,
+                        (first - curve.final) / abs(first) if first != 0 else 0.0)
+            rose = (curve.final - fw) / abs(fw) if fw != 0 else 0.0
             if last > PLATEAU_FROM_START * n or moved >= NEVER_MOVED or rose >= NEVER_ROSE:
                 return []  # it learned, or it rose (divergence: GP501), not a plateau
             if tl.first_over_expected < TRAINED_BEFORE:
