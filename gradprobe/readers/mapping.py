@@ -502,10 +502,18 @@ def match(name: str, rules: list[Rule] | None = None, *, why: dict[str, str] | N
     return None
 
 
+#: A series logged at fewer distinct steps than this is too short to judge a trend from (the
+#: rules that read a curve need 5 records): a name of the same column and rule logged at more
+#: steps is read instead (Lightning's ``train_loss`` logged every 50 steps of a 160-step run,
+#: 3 records, beside its per-epoch ``train_mean_squared_error``, 10).
+SHORT_SERIES = 5
+
+
 def resolve(names: Iterable[str], rules: list[Rule] | None = None, *, counts: dict[str, int] | None = None) -> Resolution:
     """Maps the distinct names of one log to columns (one name per column).
 
     Among the names one column could be read from, the earliest rule wins; within one rule,
+    a name logged at ``SHORT_SERIES`` distinct steps or more over one logged at fewer, then
     the best :class:`Meaning` score; then the name logged at the most distinct steps
     (``counts``; Hugging Face's per-step ``loss`` over its one-point summary
     ``train_loss``); then the shorter name; then the first seen. The eval loss prefers a
@@ -535,7 +543,8 @@ def resolve(names: Iterable[str], rules: list[Rule] | None = None, *, counts: di
         score: tuple[int, ...] = m.score
         if loss_aggregate is not None:  # same granularity as the training loss first
             score = (m.score[0], m.score[1], m.score[2], int(m.aggregate != loss_aggregate))
-        return (m.priority, *score, -counts.get(m.name, 0), len(words(m.name)), order)
+        short = bool(counts) and counts.get(m.name, 0) < SHORT_SERIES
+        return (m.priority, short, *score, -counts.get(m.name, 0), len(words(m.name)), order)
 
     loss_aggregate = None
     loss_quantity: frozenset[str] = frozenset()

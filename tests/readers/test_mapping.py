@@ -157,6 +157,17 @@ def test_ties_go_to_the_series_logged_at_more_steps() -> None:
     assert res.columns["loss"] == "train_loss_step"
 
 
+def test_a_series_too_short_to_judge_gives_way_to_one_that_is_not() -> None:
+    # Lightning logging train_loss every 50 steps of a 160-step run (3 records) beside its
+    # per-epoch training MSE (10): the loss is read from the series a trend can be read from
+    names = ["train_loss", "train_mean_squared_error", "valid_loss"]
+    res = M.resolve(names, counts={"train_loss": 3, "train_mean_squared_error": 10, "valid_loss": 10})
+    assert res.columns["loss"] == "train_mean_squared_error" and res.columns["eval_loss"] == "valid_loss"
+    # both long enough: the loss by name still wins over an error metric
+    res = M.resolve(names, counts={"train_loss": 30, "train_mean_squared_error": 10, "valid_loss": 10})
+    assert res.columns["loss"] == "train_loss"
+
+
 def test_the_eval_loss_follows_the_granularity_of_the_loss() -> None:
     keras = ["train/epoch_loss", "validation/epoch_loss", "validation/evaluation_loss_vs_iterations"]
     assert M.resolve(keras).columns["eval_loss"] == "validation/epoch_loss"
