@@ -604,6 +604,18 @@ def test_gp506_validation_rising_while_training_falls_fires():
     assert any(r.kind == "code" and "best.pt" in r.snippet for r in f.recommendations)
 
 
+def test_gp506_a_noisy_level_above_a_lucky_minimum_is_not_a_climb():
+    # a fine-tune evaluated 11 times: one lucky evaluation at 0.23, then a finite evaluation
+    # set's scatter about 0.28 (15% above it) with no trend, while the training loss falls
+    n = 220
+    scatter = [0.31, 0.26, 0.27, 0.23, 0.30, 0.27, 0.25, 0.28, 0.29, 0.29, 0.29]
+    quiet(gradprobe.analyze(_overfit_log(scatter, decaying(n, 0.5, 0.02, 0.03))), "GP506")
+    # the same size of rise, climbing with every epoch or two: memorising
+    climb = [0.31, 0.26, 0.24, 0.23, 0.24, 0.25, 0.25, 0.26, 0.27, 0.28, 0.29]
+    f = only(gradprobe.analyze(_overfit_log(climb, decaying(n, 0.5, 0.02, 0.03))), "GP506")
+    assert f.evidence["val_rise"] >= 0.1
+
+
 def test_gp506_is_the_cause_of_a_validation_loss_that_climbs_past_3x():
     # memorising 16 examples: the validation loss climbs 7x while the training loss falls
     n = 250
