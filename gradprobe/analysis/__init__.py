@@ -92,6 +92,7 @@ from gradprobe.analysis.loss import (
     lr_following,
     material_rise,
     median_lr,
+    level_wander,
     set_back,
     trained_stably_before,
 )

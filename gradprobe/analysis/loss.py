@@ -407,15 +407,55 @@ def material_rise(curve: LossCurve, before: float, after: float) -> bool:
     return bool(after - before >= LOSS_SPIKE_MATERIAL * progress)
 
 
-def set_back(curve: LossCurve, spike: LossSpike) -> bool:
+#: A set-back must also exceed how far the window after a record lies above the running level
+#: before it at this quantile of the run's own records before the spike, away from any spike: a loss whose batches
+#: span decades (per-sample SGD) moves its window medians by more than their standard error
+#: suggests, and one spike among the run's records lands on a high one by chance.
+WANDER_QUANTILE = 0.99
+#: ... judged only from this many records away from the spikes (fewer: the standard error and
+#: the 10% alone decide).
+MIN_WANDER_RECORDS = 50
+
+
+def level_wander(curve: LossCurve, spike: LossSpike, spikes: list[LossSpike]) -> float:
+    """``WANDER_QUANTILE`` of (median of the ``window`` records after record i) / (median of
+    the ``max(window, 10)`` records before it) - 1, over the records i before ``spike`` whose
+    windows touch no spike: how far the run's own level wandered before it (what came after
+    may be the damage itself); 0.0 with fewer than ``MIN_WANDER_RECORDS`` of them."""
+    v = curve.values
+    n = curve.n
+    w = max(curve.window, 1)
+    lw = max(curve.window, 10)
+    if spike.start - w - lw < MIN_WANDER_RECORDS:
+        return 0.0
+    before = pd.Series(v).rolling(lw).median().shift(1).to_numpy()  # v[i-lw:i]
+    after = pd.Series(v[::-1]).rolling(w).median().to_numpy()[::-1]  # v[i:i+w]
+    after = np.append(after[1:], np.nan)  # v[i+1:i+1+w]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (after - before) / np.abs(before)  # relative: a loss's scatter scales with its level
+    ok = np.isfinite(d)
+    ok[max(0, spike.start - w):] = False
+    for e in spikes:
+        ok[max(0, e.start - w): min(n, e.end + lw + 1)] = False
+    if ok.sum() < MIN_WANDER_RECORDS:
+        return 0.0
+    return float(np.quantile(d[ok], WANDER_QUANTILE))
+
+
+def set_back(curve: LossCurve, spike: LossSpike, spikes: list[LossSpike] | None = None) -> bool:
     """After the spike the loss settled above where it was before it by more than noise and
     10% of that level: the weights were knocked off course (a hard or corrupt batch lifts its
-    own records; damaged weights lift the loss of the batches that follow)."""
+    own records; damaged weights lift the loss of the batches that follow). Given the run's
+    ``spikes``, also by more than the run's own wander of window medians before the spike
+    (:func:`level_wander`)."""
     after = curve.level_after(spike.end)
     if not np.isfinite(after):
         return not spike.recovered
     se = 1.25 * curve.noise / math.sqrt(max(curve.window, 1))
-    return bool(after - spike.level > max(3.0 * se, 0.10 * abs(spike.level)))
+    bar = max(3.0 * se, 0.10 * abs(spike.level))
+    if spikes is not None:
+        bar = max(bar, level_wander(curve, spike, spikes) * abs(spike.level))
+    return bool(after - spike.level > bar)
 
 
 @quantity

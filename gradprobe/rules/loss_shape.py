@@ -166,8 +166,11 @@ class LossSpike(Rule):
     Severity, by what the spike did to the run: error when the loss did not come back below
     half-way between its level and the peak (the run is broken); warning when it came back but
     settled above where it was before (``analysis.set_back``: the window after the spike is
-    above the level before it by more than 3 standard errors of a window median and 10% of
-    that level: the weights were knocked off course and the run lost ground); info when the
+    above the level before it by more than 3 standard errors of a window median, 10% of that
+    level, and the 99th percentile of how far the window after any record before the spike,
+    away from spikes, lies above the level before it (``analysis.level_wander``: per-sample
+    losses spanning decades move window medians further than their standard error says):
+    the weights were knocked off course and the run lost ground); info when the
     loss came straight back to its level after every spike. A hard or corrupt batch, or a
     heavy-tailed feature, lifts its own records and nothing after them; damaged weights lift
     the loss of the batches that follow. Confidence: 0.5 at the spike threshold, whole a decade
@@ -222,13 +225,14 @@ class LossSpike(Rule):
         worst_name, worst = max(events, key=lambda t: t[1].factor)
         unrecovered = [(n, e) for n, e in events if not e.recovered]
         curves = {name: c for name, c, _ in hits}
-        setback = [(n, e) for n, e in events if e.recovered and set_back(curves[n], e)]
+        spikes_of = {name: evs for name, _, evs in hits}
+        setback = [(n, e) for n, e in events if e.recovered and set_back(curves[n], e, spikes_of[n])]
         conf = self.confidence(max(worst.factor, 1e-12), len(events) > 1)
         ev: dict[str, Any] = {}
         for name, c, evs in hits:
             ev[name] = {"spikes": len(evs), "max_factor": max(e.factor for e in evs),
                         "events": [e.to_json() for e in evs[:5]], "unrecovered": sum(not e.recovered for e in evs),
-                        "set_back": sum(e.recovered and set_back(c, e) for e in evs)}
+                        "set_back": sum(e.recovered and set_back(c, e, evs) for e in evs)}
         parts = []
         for name, c, evs in hits:
             e = max(evs, key=lambda x: x.factor)

@@ -434,6 +434,26 @@ def test_gp504_a_spike_the_loss_comes_straight_back_from_is_info_one_that_sets_i
     assert f.severity == "warning" and f.evidence["training"]["set_back"] == 1 and "knocked off course" in f.message
 
 
+def test_gp504_a_window_above_the_level_no_higher_than_the_run_wanders_is_no_set_back():
+    # per-sample SGD: losses spread over three decades about a slowly falling level, so the
+    # median of the 50 records after any record wanders to 3x the 50 before it and more; a
+    # 5-record spike followed by a window 3.5x its level, as high as that wander, has not set
+    # the run back
+    rng = np.random.default_rng(7)
+    n = 3000
+    level = 0.05 + 0.3 * np.exp(-np.arange(n) / 500)
+    loss = level * 10 ** rng.uniform(-2.0, 1.0, n)
+    loss[2000:2005] = 40 * level[2000]
+    loss[2005:2055] *= 3.5
+    f = only(gradprobe.analyze(build(n, loss)), "GP504")
+    assert f.severity == "info" and f.evidence["training"]["set_back"] == 0
+    # the same run knocked to 10x its level for the rest of the run: set back
+    loss[2005:2055] /= 3.5
+    loss[2005:] *= 10.0
+    f = only(gradprobe.analyze(build(n, loss)), "GP504")
+    assert f.severity in ("warning", "error")
+
+
 def test_gp504_single_hard_batch_is_not_a_spike_but_two_steps_are():
     n = 200
     loss = decaying(n)
