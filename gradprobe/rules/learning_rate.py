@@ -100,6 +100,15 @@ TRAINED_BEFORE = 1 / 3
 #: half's drop must be at least sqrt(STILL_AHEAD) = 0.32 of the first's: a run that has
 #: converged has q near 0 (its second half is flat), one starved of step size keeps q near 1.
 STILL_AHEAD = 0.1
+#: GP502's decayed form: the lr at or below this fraction of its maximum is decayed to nothing
+#: (three decades: steps that were ~1e-3 of the weights become ~1e-6, a million steps to move
+#: a weight by its own size), ...
+DECAYED = 1e-3
+#: ... over at least this fraction of the run's steps (a schedule that anneals to ~0 spends its
+#: last few percent there, after the loss converged), ...
+DECAYED_FRACTION = 0.5
+#: ... with the loss over that stretch still at half the trivial predictor's loss or more.
+FAR_FROM_CONVERGED = 0.5
 #: The catalog's example for GP501: Adam at lr 1.0 stepping 0.3x the weights' size.
 _EXAMPLE_LR, _EXAMPLE_RATIO = 1.0, 0.3
 
@@ -559,6 +568,11 @@ class LrTooLow(Rule):
     (GP201) makes the same tiny steps at a sane lr. The engine then links that cause, and the lr computed here is not merged into
     the report's suggestions (raising the lr 1000x would not fix a starved gradient).
 
+    Decayed to nothing (:meth:`_decayed`): the lr itself at or below 1e-3 of its maximum for
+    at least half of the run while the loss stayed at half the trivial predictor's loss or more
+    (a scheduler stepped per batch with a schedule written in epochs). Confidence 0.6, whole
+    when 90% of the run was decayed.
+
     Confidence: the step size and the stall weigh the same. c_ratio: 0.5 at 1e-4, whole two
     decades lower; the stall term falls from whole (no progress) to 0 at 10% progress, and a
     loss that did progress more than that (within its noise) takes confidence away. Without
@@ -578,12 +592,16 @@ class LrTooLow(Rule):
         "without ratios, from the lr": Confidence(
             0.5, Ramp(0.25, "1e-4 / update-ratio bound", start=1.0, span=2.0, log=True),
             Flag(0.25, "the loss is still falling", otherwise=0.1)),
+        "decayed": Confidence(0.6, Ramp(0.4, "decayed fraction of the run", start=DECAYED_FRACTION, span=0.4)),
     }
     causes = ("overclipping", "poor-initialization", "saturated-activations", "dead-units", "vanishing-gradients")
     computes = {"lr": f"lr x {TARGET_UPDATE_RATIO:g} / median update-to-weight ratio of the weight matrices at the "
                 "configured lr"}
     evidence_fields = {
         "update_ratio": Field("median update-to-weight ratio"),
+        "lr_final": Field("lr at the end", "lr"),
+        "decayed_from_step": Field("decayed to nothing from", "step"),
+        "decayed_fraction": Field("of the run decayed", "%"),
         "target_update_ratio": Field("steady ratio"),
         "ratio_steps": Field("ratios sampled at", "step"),
         "lr": Field("lr", "lr"),
@@ -654,9 +672,61 @@ class LrTooLow(Rule):
         return [self.finding(confidence=conf, message=msg, first_step=int(curve.steps[0]), evidence=ev,
                              recommendations=recs)]
 
+    def _decayed(self, ctx: RunContext, curve: Any) -> list[Finding]:
+        """The lr itself decayed to nothing (``DECAYED`` of its maximum) for at least
+        ``DECAYED_FRACTION`` of the run's steps, while the loss over that stretch stayed at
+        ``FAR_FROM_CONVERGED`` of the trivial predictor's loss or more (judged only where the
+        trivial loss is known: a run that learned before its schedule annealed is converged,
+        not starved). A schedule written in epochs stepped every batch does this (StepLR's
+        step_size counted in batches); the steps at the configured lr are fine, so the
+        update-ratio test, which reads those steps, does not see it."""
+        lr = ctx.lr
+        ok = np.isfinite(lr) & (lr > 0)
+        if ok.sum() < MIN_CURVE_RECORDS or curve.n < MIN_CURVE_RECORDS:
+            return []
+        lr_max = float(lr[ok].max())
+        low = ok & (lr <= DECAYED * lr_max)
+        if not low.any() or not low[np.flatnonzero(ok)[-1]]:
+            return []
+        k = int(np.flatnonzero(~low & ok)[-1]) + 1  # decayed from this row to the end
+        first, last = int(ctx.step[np.flatnonzero(ok)[0]]), int(ctx.step[np.flatnonzero(ok)[-1]])
+        s_dec = int(ctx.step[k])
+        frac = (last - s_dec) / max(last - first, 1)
+        if frac < DECAYED_FRACTION:
+            return []
+        tl = trivial_loss(ctx)
+        if not tl.consistent:
+            return []
+        base_ratio = tl.ratio_between(s_dec, last)
+        if not math.isfinite(base_ratio) or base_ratio < FAR_FROM_CONVERGED:
+            return []
+        lr_end = float(lr[np.flatnonzero(ok)[-1]])
+        ev: dict[str, Any] = {"lr": lr_max, "lr_final": lr_end, "decayed_from_step": s_dec, "decayed_fraction": frac,
+                              "optimizer": ctx.optimizer_class, "loss_initial": curve.start, "loss_final": curve.final,
+                              "loss_over_trivial": base_ratio, "trivial_loss_kinds": tl.kinds}
+        msg = (f"The learning rate fell from {lr_max:.3g} to {lr_end:.3g} ({math.log10(lr_max / lr_end):.0f} decades), "
+               f"below {DECAYED:g} of its maximum from step {s_dec} on ({frac:.0%} of the run), while the loss stayed at "
+               f"{base_ratio:.2f}x the loss of a model that ignores its input ({curve.start:.4g} -> {curve.final:.4g}): "
+               "the schedule decayed it before the model learned, and the run has stood still since (a schedule "
+               "written in epochs stepped every batch?).")
+        recs = [Recommendation.code(
+            "Step the scheduler at the unit its schedule is written in",
+            "for epoch in range(epochs):\n"
+            "    for x, y in loader:\n"
+            "        ...\n"
+            "        optimizer.step()\n"
+            "    scheduler.step()        # once per epoch for StepLR / MultiStepLR / ExponentialLR")]
+        conf = self.confidence["decayed"](frac)
+        # the schedule that decays it is in force from the first step: the fault starts there
+        return [self.finding(confidence=conf, message=msg, first_step=first, evidence=ev, recommendations=recs,
+                             title="The learning rate decayed to nothing before the model learned")]
+
     def check(self, ctx: RunContext) -> list[Finding]:
         ratios = update_ratio_by_step(ctx)
         curve = loss_curve(ctx)
+        decayed = self._decayed(ctx, curve)
+        if decayed:
+            return decayed
         if len(ratios) < 2:
             return self._from_the_lr(ctx, curve)
         if curve.n < MIN_CURVE_RECORDS or tiny_targets(ctx):

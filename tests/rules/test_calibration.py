@@ -323,6 +323,39 @@ def test_a_new_head_for_fine_tuning_is_a_new_phase_not_a_loss_spike(tmp_path):
     assert f is not None and f.severity in ("warning", "error"), f
 
 
+def _steplr_classifier(logdir: str, per_batch: bool) -> str:
+    """StepLR(step_size=3, gamma=0.1) meant for epochs: stepped every batch (the lr is 1e-4 of
+    itself after 9 batches) or, as written, every epoch of 20 batches (it decays after the model
+    learned)."""
+    torch.manual_seed(0)
+    x = torch.randn(640, 10)
+    y = (x[:, :3] @ torch.randn(3, 3)).argmax(1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for epoch in range(15):
+            for i in range(0, 640, 32):
+                opt.zero_grad()
+                F.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+                opt.step()
+                if per_batch:
+                    sched.step()
+            if not per_batch:
+                sched.step()
+    return logdir
+
+
+def test_an_lr_decayed_to_nothing_before_the_model_learned_is_lr_too_low(tmp_path):
+    report = gradprobe.analyze(_steplr_classifier(str(tmp_path / "batch"), per_batch=True))
+    f = report.finding("lr-too-low")
+    assert f is not None and f.evidence["decayed_fraction"] >= 0.5 and serious(report)[0] == "GP502"
+    plateau = report.finding("loss-plateau")
+    assert plateau is None or "lr-too-low" in plateau.caused_by
+    # the same schedule stepped per epoch: the lr decays after the model learned
+    assert "GP502" not in serious(gradprobe.analyze(_steplr_classifier(str(tmp_path / "epoch"), per_batch=False)))
+
+
 # ----------------------------------------------------------------------- unbounded loss
 def _classifier(logdir: str, loss: str, steps: int = 200) -> str:
     torch.manual_seed(0)
