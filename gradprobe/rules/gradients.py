@@ -414,7 +414,10 @@ class ExplodingGradients(Rule):
       loss over the next 10 steps >= 1.5x the 10 before (``LOSS_HARM_FACTOR``: a 10-step
       median does not move that much by batch noise) with a rise that undid at least 5% of
       the progress the loss had made (``analysis.material_rise``: at convergence a loss of
-      1e-6 that doubles is no harm);
+      1e-6 that doubles is no harm), unless the loss of the onset batch itself had already
+      jumped (a loss spike spanning the onset step: that loss was computed before this
+      gradient was applied, so the rise is the loss spike's, judged by GP504, and the gradient
+      follows it: new classes joining the data, a curriculum stage, corrupt batches);
     * ``warning`` without harm when the norm grew geometrically (it compounds: it will hurt),
       or spiked on 5% of the steps or more (``SPIKE_FRACTION_WARN``: a regime, not a few
       unlucky batches), clipped or not;
@@ -541,7 +544,12 @@ class ExplodingGradients(Rule):
             return []  # the residual, and the gradient, jump from the targets' scale to the step's (GP602)
         jump, before_level, after_level = _loss_jump(ctx, onset_row)
         curve = loss_curve(ctx)
-        felt = jump is not None and jump >= LOSS_HARM_FACTOR and material_rise(curve, before_level, after_level)
+        onset_step = ctx.step_at(onset_row)
+        same_batch = [e for e in loss_spikes(ctx) if e.step <= onset_step <= e.end_step]
+        # a loss that had jumped on the onset batch itself was computed before this gradient
+        # was applied: the rise is the loss spike's (GP504 judges what it did), not this step's
+        felt = (jump is not None and jump >= LOSS_HARM_FACTOR and material_rise(curve, before_level, after_level)
+                and not same_batch)
         harmed = bool(nonfinite_after.size) or felt
         spike_fraction = n_events / max(1, int(np.isfinite(sp.norm).sum()))
         if harmed:
@@ -571,8 +579,6 @@ class ExplodingGradients(Rule):
         if nonfinite_after.size:
             evidence["nonfinite_step"] = ctx.step_at(onset_row + int(nonfinite_after[0]))
         caused_by: list[str] = []
-        onset_step = ctx.step_at(onset_row)
-        same_batch = [e for e in loss_spikes(ctx) if e.step <= onset_step <= e.end_step]
         if same_batch:
             evidence["loss_spike_step"] = same_batch[0].step
             caused_by = ["loss-spike"]

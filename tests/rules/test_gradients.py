@@ -294,6 +294,20 @@ def test_gp202_tiny_targets_are_not_judged():
     assert only(gradprobe.analyze(spike_log(norms)), "GP202")  # the same norms with ordinary targets fire
 
 
+def test_gp202_a_gradient_that_follows_a_harder_data_stream_did_no_harm_of_its_own():
+    # new classes join the data at step 60: the loss of the first such batch is already 30x its
+    # level (computed before any update on them), the gradient jumps with it, and the loss stays
+    # high while the model learns them; the rise is the data's, not this gradient's doing
+    rng = np.random.default_rng(15)
+    n = 120
+    norms = rng.lognormal(0, 0.1, n)
+    loss = 0.1 * rng.lognormal(0, 0.1, n)
+    norms[60:64] *= 40
+    loss[60:] = 3.0 * np.exp(-np.arange(n - 60) / 200) * rng.lognormal(0, 0.1, n - 60)
+    g = only(gradprobe.analyze(spike_log(norms, loss=loss)), "GP202")
+    assert "loss-spike" in g.caused_by and g.severity != "error"
+
+
 def test_gp202_spike_on_a_batch_whose_loss_already_jumped_is_the_loss_spikes_symptom():
     # a stretch of corrupt batches: the loss of those very batches is 30x its level, and the
     # gradient follows it; the gradient spike cannot have caused a loss computed before it
@@ -307,6 +321,7 @@ def test_gp202_spike_on_a_batch_whose_loss_already_jumped_is_the_loss_spikes_sym
     g = only(report, "GP202")
     spike = only(report, "GP504")
     assert "loss-spike" in g.caused_by and g.evidence["loss_spike_step"] == 60
+    assert g.severity != "error"  # the loss's rise came before the gradient: it is the spike's harm
     assert "exploding-gradients" not in spike.caused_by  # no cycle: the loss is the root
     assert report.findings[0].code == "GP504"
 
