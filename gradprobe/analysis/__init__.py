@@ -83,6 +83,7 @@ from gradprobe.analysis.loss import (
     eval_curves,
     eval_loss_spikes,
     find_loss_spikes,
+    harder_data,
     healthy_end,
     healthy_rows,
     loss_curve,

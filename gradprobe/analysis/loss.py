@@ -458,6 +458,51 @@ def set_back(curve: LossCurve, spike: LossSpike, spikes: list[LossSpike] | None 
     return bool(after - spike.level > bar)
 
 
+#: Records of lr the lr of the step before a jump is compared with.
+RUNNING_LR_RECORDS = 20
+#: A step before a jump was ordinary when its pre-clip gradient norm stayed within this factor
+#: of its running level (batch-to-batch scatter reaches 2-3x) and its lr within it of the
+#: lr's median over the records before: one such update cannot lift the loss several-fold.
+ORDINARY_STEP = 3.0
+#: ... and the data got harder (rather than the weights worse) when the updates after the
+#: jump's first record did not lift the loss further than this factor of that record (the
+#: damage of a bad update shows in the records after it; scatter between hard batches
+#: stays within 1.5x: ``LOSS_HARM_FACTOR`` of GP202).
+NOT_LIFTED = 1.5
+
+
+def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
+    """The jump came with the data, not from the weights: the step before its first record was
+    ordinary (:data:`ORDINARY_STEP`: its gradient norm at its running level, its lr unchanged),
+    so the weights that computed that record were those of an ordinary update; the batches
+    right after it (``SUDDEN_RECORDS``) stay within :data:`NOT_LIFTED` of it (the new data is
+    uniformly harder; one corrupt batch far above the batches after it is not, and what then
+    stays up is the damage its update did); and the peak is within :data:`NOT_LIFTED` of that
+    first record (the updates on the new batches did not push the loss up further). New classes joining a stream, a curriculum stage, a new
+    dataset. False where the log has no gradient norms to tell."""
+    from gradprobe.analysis.gradients import grad_spikes
+
+    first = float(curve.values[spike.start])
+    if spike.start == 0 or spike.peak_value > NOT_LIFTED * first:
+        return False
+    nxt = curve.values[spike.start + 1: spike.start + 1 + SUDDEN_RECORDS]
+    if not nxt.size or float(np.median(nxt)) < first / NOT_LIFTED:
+        return False  # one bad batch far above the batches after it: what stayed up is the weights
+    row = int(np.searchsorted(ctx.step, curve.steps[spike.start - 1]))
+    if row >= ctx.n or int(ctx.step[row]) != int(curve.steps[spike.start - 1]):
+        return False
+    sp = grad_spikes(ctx)
+    ratio = sp.ratio[row] if row < sp.ratio.size else math.nan
+    if not np.isfinite(ratio) or ratio > ORDINARY_STEP:
+        return False
+    lr = ctx.lr
+    before = lr[max(0, row - RUNNING_LR_RECORDS): row]
+    before = before[np.isfinite(before) & (before > 0)]
+    if np.isfinite(lr[row]) and before.size and lr[row] > ORDINARY_STEP * float(np.median(before)):
+        return False
+    return True
+
+
 @quantity
 def new_parameter_steps(ctx: RunContext) -> list[int]:
     """Steps at which parameters the run had not trained before started getting gradients,

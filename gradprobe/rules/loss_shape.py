@@ -22,6 +22,7 @@ from gradprobe.analysis import (
     eval_curves,
     eval_loss_spikes,
     exploding_through_time,
+    harder_data,
     loss_curve,
     loss_spikes,
     rank_correlation,
@@ -173,8 +174,12 @@ class LossSpike(Rule):
     the weights were knocked off course and the run lost ground); info when the
     loss came straight back to its level after every spike. A hard or corrupt batch, or a
     heavy-tailed feature, lifts its own records and nothing after them; damaged weights lift
-    the loss of the batches that follow. Confidence: 0.5 at the spike threshold, whole a decade
-    past it (30x), more with several spikes.
+    the loss of the batches that follow. Nor is it a set-back when the data got harder
+    (``analysis.harder_data``): the step before the jump was ordinary (its gradient norm within
+    3x its running level, its lr unchanged), so one ordinary update cannot have lifted the loss
+    several-fold, and the updates after its first record did not push it above 1.5x that record
+    (new classes joining a stream, a curriculum stage). Confidence: 0.5 at the spike threshold,
+    whole a decade past it (30x), more with several spikes.
     """
 
     code = "GP504"
@@ -226,13 +231,20 @@ class LossSpike(Rule):
         unrecovered = [(n, e) for n, e in events if not e.recovered]
         curves = {name: c for name, c, _ in hits}
         spikes_of = {name: evs for name, _, evs in hits}
-        setback = [(n, e) for n, e in events if e.recovered and set_back(curves[n], e, spikes_of[n])]
+        # a set-back on harder data (the step before the jump ordinary, the updates since not
+        # lifting it further) is the data's level, not weights knocked off course
+        harder = {id(e) for n, e in events if n == "training" and e.recovered
+                  and set_back(curves[n], e, spikes_of[n]) and harder_data(ctx, curves[n], e)}
+        setback = [(n, e) for n, e in events
+                   if e.recovered and id(e) not in harder and set_back(curves[n], e, spikes_of[n])]
         conf = self.confidence(max(worst.factor, 1e-12), len(events) > 1)
         ev: dict[str, Any] = {}
         for name, c, evs in hits:
             ev[name] = {"spikes": len(evs), "max_factor": max(e.factor for e in evs),
                         "events": [e.to_json() for e in evs[:5]], "unrecovered": sum(not e.recovered for e in evs),
-                        "set_back": sum(e.recovered and set_back(c, e, evs) for e in evs)}
+                        "set_back": sum(e.recovered and id(e) not in harder and set_back(c, e, evs) for e in evs)}
+            if name == "training" and harder:
+                ev[name]["harder_data"] = sum(id(e) in harder for e in evs)
         parts = []
         for name, c, evs in hits:
             e = max(evs, key=lambda x: x.factor)
@@ -245,6 +257,11 @@ class LossSpike(Rule):
         elif setback:
             msg += (f" After the spike at step {setback[0][1].step} the loss settled above where it was before: the "
                     "weights were knocked off course.")
+        elif harder:
+            e = next(e for _, e in events if id(e) in harder)
+            msg += (f" At step {e.step} the loss was already that high on the first batch, after an ordinary step, and "
+                    "the updates since brought it down: the data got harder there (new classes, a curriculum stage), "
+                    "the weights were not knocked off course.")
         else:
             msg += " Each time the loss came straight back to where it was: hard batches, not damaged weights."
         recs = [Recommendation.code(

@@ -308,6 +308,27 @@ def test_gp202_a_gradient_that_follows_a_harder_data_stream_did_no_harm_of_its_o
     assert "loss-spike" in g.caused_by and g.severity != "error"
 
 
+def test_gp504_a_loss_that_jumped_with_harder_data_was_not_knocked_off_course():
+    # the same stream: the step before the jump ordinary, the loss high from the first new batch
+    # and brought down since: not a set-back
+    rng = np.random.default_rng(15)
+    n = 160
+    norms = rng.lognormal(0, 0.1, n)
+    loss = 0.1 * rng.lognormal(0, 0.1, n)
+    norms[60:70] *= 20
+    loss[60:] = 3.0 * np.exp(-np.arange(n - 60) / 30) + 0.15
+    f = only(gradprobe.analyze(spike_log(norms, loss=loss)), "GP504")
+    assert f.severity == "info" and f.evidence["training"]["harder_data"] == 1 and "data got harder" in f.message
+    # an exploded update one step before (the gradient 40x its level at step 59): the weights
+    f = only(gradprobe.analyze(spike_log(np.where(np.arange(n) == 59, 40.0, norms), loss=loss)), "GP504")
+    assert f.severity == "warning" and "harder_data" not in f.evidence["training"]
+    # the updates after the first new batch pushed the loss 3x higher: the weights again
+    lifted = loss.copy()
+    lifted[61:70] *= 3.0
+    f = only(gradprobe.analyze(spike_log(norms, loss=lifted)), "GP504")
+    assert f.severity == "warning"
+
+
 def test_gp202_spike_on_a_batch_whose_loss_already_jumped_is_the_loss_spikes_symptom():
     # a stretch of corrupt batches: the loss of those very batches is 30x its level, and the
     # gradient follows it; the gradient spike cannot have caused a loss computed before it

@@ -447,10 +447,13 @@ def test_gp504_a_window_above_the_level_no_higher_than_the_run_wanders_is_no_set
     loss[2005:2055] *= 3.5
     f = only(gradprobe.analyze(build(n, loss)), "GP504")
     assert f.severity == "info" and f.evidence["training"]["set_back"] == 0
-    # the same run knocked to 10x its level for the rest of the run: set back
+    # the same run knocked to 10x its level for the rest of the run by an update of 50x the
+    # usual gradient the step before: set back
     loss[2005:2055] /= 3.5
     loss[2005:] *= 10.0
-    f = only(gradprobe.analyze(build(n, loss)), "GP504")
+    grad = np.ones(n)
+    grad[1999] = 50.0
+    f = only(gradprobe.analyze(build(n, loss, grad_norm=grad)), "GP504")
     assert f.severity in ("warning", "error")
 
 
