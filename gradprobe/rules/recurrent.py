@@ -86,6 +86,11 @@ GRAPHS_FULL = 50
 GROWTH_MIN_STEPS = 20
 GROWTH_TIME_SPEARMAN = 0.8
 GROWTH_TIME_FACTOR = 3.0
+#: ... unless the rest of the step (step time - backward time: the forward pass, the optimizer,
+#: the data) grew with it, by at least the square root of backward's factor: longer sequences
+#: or larger batches make every part of a step slower alike, while a backward that walks
+#: retained graphs again grows alone.
+GROWTH_REST_EXPONENT = 0.5
 GROWTH_MEMORY_SPEARMAN = 0.9
 GROWTH_MEMORY_RSS = 1.1
 GROWTH_MEMORY_CUDA = 1.05
@@ -642,7 +647,8 @@ class GraphRetainedAcrossSteps(Rule):
       at least 20 steps exist), after the warm-up (first max(1, min(50, n // 10)) steps):
       backward time rank-correlated with the step (Spearman >= 0.8) and x3 from the first to
       the last quarter (each backward walks more graph: a carried tensor the recorder could
-      not date), or memory rank-correlated with the step (>= 0.9), up by >= 16 MiB and by
+      not date) while the rest of the step did not grow alike (by at least the square root of
+      backward's factor: longer sequences or larger batches slow every part of a step), or memory rank-correlated with the step (>= 0.9), up by >= 16 MiB and by
       >= 10% of process RSS (>= 5% of CUDA allocated memory, which has no allocator or
       library noise) from the first to the last quarter, and still rising in every quarter
       (each quarter's median >= 1/8 of the total growth above the previous one): a
@@ -746,7 +752,10 @@ class GraphRetainedAcrossSteps(Rule):
         what, spearman = [], 0.0
         if "timing" in ctx.signals:
             bt = trend(ctx.col("backward_time")[rows], ctx.step[rows])
-            if bt.rises(GROWTH_TIME_SPEARMAN, GROWTH_TIME_FACTOR):
+            rest = trend(ctx.col("step_time")[rows] - ctx.col("backward_time")[rows], ctx.step[rows])
+            alike = (math.isfinite(rest.late_over_early) and math.isfinite(bt.late_over_early)
+                     and rest.late_over_early >= bt.late_over_early ** GROWTH_REST_EXPONENT)
+            if bt.rises(GROWTH_TIME_SPEARMAN, GROWTH_TIME_FACTOR) and not alike:
                 evidence.update(backward_time_spearman=bt.spearman, backward_time_late_over_early=bt.late_over_early)
                 what.append(f"backward time grew x{bt.late_over_early:.2g}")
                 spearman = max(spearman, bt.spearman)

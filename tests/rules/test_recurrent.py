@@ -287,6 +287,16 @@ def test_gp103_memory_that_plateaus_is_quiet():
     quiet(analyze(gradprobe.RunLog.build(steps(n, memory=mem))), "GP103")
 
 
+def test_gp103_backward_time_that_grows_with_the_whole_step_is_bigger_inputs_not_a_leak():
+    # a curriculum lengthening the sequences: forward and backward grow alike
+    n = 60
+    bt = np.array([0.01 * (1 + i) for i in range(n)])
+    quiet(analyze(gradprobe.RunLog.build(steps(n, backward_time=list(bt), step_time=list(2.2 * bt + 0.002)))), "GP103")
+    # backward growing alone inside a step whose other parts stay put: graphs walked again
+    f = only(analyze(gradprobe.RunLog.build(steps(n, backward_time=list(bt), step_time=list(bt + 0.02)))), "GP103")
+    assert f.severity == "warning"
+
+
 def test_gp103_backward_time_growth_without_state_fires_but_not_with_a_carried_state():
     n = 60
     bt = [0.01 * (1 + i) for i in range(n)]
