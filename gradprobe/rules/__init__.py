@@ -18,6 +18,7 @@ from gradprobe.rules import (  # noqa: F401
     nonfinite,
     recurrent,
     scaler_misuse,
+    unbounded,
     vanishing,
     weight_decay,
 )
