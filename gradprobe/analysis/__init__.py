@@ -57,6 +57,7 @@ from gradprobe.analysis.data import (
     normalised,
     sustained,
     tiny_targets,
+    probabilities_into_cross_entropy,
     trivial_loss,
     uniform_classes,
 )

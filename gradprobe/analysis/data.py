@@ -119,6 +119,39 @@ def tiny_targets(ctx: RunContext) -> dict[str, dict[str, float]]:
 
 
 
+#: Inputs of a cross-entropy are probabilities when every sampled batch of them averages 1/K
+#: to this relative tolerance (rows that sum to 1 average exactly 1/K; float32 keeps ~1e-7) and
+#: none exceeds 1 (by more than float rounding): logits land on exactly 1/K by no chance.
+PROBABILITY_MEAN_RTOL = 1e-4
+MIN_PROBABILITY_SAMPLES = 3
+
+
+@quantity
+def probabilities_into_cross_entropy(ctx: RunContext) -> tuple[int, float] | None:
+    """``(K, floor)`` when what the run feeds ``cross_entropy`` are probabilities over K
+    classes (a softmax already applied: every sampled batch's mean exactly 1/K and no entry
+    above 1, over at least 3 samples); ``floor`` = ln(e + K - 1) - 1, the lowest loss a
+    cross-entropy can reach on probability inputs (softmax of a one-hot vector puts e / (e + K
+    - 1) on the right class). None otherwise."""
+    w = sample_table(ctx, "target")
+    if w.empty or not {"pred_mean", "pred_absmax", "pred_numel", "numel"} <= set(w.columns):
+        return None
+    g = w[w["target"] == "cross_entropy"].dropna(subset=["pred_mean", "pred_absmax", "pred_numel", "numel"])
+    g = g[g["numel"] > 0]
+    if len(g) < MIN_PROBABILITY_SAMPLES:
+        return None
+    width = (g["pred_numel"] / g["numel"]).to_numpy(dtype=np.float64)
+    k = int(round(float(np.median(width))))
+    if k < 2 or not np.allclose(width, k):
+        return None
+    mean = g["pred_mean"].to_numpy(dtype=np.float64)
+    if not (np.abs(mean * k - 1.0) <= PROBABILITY_MEAN_RTOL).all():
+        return None
+    if not (g["pred_absmax"].to_numpy(dtype=np.float64) <= 1.0 + PROBABILITY_MEAN_RTOL).all():
+        return None
+    return k, float(np.log(np.e + k - 1) - 1.0)
+
+
 @quantity
 def feature_absmax(ctx: RunContext) -> float | None:
     """Largest finite magnitude of the float features sampled where they enter the model: the

@@ -25,6 +25,7 @@ from gradprobe.analysis import (
     harder_data,
     loss_curve,
     loss_spikes,
+    probabilities_into_cross_entropy,
     rank_correlation,
     set_back,
     trivial_loss,
@@ -91,22 +92,13 @@ TRAINED_BEFORE = 1 / 3
 #: cover ``MIN_PLATEAU_STEPS`` optimizer steps (a logged record stands for many steps): enough
 #: for a first window of 5 and a plateau of 2 windows after it.
 MIN_NEVER_RECORDS = 12
+#: GP505's probability-floor form fires once the loss is within 25% of the floor a
+#: cross-entropy fed probabilities cannot pass (a run that has not reached it yet may still be
+#: learning, slowly).
+AT_FLOOR = 1.25
 #: ... a rise counts as divergence (not judged here, GP501) from 10%, as ``LossCurve.rose``
 #: has it: a loss that never fell and drifted up by less never decreased either.
 NEVER_ROSE = 0.10
-#: GP507: the loss must stay negative over at least this fraction of the run's records, ...
-NEGATIVE_FRACTION = 0.25
-#: ... fall steadily there (rank correlation with the step at most -0.9), ...
-STEADY = 0.9
-#: ... and lose at least this fraction of its first half's drop over the second half (a loss
-#: approaching a floor halves its remaining distance and more).
-NOT_SLOWING = 0.5
-#: ... with the weight norm grown at least this much since the crossing (the scores grow only
-#: through the weights), or, without weight norms, ending this many times deeper below 0 than
-#: its largest magnitude before the crossing.
-WEIGHT_GROWTH = 2.0
-DEPTH = 10.0
-MIN_UNBOUNDED_RECORDS = 20
 #: GP506: evaluations needed (4 only when every one after the minimum rose), training records.
 MIN_OVERFIT_EVALS = 4
 MIN_OVERFIT_EVALS_ANY_SHAPE = 5
@@ -130,14 +122,6 @@ OVERFIT_TRAIN_SE = 2.0
 #: the normal approximation 1.645 / sqrt(n - 1) beyond.
 SPEARMAN_CRITICAL = {4: 1.0, 5: 0.9, 6: 0.829, 7: 0.714, 8: 0.643, 9: 0.6, 10: 0.564}
 SPEARMAN_Z = 1.645
-#: GP507: the weight growth at which confidence is whole (a decade), and how steady the fall
-#: must be for it (a perfect -1 rank correlation, from ``STEADY``).
-GROWTH_FULL = 10.0
-STEADY_SPAN = 0.1
-#: GP507: fewest records after the crossing whose trend is judged, and fewest weight-norm
-#: records whose growth is.
-MIN_NEGATIVE_RECORDS = 4
-MIN_WEIGHT_RECORDS = 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,6 +368,11 @@ class LossPlateau(Rule):
     A saved log is judged from 12 records when they cover 50 optimizer steps (each record of
     a Hugging Face or Lightning log stands for many steps).
 
+    Probabilities into a cross-entropy (checked first): when every sampled input of
+    ``cross_entropy`` averages exactly 1/K and none exceeds 1, a softmax was applied before the
+    loss, which applies it again: the loss cannot go below ln(e + K - 1) - 1. Fires once the loss
+    is within 25% of that floor, confidence 0.9 (the inputs are measured, the floor exact).
+
     A symptom: ``caused_by`` names the root cause found (lr-too-low, dead units, saturation,
     or an overflow or explosion that wrecked the weights before the plateau...). Its
     ``first_step`` is where the loss got stuck: the plateau's start, or, at the trivial level,
@@ -409,6 +398,7 @@ class LossPlateau(Rule):
             0.4, Ramp(0.3, "plateau fraction", start=PLATEAU_FRACTION, span=PLATEAU_SPAN)),
         "frozen": Confidence(0.6, Ramp(0.4, "fraction of the run", start=PLATEAU_FRACTION, span=PLATEAU_SPAN)),
         "at ln K": Confidence(0, Flag(0.7, f"{MIN_LOOSE_RECORDS}+ records", otherwise=0.55)),
+        "at the probability floor": Confidence(0.9),
     }
     causes = ("lr-too-low", "dead-units", "saturated-activations", "vanishing-gradients", "poor-initialization",
               "overclipping", "input-scale", "degenerate-targets", "amp-without-scaler", "lr-too-high",
@@ -446,6 +436,9 @@ class LossPlateau(Rule):
         if len(ctx.meta.get("optimizers") or []) > 1:
             return []  # adversarial or multi-objective losses need not decrease
         curve = loss_curve(ctx)
+        floor = self._probability_floor(ctx, curve)
+        if floor is not None:
+            return [floor]
         if curve.nonfinite_step is not None and not (curve.steps > curve.nonfinite_step).any():
             return []  # the run broke (GP401-GP403): its finite part ends there, not where the run meant to end
         # the most specific form first: the trivial loss measured from the targets, then a
@@ -465,6 +458,31 @@ class LossPlateau(Rule):
                 if f is not None:
                     return [f]
         return found
+
+    def _probability_floor(self, ctx: RunContext, c: LossCurve) -> Finding | None:
+        """What the run feeds ``cross_entropy`` are probabilities
+        (:func:`~gradprobe.analysis.probabilities_into_cross_entropy`): it applies softmax
+        again, so the loss cannot go below ln(e + K - 1) - 1 (1.46 for 10 classes) and its
+        gradient fades as it gets there. Fires once the loss sits within ``AT_FLOOR`` of that
+        floor (the run has reached the floor it cannot pass)."""
+        found = probabilities_into_cross_entropy(ctx)
+        if found is None or c.n < MIN_FROZEN_RECORDS or not c.final <= AT_FLOOR * found[1]:
+            return None
+        k, floor = found
+        ev = {"plateau_level": c.final, "trivial_loss": floor, "records": int(c.n), "uniform_classes": k,
+              "loss_initial": c.start}
+        msg = (f"The inputs of cross_entropy are probabilities (every sampled batch averages exactly 1/{k} and none "
+               f"exceeds 1): a softmax is applied before the loss, which applies softmax again, so the loss cannot "
+               f"fall below ln(e + {k} - 1) - 1 = {floor:.4g}, and its gradient fades on the way there. It sits at "
+               f"{c.final:.4g} ({c.final / floor - 1:.1%} above that floor).")
+        rec = Recommendation.code(
+            "Give CrossEntropyLoss the raw scores: drop the softmax before it",
+            "logits = model(x)                 # no nn.Softmax at the end of the model\n"
+            "loss = F.cross_entropy(logits, y)  # log_softmax is inside\n"
+            "probs = logits.softmax(-1)        # only where probabilities are needed (inference)")
+        return self.finding(confidence=self.confidence["at the probability floor"](), message=msg,
+                            first_step=int(c.steps[0]), evidence=ev, recommendations=[rec],
+                            title="The loss sits at the floor of a cross-entropy fed probabilities")
 
     def _frozen(self, c: LossCurve, name: str) -> Finding | None:
         """The loss repeats the same number to ``FROZEN_RTOL`` over consecutive records spanning
@@ -775,114 +793,3 @@ def _trend_critical(n: int) -> float:
     if n < min(SPEARMAN_CRITICAL):
         return math.inf
     return SPEARMAN_CRITICAL.get(n, SPEARMAN_Z / math.sqrt(max(n - 1, 1)))
-
-
-# ------------------------------------------------------------------------------------------
-@register
-class UnboundedLoss(Rule):
-    """Fires when the training loss goes negative and keeps falling without bound: the loss is
-    unbounded below for the model's outputs, and the optimizer exploits that instead of fitting
-    the data.
-
-    A loss that measures a fit is bounded below: a cross-entropy or a negative log-likelihood of
-    a normalised distribution over classes is >= 0, a squared error >= 0. Some losses are
-    legitimately negative (the Gaussian NLL of a density above 1, a WGAN critic's
-    Wasserstein estimate), but a bounded loss approaches its floor: its fall slows down. An
-    unbounded one (``NLLLoss`` on raw scores instead of log-probabilities: -score[target], which
-    any growth of the scores lowers) falls at the same pace or faster for as long as the run
-    lasts, and the weights grow to make the scores grow.
-
-    Fires when all hold on the smoothed training loss (:class:`~gradprobe.analysis.LossCurve`):
-
-    * it crossed below 0 and stayed below for at least ``NEGATIVE_FRACTION`` of the run's
-      records, ending negative;
-    * after the crossing it falls steadily (rank correlation with the step <= -``STEADY``) and
-      does not slow down: the drop over the last half of that stretch is at least
-      ``NOT_SLOWING`` times the drop over its first half (a loss approaching a floor loses most
-      of its remaining distance early);
-    * what grows with it, where recorded: the total weight norm at the end is at least
-      ``WEIGHT_GROWTH`` times its value at the crossing (scores grow only through weights);
-      without weight norms (foreign logs) the loss must end at least ``DEPTH`` times further
-      below 0 than its largest magnitude before the crossing.
-
-    Confidence: 0.6 from the conditions above, more with a larger weight growth (whole at
-    10x) and a steadier fall (whole at a rank correlation of -1).
-    """
-
-    code = "GP507"
-    slug = "unbounded-loss"
-    severity = "error"
-    title = "The loss falls without bound: the loss function can be lowered without fitting the data"
-    requires = ("loss",)
-    confidence = Confidence(0.6, Ramp(0.2, "weight growth", span=GROWTH_FULL),
-                            Ramp(0.2, "-rank correlation", start=STEADY, span=STEADY_SPAN))
-    evidence_fields = {
-        "negative_from_step": Field("negative from", "step"),
-        "loss_at_crossing": Field("loss then", "loss"),
-        "loss_final": Field("loss at the end", "loss"),
-        "fall_first_half": Field("fall over the first half", "loss"),
-        "fall_second_half": Field("fall over the second half", "loss"),
-        "rank_correlation": Field("steadiness of the fall (rank correlation)"),
-        "weight_growth": Field("weight norm growth since", "x"),
-    }
-    explanation = Explanation(
-        what="The training loss goes negative and keeps falling without bound, while the weights (and the model's "
-        "outputs) grow with it.",
-        why="A loss that can be lowered without limit by scaling the outputs is being exploited, not minimised: every "
-        "step makes the scores larger instead of the predictions better, the weights grow until something "
-        "overflows, and the loss value says nothing about the fit.",
-        causes="nn.NLLLoss (or F.nll_loss) applied to raw scores instead of log_softmax outputs; an unnormalised "
-        "likelihood (a density without its normaliser); a sign error that maximises what should be minimised; a "
-        "regulariser with the wrong sign.",
-        fix="Feed NLLLoss log-probabilities (F.log_softmax(scores, dim=-1)) or use nn.CrossEntropyLoss on the raw "
-        "scores; normalise likelihoods; check the sign of every loss term.",
-        example="F.nll_loss(model(x), y) on raw scores: the loss goes 0.02 -> -40 -> -900 over 300 steps while the "
-        "weight norm grows 100x; with F.cross_entropy it falls to 0.3 and stays positive.",
-    )
-
-    def check(self, ctx: RunContext) -> list[Finding]:
-        curve = loss_curve(ctx)
-        if curve.n < MIN_UNBOUNDED_RECORDS or not curve.final < 0:
-            return []
-        sm = curve.smooth
-        neg = np.flatnonzero(sm < 0)
-        if not neg.size:
-            return []
-        k = int(neg[0])
-        if not (sm[k:] < 0).all() or (curve.n - k) < NEGATIVE_FRACTION * curve.n or curve.n - k < MIN_NEGATIVE_RECORDS:
-            return []
-        tail = sm[k:]
-        rho = rank_correlation(np.arange(tail.size, dtype=np.float64), tail)
-        half = tail.size // 2
-        d1, d2 = float(tail[0] - tail[half]), float(tail[half] - tail[-1])
-        if rho > -STEADY or d1 <= 0 or d2 < NOT_SLOWING * d1:
-            return []
-        step0 = int(curve.steps[k])
-        ev: dict[str, Any] = {"negative_from_step": step0, "loss_at_crossing": float(sm[k]), "loss_final": curve.final,
-                              "fall_first_half": d1, "fall_second_half": d2, "rank_correlation": rho}
-        wn = ctx.col("weight_norm") if ctx.n else np.zeros(0)
-        fin = np.isfinite(wn) & (wn > 0)
-        growth = None
-        if fin.sum() >= MIN_WEIGHT_RECORDS:
-            at = wn[(ctx.step >= step0) & fin]
-            if at.size >= 2:
-                growth = float(at[-1] / at[0])
-                ev["weight_growth"] = growth
-                if growth < WEIGHT_GROWTH:
-                    return []  # the weights are not growing: a legitimately negative loss settling somewhere
-        else:
-            before = np.abs(curve.values[:max(k, 1)])
-            if abs(curve.final) < DEPTH * max(float(before.max()), 1e-12):
-                return []
-        conf = self.confidence(growth or DEPTH, -rho)
-        msg = (f"The training loss went below 0 at step {step0} and kept falling without slowing down, to "
-               f"{curve.final:.4g} ({d1:.4g} over the first half of that stretch, {d2:.4g} over the second)"
-               + (f", while the weight norm grew {growth:.3g}x" if growth is not None else "")
-               + ": the loss is unbounded below for the model's outputs, and the optimizer is lowering it by making "
-               "the outputs larger, not by fitting the data.")
-        recs = [Recommendation.code(
-            "Give the loss a floor: log-probabilities into NLLLoss, or cross-entropy on raw scores",
-            "scores = model(x)\n"
-            "loss = F.cross_entropy(scores, y)                    # raw scores: softmax inside, loss >= 0\n"
-            "# or: loss = F.nll_loss(F.log_softmax(scores, dim=-1), y)")]
-        return [self.finding(confidence=conf, message=msg, first_step=step0, evidence=ev, recommendations=recs)]

@@ -356,6 +356,29 @@ def test_an_lr_decayed_to_nothing_before_the_model_learned_is_lr_too_low(tmp_pat
     assert "GP502" not in serious(gradprobe.analyze(_steplr_classifier(str(tmp_path / "epoch"), per_batch=False)))
 
 
+def _four_class(logdir: str, softmax_first: bool) -> str:
+    torch.manual_seed(0)
+    x = torch.randn(1024, 8)
+    y = (x[:, :4] @ torch.randn(4, 4)).argmax(1)
+    layers = [nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4)] + ([nn.Softmax(dim=1)] if softmax_first else [])
+    model = nn.Sequential(*layers)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for step in range(300):
+            idx = torch.randint(0, 1024, (64,))
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return logdir
+
+
+def test_probabilities_fed_to_cross_entropy_sit_at_their_floor(tmp_path):
+    f = gradprobe.analyze(_four_class(str(tmp_path / "softmax"), True)).finding("loss-plateau")
+    assert f is not None and f.evidence["uniform_classes"] == 4 and "probabilities" in f.message
+    assert abs(f.evidence["trivial_loss"] - (math.log(math.e + 3) - 1)) < 1e-9
+    assert "GP505" not in serious(gradprobe.analyze(_four_class(str(tmp_path / "logits"), False)))
+
+
 # ----------------------------------------------------------------------- unbounded loss
 def _classifier(logdir: str, loss: str, steps: int = 200) -> str:
     torch.manual_seed(0)
