@@ -464,10 +464,9 @@ RUNNING_LR_RECORDS = 20
 #: of its running level (batch-to-batch scatter reaches 2-3x) and its lr within it of the
 #: lr's median over the records before: one such update cannot lift the loss several-fold.
 ORDINARY_STEP = 3.0
-#: ... and the data got harder (rather than the weights worse) when the updates after the
-#: jump's first record did not lift the loss further than this factor of that record (the
-#: damage of a bad update shows in the records after it; scatter between hard batches
-#: stays within 1.5x: ``LOSS_HARM_FACTOR`` of GP202).
+#: ... and the data got harder (rather than the weights worse) when the batches right after
+#: the jump's first record stay within this factor of it (scatter between batches of one
+#: kind stays within 1.5x: ``LOSS_HARM_FACTOR`` of GP202).
 NOT_LIFTED = 1.5
 
 
@@ -475,15 +474,16 @@ def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
     """The jump came with the data, not from the weights: the step before its first record was
     ordinary (:data:`ORDINARY_STEP`: its gradient norm at its running level, its lr unchanged),
     so the weights that computed that record were those of an ordinary update; the batches
-    right after it (``SUDDEN_RECORDS``) stay within :data:`NOT_LIFTED` of it (the new data is
-    uniformly harder; one corrupt batch far above the batches after it is not, and what then
-    stays up is the damage its update did); and the peak is within :data:`NOT_LIFTED` of that
-    first record (the updates on the new batches did not push the loss up further). New classes joining a stream, a curriculum stage, a new
+    right after it (``SUDDEN_RECORDS``) do not fall below 1 / :data:`NOT_LIFTED` of it (the new
+    data is uniformly harder; one corrupt batch far above the batches after it is not, and what
+    then stays up is the damage its update did); and after the spike the loss settled no
+    higher than that first record (the run lost no ground on the new data: what it sits
+    above is the old data's level). New classes joining a stream, a curriculum stage, a new
     dataset. False where the log has no gradient norms to tell."""
     from gradprobe.analysis.gradients import grad_spikes
 
     first = float(curve.values[spike.start])
-    if spike.start == 0 or spike.peak_value > NOT_LIFTED * first:
+    if spike.start == 0 or not curve.level_after(spike.end) <= first:
         return False
     nxt = curve.values[spike.start + 1: spike.start + 1 + SUDDEN_RECORDS]
     if not nxt.size or float(np.median(nxt)) < first / NOT_LIFTED:

@@ -161,8 +161,9 @@ class LossSpike(Rule):
     the loss of the batches that follow. Nor is it a set-back when the data got harder
     (``analysis.harder_data``): the step before the jump was ordinary (its gradient norm within
     3x its running level, its lr unchanged), so one ordinary update cannot have lifted the loss
-    several-fold, and the updates after its first record did not push it above 1.5x that record
-    (new classes joining a stream, a curriculum stage). Confidence: 0.5 at the spike threshold,
+    several-fold; the batches right after stayed as high (not one corrupt batch); and after
+    the spike the loss settled no higher than its first record (new classes joining a stream,
+    a curriculum stage: what it sits above is the old data's level). Confidence: 0.5 at the spike threshold,
     whole a decade past it (30x), more with several spikes.
     """
 
@@ -243,9 +244,9 @@ class LossSpike(Rule):
                     "weights were knocked off course.")
         elif harder:
             e = next(e for _, e in events if id(e) in harder)
-            msg += (f" At step {e.step} the loss was already that high on the first batch, after an ordinary step, and "
-                    "the updates since brought it down: the data got harder there (new classes, a curriculum stage), "
-                    "the weights were not knocked off course.")
+            msg += (f" At step {e.step} the loss was already high on the first batch, after an ordinary step, and it "
+                    f"settled below that ({curves['training'].values[e.start]:.4g}) after the spike: the data got harder "
+                    "there (new classes, a curriculum stage); the run lost no ground on it.")
         else:
             msg += " Each time the loss came straight back to where it was: hard batches, not damaged weights."
         recs = [Recommendation.code(

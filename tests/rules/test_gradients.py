@@ -322,11 +322,13 @@ def test_gp504_a_loss_that_jumped_with_harder_data_was_not_knocked_off_course():
     # an exploded update one step before (the gradient 40x its level at step 59): the weights
     f = only(gradprobe.analyze(spike_log(np.where(np.arange(n) == 59, 40.0, norms), loss=loss)), "GP504")
     assert f.severity == "warning" and "harder_data" not in f.evidence["training"]
-    # the updates after the first new batch pushed the loss 3x higher: the weights again
+    # the updates after the first new batch pushed the loss 3x higher and it settled above where
+    # the new data began: the run lost ground to the updates
     lifted = loss.copy()
     lifted[61:70] *= 3.0
+    lifted[70:] = 3.5 * rng.lognormal(0, 0.05, n - 70)
     f = only(gradprobe.analyze(spike_log(norms, loss=lifted)), "GP504")
-    assert f.severity == "warning"
+    assert f.severity in ("warning", "error")
 
 
 def test_gp202_spike_on_a_batch_whose_loss_already_jumped_is_the_loss_spikes_symptom():
