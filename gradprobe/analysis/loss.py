@@ -464,6 +464,10 @@ RUNNING_LR_RECORDS = 20
 #: of its running level (batch-to-batch scatter reaches 2-3x) and its lr within it of the
 #: lr's median over the records before: one such update cannot lift the loss several-fold.
 ORDINARY_STEP = 3.0
+#: ... and the total weight norm, where recorded, changed by less than this fraction from the
+#: step before to the jump's step (an ordinary update moves it by ~1e-3; weights rescaled or
+#: reloaded by the script between steps move it by far more).
+WEIGHTS_MOVED = 0.1
 #: ... and the data got harder (rather than the weights worse) when the batches right after
 #: the jump's first record stay within this factor of it (scatter between batches of one
 #: kind stays within 1.5x: ``LOSS_HARM_FACTOR`` of GP202).
@@ -473,7 +477,9 @@ NOT_LIFTED = 1.5
 def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
     """The jump came with the data, not from the weights: the step before its first record was
     ordinary (:data:`ORDINARY_STEP`: its gradient norm at its running level, its lr unchanged),
-    so the weights that computed that record were those of an ordinary update; the batches
+    so the weights that computed that record were those of an ordinary update (and, where the
+    weight norm is recorded, it moved by less than :data:`WEIGHTS_MOVED` into that step: no
+    weights rescaled or reloaded between steps); the batches
     right after it (``SUDDEN_RECORDS``) do not fall below 1 / :data:`NOT_LIFTED` of it (the new
     data is uniformly harder; one corrupt batch far above the batches after it is not, and what
     then stays up is the damage its update did); and after the spike the loss settled no
@@ -500,6 +506,11 @@ def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
     before = before[np.isfinite(before) & (before > 0)]
     if np.isfinite(lr[row]) and before.size and lr[row] > ORDINARY_STEP * float(np.median(before)):
         return False
+    if row + 1 < ctx.n and "weight_norm" in ctx.steps.columns:
+        wn = ctx.col("weight_norm")
+        a, b = float(wn[row]), float(wn[row + 1])
+        if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0 and abs(math.log(b / a)) > math.log1p(WEIGHTS_MOVED):
+            return False  # the weights changed by more than updates change them: not the data
     return True
 
 

@@ -322,6 +322,10 @@ def test_gp504_a_loss_that_jumped_with_harder_data_was_not_knocked_off_course():
     # an exploded update one step before (the gradient 40x its level at step 59): the weights
     f = only(gradprobe.analyze(spike_log(np.where(np.arange(n) == 59, 40.0, norms), loss=loss)), "GP504")
     assert f.severity == "warning" and "harder_data" not in f.evidence["training"]
+    # the weights rescaled between steps (their norm 8x into the jump's step): not the data
+    wn = np.where(np.arange(n) >= 60, 80.0, 10.0)
+    f = only(gradprobe.analyze(spike_log(norms, loss=loss, weight_norm=wn)), "GP504")
+    assert f.severity == "warning" and "harder_data" not in f.evidence["training"]
     # the updates after the first new batch pushed the loss 3x higher and it settled above where
     # the new data began: the run lost ground to the updates
     lifted = loss.copy()
