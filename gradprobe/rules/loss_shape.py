@@ -26,7 +26,6 @@ from gradprobe.analysis import (
     loss_curve,
     loss_spikes,
     probabilities_into_cross_entropy,
-    rank_correlation,
     set_back,
     trivial_loss,
     uniform_classes,
@@ -114,14 +113,9 @@ OVERFIT_TAIL = 3
 #: many standard errors of a window median.
 OVERFIT_TRAIN_FALL = 0.05
 OVERFIT_TRAIN_SE = 2.0
-#: GP506: the validation records from the minimum on must climb with the step: their rank
-#: correlation with it above what noise reaches one time in 20 (one-sided). Memorising goes on
-#: with every epoch, so the validation loss of an overfitting run climbs as training goes on; a
-#: finite evaluation set scatters its loss about a flat level, and a level above one lucky
-#: minimum is not a climb. Exact critical values of Spearman's rho for n <= 10 (Ramsey, 1989),
-#: the normal approximation 1.645 / sqrt(n - 1) beyond.
-SPEARMAN_CRITICAL = {4: 1.0, 5: 0.9, 6: 0.829, 7: 0.714, 8: 0.643, 9: 0.6, 10: 0.564}
-SPEARMAN_Z = 1.645
+#: GP506: 1.4826 x the median absolute difference between consecutive evaluations, / sqrt(2),
+#: is the standard deviation of one evaluation's scatter (for Gaussian noise).
+MAD_TO_SD = 1.4826
 
 
 # ------------------------------------------------------------------------------------------
@@ -675,11 +669,13 @@ class Overfitting(Rule):
     minimum. Training still falling: the training loss's level at the end is at least 5%
     below its level at the validation minimum (and by more than 2 standard errors): the two
     curves diverge, the signature of memorising the training set. A validation loss that
-    rises together with the training loss is divergence (GP501), not overfitting. Climbing:
-    the records from the minimum on rise with the step (rank correlation above its one-sided
-    5% critical value for that many records, ``SPEARMAN_CRITICAL``), unless they rose at every
-    evaluation: memorising goes on with every epoch, while a validation loss that jumped once
-    and scatters about a flat level (a finite evaluation set's noise) does not climb.
+    rises together with the training loss is divergence (GP501), not overfitting. The noise
+    the rise must clear is the larger of the curve's ``noise`` and the scatter from one
+    evaluation to the next (1.4826 x the median absolute difference of consecutive records /
+    sqrt(2)): a finite evaluation set scatters its loss from one evaluation to the next, and a
+    rolling median over a few noisy records follows that scatter and understates it, so a
+    lucky minimum in a flat noisy band looked like a rise. A rise at every evaluation after the
+    minimum is judged against the curve's ``noise`` alone (its differences are the climb).
 
     Confidence: 0.5 at the thresholds, more with a larger rise (whole at 50%) and with more
     evaluations after the minimum (whole at 7).
@@ -737,15 +733,16 @@ class Overfitting(Rule):
         monotone = bool(np.all(np.diff(v[k:]) > 0))
         if ec.n < MIN_OVERFIT_EVALS_ANY_SHAPE and not monotone:
             return None  # with this few evaluations only a rise at every one of them says anything
-        trend = rank_correlation(np.arange(ec.n - k, dtype=np.float64), v[k:])
-        if not monotone and trend < _trend_critical(ec.n - k):
-            return None  # a noisy level above a lucky minimum, not a climb that goes on with training
         # a rise at every evaluation has no lucky minimum to smooth away
         vmin = float(v[k]) if monotone else float(sm[k])
         tail = v[-min(OVERFIT_TAIL, max(1, after // 2)):]
         vend = float(np.median(tail))
         rise = (vend - vmin) / abs(vmin) if vmin != 0 else math.inf
-        noise = ec.noise
+        # the scatter from one evaluation to the next (a finite evaluation set's noise, which a
+        # rolling median over a few noisy records follows and so understates); not for a rise
+        # at every evaluation, whose differences are the climb itself
+        step_noise = 0.0 if monotone else MAD_TO_SD * float(np.median(np.abs(np.diff(v)))) / math.sqrt(2.0)
+        noise = max(ec.noise, step_noise)
         if rise < OVERFIT_RISE or vend - vmin <= OVERFIT_NOISE * noise:
             return None
         s_min = int(ec.steps[k])
@@ -785,12 +782,3 @@ class Overfitting(Rule):
         msg = (f"{what} reached its minimum {vmin:.4g} at step {s_min} and rose {rise:.0%} to {vend:.4g} "
                f"over the next {after} evaluations, while the training loss fell {fall:.0%} ({t_at:.4g} -> {t_end:.4g}).")
         return self.finding(confidence=conf, message=msg, first_step=s_min, evidence=ev, recommendations=recs)
-
-
-def _trend_critical(n: int) -> float:
-    """The rank correlation with the step that ``n`` records exceed by chance one time in 20
-    (one-sided): the exact critical values of Spearman's rho for n <= 10, the normal
-    approximation 1.645 / sqrt(n - 1) beyond."""
-    if n < min(SPEARMAN_CRITICAL):
-        return math.inf
-    return SPEARMAN_CRITICAL.get(n, SPEARMAN_Z / math.sqrt(max(n - 1, 1)))
