@@ -469,7 +469,7 @@ ORDINARY_STEP = 3.0
 #: reloaded by the script between steps move it by far more).
 WEIGHTS_MOVED = 0.1
 #: ... and the data got harder (rather than the weights worse) when the batches right after
-#: the jump's first record stay within this factor of it (scatter between batches of one
+#: the jump's first record stay within this factor below it (scatter between batches of one
 #: kind stays within 1.5x: ``LOSS_HARM_FACTOR`` of GP202).
 NOT_LIFTED = 1.5
 
@@ -506,9 +506,10 @@ def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
     before = before[np.isfinite(before) & (before > 0)]
     if np.isfinite(lr[row]) and before.size and lr[row] > ORDINARY_STEP * float(np.median(before)):
         return False
-    if row + 1 < ctx.n and "weight_norm" in ctx.steps.columns:
+    jump_row = int(np.searchsorted(ctx.step, curve.steps[spike.start]))
+    if jump_row < ctx.n and "weight_norm" in ctx.steps.columns:
         wn = ctx.col("weight_norm")
-        a, b = float(wn[row]), float(wn[row + 1])
+        a, b = float(wn[row]), float(wn[jump_row])
         if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0 and abs(math.log(b / a)) > math.log1p(WEIGHTS_MOVED):
             return False  # the weights changed by more than updates change them: not the data
     return True
