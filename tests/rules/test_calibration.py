@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import gradprobe
 from gradprobe.report import Report
-from tests.readers.writers import write_state
+from tests.readers.writers import write_metrics, write_state
 
 
 def serious(report: Report) -> list[str]:
@@ -250,14 +250,19 @@ def test_a_periodic_loss_and_recovered_heavy_tailed_spikes_are_not_loss_spike_wa
 
 def _sampled_csv(path, losses: np.ndarray, every: int = 10) -> str:
     """A Lightning metrics.csv of ``self.log("train_loss_step", loss)`` every ``every`` steps."""
-    import csv
+    return write_metrics(str(path), [((i + 1) * every - 1, {"epoch": i // 100, "train_loss_step": float(v)})
+                                     for i, v in enumerate(losses)])
 
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["epoch", "step", "train_loss_step"])
-        w.writeheader()
-        for i, v in enumerate(losses):
-            w.writerow({"epoch": i // 100, "step": (i + 1) * every - 1, "train_loss_step": float(v)})
-    return str(path)
+
+def test_readers_say_whether_a_loss_record_is_one_step_or_an_average(tmp_path):
+    from gradprobe.readers import load
+    from tests.readers.writers import train_history
+
+    rows = [(s, {"epoch": 0, "train_loss_step": 1.0 / (s + 1)}) for s in range(9, 200, 10)]
+    assert load(write_metrics(str(tmp_path / "step"), rows)).meta["loss_records"] == "step"
+    epochs = [(s, {"epoch": s // 10, "train_loss_epoch": 1.0 / (s + 1)}) for s in range(9, 200, 10)]
+    assert load(write_metrics(str(tmp_path / "epoch"), epochs)).meta["loss_records"] == "average"
+    assert load(write_state(str(tmp_path / "hf"), train_history())).meta["loss_records"] == "average"
 
 
 def test_sampled_single_step_losses_with_a_heavy_tail_are_not_loss_spike_warnings(tmp_path):

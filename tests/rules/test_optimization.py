@@ -12,6 +12,7 @@ import pytest
 import gradprobe
 from gradprobe.report import CANONICAL_HYPERPARAMETERS, Finding, Report
 from gradprobe.rules import get_rule
+from tests.readers.writers import write_metrics
 from tests.rules import _runs_training as R
 
 MY_CODES = ("GP501", "GP502", "GP503", "GP504", "GP505", "GP506")
@@ -774,14 +775,9 @@ def test_foreign_metrics_csv_loss_that_never_moved(tmp_path):
 
 
 def _short_csv(path, losses: np.ndarray, every: int = 50) -> str:
-    import csv
-
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["epoch", "step", "train_loss"])
-        w.writeheader()
-        for i, v in enumerate(losses):
-            w.writerow({"epoch": i // 10, "step": (i + 1) * every - 1, "train_loss": float(v)})
-    return str(path)
+    """A Lightning metrics.csv of ``self.log("train_loss", loss)`` every ``every`` steps."""
+    return write_metrics(str(path), [((i + 1) * every - 1, {"epoch": i // 10, "train_loss": float(v)})
+                                     for i, v in enumerate(losses)])
 
 
 def test_short_noisy_log_that_never_learned_is_a_plateau(tmp_path):
