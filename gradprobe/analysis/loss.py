@@ -143,27 +143,14 @@ def _per_step_records(steps: np.ndarray) -> bool:
     return float(np.median(np.diff(steps))) <= 1.0
 
 
-def _one_step_samples(ctx: RunContext) -> bool:
-    """A saved log's loss records are single steps' losses, sampled every few steps, not
-    averages over them: Lightning's ``self.log("train_loss", loss)`` (and its ``*_step``
-    series) and a TensorBoard ``add_scalar`` record the loss of the step they are logged at. A
-    Hugging Face trainer state averages the steps since the last log, and a name that says so
-    (``epoch_loss``, ``avg_loss``, ``running_loss``, ``smoothed``) is an average."""
-    from gradprobe.readers.mapping import meaning
-
-    if ctx.kind in ("gradprobe", "hf-trainer-state"):
-        return False
-    name = ((ctx.meta.get("names") or {}).get("columns") or {}).get("loss")
-    m = meaning(name) if isinstance(name, str) else None
-    return m is not None and m.column == "loss" and not m.aggregate
-
-
 @quantity
 def loss_curve(ctx: RunContext) -> LossCurve:
     """The training loss (:attr:`RunContext.loss`) as a :class:`LossCurve`."""
     nonfinite = (ctx.col("loss_nonfinite", bool) | ctx.col("loss_fn_nonfinite", bool)) if ctx.n else np.zeros(0, bool)
     fin = np.isfinite(ctx.loss)
-    per_step = ctx.kind == "gradprobe" or _per_step_records(ctx.step[fin]) or _one_step_samples(ctx)
+    # a saved log whose reader says each record is one step's loss, sampled every few steps
+    # (meta "loss_records"), is read like one that logged every step
+    per_step = ctx.kind == "gradprobe" or _per_step_records(ctx.step[fin]) or ctx.meta.get("loss_records") == "step"
     return LossCurve(ctx.step, ctx.loss, per_step=per_step, nonfinite=nonfinite)
 
 

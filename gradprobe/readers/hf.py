@@ -126,7 +126,8 @@ def read_trainer_state(path: str) -> RunLog:
         logging = state.get("logging_steps")
         hint = f" (the Trainer logs every logging_steps={logging} steps)" if logging else ""
         raise LogError(f"{path}: trainer state without log records in log_history; nothing was logged yet{hint}")
-    meta = {"hf": {k: state.get(k) for k in _STATE_KEYS if k in state}}
+    # each "loss" record is the mean over the logging_steps since the previous one
+    meta: dict[str, Any] = {"hf": {k: state.get(k) for k in _STATE_KEYS if k in state}, "loss_records": "average"}
     if summary:
         meta["hf"]["summary"] = summary
     return build_runlog(raw, kind=KIND, path=path, skipped=skipped, meta=meta, what="trainer state")

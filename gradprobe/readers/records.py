@@ -369,6 +369,12 @@ def build_runlog(raw: RawRecords, *, kind: str, path: str, skipped: list[str] | 
         "optimizers": [],
         "scalers": [],
         "layer_segments": [],
+        # what one loss record is: the loss of the step it was logged at ("step": Lightning's
+        # self.log, TensorBoard's add_scalar), or an average over many ("average": a name
+        # that says so, epoch_loss, avg_loss, running_loss; a reader that knows, e.g. Hugging
+        # Face averaging its logging_steps, says so in ``meta``)
+        "loss_records": "average" if (m := res.matches.get(res.columns.get("loss", ""))) is not None
+        and m.aggregate else "step",
     }
     opt = _optimizer_class(res.optimizer)
     if opt is not None:
