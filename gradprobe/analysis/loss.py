@@ -481,8 +481,8 @@ def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
     nxt = curve.values[spike.start + 1: spike.start + 1 + SUDDEN_RECORDS]
     if not nxt.size or float(np.median(nxt)) < first / NOT_LIFTED:
         return False  # one bad batch far above the batches after it: what stayed up is the weights
-    row = int(np.searchsorted(ctx.step, curve.steps[spike.start - 1]))
-    if row >= ctx.n or int(ctx.step[row]) != int(curve.steps[spike.start - 1]):
+    row = ctx.row_of(int(curve.steps[spike.start - 1]))
+    if int(ctx.step[row]) != int(curve.steps[spike.start - 1]):
         return False
     sp = grad_spikes(ctx)
     ratio = sp.ratio[row] if row < sp.ratio.size else math.nan
@@ -493,8 +493,8 @@ def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
     before = before[np.isfinite(before) & (before > 0)]
     if np.isfinite(lr[row]) and before.size and lr[row] > ORDINARY_STEP * float(np.median(before)):
         return False
-    jump_row = int(np.searchsorted(ctx.step, curve.steps[spike.start]))
-    if jump_row < ctx.n and "weight_norm" in ctx.steps.columns:
+    jump_row = ctx.row_of(int(curve.steps[spike.start]))
+    if "weight_norm" in ctx.steps.columns:
         wn = ctx.col("weight_norm")
         a, b = float(wn[row]), float(wn[jump_row])
         if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0 and abs(math.log(b / a)) > math.log1p(WEIGHTS_MOVED):

@@ -208,22 +208,22 @@ class LossSpike(Rule):
         first_name, first = min(events, key=lambda t: t[1].step)
         worst_name, worst = max(events, key=lambda t: t[1].factor)
         unrecovered = [(n, e) for n, e in events if not e.recovered]
-        curves = {name: c for name, c, _ in hits}
-        spikes_of = {name: evs for name, _, evs in hits}
-        # a set-back on harder data (the step before the jump ordinary, the updates since not
-        # lifting it further) is the data's level, not weights knocked off course
-        harder = {id(e) for n, e in events if n == "training" and e.recovered
-                  and set_back(curves[n], e, spikes_of[n]) and harder_data(ctx, curves[n], e)}
-        setback = [(n, e) for n, e in events
-                   if e.recovered and id(e) not in harder and set_back(curves[n], e, spikes_of[n])]
+        # each recovered spike judged once: set back, unless the data got harder there (the step
+        # before the jump ordinary, the loss settling no higher than the first new batch): then
+        # it sits above the old data's level, not knocked off course
+        setback, harder = [], []
+        for name, c, evs in hits:
+            for e in evs:
+                if e.recovered and set_back(c, e, evs):
+                    (harder if name == "training" and harder_data(ctx, c, e) else setback).append((name, e))
         conf = self.confidence(max(worst.factor, 1e-12), len(events) > 1)
         ev: dict[str, Any] = {}
         for name, c, evs in hits:
             ev[name] = {"spikes": len(evs), "max_factor": max(e.factor for e in evs),
                         "events": [e.to_json() for e in evs[:5]], "unrecovered": sum(not e.recovered for e in evs),
-                        "set_back": sum(e.recovered and id(e) not in harder and set_back(c, e, evs) for e in evs)}
+                        "set_back": sum(n == name for n, _ in setback)}
             if name == "training" and harder:
-                ev[name]["harder_data"] = sum(id(e) in harder for e in evs)
+                ev[name]["harder_data"] = len(harder)
         parts = []
         for name, c, evs in hits:
             e = max(evs, key=lambda x: x.factor)
@@ -237,9 +237,9 @@ class LossSpike(Rule):
             msg += (f" After the spike at step {setback[0][1].step} the loss settled above where it was before: the "
                     "weights were knocked off course.")
         elif harder:
-            e = next(e for _, e in events if id(e) in harder)
+            e = harder[0][1]
             msg += (f" At step {e.step} the loss was already high on the first batch, after an ordinary step, and it "
-                    f"settled below that ({curves['training'].values[e.start]:.4g}) after the spike: the data got harder "
+                    f"settled below that ({tr.values[e.start]:.4g}) after the spike: the data got harder "
                     "there (new classes, a curriculum stage); the run lost no ground on it.")
         else:
             msg += " Each time the loss came straight back to where it was: hard batches, not damaged weights."
