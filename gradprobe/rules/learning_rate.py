@@ -684,12 +684,13 @@ class LrTooLow(Rule):
         ok = np.isfinite(lr) & (lr > 0)
         if ok.sum() < MIN_CURVE_RECORDS or curve.n < MIN_CURVE_RECORDS:
             return []
-        lr_max = float(lr[ok].max())
-        low = ok & (lr <= DECAYED * lr_max)
-        if not low.any() or not low[np.flatnonzero(ok)[-1]]:
+        rows = np.flatnonzero(ok)
+        lr_max = float(lr[rows].max())
+        low = lr[rows] <= DECAYED * lr_max
+        if not low[-1]:
             return []
-        k = int(np.flatnonzero(~low & ok)[-1]) + 1  # decayed from this row to the end
-        first, last = int(ctx.step[np.flatnonzero(ok)[0]]), int(ctx.step[np.flatnonzero(ok)[-1]])
+        k = int(rows[np.flatnonzero(~low)[-1] + 1])  # decayed from this row to the end
+        first, last = int(ctx.step[rows[0]]), int(ctx.step[rows[-1]])
         s_dec = int(ctx.step[k])
         frac = (last - s_dec) / max(last - first, 1)
         if frac < DECAYED_FRACTION:
@@ -700,7 +701,7 @@ class LrTooLow(Rule):
         base_ratio = tl.ratio_between(s_dec, last)
         if not math.isfinite(base_ratio) or base_ratio < FAR_FROM_CONVERGED:
             return []
-        lr_end = float(lr[np.flatnonzero(ok)[-1]])
+        lr_end = float(lr[rows[-1]])
         ev: dict[str, Any] = {"lr": lr_max, "lr_final": lr_end, "decayed_from_step": s_dec, "decayed_fraction": frac,
                               "optimizer": ctx.optimizer_class, "loss_initial": curve.start, "loss_final": curve.final,
                               "loss_over_trivial": base_ratio, "trivial_loss_kinds": tl.kinds}
