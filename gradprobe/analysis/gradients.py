@@ -21,6 +21,8 @@ SPIKE_FACTOR = 10.0
 #: factor: batch-to-batch scatter of a norm about its level reaches 2-3x, so a norm within 3x
 #: of a level the run already trained at is inside its ordinary range (see GradSpikes).
 SPIKE_ABOVE_SUSTAINED = 3.0
+#: 1.4826 x the median absolute deviation is the standard deviation, for Gaussian scatter.
+MAD_TO_SD = 1.4826
 
 class GradSpikes:
     """Spikes of the pre-clip total gradient norm above its running level.
@@ -43,6 +45,10 @@ class GradSpikes:
         rows: row indices of the spikes.
         first: row of the first spike (None: none).
         max_ratio: largest ratio among the spikes (0.0: no spike).
+        scatter: the norm's own record-to-record scatter about its running level, in decades:
+            1.4826 x the median absolute deviation of log10(ratio) (a robust standard
+            deviation; spikes, fewer than half the records, do not move it). ~0.1 for
+            mini-batches of many examples, decades for single-example batches.
     """
 
     def __init__(self, ctx: RunContext) -> None:
@@ -65,6 +71,9 @@ class GradSpikes:
         self.first = int(self.rows[0]) if self.rows.size else None
         spiked = ratio[self.spike]
         self.max_ratio = float(spiked.max()) if spiked.size else 0.0
+        with np.errstate(all="ignore"):
+            logr = np.log10(ratio[np.isfinite(ratio) & (ratio > 0)])
+        self.scatter = float(MAD_TO_SD * np.median(np.abs(logr - np.median(logr)))) if logr.size else 0.0
 
 
 @quantity

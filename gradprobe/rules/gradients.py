@@ -48,6 +48,12 @@ LOSS_HARM_FACTOR = 1.5
 #: unlucky batches (heavy-tailed features, a rare hard example) spike now and then, one step in
 #: twenty does not.
 SPIKE_FRACTION_WARN = 0.05
+#: ... unless every spike lies within this many of the norm's own robust standard deviations
+#: (``GradSpikes.scatter``, in decades) of its running level: a norm that scatters by
+#: decades from record to record (batches of one example, whose gradients differ by orders
+#: of magnitude; a saved log sampling one step in hundreds) reaches 10x its level as part of
+#: its ordinary spread. Four: beyond it lies 1 record in 30,000 of Gaussian scatter.
+SCATTER_SDS = 4.0
 #: GP202: the loss jump is the median of this many records after the spike over the median of
 #: as many before it.
 LOSS_JUMP_RECORDS = 10
@@ -423,7 +429,13 @@ class ExplodingGradients(Rule):
       unlucky batches), clipped or not;
     * ``info`` for occasional spikes the loss did not feel, clipped or not (a transient in the
       first steps gone two steps later, the rare batch of heavy-tailed features: facts about
-      the run, not faults).
+      the run, not faults), and for frequent ones the loss did not feel that lie within the
+      norm's own scatter: every spike within ``SCATTER_SDS`` (4) robust standard deviations
+      of log10(norm / level) (``GradSpikes.scatter``). Mini-batch gradients average many
+      examples and scatter by ~0.1 decade, so 10x is 10 standard deviations out; a batch of one
+      example has the gradient of that example, and per-example gradient norms differ by
+      orders of magnitude (one the model already predicts, one it finds surprising): there
+      10x and even 1000x is the ordinary spread, and only harm tells an explosion.
 
     Contained: clipping ran on every spike step and the clipped norm stayed <= 3x the larger of
     the running level and the highest level the run sustained before (a step of that size is
@@ -478,6 +490,7 @@ class ExplodingGradients(Rule):
         "loss_after_over_before": Field("loss after over before", "x"),
         "nonfinite_step": Field("non-finite from", "step"),
         "loss_spike_step": Field("loss spike at", "step"),
+        "scatter_decades": Field("record-to-record scatter", "decades"),
     }
     title = "Exploding gradients"
     requires = ("grad_norm",)
@@ -552,9 +565,11 @@ class ExplodingGradients(Rule):
                 and not same_batch)
         harmed = bool(nonfinite_after.size) or felt
         spike_fraction = n_events / max(1, int(np.isfinite(sp.norm).sum()))
+        in_scatter = not use_growth and bool(
+            (np.log10(sp.ratio[event_rows]) <= SCATTER_SDS * sp.scatter).all())
         if harmed:
             severity = "error"
-        elif use_growth or spike_fraction >= SPIKE_FRACTION_WARN:
+        elif (use_growth or spike_fraction >= SPIKE_FRACTION_WARN) and not in_scatter:
             severity = "warning"
         else:
             severity = "info"  # isolated spikes the run did not feel: a fact, not a fault
@@ -615,6 +630,10 @@ class ExplodingGradients(Rule):
         else:
             after.append("this log does not record whether anything clipped it")
         message = what + where + " Then " + "; ".join(after) + "."
+        if in_scatter and not harmed:
+            evidence["scatter_decades"] = sp.scatter
+            message += (f" The norm scatters by {sp.scatter:.2g} decades (one robust standard deviation) from record "
+                        "to record: these spikes lie within its ordinary spread (batches of few examples).")
         if same_batch:
             message += (f" The loss of that batch had already jumped (loss spike from step {same_batch[0].step}): the "
                         "gradient follows the loss.")

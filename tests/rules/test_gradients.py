@@ -237,6 +237,16 @@ def test_gp202_an_isolated_unclipped_spike_the_loss_does_not_feel_is_info_recurr
     assert only(gradprobe.analyze(spike_log(norms)), "GP202").severity == "warning"
 
 
+def test_gp202_frequent_spikes_within_the_norms_own_scatter_of_decades_are_info():
+    """Batches of one example: per-example gradient norms differ by orders of magnitude, so
+    records 10x (and 1000x) their level are the ordinary spread, not a regime of explosions."""
+    rng = np.random.default_rng(4)
+    norms = rng.lognormal(0, 3.0, 200)  # ~1.3 decades of scatter
+    f = only(gradprobe.analyze(spike_log(norms)), "GP202")
+    assert f.evidence["spike_fraction"] >= 0.05 and f.severity == "info" and "ordinary spread" in f.message
+    assert 1.0 < f.evidence["scatter_decades"] < 1.6
+
+
 def test_gp202_a_loss_jump_too_small_to_matter_at_convergence_is_no_harm():
     """A converged run (loss 1e-6 after starting at 2) whose tiny loss triples after a spike:
     the rise undoes nothing the run had bought."""
