@@ -129,6 +129,7 @@ from gradprobe.analysis.steps import (
     feature_table,
     finite_or_none,
     first_index,
+    gradient_free_rows,
     is_matrix,
     layer_forward_order,
     layer_grads,

@@ -179,6 +179,32 @@ def run_exceptions(ctx: RunContext) -> list[dict[str, Any]]:
     return out
 
 
+@quantity
+def gradient_free_rows(ctx: RunContext) -> tuple[int, int] | None:
+    """The longest stretch of consecutive step rows (first, last) at which a backward ran and
+    an optimizer stepped while no parameter received a gradient: the loss was finite, and no
+    watched parameter had a gradient to measure (``grad_norm`` unmeasured, no layer norm
+    non-finite). The recorder measures every watched parameter's gradient at every step, so
+    this is observed, not inferred: backward reached no parameter (a model frozen whole, a loss
+    detached from the graph and re-attached with ``requires_grad_(True)``, an optimizer over
+    another model's parameters). None where no such row exists, or the log has no backward
+    counts (a saved log of another program)."""
+    nb = ctx.col("n_backward")
+    if not np.isfinite(nb).any():
+        return None
+    gn = ctx.grad_norm
+    lg = layer_grads_by_row(ctx)
+    inf_layer = np.isinf(lg.to_numpy()).any(axis=1) if not lg.empty else np.zeros(ctx.n, dtype=bool)
+    free = (nb > 0) & (ctx.col("optimizer_steps") > 0) & np.isnan(gn) & ~inf_layer & np.isfinite(ctx.loss)
+    if not free.any():
+        return None
+    # runs of True: starts where it turns on, ends where it turns off
+    edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    k = int(np.argmax(ends - starts))
+    return int(starts[k]), int(ends[k])
+
+
 def first_index(mask: np.ndarray) -> int | None:
     idx = np.flatnonzero(mask)
     return int(idx[0]) if idx.size else None

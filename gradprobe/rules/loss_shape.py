@@ -22,6 +22,7 @@ from gradprobe.analysis import (
     eval_curves,
     eval_loss_spikes,
     exploding_through_time,
+    gradient_free_rows,
     harder_data,
     loss_curve,
     loss_spikes,
@@ -368,6 +369,14 @@ class LossPlateau(Rule):
     loss, which applies it again: the loss cannot go below ln(e + K - 1) - 1. Fires once the loss
     is within 25% of that floor, confidence 0.9 (the inputs are measured, the floor exact).
 
+    No gradient (checked first, on the recorder's own logs): a backward ran and an optimizer
+    stepped at every step of a stretch covering at least 30% of the run (``PLATEAU_FRACTION``)
+    and 50 steps (``MIN_PLATEAU_RECORDS``), and no parameter received a gradient
+    (:func:`~gradprobe.analysis.gradient_free_rows`). PyTorch's optimizers skip a parameter
+    whose ``.grad`` is None (weight decay included), so no weight moved and the loss cannot
+    improve, whatever it does from batch to batch. Confidence 0.9: measured at every step, the
+    only guess is why (the causes the message names).
+
     A symptom: ``caused_by`` names the root cause found (lr-too-low, dead units, saturation,
     or an overflow or explosion that wrecked the weights before the plateau...). Its
     ``first_step`` is where the loss got stuck: the plateau's start, or, at the trivial level,
@@ -394,6 +403,7 @@ class LossPlateau(Rule):
         "frozen": Confidence(0.6, Ramp(0.4, "fraction of the run", start=PLATEAU_FRACTION, span=PLATEAU_SPAN)),
         "at ln K": Confidence(0, Flag(0.7, f"{MIN_LOOSE_RECORDS}+ records", otherwise=0.55)),
         "at the probability floor": Confidence(0.9),
+        "no gradient": Confidence(0.9),
     }
     causes = ("lr-too-low", "dead-units", "saturated-activations", "vanishing-gradients", "poor-initialization",
               "overclipping", "input-scale", "degenerate-targets", "amp-without-scaler", "lr-too-high",
@@ -413,6 +423,7 @@ class LossPlateau(Rule):
         "series": Field("loss"),
         "identical_records": Field("identical records in a row"),
         "uniform_classes": Field("classes of the uniform prediction"),
+        "gradient_free_steps": Field("steps with no gradient"),
     }
     explanation = Explanation(
         what="The training loss stopped improving long before the run ended, stuck at (or above) the loss of a model "
@@ -428,9 +439,12 @@ class LossPlateau(Rule):
     )
 
     def check(self, ctx: RunContext) -> list[Finding]:
+        curve = loss_curve(ctx)
+        nothing_trained = self._no_gradient(ctx, curve)
+        if nothing_trained is not None:
+            return [nothing_trained]  # whatever the optimizers: no weight moved
         if len(ctx.meta.get("optimizers") or []) > 1:
             return []  # adversarial or multi-objective losses need not decrease
-        curve = loss_curve(ctx)
         floor = self._probability_floor(ctx, curve)
         if floor is not None:
             return [floor]
@@ -453,6 +467,37 @@ class LossPlateau(Rule):
                 if f is not None:
                     return [f]
         return found
+
+    def _no_gradient(self, ctx: RunContext, c: LossCurve) -> Finding | None:
+        """Backward ran and the optimizer stepped, and no parameter had a gradient
+        (:func:`~gradprobe.analysis.gradient_free_rows`) for ``PLATEAU_FRACTION`` of the run:
+        nothing was trained over that stretch."""
+        rows = gradient_free_rows(ctx)
+        if rows is None:
+            return None
+        a, b = rows
+        n = b - a + 1
+        if n < MIN_PLATEAU_RECORDS or n < PLATEAU_FRACTION * ctx.n:
+            return None
+        first, last = ctx.step_at(a), ctx.step_at(b)
+        lo = ctx.loss[a:b + 1]
+        level = float(np.median(lo[np.isfinite(lo)]))
+        ev = {"plateau_start_step": first, "plateau_level": level, "plateau_fraction": n / ctx.n,
+              "records": int(c.n), "gradient_free_steps": n}
+        msg = (f"From step {first} to step {last} ({n} steps, {n / ctx.n:.0%} of the run) backward ran and the "
+               f"optimizer stepped, but no parameter received a gradient: every .grad stayed None, so no weight "
+               f"moved and the loss (median {level:.4g}) could not improve. Backward reached no trainable "
+               "parameter: the model frozen whole (a freezing loop over model.parameters() instead of the "
+               "backbone's), a loss detached from the graph (.item(), .detach(), torch.tensor(loss)) and "
+               "re-attached with requires_grad_(True), or an optimizer given another model's parameters.")
+        rec = Recommendation.code(
+            "Make the loss reach the parameters you train",
+            "print(sum(p.numel() for p in model.parameters() if p.requires_grad))  # > 0\n"
+            "assert loss.grad_fn is not None  # never loss.requires_grad_(True) to silence the error\n"
+            "for p in model.backbone.parameters():  # freeze only what you mean to\n"
+            "    p.requires_grad = False")
+        return self.finding(confidence=self.confidence["no gradient"](), message=msg, first_step=first,
+                            evidence=ev, recommendations=[rec], title="Nothing is trained: no parameter gets a gradient")
 
     def _probability_floor(self, ctx: RunContext, c: LossCurve) -> Finding | None:
         """What the run feeds ``cross_entropy`` are probabilities

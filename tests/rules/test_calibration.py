@@ -384,6 +384,49 @@ def test_probabilities_fed_to_cross_entropy_sit_at_their_floor(tmp_path):
     assert "GP505" not in serious(gradprobe.analyze(_four_class(str(tmp_path / "logits"), False)))
 
 
+# ------------------------------------------------------------------- nothing is trained
+def _fine_tune(logdir: str, bug: str, steps: int = 120) -> str:
+    """A classifier whose training steps reach no parameter: ``frozen`` freezes the whole
+    model (a freezing loop over model.parameters()) and silences backward's error with
+    requires_grad_(True); ``detached`` rebuilds the loss from its value; ``head`` freezes the
+    backbone only (healthy fine-tuning); ``accumulate`` steps every 4th backward (healthy)."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 8)
+    y = (x[:, :4] @ torch.randn(4, 4)).argmax(1)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    frozen = {"frozen": model.parameters(), "head": model[0].parameters()}.get(bug, [])
+    for p in frozen:
+        p.requires_grad = False
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    every = 4 if bug == "accumulate" else 1
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for step in range(steps * every):
+            idx = torch.randint(0, 1024, (64,))
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if bug == "detached":
+                loss = torch.tensor(loss.item(), requires_grad=True)
+            if not loss.requires_grad:
+                loss.requires_grad_(True)
+            (loss / every).backward()
+            if step % every == every - 1:
+                opt.step()
+                opt.zero_grad()
+    return logdir
+
+
+@pytest.mark.parametrize("bug", ["frozen", "detached"])
+def test_steps_that_reach_no_parameter_train_nothing(tmp_path, bug):
+    f = gradprobe.analyze(_fine_tune(str(tmp_path / bug), bug)).finding("loss-plateau")
+    assert f is not None and f.evidence["gradient_free_steps"] == 120 and "no parameter received a gradient" in f.message
+    assert f.first_step == 0 and f.confidence == 0.9
+
+
+@pytest.mark.parametrize("case", ["head", "accumulate"])
+def test_a_frozen_backbone_or_accumulated_steps_are_trained(tmp_path, case):
+    report = gradprobe.analyze(_fine_tune(str(tmp_path / case), case))
+    assert "GP505" not in serious(report)
+
+
 # ----------------------------------------------------------------------- unbounded loss
 def _classifier(logdir: str, loss: str, steps: int = 200) -> str:
     torch.manual_seed(0)
