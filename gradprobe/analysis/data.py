@@ -228,6 +228,12 @@ class TrivialLoss:
         consistent: the first sampled loss matches ``expected_initial`` within a factor 3,
             i.e. the loss is on the scale the baseline assumes (not reduction="sum", not
             re-weighted, not a sum with other terms); rules compare with the baseline only then.
+            Never when one loss function scored the same predictions (equal mean and std) against
+            several targets in one step (mixup, cutmix: lam * CE(y_a) + (1 - lam) * CE(y_b)):
+            the calls' sum cannot fall to 0, since one prediction cannot match two different
+            targets, and the run weighs them with coefficients the recorder does not see, so the
+            summed baseline is not the trivial level of the loss it trains.
+        shared_predictions: a sampled step had such calls.
         kinds: the baselines involved (``mean``, ``uniform``, ``base-rate``).
         pred_spread: per sampled step, the largest across-batch std of one output feature
             relative to the target std (regression) or in nats (logits): near 0 means the
@@ -243,6 +249,7 @@ class TrivialLoss:
         self.kinds: list[str] = []
         self.pred_spread = pd.Series([], dtype=np.float64)
         self.first_over_expected = math.nan
+        self.shared_predictions = False
         s = ctx.samples("target")
         if s.empty:
             return
@@ -267,6 +274,10 @@ class TrivialLoss:
                 if kind is None or calls == 0:
                     ok = False
                     break
+                preds = np.stack([st["pred_mean"][:calls], st["pred_std"][:calls]], axis=1) if (
+                    st["pred_mean"].size >= calls and st["pred_std"].size >= calls) else np.empty((0, 2))
+                if preds.shape[0] >= 2 and np.isfinite(preds).all():
+                    self.shared_predictions |= len(np.unique(preds, axis=0)) < preds.shape[0]
                 for k in range(calls):
                     def at(key: str) -> float:
                         arr = st[key]
@@ -313,7 +324,7 @@ class TrivialLoss:
         if len(first):
             r = first["loss_fn"].iloc[0] / first["expected_initial"].iloc[0] if first["expected_initial"].iloc[0] > 0 else math.nan
             self.first_over_expected = float(r)
-            self.consistent = bool(math.isfinite(r) and 1 / 3 <= r <= 3)
+            self.consistent = bool(math.isfinite(r) and 1 / 3 <= r <= 3) and not self.shared_predictions
 
     def ratio_between(self, lo: int, hi: int) -> float:
         """Median of ``loss_fn / baseline`` over the sampled steps in [lo, hi] (NaN: none)."""

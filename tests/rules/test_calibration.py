@@ -427,6 +427,45 @@ def test_a_frozen_backbone_or_accumulated_steps_are_trained(tmp_path, case):
     assert "GP505" not in serious(report)
 
 
+# ---------------------------------------------------------- one prediction, several targets
+def _mixup(logdir: str, mix: bool, steps: int = 200) -> str:
+    """Mixup: each batch mixed with a shuffled copy of itself and the loss
+    lam * CE(y) + (1 - lam) * CE(y[perm]); its floor is the mixed target's entropy, not 0."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 8)
+    y = (x[:, :4] @ torch.randn(4, 4)).argmax(1)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    beta = torch.distributions.Beta(0.4, 0.4)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(steps):
+            idx = torch.randint(0, 1024, (64,))
+            xb, yb = x[idx], y[idx]
+            opt.zero_grad()
+            if mix:
+                lam, perm = float(beta.sample()), torch.randperm(64)
+                out = model(lam * xb + (1 - lam) * xb[perm])
+                loss = lam * F.cross_entropy(out, yb) + (1 - lam) * F.cross_entropy(out, yb[perm])
+            else:
+                loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+    return logdir
+
+
+def test_mixup_scores_one_prediction_against_two_targets_its_floor_is_no_plateau(tmp_path):
+    from gradprobe.analysis import trivial_loss
+    from gradprobe.analysis.context import RunContext
+    from gradprobe.readers import load
+
+    mixed = _mixup(str(tmp_path / "mixup"), True)
+    assert "GP505" not in serious(gradprobe.analyze(mixed))
+    tl = trivial_loss(RunContext(load(mixed)))
+    assert tl.shared_predictions and not tl.consistent
+    plain = trivial_loss(RunContext(load(_mixup(str(tmp_path / "plain"), False))))
+    assert not plain.shared_predictions and plain.consistent
+
+
 # ----------------------------------------------------------------------- unbounded loss
 def _classifier(logdir: str, loss: str, steps: int = 200) -> str:
     torch.manual_seed(0)
