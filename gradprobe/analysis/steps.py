@@ -184,8 +184,10 @@ def gradient_free_rows(ctx: RunContext) -> tuple[int, int] | None:
     """The longest stretch of consecutive step rows (first, last) at which a backward ran and
     an optimizer stepped while no parameter received a gradient: the loss was finite, and no
     watched parameter had a gradient to measure (``grad_norm`` unmeasured, no layer norm
-    non-finite). The recorder measures every watched parameter's gradient at every step, so
-    this is observed, not inferred: backward reached no parameter (a model frozen whole, a loss
+    non-finite), where the log shows it: the step's per-layer record has every watched
+    parameter without a gradient, or its layer segment watches none (nothing was trainable).
+    The recorder measures every watched parameter's gradient at every step, so this is
+    observed, not inferred: backward reached no parameter (a model frozen whole, a loss
     detached from the graph and re-attached with ``requires_grad_(True)``, an optimizer over
     another model's parameters). None where no such row exists, or the log has no backward
     counts (a saved log of another program)."""
@@ -193,9 +195,20 @@ def gradient_free_rows(ctx: RunContext) -> tuple[int, int] | None:
     if not np.isfinite(nb).any():
         return None
     gn = ctx.grad_norm
-    lg = layer_grads_by_row(ctx)
-    inf_layer = np.isinf(lg.to_numpy()).any(axis=1) if not lg.empty else np.zeros(ctx.n, dtype=bool)
-    free = (nb > 0) & (ctx.col("optimizer_steps") > 0) & np.isnan(gn) & ~inf_layer & np.isfinite(ctx.loss)
+    lg = layer_grads(ctx)
+    by_row = lg.reindex(ctx.step) if not lg.empty else lg
+    inf_layer = np.isinf(by_row.to_numpy()).any(axis=1) if not lg.empty else np.zeros(ctx.n, dtype=bool)
+    # observed, not absent: the step has a per-layer record (every layer missing), or its
+    # layer segment watches no parameter at all (nothing was trainable)
+    observed = np.isin(ctx.step, lg.index.to_numpy()) if not lg.empty else np.zeros(ctx.n, dtype=bool)
+    for seg in ctx.meta.get("layer_segments") or []:
+        if not seg.get("layers") and seg.get("first_step") is not None:
+            later = [int(t["first_step"]) for t in ctx.meta["layer_segments"]
+                     if t.get("first_step") is not None and int(t["first_step"]) > int(seg["first_step"])]
+            end = min(later) if later else np.inf
+            observed |= (ctx.step >= int(seg["first_step"])) & (ctx.step < end)
+    free = (observed & (nb > 0) & (ctx.col("optimizer_steps") > 0) & np.isnan(gn) & ~inf_layer
+            & np.isfinite(ctx.loss))
     if not free.any():
         return None
     # runs of True: starts where it turns on, ends where it turns off
