@@ -18,7 +18,7 @@ import pandas as pd
 from gradprobe.analysis.context import RunContext, quantity
 from gradprobe.analysis.nonfinite import nonfinite_timeline
 from gradprobe.analysis.numeric import smoothing_window
-from gradprobe.analysis.steps import layer_grads
+from gradprobe.analysis.steps import layer_grads, warmup_rows
 
 
 #: A loss negative on at least this fraction of its records is not a fit measure bounded by 0.
@@ -472,7 +472,10 @@ def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
     then stays up is the damage its update did); and after the spike the loss settled no
     higher than that first record (the run lost no ground on the new data: what it sits
     above is the old data's level). New classes joining a stream, a curriculum stage, a new
-    dataset. False where the log has no gradient norms to tell."""
+    dataset. False where the log has no gradient norms to tell, and for a step before the jump
+    inside the warm-up (:func:`~gradprobe.analysis.steps.warmup_rows`): while the weights
+    leave their initialisation no step is ordinary yet (the first oversized updates overshoot
+    with gradients at their level; the lr's harm, GP501)."""
     from gradprobe.analysis.gradients import grad_spikes
 
     first = float(curve.values[spike.start])
@@ -482,7 +485,7 @@ def harder_data(ctx: RunContext, curve: LossCurve, spike: LossSpike) -> bool:
     if not nxt.size or float(np.median(nxt)) < first / NOT_LIFTED:
         return False  # one bad batch far above the batches after it: what stayed up is the weights
     row = ctx.row_of(int(curve.steps[spike.start - 1]))
-    if int(ctx.step[row]) != int(curve.steps[spike.start - 1]):
+    if int(ctx.step[row]) != int(curve.steps[spike.start - 1]) or row < warmup_rows(ctx):
         return False
     sp = grad_spikes(ctx)
     ratio = sp.ratio[row] if row < sp.ratio.size else math.nan
@@ -554,7 +557,11 @@ def loss_harm(ctx: RunContext) -> dict[str, dict[str, Any]]:
     finite start and not after non-finite data),
     ``diverged`` (the final level is above the start by more than noise and 10%),
     ``regressed`` (after making progress the loss gave back at least half of it),
-    ``spikes`` (:func:`loss_spikes` events; ``count``, ``unrecovered``).
+    ``spikes`` (:func:`loss_spikes` events; ``count``, ``unrecovered``), but for a spike
+    whose data got harder (:func:`harder_data`: the step before its first record was an
+    ordinary update, the batches after it as high, and the loss settled no higher than that
+    first record): the weights that computed it were those of an ordinary step, so no
+    update, of any size, did it.
     """
     out: dict[str, dict[str, Any]] = {}
     curve = loss_curve(ctx)
@@ -586,7 +593,7 @@ def loss_harm(ctx: RunContext) -> dict[str, dict[str, Any]]:
                 and curve.best_index < curve.n - curve.window):
             out["regressed"] = {"step": int(curve.steps[curve.best_index]), "strength": 0.8, "best": curve.best,
                                 "final": curve.final, "given_back": (curve.final - curve.best) / gain}
-    spikes = loss_spikes(ctx) if curve_ok else []
+    spikes = [e for e in loss_spikes(ctx) if not harder_data(ctx, curve, e)] if curve_ok else []
     if spikes:
         unrec = [e for e in spikes if not e.recovered]
         out["spikes"] = {"step": spikes[0].step, "strength": 0.9 if unrec else 0.7, "count": len(spikes),
