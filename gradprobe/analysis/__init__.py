@@ -50,6 +50,7 @@ from gradprobe.analysis.data import (
     TARGET_TINY,
     TRIVIAL_LEVEL,
     TrivialLoss,
+    class_ordered_batches,
     feature_absmax,
     first_layer_name,
     input_constant,

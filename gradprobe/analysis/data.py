@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -150,6 +151,70 @@ def probabilities_into_cross_entropy(ctx: RunContext) -> tuple[int, float] | Non
     if not (g["pred_absmax"].to_numpy(dtype=np.float64) <= 1.0 + PROBABILITY_MEAN_RTOL).all():
         return None
     return k, float(np.log(np.e + k - 1) - 1.0)
+
+
+#: Class-ordered batches: a batch of B examples drawn at random from classes of frequencies
+#: p_k holds a single class with probability sum_k p_k**B (2 balanced classes, B = 16: 3e-5).
+#: The sampled batches are class-ordered when that many single-class batches among those
+#: sampled would happen by chance less than once in 1000 runs (binomial tail), with at least
+#: 2 classes among them (a single class every batch is class imbalance, not order).
+ORDERED_CHANCE = 1e-3
+#: ... judged on at least this many sampled batches of at least ``MIN_CLASS_BATCH`` targets
+#: over 2 or more classes (batches of 2-4 examples are single-class by chance too often).
+MIN_ORDERED_SAMPLES = 5
+MIN_CLASS_BATCH = 8
+#: ... and the order persists: of at least 2 pairs of adjacent sampled steps, half or more
+#: hold the same class (the recorder samples the first steps densely: 0, 1, 2, 3).
+MIN_ADJACENT = 2
+SAME_CLASS_RUNS = 0.5
+
+
+@quantity
+def class_ordered_batches(ctx: RunContext) -> dict[str, Any] | None:
+    """The data reached the loss sorted by class: most sampled steps fed ``cross_entropy`` /
+    ``nll_loss`` targets of one class only (every call of the step the same class: a GAN
+    discriminator's all-real and all-fake calls make one mixed step), from 2 or more different
+    classes over the run, far more often than shuffled batches of that size could
+    (``ORDERED_CHANCE``). A DataLoader over a dataset stored class by class with
+    ``shuffle=False``: each run of one class pulls the model to predict that class, and the
+    first batch of the next class pays for it. Returns ``sampled``, ``single_class``,
+    ``classes``, ``batch`` (median targets per step), ``chance`` (the binomial tail) and
+    ``first_step``; None otherwise.
+
+    Order, not alternation: of the sampled single-class steps that directly follow another
+    (step s and s + 1, at least ``MIN_ADJACENT`` such pairs), at least half hold the same class
+    as the step before (a block of one class spans several batches). A discriminator fed an
+    all-real batch and then an all-fake one, which the recorder may cut into two steps,
+    alternates classes from one step to the next: that is no order."""
+    w = sample_table(ctx, "target")
+    if w.empty or not {"class_entropy", "mean", "numel", "n_classes"} <= set(w.columns):
+        return None
+    g = w[w["target"].isin(["cross_entropy", "nll_loss"])].dropna(subset=["class_entropy", "mean", "numel",
+                                                                          "n_classes"])
+    g = g[(g["numel"] >= MIN_CLASS_BATCH) & (g["n_classes"] >= 2)]
+    if g.empty:
+        return None
+    per_step = g.groupby("step").agg(entropy=("class_entropy", "max"), lo=("mean", "min"), hi=("mean", "max"),
+                                     numel=("numel", "sum"))
+    if len(per_step) < MIN_ORDERED_SAMPLES:
+        return None
+    one = per_step[(per_step["entropy"] <= 0.0) & (per_step["lo"] == per_step["hi"])
+                   & (per_step["lo"] == np.round(per_step["lo"]))]
+    n, m = len(per_step), len(one)
+    counts = one["lo"].value_counts().to_numpy(dtype=np.float64)
+    if counts.size < 2:
+        return None
+    steps, label = one.index.to_numpy(dtype=np.int64), one["lo"].to_numpy()
+    adjacent = np.diff(steps) == 1
+    if adjacent.sum() < MIN_ADJACENT or (label[1:] == label[:-1])[adjacent].mean() < SAME_CLASS_RUNS:
+        return None
+    batch = float(per_step["numel"].median())
+    p = float(np.sum((counts / counts.sum()) ** batch))  # a random batch's chance to hold one class
+    chance = float(sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(m, n + 1)))
+    if chance > ORDERED_CHANCE:
+        return None
+    return {"sampled": n, "single_class": m, "classes": int(counts.size), "batch": batch, "chance": chance,
+            "first_step": int(one.index.min())}
 
 
 @quantity

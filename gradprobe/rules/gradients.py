@@ -22,6 +22,7 @@ from gradprobe.analysis import (
     SPIKE_FACTOR,
     TRIVIAL_LEVEL,
     RunContext,
+    class_ordered_batches,
     exploding_through_time,
     geometric_growth,
     grad_spikes,
@@ -561,8 +562,10 @@ class ExplodingGradients(Rule):
         same_batch = [e for e in loss_spikes(ctx) if e.step <= onset_step <= e.end_step]
         # a loss that had jumped on the onset batch itself was computed before this gradient
         # was applied: the rise is the loss spike's (GP504 judges what it did), not this step's
+        # batches of one class each (GP504): the loss jumps at each new class before any update on it
+        ordered = class_ordered_batches(ctx) is not None and bool(loss_spikes(ctx))
         felt = (jump is not None and jump >= LOSS_HARM_FACTOR and material_rise(curve, before_level, after_level)
-                and not same_batch)
+                and not same_batch and not ordered)
         harmed = bool(nonfinite_after.size) or felt
         spike_fraction = n_events / max(1, int(np.isfinite(sp.norm).sum()))
         in_scatter = not use_growth and bool(
@@ -596,6 +599,7 @@ class ExplodingGradients(Rule):
         caused_by: list[str] = []
         if same_batch:
             evidence["loss_spike_step"] = same_batch[0].step
+        if same_batch or ordered:
             caused_by = ["loss-spike"]
         through_time = exploding_through_time(ctx)
         if through_time is not None and through_time <= onset_step:
@@ -633,7 +637,7 @@ class ExplodingGradients(Rule):
         if in_scatter and not harmed:
             evidence["scatter_decades"] = sp.scatter
             message += (f" The norm scatters by {sp.scatter:.2g} decades (one robust standard deviation) from record "
-                        "to record: these spikes lie within its ordinary spread (batches of few examples).")
+                        "to record: these spikes lie within its ordinary spread.")
         if same_batch:
             message += (f" The loss of that batch had already jumped (loss spike from step {same_batch[0].step}): the "
                         "gradient follows the loss.")

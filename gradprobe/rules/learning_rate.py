@@ -30,6 +30,7 @@ from gradprobe.analysis import (
     TRIVIAL_LEVEL,
     RunContext,
     TrivialLoss,
+    class_ordered_batches,
     diverged_into_nonfinite,
     exploding_through_time,
     grad_spikes,
@@ -231,6 +232,9 @@ class LrTooHigh(Rule):
       of the records, the loss improved by more than noise and 10%, the lr not climbing):
       the lr was not what changed at the onset (a bad batch, a gradient spike, a carried state
       did), and those have their own rules.
+    * spikes, a regression, a divergence or a stall do not count when the batches each hold one class
+      (:func:`~gradprobe.analysis.class_ordered_batches`): every lr forgets the last class on
+      the next one, and the loss's level is then the current class's (GP504 says so).
     * the loss stalled at the trivial predictor's level (or without progress at all) counts
       only from a ratio of 1e-1, taken as the larger of the median above and the median over
       the sampled steps of the first two smoothing windows (step 0 left out): a net whose
@@ -357,6 +361,10 @@ class LrTooHigh(Rule):
         for k in ("nonfinite", "spikes", "regressed", "diverged"):
             if k in harm and trained_stably_before(ctx, harm[k]["step"]):
                 del harm[k]  # trained stably at this lr before: something else changed at the onset
+        ordered = class_ordered_batches(ctx) is not None
+        if ordered:
+            for k in ("spikes", "regressed", "diverged"):  # batches of one class each: every lr forgets the
+                harm.pop(k, None)  # last class on the next one, the loss's level is the class's (GP504)
         if "regressed" in harm:
             tl0 = trivial_loss(ctx)
             b = harm["regressed"]["step"]
@@ -404,7 +412,8 @@ class LrTooHigh(Rule):
                         early_end = max(collapse, sampled[1])
                 early = ratios[(ratios.index >= 1) & (ratios.index <= early_end)]
                 stall_ratio = max(ratio, float(early.median()) if len(early) >= 2 else ratio)
-                wrecked = exploded is not None and exploded <= mid  # a stall after an explosion is its aftermath
+                # a stall after an explosion is its aftermath; batches of one class each stall any lr
+                wrecked = (exploded is not None and exploded <= mid) or ordered
                 if at_trivial and stall_ratio >= RATIO_RUNAWAY and not wrecked:
                     harm["stalled"] = {"step": int(curve.steps[0]), "strength": HARM_COLLAPSED,
                                        "progress": curve.progress, "at_trivial_loss": True,

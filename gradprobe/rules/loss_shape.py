@@ -18,6 +18,7 @@ from gradprobe.analysis import (
     TRIVIAL_LEVEL,
     LossCurve,
     RunContext,
+    class_ordered_batches,
     eval_curve,
     eval_curves,
     eval_loss_spikes,
@@ -158,7 +159,15 @@ class LossSpike(Rule):
     3x its running level, its lr unchanged), so one ordinary update cannot have lifted the loss
     several-fold; the batches right after stayed as high (not one corrupt batch); and after
     the spike the loss settled no higher than its first record (new classes joining a stream,
-    a curriculum stage: what it sits above is the old data's level). Confidence: 0.5 at the spike threshold,
+    a curriculum stage: what it sits above is the old data's level).
+
+    Class-ordered data (warning, or error when the loss did not come back): the training loss
+    spiked and most sampled batches held one class each, 2 or more classes over the run, far
+    more often than shuffled batches could (:func:`~gradprobe.analysis.class_ordered_batches`).
+    Then the jumps are the ordering's: each run of one class pulls the model towards predicting
+    that class (the loss of that class falls to ~0), and the first batch of the next class,
+    computed before any update on it, pays for it; at any learning rate. The
+    recommendation is to shuffle. Confidence: 0.5 at the spike threshold,
     whole a decade past it (30x), more with several spikes.
     """
 
@@ -175,13 +184,15 @@ class LossSpike(Rule):
     #: gradients growing backwards through time at or before the spike (not a window merely too long)
     causes_on_evidence = ("long-lookback",)
     severities = {
-        "warning": "the loss came back, but settled above where it was before a spike (the weights were set back)",
+        "warning": "the loss came back, but settled above where it was before a spike (the weights were set back), "
+                   "or the batches each hold one class (the data is sorted by class)",
         "error": "the loss never came back below half-way between its level and the peak",
         "info": "the loss came straight back to where it was after every spike (hard batches, not damaged weights)",
     }
     evidence_fields = {
         "training": Field("training loss spikes"),
         "validation": Field("validation loss spikes"),
+        "class_ordered": Field("single-class batches"),
     }
     explanation = Explanation(
         what="The training loss (two steps or more) or the validation loss jumps to several times its running level.",
@@ -232,8 +243,19 @@ class LossSpike(Rule):
                          f"against a running level of {e.level:.4g} ({e.factor:.1f}x)")
         msg = "; ".join(parts) + "."
         msg = msg[0].upper() + msg[1:]
+        ordered = class_ordered_batches(ctx) if any(n == "training" for n, _, _ in hits) else None
+        if ordered is not None:
+            ev["class_ordered"] = ordered
         if unrecovered:
             msg += f" The loss never came back after the spike at step {unrecovered[0][1].step}."
+        if ordered is not None:
+            msg += (f" {ordered['single_class']} of the {ordered['sampled']} sampled batches held a single class "
+                    f"({ordered['classes']} different classes among them; shuffled batches of {ordered['batch']:.0f} "
+                    f"would, with chance {_chance(ordered['chance'])}): the data reaches the model sorted by class. Each run "
+                    "of one class pulls the model towards predicting that class, and the first batch of the next "
+                    "class pays for it.")
+        elif unrecovered:
+            pass
         elif setback:
             msg += (f" After the spike at step {setback[0][1].step} the loss settled above where it was before: the "
                     "weights were knocked off course.")
@@ -250,11 +272,15 @@ class LossSpike(Rule):
             f"total = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))  # norm before the step\n"
             f"if loss.item() > 3 * running_loss:\n"
             f"    print(step, loss.item(), total.item())  # a spike with a huge norm: clip, fix the cause linked above")]
+        if ordered is not None:
+            recs.insert(0, Recommendation.code(
+                "Shuffle the training data",
+                "loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)  # every batch mixes the classes"))
         through_time = exploding_through_time(ctx)
         follow = ["long-lookback"] if through_time is not None and through_time <= first.step else []
         return [self.finding(confidence=conf, message=msg, first_step=first.step, evidence=ev, recommendations=recs,
-                             severity="error" if unrecovered else "warning" if setback else "info",
-                             may_follow=follow)]
+                             severity="error" if unrecovered else "warning" if setback or ordered else "info",
+                             may_follow=[] if ordered else follow)]
 
 
 _CHECK_SNIPPET = Recommendation.code(
@@ -265,6 +291,14 @@ _CHECK_SNIPPET = Recommendation.code(
     "loss_fn(model(x), y).backward()\n"
     "for n, p in model.named_parameters():\n"
     "    print(n, p.grad.norm().item() if p.grad is not None else None)  # ~0 early on: vanishing")
+
+
+#: GP504: a chance below this prints as "below 1e-100" (float64 underflows to 0 further down).
+CHANCE_FLOOR = 1e-100
+
+
+def _chance(p: float) -> str:
+    return f"{p:.1g}" if p >= CHANCE_FLOOR else f"below {CHANCE_FLOOR:g}"
 
 
 def _span(c: LossCurve) -> int:

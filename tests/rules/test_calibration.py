@@ -466,6 +466,59 @@ def test_mixup_scores_one_prediction_against_two_targets_its_floor_is_no_plateau
     assert not plain.shared_predictions and plain.consistent
 
 
+# ------------------------------------------------------------------ data sorted by class
+def _sorted_classes(logdir: str, shuffle: bool, epochs: int = 3) -> str:
+    """Four classes stored class by class, a DataLoader with or without shuffle."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 8)
+    y = (x[:, :4] @ torch.randn(4, 4)).argmax(1)
+    order = torch.argsort(y, stable=True)
+    loader = DataLoader(TensorDataset(x[order], y[order]), batch_size=32, shuffle=shuffle)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for _ in range(epochs):
+            for xb, yb in loader:
+                opt.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                opt.step()
+    return logdir
+
+
+def _two_calls_a_step(logdir: str, steps: int = 60) -> str:
+    """A discriminator scored on an all-real and an all-fake batch every step (a GAN's
+    cross-entropy form): each call holds one class, each step both."""
+    torch.manual_seed(0)
+    d = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(d.parameters(), lr=1e-3)
+    with gradprobe.watch(d, opt, logdir=logdir):
+        for _ in range(steps):
+            real, fake = torch.randn(32, 4) + 1.0, torch.randn(32, 4) - 1.0
+            opt.zero_grad()
+            (F.cross_entropy(d(real), torch.ones(32, dtype=torch.long))
+             + F.cross_entropy(d(fake), torch.zeros(32, dtype=torch.long))).backward()
+            opt.step()
+    return logdir
+
+
+def test_batches_of_one_class_each_are_data_sorted_by_class(tmp_path):
+    from gradprobe.analysis import class_ordered_batches
+    from gradprobe.analysis.context import RunContext
+    from gradprobe.readers import load
+
+    report = gradprobe.analyze(_sorted_classes(str(tmp_path / "sorted"), False))
+    f = report.findings[0]
+    assert f.code == "GP504" and f.severity in ("warning", "error") and "sorted by class" in f.message
+    assert f.evidence["class_ordered"]["classes"] >= 2 and "shuffle=True" in f.recommendations[0].snippet
+    assert "GP501" not in serious(report)
+    shuffled = _sorted_classes(str(tmp_path / "shuffled"), True)
+    assert class_ordered_batches(RunContext(load(shuffled))) is None
+    assert "GP504" not in serious(gradprobe.analyze(shuffled))
+    assert class_ordered_batches(RunContext(load(_two_calls_a_step(str(tmp_path / "gan"))))) is None
+
+
 # ----------------------------------------------------------------------- unbounded loss
 def _classifier(logdir: str, loss: str, steps: int = 200) -> str:
     torch.manual_seed(0)
