@@ -76,6 +76,7 @@ from gradprobe.analysis.gradients import (
 from gradprobe.analysis.graphs import footprint_growth, footprint_grows
 from gradprobe.analysis.loss import (
     LOSS_SPIKE_FACTOR,
+    REGAIN_WINDOWS,
     LOSS_SPIKE_MATERIAL,
     LOSS_SPIKE_SINGLE,
     LOSS_SPIKE_Z,
@@ -97,6 +98,7 @@ from gradprobe.analysis.loss import (
     median_lr,
     level_wander,
     set_back,
+    transient,
     trained_stably_before,
 )
 from gradprobe.analysis.nonfinite import NonfiniteTimeline, diverged_into_nonfinite, nonfinite_timeline

@@ -434,17 +434,51 @@ def set_back(curve: LossCurve, spike: LossSpike, spikes: list[LossSpike] | None 
     10% of that level: the weights were knocked off course (a hard or corrupt batch lifts its
     own records; damaged weights lift the loss of the batches that follow). Given the run's
     ``spikes``, also by more than the run's own wander of window medians before the spike
-    (:func:`level_wander`)."""
+    (:func:`level_wander`). Not when the loss was back at its level before the spike (within
+    the same bar) within ``REGAIN_WINDOWS`` smoothing windows after the spike: a transient, not
+    a set-back (a catapult of a large-lr SGD run lifts the loss for a few dozen steps and
+    returns it to its level; the run lost those steps, not its progress)."""
     after = curve.level_after(spike.end)
     if not np.isfinite(after):
         return not spike.recovered
+    bar = _set_back_bar(curve, spike, spikes)
+    return bool(after - spike.level > bar) and not _regained(curve, spike)
+
+
+def transient(curve: LossCurve, spike: LossSpike, spikes: list[LossSpike] | None = None) -> bool:
+    """After the spike the loss settled above its level (as :func:`set_back` has it) but was
+    back there within ``REGAIN_WINDOWS`` smoothing windows."""
+    after = curve.level_after(spike.end)
+    if not np.isfinite(after):
+        return False
+    bar = _set_back_bar(curve, spike, spikes)
+    return bool(after - spike.level > bar) and _regained(curve, spike)
+
+
+def _set_back_bar(curve: LossCurve, spike: LossSpike, spikes: list[LossSpike] | None) -> float:
     se = 1.25 * curve.noise / math.sqrt(max(curve.window, 1))
     bar = max(3.0 * se, 0.10 * abs(spike.level))
     if spikes is not None:
         bar = max(bar, level_wander(curve, spike, spikes) * abs(spike.level))
-    return bool(after - spike.level > bar)
+    return bar
 
 
+def _regained(curve: LossCurve, spike: LossSpike) -> bool:
+    """A window after the first one after the spike (the next ``REGAIN_WINDOWS`` - 1, each a
+    median of one smoothing window) is back at the level before it: within 10% of the level
+    and one standard error of a window median. Strict on purpose (not the set-back's bar of
+    3 standard errors or the run's wander, which a loss of a heavy tail meets by scatter
+    alone): a window that only might be back leaves the set-back standing."""
+    w = max(curve.window, 1)
+    se = 1.25 * curve.noise / math.sqrt(w)
+    near = 0.10 * abs(spike.level) + se
+    levels = [curve.level_after(spike.end + k * w) for k in range(1, REGAIN_WINDOWS)]
+    return any(np.isfinite(v) and v - spike.level <= near for v in levels)
+
+
+#: A loss back at its level before a spike within this many smoothing windows after it was
+#: lifted for a transient (a catapult), not set back.
+REGAIN_WINDOWS = 3
 #: Records of lr the lr of the step before a jump is compared with.
 RUNNING_LR_RECORDS = 20
 #: A step before a jump was ordinary when its pre-clip gradient norm stayed within this factor

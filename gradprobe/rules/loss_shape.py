@@ -15,6 +15,7 @@ import numpy as np
 
 from gradprobe.analysis import (
     LOSS_SPIKE_FACTOR,
+    REGAIN_WINDOWS,
     TRIVIAL_LEVEL,
     LossCurve,
     RunContext,
@@ -29,6 +30,7 @@ from gradprobe.analysis import (
     loss_spikes,
     probabilities_into_cross_entropy,
     set_back,
+    transient,
     trivial_loss,
     uniform_classes,
 )
@@ -151,8 +153,10 @@ class LossSpike(Rule):
     level, and the 99th percentile of how far the window after any record before the spike,
     away from spikes, lies above the level before it (``analysis.level_wander``: per-sample
     losses spanning decades move window medians further than their standard error says):
-    the weights were knocked off course and the run lost ground); info when the
-    loss came straight back to its level after every spike. A hard or corrupt batch, or a
+    the weights were knocked off course and the run lost ground, and was not back at its level
+    within 3 windows (``REGAIN_WINDOWS``: a catapult of a large-lr SGD run lifts the loss for
+    a few dozen steps and returns it, a transient); info when the
+    loss came straight back to its level after every spike, or within those windows. A hard or corrupt batch, or a
     heavy-tailed feature, lifts its own records and nothing after them; damaged weights lift
     the loss of the batches that follow. Nor is it a set-back when the data got harder
     (``analysis.harder_data``): the step before the jump was ordinary (its gradient norm within
@@ -223,11 +227,13 @@ class LossSpike(Rule):
         # each recovered spike judged once: set back, unless the data got harder there (the step
         # before the jump ordinary, the loss settling no higher than the first new batch): then
         # it sits above the old data's level, not knocked off course
-        setback, harder = [], []
+        setback, harder, passing = [], [], []
         for name, c, evs in hits:
             for e in evs:
                 if e.recovered and set_back(c, e, evs):
                     (harder if name == "training" and harder_data(ctx, c, e) else setback).append((name, e))
+                elif e.recovered and transient(c, e, evs):
+                    passing.append((name, e))
         conf = self.confidence(max(worst.factor, 1e-12), len(events) > 1)
         ev: dict[str, Any] = {}
         for name, c, evs in hits:
@@ -264,6 +270,9 @@ class LossSpike(Rule):
             msg += (f" At step {e.step} the loss was already high on the first batch, after an ordinary step, and it "
                     f"settled below that ({tr.values[e.start]:.4g}) after the spike: the data got harder "
                     "there (new classes, a curriculum stage); the run lost no ground on it.")
+        elif passing:
+            msg += (f" After the spike at step {passing[0][1].step} the loss stayed above its level for a while and was "
+                    f"back there within {REGAIN_WINDOWS} smoothing windows: a transient, not a set-back.")
         else:
             msg += " Each time the loss came straight back to where it was: hard batches, not damaged weights."
         recs = [Recommendation.code(

@@ -430,9 +430,25 @@ def test_gp504_a_spike_the_loss_comes_straight_back_from_is_info_one_that_sets_i
     f = only(gradprobe.analyze(build(n, noisy(loss, 0.03))), "GP504")
     assert f.severity == "info" and f.first_step == 120 and "came straight back" in f.message
     assert f.evidence["training"]["spikes"] == 1 and f.evidence["training"]["max_factor"] > 10
-    loss[123:150] = np.linspace(0.9, 0.5, 27)  # back below half-way, but settled far above its level before
+    loss[123:] = np.linspace(0.9, 0.5, n - 123)  # back below half-way, but settled far above its level before
     f = only(gradprobe.analyze(build(n, noisy(loss, 0.03))), "GP504")
     assert f.severity == "warning" and f.evidence["training"]["set_back"] == 1 and "knocked off course" in f.message
+
+
+def test_gp504_a_loss_lifted_for_a_window_and_back_at_its_level_soon_after_is_a_transient():
+    # a catapult: 5x for a few steps, ~1.6x for one smoothing window, then back at its level
+    n = 600
+    loss = np.full(n, 0.15)
+    loss[197:202] = [0.86, 0.66, 0.68, 0.59, 0.58]
+    loss[202:232] = 0.24
+    report = gradprobe.analyze(build(n, noisy(loss, 0.05)))
+    f = only(report, "GP504")
+    assert f.severity == "info" and f.evidence["training"]["set_back"] == 0 and "a transient" in f.message
+    loss[202:] = 0.24  # the same lift that never goes away, after an exploded update: set back
+    grad = np.ones(n)
+    grad[196] = 50.0
+    f = only(gradprobe.analyze(build(n, noisy(loss, 0.05), grad_norm=grad)), "GP504")
+    assert f.severity == "warning" and f.evidence["training"]["set_back"] == 1
 
 
 def test_gp504_a_window_above_the_level_no_higher_than_the_run_wanders_is_no_set_back():
