@@ -443,6 +443,13 @@ class NonfiniteGradients(Rule):
     finite ones (too early for a history to rise from), exploding-gradients / lr-too-high /
     input-scale if present.
 
+    Not counted either, in a log that does not record a loss scaler (a saved log): a
+    non-finite gradient norm on a step whose loss was finite, after which the run went on
+    finite (every later loss finite, gradient norms finite again): a float16 overflow the
+    GradScaler skipped (a Hugging Face fp16 run logs grad_norm = inf there). An optimizer step
+    on a non-finite gradient writes inf/NaN into the weights and every later loss; a run that
+    went on finite did not take it.
+
     Severity error when an optimizer applied them or the run did not recover; warning when
     every counted step was left without an optimizer step and the parameters stayed finite.
     Confidence: exact counts, a pattern from ``PATTERN_COUNT`` steps.
@@ -465,6 +472,7 @@ class NonfiniteGradients(Rule):
         "fraction": Field("of the steps", "%"),
         "skipped_by_scaler_not_counted": Field("skipped by the GradScaler (not counted)", "steps"),
         "discarded_under_scaler_not_counted": Field("discarded without update() (not counted)", "steps"),
+        "overflow_skips_not_counted": Field("float16 overflows skipped, inferred (not counted)", "steps"),
         "nonfinite_layers": Field("layers"),
         "n_nonfinite_layers": Field("layers at the first step"),
         "loss_finite_at_first_step": Field("loss finite at that step"),
@@ -488,12 +496,14 @@ class NonfiniteGradients(Rule):
 
     def check(self, ctx: RunContext) -> list[Finding]:
         tl = nonfinite_timeline(ctx)
-        if not tl.grad.any():
+        skips = self._overflow_skips(ctx, tl)
+        counted = tl.grad & ~skips
+        if not counted.any():
             return []
-        i0 = first_index(tl.grad)
+        i0 = first_index(counted)
         assert i0 is not None
         first = ctx.step_at(i0)
-        count = int(tl.grad.sum())
+        count = int(counted.sum())
         lg = layer_grads(ctx)
         layers = _nonfinite_layers_at(lg, first)
         counts = self._exact_counts(ctx, first)
@@ -508,6 +518,7 @@ class NonfiniteGradients(Rule):
             "fraction": round(count / max(ctx.n, 1), 4),
             "skipped_by_scaler_not_counted": int(tl.skipped_mask.sum()),
             "discarded_under_scaler_not_counted": int(tl.discarded_mask.sum()),
+            "overflow_skips_not_counted": int(skips.sum()),
             "nonfinite_layers": layers[:20],
             "n_nonfinite_layers": len(layers),
             "loss_finite_at_first_step": loss_finite,
@@ -522,9 +533,9 @@ class NonfiniteGradients(Rule):
             ev["grad_norm_rise"] = round(grad_rise[1], 2)
         if (grad_rise or too_early_to_rise(ctx.grad_norm, i0)) and not (tl.input_step is not None and tl.input_step <= first):
             caused_by += _divergence_causes(ctx, first)
-        applied = bool((ctx.col("optimizer_steps")[tl.grad] > 0).any())
+        applied = bool((ctx.col("optimizer_steps")[counted] > 0).any())
         measured = np.flatnonzero(np.isfinite(ctx.grad_norm) | tl.grad_raw)  # rows that had gradients
-        recovered = bool(measured.size) and not tl.grad[measured[-1]] and tl.param_step is None
+        recovered = bool(measured.size) and not counted[measured[-1]] and tl.param_step is None
         ev["applied_by_optimizer"] = applied
         where = ""
         if origin:
@@ -542,6 +553,29 @@ class NonfiniteGradients(Rule):
             confidence=self.confidence(count), message=msg, first_step=first, layer=origin, evidence=ev,
             severity="error" if (applied or not recovered) else "warning", may_follow=caused_by, recommendations=recs,
         )]
+
+    @staticmethod
+    def _overflow_skips(ctx: RunContext, tl: Any) -> np.ndarray:
+        """Rows of a log that does not record a loss scaler (a saved log) whose gradient norm
+        was non-finite while the loss was finite, after which every loss and the gradient norms
+        stayed finite: steps nothing applied, float16 overflows a GradScaler skipped (a Hugging
+        Face fp16 run logs grad_norm = inf at those steps; its readers keep any logged
+        non-finite norm as +inf). An optimizer step on a non-finite gradient writes inf/NaN
+        into the weights (SGD subtracts lr x inf; Adam's moments become inf and its update
+        inf / inf = NaN), and every later loss with them; a run that went on finite did not
+        step on it."""
+        out = np.zeros(ctx.n, dtype=bool)
+        if "scaler" in ctx.signals or tl.param_step is not None:
+            return out  # the recorder knows what its scaler skipped (``skipped``)
+        inf = tl.grad & ~np.isfinite(ctx.grad_norm) & ~np.isnan(ctx.grad_norm) & ~tl.loss
+        if not inf.any():
+            return out
+        last = int(np.flatnonzero(inf)[-1])
+        after = slice(last + 1, None)
+        loss_after, norm_after = ctx.loss[after], ctx.grad_norm[after]
+        went_on = (np.isfinite(loss_after[~np.isnan(loss_after)]).all() and not tl.loss[after].any()
+                   and np.isfinite(norm_after).any() and not (tl.grad[after] & ~inf[after]).any())
+        return inf if went_on else out
 
     @staticmethod
     def _exact_counts(ctx: RunContext, step: int) -> dict[str, float]:

@@ -384,6 +384,28 @@ def test_probabilities_fed_to_cross_entropy_sit_at_their_floor(tmp_path):
     assert "GP505" not in serious(gradprobe.analyze(_four_class(str(tmp_path / "logits"), False)))
 
 
+# ------------------------------------------------------ float16 overflows a saved log shows
+def _fp16_state(tmp_path, norms, losses, name="trainer_state.json") -> str:
+    history = [{"epoch": (i + 1) / 10, "grad_norm": float(g), "learning_rate": 5e-5, "loss": float(v),
+                "step": (i + 1) * 10} for i, (g, v) in enumerate(zip(norms, losses))]
+    return write_state(str(tmp_path / name), history, global_step=len(norms) * 10)
+
+
+def test_an_infinite_gradient_norm_the_run_went_on_from_is_a_loss_scalers_skip(tmp_path):
+    """A Hugging Face fp16 run logs grad_norm = inf at the steps its GradScaler skipped (the
+    scaled gradient overflowed float16): an optimizer step on an inf gradient would have made
+    the weights, and every later loss, non-finite; the run went on finite, so nothing stepped
+    on them. An inf followed by NaN losses is the run lost."""
+    n = 40
+    norms = np.full(n, 8.0)
+    norms[[0, 15]] = np.inf
+    losses = np.linspace(9.8, 7.4, n)
+    assert "GP402" not in serious(gradprobe.analyze(_fp16_state(tmp_path, norms, losses)))
+    lost = losses.copy()
+    lost[16:] = np.nan
+    assert "GP402" in serious(gradprobe.analyze(_fp16_state(tmp_path, norms, lost, "lost.json")))
+
+
 # ------------------------------------------------------------------- nothing is trained
 def _fine_tune(logdir: str, bug: str, steps: int = 120) -> str:
     """A classifier whose training steps reach no parameter: ``frozen`` freezes the whole
