@@ -192,8 +192,8 @@ def gradient_free_rows(ctx: RunContext) -> tuple[int, int] | None:
     another model's parameters). None where no such row exists, or the log has no backward
     counts (a saved log of another program)."""
     nb = ctx.col("n_backward")
-    if not np.isfinite(nb).any():
-        return None
+    if not np.isfinite(nb).any() or not ctx.meta.get("layer_segments"):
+        return None  # only the recorder counts backward calls and keeps per-layer segments
     gn = ctx.grad_norm
     lg = layer_grads(ctx)
     by_row = lg.reindex(ctx.step) if not lg.empty else lg
