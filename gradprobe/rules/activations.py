@@ -10,6 +10,7 @@ grad-enabled forwards only, and recurrent gates recomputed from a slice of the b
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 from gradprobe.analysis import (
     RunContext,
     first_layer_name,
+    loss_curve,
     input_constant,
     sample_table,
     sustained,
@@ -38,6 +40,12 @@ SATURATED = 0.5
 #: GP605: half of a layer's units never active over a batch; 99% is an error.
 DEAD = 0.5
 DEAD_ALL = 0.99
+#: GP605: units killed by training cost the run nothing when the loss still fell this fraction
+#: of its level after they died (and by more than 3 standard errors of a window median).
+LIVE_UNITS_FALL = 0.10
+#: the standard error of a window median is 1.25 x noise / sqrt(window), for Gaussian noise
+MEDIAN_SE = 1.25
+MEDIAN_SES = 3.0
 #: GP605: batches of fewer examples are not judged (a healthy unit is off for all of them too often).
 MIN_BATCH = 8
 #: GP604/GP605: confidence is whole this far above the threshold (0.9 of the units: all but a few).
@@ -178,7 +186,12 @@ class DeadUnits(Rule):
     every layer before it stops learning). Otherwise warning when training killed them: of the
     units alive at the run's first sampled step (before any update), at least half
     (``DEAD``) are dead later, ``(late - start) / (1 - start) >= 0.5``, the same threshold
-    applied to the units an update could kill. A layer already that dead before the first
+    applied to the units an update could kill, and the loss stopped improving with them. When
+    the training loss still fell by 10% of its level (``LIVE_UNITS_FALL``) and 3 standard errors
+    of a window median from the step they died to the end, it is info: the live units carry
+    the task (a wide layer trained at a large lr commonly ends with half its ReLUs off), the
+    dead ones cost capacity the run did not need; the harm of a dead unit is the learning it
+    stops, and this run's learning went on. A layer already that dead before the first
     update and no deader since is info: the data's geometry or the initialisation left those
     units off, not the training. The 2**-32 argument above assumes pre-activations that vary in
     sign over the batch; a network fed low-dimensional data (a 1-D GAN, a curve fit) has many
@@ -195,8 +208,10 @@ class DeadUnits(Rule):
     title = "ReLU units never activate"
     severities = {
         "info": "half or more of a layer's units were already off before the first update and no more since "
-        "(the data's geometry or the initialisation, not the training)",
-        "warning": "training killed half or more of a layer's units that were alive at the start",
+        "(the data's geometry or the initialisation, not the training), or training killed them while the loss "
+        "went on falling (the live units carry the task)",
+        "warning": "training killed half or more of a layer's units that were alive at the start, and the loss "
+                   "stopped improving with them",
         "error": "99% or more of a layer's units never activate: it passes essentially nothing",
     }
     requires = ("activations",)
@@ -274,12 +289,18 @@ class DeadUnits(Rule):
         killed = [h for h in hits if h["at_start"] >= 1.0
                   or (h["fraction"] - h["at_start"]) / (1.0 - h["at_start"]) >= DEAD]
         sev = "error" if worst["fraction"] >= DEAD_ALL else "warning" if killed else "info"
+        fell = self._fell_after(ctx, min(h["first_step"] for h in killed)) if sev == "warning" else None
+        if fell is not None:
+            sev = "info"
         conf = self.confidence(worst["fraction"])
         listed = ", ".join(
             f"{h['layer']} ({h['fraction']:.0%} of its {'units' if h['what'] == 'units' else 'input features'})"
             for h in sorted(hits, key=lambda h: -h["fraction"])[:6])
         msg = f"ReLU units never activate over the sampled batches: {listed}. Dead units pass no gradient and do not recover."
-        if sev == "info":
+        if fell is not None:
+            msg += (f" Training killed them, but the loss fell {fell:.0%} after they died: the live units carry the "
+                    "task, and the dead ones cost capacity the run did not need.")
+        elif sev == "info":
             msg += (" They were already off at the first sampled step, before any update, and training killed no more "
                     "of them: the data's geometry (low-dimensional inputs) or the initialisation left them off.")
         snippet = ("# keep a gradient on the negative side, and start the units alive\n"
@@ -290,6 +311,24 @@ class DeadUnits(Rule):
         return [self.finding(confidence=conf, message=msg, first_step=first,
                              layer=worst["layer"], evidence=ev, severity=sev,
                              recommendations=[Recommendation.code("Revive the units", snippet)])]
+
+    @staticmethod
+    def _fell_after(ctx: RunContext, step: int) -> float | None:
+        """How far the training loss fell from its level at ``step`` to the end, when by at
+        least ``LIVE_UNITS_FALL`` of that level and 3 standard errors of a window median; None
+        otherwise, or for a loss centred on 0 (a policy surrogate: its level says nothing)."""
+        curve = loss_curve(ctx)
+        if curve.signed or curve.n < 2:
+            return None
+        k = curve.index_at(step)
+        if k >= curve.n - curve.window:
+            return None
+        then = float(curve.smooth[k])
+        se = MEDIAN_SE * curve.noise / math.sqrt(max(curve.window, 1))
+        fall = then - curve.final
+        if then > 0 and fall >= LIVE_UNITS_FALL * then and fall > MEDIAN_SES * se:
+            return fall / then
+        return None
 
     @staticmethod
     def _hit(name: str, what: str, g: pd.DataFrame, v: np.ndarray) -> dict[str, Any]:

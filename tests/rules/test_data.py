@@ -315,16 +315,26 @@ def test_gp605_a_module_called_twice_a_step_is_named_once():
     assert f.message.count("1 (") == 1
 
 
+#: a loss that stops improving at step 10, when the units die
+STALLED = list(np.concatenate([np.linspace(2.0, 1.6, 11), np.full(90, 1.6)]))
+
+
 def test_gp605_half_dead_is_a_warning_when_training_killed_them():
     # alive before the first update (5% off), 60% dead from step 10 on: the updates killed them
-    f = only(gradprobe.analyze(build(_relu_samples([0.05] * 6 + [0.6] * (len(SAMPLED) - 6)))), "GP605")
+    # and the loss stopped improving with them
+    killed = _relu_samples([0.05] * 6 + [0.6] * (len(SAMPLED) - 6))
+    f = only(gradprobe.analyze(build(killed, loss=STALLED)), "GP605")
     assert f.severity == "warning"
+    # the same units dead while the loss goes on falling (1.9 -> 1.0 after they died): the live
+    # units carry the task, the dead ones cost capacity the run did not need
+    f = only(gradprobe.analyze(build(killed)), "GP605")
+    assert f.severity == "info" and "live units carry the task" in f.message
     # off before any update (a low-dimensional input, a 1-D GAN critic or curve fit) and no more
     # since: the data's geometry or the init, reported with its number, not a warning
     f = only(gradprobe.analyze(build(_relu_samples([0.6] * len(SAMPLED)))), "GP605")
     assert f.severity == "info" and "before any update" in f.message
     # 40% off at the start, 75% later: more than half of the 60% alive were killed
-    f = only(gradprobe.analyze(build(_relu_samples([0.4] + [0.75] * (len(SAMPLED) - 1)))), "GP605")
+    f = only(gradprobe.analyze(build(_relu_samples([0.4] + [0.75] * (len(SAMPLED) - 1)), loss=[1.6] * 101)), "GP605")
     assert f.severity == "warning"
     quiet(gradprobe.analyze(build(_relu_samples([0.4] + [0.6] * (len(SAMPLED) - 1)))), "GP605")
 
@@ -431,9 +441,12 @@ def test_rule_documents_itself(code):
         assert name in CANONICAL_HYPERPARAMETERS
 
 
-def test_real_units_killed_by_one_huge_step_are_a_warning(real):
+def test_real_units_killed_by_one_huge_step_while_the_rest_learn_are_reported(real):
+    # one SGD step at 50x the lr kills ~78% of the second ReLU layer; the loss goes on falling
+    # on the live units: reported with its numbers (info), the capacity lost named
     f = only(real("killed_relus"), "GP605")
-    assert f.severity == "warning" and f.layer == "3" and f.evidence["dead"][0]["fraction"] > 0.5
+    assert f.layer == "3" and f.evidence["dead"][0]["fraction"] > 0.5
+    assert f.severity == "info" and "Training killed them" in f.message
 
 
 def test_real_weight_clipped_1d_critic_units_off_from_the_start_are_info(real):
