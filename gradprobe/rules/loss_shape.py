@@ -261,7 +261,7 @@ class LossSpike(Rule):
                     "of one class pulls the model towards predicting that class, and the first batch of the next "
                     "class pays for it.")
         elif unrecovered:
-            pass
+            pass  # said above: nothing after a spike the loss never came back from
         elif setback:
             msg += (f" After the spike at step {setback[0][1].step} the loss settled above where it was before: the "
                     "weights were knocked off course.")
