@@ -112,12 +112,17 @@ class LossCurve:
         return (self.start - self.final) / abs(self.start)
 
     @property
+    def median_se(self) -> float:
+        """Standard error of the median of one smoothing window: 1.25 x noise / sqrt(window),
+        for Gaussian noise."""
+        return 1.25 * self.noise / math.sqrt(max(self.window, 1))
+
+    @property
     def significance(self) -> float:
         """Smallest difference between two levels of this curve that noise does not explain:
-        3 standard errors of a window median (1.25 x noise / sqrt(window): the median's
-        standard error for Gaussian noise), and at least 10% of the start."""
-        se = 1.25 * self.noise / math.sqrt(max(self.window, 1))
-        return max(3.0 * se, 0.10 * abs(self.start))
+        3 standard errors of a window median (:attr:`median_se`), and at least 10% of the
+        start."""
+        return max(3.0 * self.median_se, 0.10 * abs(self.start))
 
     @property
     def fell(self) -> bool:
@@ -456,8 +461,7 @@ def transient(curve: LossCurve, spike: LossSpike, spikes: list[LossSpike] | None
 
 
 def _set_back_bar(curve: LossCurve, spike: LossSpike, spikes: list[LossSpike] | None) -> float:
-    se = 1.25 * curve.noise / math.sqrt(max(curve.window, 1))
-    bar = max(3.0 * se, 0.10 * abs(spike.level))
+    bar = max(3.0 * curve.median_se, 0.10 * abs(spike.level))
     if spikes is not None:
         bar = max(bar, level_wander(curve, spike, spikes) * abs(spike.level))
     return bar
@@ -470,8 +474,7 @@ def _regained(curve: LossCurve, spike: LossSpike) -> bool:
     3 standard errors or the run's wander, which a loss of a heavy tail meets by scatter
     alone): a window that only might be back leaves the set-back standing."""
     w = max(curve.window, 1)
-    se = 1.25 * curve.noise / math.sqrt(w)
-    near = 0.10 * abs(spike.level) + se
+    near = 0.10 * abs(spike.level) + curve.median_se
     levels = [curve.level_after(spike.end + k * w) for k in range(1, REGAIN_WINDOWS)]
     return any(np.isfinite(v) and v - spike.level <= near for v in levels)
 

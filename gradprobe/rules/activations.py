@@ -10,7 +10,6 @@ grad-enabled forwards only, and recurrent gates recomputed from a slice of the b
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -43,8 +42,7 @@ DEAD_ALL = 0.99
 #: GP605: units killed by training cost the run nothing when the loss still fell this fraction
 #: of its level after they died (and by more than 3 standard errors of a window median).
 LIVE_UNITS_FALL = 0.10
-#: the standard error of a window median is 1.25 x noise / sqrt(window), for Gaussian noise
-MEDIAN_SE = 1.25
+#: ... by more than this many standard errors of a window median
 MEDIAN_SES = 3.0
 #: GP605: batches of fewer examples are not judged (a healthy unit is off for all of them too often).
 MIN_BATCH = 8
@@ -324,9 +322,8 @@ class DeadUnits(Rule):
         if k >= curve.n - curve.window:
             return None
         then = float(curve.smooth[k])
-        se = MEDIAN_SE * curve.noise / math.sqrt(max(curve.window, 1))
         fall = then - curve.final
-        if then > 0 and fall >= LIVE_UNITS_FALL * then and fall > MEDIAN_SES * se:
+        if then > 0 and fall >= LIVE_UNITS_FALL * then and fall > MEDIAN_SES * curve.median_se:
             return fall / then
         return None
 
