@@ -247,24 +247,6 @@ def test_gp202_frequent_spikes_within_the_norms_own_scatter_of_decades_are_info(
     assert 1.0 < f.evidence["scatter_decades"] < 1.6
 
 
-def test_harder_data_is_no_harm_any_lr_did():
-    """GP501 counts a loss spike as the lr's harm only when an update could have caused it: the
-    jump of a harder data stream after an ordinary step is no harm; the same jump one step
-    after an exploded update is."""
-    from gradprobe.analysis import loss_harm
-    from gradprobe.analysis.context import RunContext
-
-    rng = np.random.default_rng(15)
-    n = 160
-    norms = rng.lognormal(0, 0.1, n)
-    loss = 0.1 * rng.lognormal(0, 0.1, n)
-    norms[60:70] *= 20
-    loss[60:] = 3.0 * np.exp(-np.arange(n - 60) / 30) + 0.15
-    assert "spikes" not in loss_harm(RunContext(spike_log(norms, loss=loss)))
-    exploded = np.where(np.arange(n) == 59, 40.0, norms)
-    assert loss_harm(RunContext(spike_log(exploded, loss=loss)))["spikes"]["step"] == 60
-
-
 def test_gp202_a_loss_jump_too_small_to_matter_at_convergence_is_no_harm():
     """A converged run (loss 1e-6 after starting at 2) whose tiny loss triples after a spike:
     the rise undoes nothing the run had bought."""
@@ -336,15 +318,22 @@ def test_gp202_a_gradient_that_follows_a_harder_data_stream_did_no_harm_of_its_o
     assert "loss-spike" in g.caused_by and g.severity != "error"
 
 
-def test_gp504_a_loss_that_jumped_with_harder_data_was_not_knocked_off_course():
-    # the same stream: the step before the jump ordinary, the loss high from the first new batch
-    # and brought down since: not a set-back
+def _harder_stream(n: int = 160) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+    """A data stream that gets harder at step 60: the gradient 20x for 10 steps, the loss high
+    from the first new batch and brought down since. Returns (norms, loss, rng)."""
     rng = np.random.default_rng(15)
-    n = 160
     norms = rng.lognormal(0, 0.1, n)
     loss = 0.1 * rng.lognormal(0, 0.1, n)
     norms[60:70] *= 20
     loss[60:] = 3.0 * np.exp(-np.arange(n - 60) / 30) + 0.15
+    return norms, loss, rng
+
+
+def test_gp504_a_loss_that_jumped_with_harder_data_was_not_knocked_off_course():
+    # the step before the jump ordinary, the loss high from the first new batch and brought
+    # down since: not a set-back
+    norms, loss, rng = _harder_stream()
+    n = len(norms)
     f = only(gradprobe.analyze(spike_log(norms, loss=loss)), "GP504")
     assert f.severity == "info" and f.evidence["training"]["harder_data"] == 1 and "data got harder" in f.message
     # an exploded update one step before (the gradient 40x its level at step 59): the weights
@@ -357,10 +346,23 @@ def test_gp504_a_loss_that_jumped_with_harder_data_was_not_knocked_off_course():
     # the updates after the first new batch pushed the loss 3x higher and it settled above where
     # the new data began: the run lost ground to the updates
     lifted = loss.copy()
-    lifted[61:70] *= 3.0  # (see also test_harder_data_is_no_harm_any_lr_did below)
+    lifted[61:70] *= 3.0
     lifted[70:] = 3.5 * rng.lognormal(0, 0.05, n - 70)
     f = only(gradprobe.analyze(spike_log(norms, loss=lifted)), "GP504")
     assert f.severity in ("warning", "error")
+
+
+def test_harder_data_is_no_harm_any_lr_did():
+    """GP501 counts a loss spike as the lr's harm only when an update could have caused it: the
+    jump of a harder data stream after an ordinary step is no harm; the same jump one step
+    after an exploded update is."""
+    from gradprobe.analysis import loss_harm
+    from gradprobe.analysis.context import RunContext
+
+    norms, loss, _ = _harder_stream()
+    assert "spikes" not in loss_harm(RunContext(spike_log(norms, loss=loss)))
+    exploded = np.where(np.arange(len(norms)) == 59, 40.0, norms)
+    assert loss_harm(RunContext(spike_log(exploded, loss=loss)))["spikes"]["step"] == 60
 
 
 def test_gp202_spike_on_a_batch_whose_loss_already_jumped_is_the_loss_spikes_symptom():
