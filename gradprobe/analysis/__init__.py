@@ -93,6 +93,8 @@ from gradprobe.analysis.loss import (
     loss_harm,
     loss_spikes,
     new_parameter_steps,
+    rising_trend,
+    on_probability_floor,
     lr_following,
     material_rise,
     median_lr,

@@ -734,3 +734,65 @@ def lr_following(ctx: RunContext, onset: int | None) -> dict[str, Any] | None:
         j -= 1
     return {"lr_at_onset": float(lr[i]), "lr_stable": float(lr[j]) if np.isfinite(lr[j]) else first,
             "lr_start": first}
+
+
+def rising_trend(v: np.ndarray) -> float:
+    """Kendall's S of ``v`` against its order (pairs rising minus pairs falling), in standard
+    deviations of S for values in random order (normal approximation with the continuity
+    correction; ties count as neither): large when the values climb, ~0 for a flat noisy band."""
+    n = int(v.size)
+    if n < 3:
+        return 0.0
+    d = np.sign(v[None, :] - v[:, None])
+    s = float(np.triu(d, 1).sum())
+    sd = math.sqrt(n * (n - 1) * (2 * n + 5) / 18.0)
+    return (s - math.copysign(1.0, s)) / sd if s else 0.0
+
+
+#: The floor of a cross-entropy fed probabilities over K classes, read from the loss alone: its
+#: lowest record within 0.1% of ln(e + K - 1) - 1 (a floor cannot be passed, so none lies
+#: further below it; a loss averaged over a log's records reaches it to that precision, where
+#: a healthy loss's lowest record lands by chance only within the 0.1% bands of the few floors
+#: judged) ...
+FLOOR_RTOL = 1e-3
+#: ... and at least half of the records from the first one within 1% above it on (the loss
+#: settles onto the floor and stays, its only excursions upward: a batch with a wrong
+#: prediction) ...
+FLOOR_BAND = 0.01
+FLOOR_HUG = 0.5
+#: ... judged for K = 2, 3, ... while the neighbouring floors lie at least 4% (40 x FLOOR_RTOL)
+#: away: a lowest record falls within 0.1% of one of them by chance less than 5% of the time
+#: (K <= 13; floors of more classes crowd together: 3% apart at K = 14).
+FLOOR_SPACING = 0.04
+
+
+def probability_floor(k: int) -> float:
+    """ln(e + K - 1) - 1: the lowest loss ``cross_entropy`` reaches on probabilities over K
+    classes (softmax of a one-hot vector puts e / (e + K - 1) on the right class)."""
+    return float(np.log(np.e + k - 1) - 1.0)
+
+
+def on_probability_floor(c: LossCurve, min_fraction: float) -> tuple[int, float, int] | None:
+    """``(K, floor, index)`` when the loss sits on the floor of a cross-entropy fed
+    probabilities over K classes (:data:`FLOOR_RTOL`, :data:`FLOOR_BAND`,
+    :data:`FLOOR_HUG`, :data:`FLOOR_SPACING`), from record ``index`` on, over at least
+    ``min_fraction`` of the steps the run covers; None otherwise (and for a signed loss)."""
+    if c.n < 2 or c.signed:
+        return None
+    v = c.values
+    low = float(v.min())
+    span = float(c.steps[-1] - c.steps[0])
+    k = 2
+    while True:
+        f = probability_floor(k)
+        gap = min(probability_floor(k + 1) - f, f - probability_floor(k - 1) if k > 2 else math.inf)
+        if gap < FLOOR_SPACING * f:
+            return None
+        if abs(low - f) <= FLOOR_RTOL * f:
+            hug = v <= f * (1.0 + FLOOR_BAND)
+            first = int(np.argmax(hug))
+            covered = float(c.steps[-1] - c.steps[first]) / span if span > 0 else 0.0
+            if float(hug[first:].mean()) >= FLOOR_HUG and covered >= min_fraction:
+                return k, f, first
+            return None
+        k += 1

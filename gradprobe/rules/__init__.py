@@ -16,6 +16,7 @@ from gradprobe.rules import (  # noqa: F401
     logs,
     loss_shape,
     nonfinite,
+    overfitting,
     recurrent,
     scaler_misuse,
     unbounded,

@@ -1,4 +1,5 @@
-"""GP504-GP506: the shape of the loss curve (loss-spike, loss-plateau, overfitting).
+"""GP504-GP505: the shape of the training loss curve (loss-spike, loss-plateau); GP506 in
+:mod:`gradprobe.rules.overfitting`.
 
 These read the loss as :mod:`gradprobe.analysis.loss` defines it: one curve, its start, its
 levels beyond noise, its spike events; and the trivial loss of a model that ignores its input
@@ -21,13 +22,13 @@ from gradprobe.analysis import (
     RunContext,
     class_ordered_batches,
     eval_curve,
-    eval_curves,
     eval_loss_spikes,
     exploding_through_time,
     gradient_free_rows,
     harder_data,
     loss_curve,
     loss_spikes,
+    on_probability_floor,
     probabilities_into_cross_entropy,
     set_back,
     transient,
@@ -84,8 +85,8 @@ TRIVIAL_RISE = 0.1
 #: GP505: predictions whose across-batch spread is below 5% (of the target std, or of 1 nat
 #: for logits) do not vary with the input.
 CONSTANT_PREDICTION = 0.05
-#: GP505 without target statistics: the loss never moved when it ended less than 5% below its
-#: first record and first window and not 5% above its first window, with the plateau starting
+#: GP505 without target statistics: the loss never moved when it ended less than 5% below
+#: where it started (``LossCurve.start``) and not 10% above its first window, with the plateau starting
 #: in the first tenth of the run; and not already this far below the loss of predictions
 #: unrelated to the targets (a model trained before it was watched).
 NEVER_MOVED = 0.05
@@ -102,26 +103,6 @@ AT_FLOOR = 1.25
 #: ... a rise counts as divergence (not judged here, GP501) from 10%, as ``LossCurve.rose``
 #: has it: a loss that never fell and drifted up by less never decreased either.
 NEVER_ROSE = 0.10
-#: GP506: evaluations needed (4 only when every one after the minimum rose), training records.
-MIN_OVERFIT_EVALS = 4
-MIN_OVERFIT_EVALS_ANY_SHAPE = 5
-MIN_OVERFIT_TRAIN_RECORDS = 5
-#: GP506: the validation loss must end at least 10% above its minimum, by more than this many
-#: robust standard deviations of its noise, with at least ``MIN_AFTER_MINIMUM`` records after
-#: it (its end is the median of the last ``OVERFIT_TAIL`` of them, at most half), ...
-OVERFIT_RISE = 0.10
-OVERFIT_NOISE = 3.0
-MIN_AFTER_MINIMUM = 3
-OVERFIT_TAIL = 3
-#: ... while the training loss fell by at least 5% over the same steps, and by more than this
-#: many standard errors of a window median.
-OVERFIT_TRAIN_FALL = 0.05
-OVERFIT_TRAIN_SE = 2.0
-#: GP506: 1.4826 x the median absolute difference between consecutive evaluations, / sqrt(2),
-#: is the standard deviation of one evaluation's scatter (for Gaussian noise).
-MAD_TO_SD = 1.4826
-
-
 # ------------------------------------------------------------------------------------------
 @register
 class LossSpike(Rule):
@@ -363,6 +344,14 @@ def _plateau_start(curve: LossCurve) -> int:
     return 0
 
 
+#: a softmax applied before a cross-entropy, which applies it again
+_LOGITS_REC = Recommendation.code(
+    "Give CrossEntropyLoss the raw scores: drop the softmax before it",
+    "logits = model(x)                 # no nn.Softmax at the end of the model\n"
+    "loss = F.cross_entropy(logits, y)  # log_softmax is inside\n"
+    "probs = logits.softmax(-1)        # only where probabilities are needed (inference)")
+
+
 # ------------------------------------------------------------------------------------------
 @register
 class LossPlateau(Rule):
@@ -396,14 +385,18 @@ class LossPlateau(Rule):
     end, and a young model's first steps are no plateau).
 
     Without target statistics (foreign logs, custom losses) it fires only when the loss never
-    moved at all: under 5% below both its first record and its first window and not 10% above
-    its first window (a divergence, GP501, as ``LossCurve.rose`` has it), with the plateau
+    moved at all: under 5% below where it started and not 10% above its first window (a divergence, GP501, as ``LossCurve.rose`` has it), with the plateau
     starting in the first tenth of the run, and (where target statistics exist but their scale
     does not match) not already 3x below the loss of predictions unrelated to the targets (a
     model trained before it was watched). A run that learned and then flattened at a low level
     (e.g. ReduceLROnPlateau at its floor) is not a finding, nor one whose loss fell early by 5%
     or more and then sat on a floor it cannot go below (a robust loss over gross outliers):
-    without a trivial loss, a fall is a fall, however noisy the records around it.
+    without a trivial loss, a fall is a fall, however noisy the records around it. Where it
+    started is ``LossCurve.start``: the first window's median, or the first record when that
+    lies more than 5 noise units away from it (a loss that fell within its first records). A
+    single first record inside the noise is one easy or hard batch, not a level: a probe on
+    random features whose first logged batch happened to cost 11% more than the rest, and
+    whose loss never moved from its level, did not learn.
     A saved log is judged from 12 records when they cover 50 optimizer steps (each record of
     a Hugging Face or Lightning log stands for many steps).
 
@@ -411,6 +404,12 @@ class LossPlateau(Rule):
     ``cross_entropy`` averages exactly 1/K and none exceeds 1, a softmax was applied before the
     loss, which applies it again: the loss cannot go below ln(e + K - 1) - 1. Fires once the loss
     is within 25% of that floor, confidence 0.9 (the inputs are measured, the floor exact).
+    Where the inputs of the loss were not seen (a saved log, a custom loss), the loss alone:
+    its lowest record within 0.1% of ln(e + K - 1) - 1 for a K whose neighbouring floors lie
+    4% or more away (K <= 13: a level lands that close to one of them by chance less than 5% of
+    the time), and half of its records from the first one within 1% above that floor on, over
+    at least 30% of the run: a loss that settled onto the floor and stays, its excursions only
+    upward (a floor cannot be passed). Confidence 0.75 (the floor is exact; the inputs unseen).
 
     No gradient (checked first, on the recorder's own logs): a backward ran and an optimizer
     stepped at every step of a stretch covering at least 30% of the run (``PLATEAU_FRACTION``)
@@ -446,6 +445,7 @@ class LossPlateau(Rule):
         "frozen": Confidence(0.6, Ramp(0.4, "fraction of the run", start=PLATEAU_FRACTION, span=PLATEAU_SPAN)),
         "at ln K": Confidence(0, Flag(0.7, f"{MIN_LOOSE_RECORDS}+ records", otherwise=0.55)),
         "at the probability floor": Confidence(0.9),
+        "on the probability floor, from the loss": Confidence(0.75),
         "no gradient": Confidence(0.9),
     }
     causes = ("lr-too-low", "dead-units", "saturated-activations", "vanishing-gradients", "poor-initialization",
@@ -549,6 +549,8 @@ class LossPlateau(Rule):
         gradient fades as it gets there. Fires once the loss sits within ``AT_FLOOR`` of that
         floor (the run has reached the floor it cannot pass)."""
         found = probabilities_into_cross_entropy(ctx)
+        if found is None and ctx.samples("target").empty:
+            return self._on_floor(c)  # what the loss was fed is unknown: its level alone
         if found is None or c.n < MIN_FROZEN_RECORDS or not c.final <= AT_FLOOR * found[1]:
             return None
         k, floor = found
@@ -558,13 +560,35 @@ class LossPlateau(Rule):
                f"exceeds 1): a softmax is applied before the loss, which applies softmax again, so the loss cannot "
                f"fall below ln(e + {k} - 1) - 1 = {floor:.4g}, and its gradient fades on the way there. It sits at "
                f"{c.final:.4g} ({c.final / floor - 1:.1%} above that floor).")
-        rec = Recommendation.code(
-            "Give CrossEntropyLoss the raw scores: drop the softmax before it",
-            "logits = model(x)                 # no nn.Softmax at the end of the model\n"
-            "loss = F.cross_entropy(logits, y)  # log_softmax is inside\n"
-            "probs = logits.softmax(-1)        # only where probabilities are needed (inference)")
         return self.finding(confidence=self.confidence["at the probability floor"](), message=msg,
-                            first_step=int(c.steps[0]), evidence=ev, recommendations=[rec],
+                            first_step=int(c.steps[0]), evidence=ev, recommendations=[_LOGITS_REC],
+                            title="The loss sits at the floor of a cross-entropy fed probabilities")
+
+    def _on_floor(self, c: LossCurve) -> Finding | None:
+        """Without the inputs of the loss (a saved log, a custom loss): the loss settled onto
+        ln(e + K - 1) - 1 for a K whose floor no neighbour crowds, its lowest record within
+        0.1% of it and half of its records from then on within 1% above it, for at least
+        ``PLATEAU_FRACTION`` of the run (:func:`~gradprobe.analysis.on_probability_floor`). A
+        loss cannot sit on that number by chance to 0.1%; a cross-entropy fed probabilities
+        reaches it when every prediction is right, and stays there."""
+        if c.n < MIN_NEVER_RECORDS:
+            return None
+        found = on_probability_floor(c, PLATEAU_FRACTION)
+        if found is None:
+            return None
+        k, floor, i = found
+        low = float(c.values.min())
+        start = int(c.steps[i])
+        frac = float(c.steps[-1] - c.steps[i]) / max(float(c.steps[-1] - c.steps[0]), 1.0)
+        ev = {"plateau_start_step": start, "plateau_level": c.final, "plateau_fraction": frac,
+              "trivial_loss": floor, "records": int(c.n), "uniform_classes": k, "loss_initial": c.start}
+        msg = (f"The training loss settled on {floor:.5g} = ln(e + {k} - 1) - 1 from step {start} on ({frac:.0%} of "
+               f"the run; its lowest record {low:.5g}, {low / floor - 1:+.2%}): the floor a cross-entropy cannot pass "
+               f"when what it is fed are probabilities over {k} classes. A softmax is applied before "
+               f"CrossEntropyLoss, which applies softmax again; the loss stops there even when every prediction is "
+               f"right, and its gradient fades on the way.")
+        return self.finding(confidence=self.confidence["on the probability floor, from the loss"](), message=msg,
+                            first_step=start, evidence=ev, recommendations=[_LOGITS_REC],
                             title="The loss sits at the floor of a cross-entropy fed probabilities")
 
     def _frozen(self, c: LossCurve, name: str) -> Finding | None:
@@ -715,10 +739,10 @@ class LossPlateau(Rule):
                 msg += f" It has sat at that level since step {stuck}."
                 first_step = stuck
         else:
-            first = float(curve.values[0])
+            # where it started as LossCurve.start has it: the single first record only when it
+            # lies beyond noise of the first window (one easy or hard first batch is not a level)
             fw = curve.first_window
-            moved = max((fw - curve.final) / abs(fw) if fw != 0 else 0.0,
-                        (first - curve.final) / abs(first) if first != 0 else 0.0)
+            moved = curve.progress
             rose = (curve.final - fw) / abs(fw) if fw != 0 else 0.0
             if last > PLATEAU_FROM_START * n or moved >= NEVER_MOVED or rose >= NEVER_ROSE:
                 return []  # it learned, or it rose (divergence: GP501), not a plateau
@@ -730,143 +754,3 @@ class LossPlateau(Rule):
                    f"({moved:.1%} below where it started).")
         return [self.finding(confidence=conf, message=msg, first_step=first_step, evidence=ev,
                              recommendations=[_CHECK_SNIPPET])]
-
-
-# ------------------------------------------------------------------------------------------
-@register
-class Overfitting(Rule):
-    """Fires when a validation loss (``probe.log(val_loss=...)``, a foreign log's eval loss, or
-    any of the recorder's no-grad loss streams; at least 5 records, or 4 that rise at every
-    evaluation after the minimum: three rises in a row happen by noise one time in six, and
-    the 10% and 3-noise-unit conditions below must hold as well) rose after its minimum
-    while the training loss kept falling (at least 5 training records).
-
-    The recorder keeps one stream per call site of a loss computed without grad
-    (:func:`~gradprobe.analysis.eval_curves`): a loop that evaluates the training set and the
-    validation set each epoch, from two lines, has two, and each is judged alone. Their mean
-    would fall with the training-set one while the validation one rises; the stream computed on
-    the training data falls with the training loss and never fires. Where several fire (a
-    validation and a test set), the one with the highest confidence is reported, with its call
-    site.
-
-    Minimum: the lowest point of the validation series lightly smoothed (centred median of 3,
-    so one lucky evaluation is not the minimum). Rise: the median of the last min(3, half of
-    the records after the minimum) records is at least 10% above the minimum and more than
-    3 robust standard deviations of the validation noise (the curve's ``noise``: 1.4826 x the
-    median absolute residual about its rolling median), with at least 3 records after the
-    minimum. Training still falling: the training loss's level at the end is at least 5%
-    below its level at the validation minimum (and by more than 2 standard errors): the two
-    curves diverge, the signature of memorising the training set. A validation loss that
-    rises together with the training loss is divergence (GP501), not overfitting. The noise
-    the rise must clear is the larger of the curve's ``noise`` and the scatter from one
-    evaluation to the next (1.4826 x the median absolute difference of consecutive records /
-    sqrt(2)): a finite evaluation set scatters its loss from one evaluation to the next, and a
-    rolling median over a few noisy records follows that scatter and understates it, so a
-    lucky minimum in a flat noisy band looked like a rise. A rise at every evaluation after the
-    minimum is judged against the curve's ``noise`` alone (its differences are the climb).
-
-    Confidence: 0.5 at the thresholds, more with a larger rise (whole at 50%) and with more
-    evaluations after the minimum (whole at 7).
-    """
-
-    code = "GP506"
-    slug = "overfitting"
-    severity = "warning"
-    title = "The validation loss rises while the training loss keeps falling"
-    requires = ("loss", "eval_loss")
-    confidence = Confidence(0.5, Ramp(0.25, "rise", span=0.5),
-                            Ramp(0.25, "records after the minimum", start=MIN_AFTER_MINIMUM - 1, span=5.0))
-    causes = ("missing-weight-decay",)
-    evidence_fields = {
-        "best_val_step": Field("best validation loss at", "step"),
-        "best_val_loss": Field("best validation loss", "loss"),
-        "final_val_loss": Field("final validation loss", "loss"),
-        "val_rise": Field("rise since", "%"),
-        "train_loss_at_best_val": Field("training loss then", "loss"),
-        "final_train_loss": Field("final training loss", "loss"),
-        "train_fall": Field("training loss fall since", "%"),
-        "val_records_after_best": Field("evaluations after the best"),
-        "val_records": Field("evaluations"),
-        "val_site": Field("computed at"),
-    }
-    explanation = Explanation(
-        what="After its minimum the validation loss rises while the training loss keeps falling.",
-        why="The model is memorising the training set: every step after the validation minimum makes the model you "
-        "will deploy worse.",
-        causes="Too little data for the model's capacity; no regularisation (weight decay, dropout, augmentation); "
-        "training far past the best epoch.",
-        fix="Keep the checkpoint from the validation minimum (early stopping); add weight decay, dropout or data "
-        "augmentation, or use a smaller model or more data.",
-        example="val_loss 0.41 at step 300, 0.95 at step 2000 while the training loss falls from 0.3 to 0.01.",
-    )
-
-    def check(self, ctx: RunContext) -> list[Finding]:
-        tr = loss_curve(ctx)
-        if tr.n < MIN_OVERFIT_TRAIN_RECORDS:
-            return []
-        curves = eval_curves(ctx)
-        found = [f for f in (self._check_curve(ec, tr, where, len(curves) > 1) for where, ec in curves) if f is not None]
-        # the stream that shows it most clearly (several at once: a validation and a test set)
-        return [max(found, key=lambda f: (f.confidence, f.evidence["val_rise"]))] if found else []
-
-    def _check_curve(self, ec: LossCurve, tr: LossCurve, where: str, several: bool) -> Finding | None:
-        if ec.n < MIN_OVERFIT_EVALS:
-            return None
-        v = ec.values
-        sm = np.array([np.median(v[max(0, i - 1): i + 2]) for i in range(ec.n)])
-        k = int(np.argmin(sm))
-        after = ec.n - 1 - k
-        if after < MIN_AFTER_MINIMUM:
-            return None
-        monotone = bool(np.all(np.diff(v[k:]) > 0))
-        if ec.n < MIN_OVERFIT_EVALS_ANY_SHAPE and not monotone:
-            return None  # with this few evaluations only a rise at every one of them says anything
-        # a rise at every evaluation has no lucky minimum to smooth away
-        vmin = float(v[k]) if monotone else float(sm[k])
-        tail = v[-min(OVERFIT_TAIL, max(1, after // 2)):]
-        vend = float(np.median(tail))
-        rise = (vend - vmin) / abs(vmin) if vmin != 0 else math.inf
-        # the scatter from one evaluation to the next (a finite evaluation set's noise, which a
-        # rolling median over a few noisy records follows and so understates); not for a rise
-        # at every evaluation, whose differences are the climb itself
-        step_noise = 0.0 if monotone else MAD_TO_SD * float(np.median(np.abs(np.diff(v)))) / math.sqrt(2.0)
-        noise = max(ec.noise, step_noise)
-        if rise < OVERFIT_RISE or vend - vmin <= OVERFIT_NOISE * noise:
-            return None
-        s_min = int(ec.steps[k])
-        ti = tr.index_at(s_min)
-        lo = max(0, ti - tr.window // 2)
-        seg = tr.values[lo: lo + tr.window]
-        if not seg.size:
-            return None
-        t_at = float(np.median(seg))
-        t_end = tr.final
-        se = MEDIAN_SE_FACTOR * tr.noise / math.sqrt(tr.window)
-        fall = (t_at - t_end) / abs(t_at) if t_at != 0 else 0.0
-        if fall < OVERFIT_TRAIN_FALL or t_at - t_end <= OVERFIT_TRAIN_SE * se:
-            return None
-        conf = self.confidence(rise, after)
-        ev = {"best_val_step": s_min, "best_val_loss": vmin, "final_val_loss": vend, "val_rise": rise,
-              "train_loss_at_best_val": t_at, "final_train_loss": t_end, "train_fall": fall,
-              "val_records_after_best": after, "val_records": ec.n}
-        # evaluations that noise alone can keep above the minimum: 3 noise units against the 10% rise
-        patience = max(2, min(after, int(math.ceil(OVERFIT_NOISE * noise / max(abs(vmin) * OVERFIT_RISE, 1e-300)))))
-        recs = [Recommendation.code(
-            "Stop at the validation minimum and keep that checkpoint",
-            f"best, bad = float('inf'), 0\n"
-            f"for epoch in range(epochs):\n"
-            f"    train_one_epoch(); val = evaluate()\n"
-            f"    if val < best:\n"
-            f"        best, bad = val, 0\n"
-            f"        torch.save(model.state_dict(), 'best.pt')   # this run's best was at step {s_min}\n"
-            f"    else:\n"
-            f"        bad += 1\n"
-            f"        if bad >= {patience}:   # evaluations without improvement\n"
-            f"            break")]
-        what = "The validation loss"
-        if several and where:  # which of the run's no-grad losses it is
-            ev["val_site"] = where
-            what = f"The loss computed without grad at {where}"
-        msg = (f"{what} reached its minimum {vmin:.4g} at step {s_min} and rose {rise:.0%} to {vend:.4g} "
-               f"over the next {after} evaluations, while the training loss fell {fall:.0%} ({t_at:.4g} -> {t_end:.4g}).")
-        return self.finding(confidence=conf, message=msg, first_step=s_min, evidence=ev, recommendations=recs)

@@ -384,6 +384,46 @@ def test_probabilities_fed_to_cross_entropy_sit_at_their_floor(tmp_path):
     assert "GP505" not in serious(gradprobe.analyze(_four_class(str(tmp_path / "logits"), False)))
 
 
+def _clusters_log(path, k: int, softmax_first: bool, steps: int = 600) -> str:
+    """K well-separated clusters trained without gradprobe; the step loss logged every 10
+    steps to a Lightning metrics.csv, as a saved log holds it."""
+    torch.manual_seed(0)
+    y = torch.randint(0, k, (4096,))
+    x = torch.randn(4096, 8) + 6 * torch.randn(k, 8)[y]
+    layers = [nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, k)] + ([nn.Softmax(dim=1)] if softmax_first else [])
+    model = nn.Sequential(*layers)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, 4096, (64,))
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        if step % 10 == 9:
+            losses.append(loss.item())
+    return _sampled_csv(path, np.array(losses))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_a_saved_loss_on_the_floor_of_probabilities_fed_to_cross_entropy(tmp_path, k):
+    """A softmax before CrossEntropyLoss, seen only through the loss it logged: every
+    prediction right, the loss settles on ln(e + K - 1) - 1 and stays."""
+    f = gradprobe.analyze(_clusters_log(tmp_path / "softmax.csv", k, True)).finding("loss-plateau")
+    assert f is not None and f.severity == "warning" and f.evidence["uniform_classes"] == k
+    assert abs(f.evidence["trivial_loss"] - (math.log(math.e + k - 1) - 1)) < 1e-9 and "probabilities" in f.message
+    assert "GP505" not in serious(gradprobe.analyze(_clusters_log(tmp_path / "logits.csv", k, False)))
+
+
+def test_a_loss_that_levels_off_near_a_floor_is_not_on_it(tmp_path):
+    # a binary classifier whose loss levels off at 0.318 with 1% noise: its records fall on
+    # both sides of its level, 1.5% above ln(e + 1) - 1, some below that floor
+    rng = np.random.default_rng(0)
+    loss = np.concatenate([np.linspace(0.69, 0.318, 20), np.full(100, 0.318)]) * (1 + 0.01 * rng.standard_normal(120))
+    report = gradprobe.analyze(_sampled_csv(tmp_path / "level.csv", loss))
+    assert all("probabilities" not in f.message for f in report.findings)
+
+
 # ------------------------------------------------------ float16 overflows a saved log shows
 def _fp16_state(tmp_path, norms, losses, name="trainer_state.json") -> str:
     history = [{"epoch": (i + 1) / 10, "grad_norm": float(g), "learning_rate": 5e-5, "loss": float(v),

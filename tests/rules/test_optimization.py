@@ -656,6 +656,40 @@ def test_gp506_a_noisy_level_above_a_lucky_minimum_is_not_a_climb():
     assert f.evidence["val_rise"] >= 0.1
 
 
+def test_gp506_a_climb_that_pauses_is_a_climb():
+    # a small fine-tune: the validation loss climbs 6-8% from its best, stepping back now and
+    # then, its steps from one evaluation to the next as large as the rise is per step; its
+    # order is a rising trend (Kendall), not a noisy band's
+    n = 160
+    climb = [0.631, 0.541, 0.515, 0.531, 0.553, 0.549, 0.570, 0.562, 0.574, 0.569, 0.585]
+    f = only(gradprobe.analyze(_overfit_log(climb, decaying(n, 0.8, 0.02, 0.2))), "GP506")
+    assert 0.05 <= f.evidence["val_rise"] < 0.1
+    # the same evaluations in an order with no trend (a band over a lucky minimum): quiet
+    band = [0.631, 0.541, 0.515, 0.569, 0.531, 0.574, 0.549, 0.585, 0.553, 0.562, 0.570]
+    quiet(gradprobe.analyze(_overfit_log(band, decaying(n, 0.8, 0.02, 0.2))), "GP506")
+    # a climb of 3%: the best checkpoint is hardly better than the last
+    small = [0.631, 0.541, 0.515, 0.517, 0.520, 0.519, 0.523, 0.524, 0.526, 0.527, 0.530]
+    quiet(gradprobe.analyze(_overfit_log(small, decaying(n, 0.8, 0.02, 0.2))), "GP506")
+
+
+def test_gp506_a_model_at_the_trivial_loss_memorises_nothing():
+    # shuffled targets: the training loss falls 8% from a noisy start onto the trivial level
+    # (MSE = the target variance) and stays; the validation loss creeps up 8% at the end
+    n = 300
+    train = np.concatenate([np.linspace(1.1, 1.01, 100), np.full(n - 100, 1.01)])
+    val = [1.04, 1.02, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.08, 1.09, 1.10]
+    steps = list(range(9, n, 27))[: len(val)]
+
+    def log(samples):
+        return gradprobe.RunLog.build({"step": list(range(n)), "loss": noisy(train, 0.005), "loss_fn": list(train),
+                                       "lr": [1e-3] * n}, meta=meta(), samples=samples,
+                                      scalars=[(s, "val_loss", v) for s, v in zip(steps, val)])
+
+    quiet(gradprobe.analyze(log(mse_targets(SAMPLED, train, var=1.0))), "GP506")
+    # the same curves where the trivial loss is not known: the curves alone say overfitting
+    only(gradprobe.analyze(log(None)), "GP506")
+
+
 def test_gp506_is_the_cause_of_a_validation_loss_that_climbs_past_3x():
     # memorising 16 examples: the validation loss climbs 7x while the training loss falls
     n = 250
@@ -804,6 +838,13 @@ def test_short_noisy_log_that_never_learned_is_a_plateau(tmp_path):
     stuck[0] = 2.35
     stuck[-5:] = 2.9 * np.array([1.08, 0.95, 1.02, 1.05, 0.99])  # it ends 3% above where it began
     f = only(gradprobe.analyze(_short_csv(tmp_path / "stuck.csv", stuck)), "GP505")
+    assert "never decreased" in f.message
+    # the same, its first logged batch 12% dearer than its level (inside the 10% noise): one
+    # hard first batch is not where the loss started, and nothing fell from it
+    hard_first = 2.9 * (1 + 0.10 * rng.standard_normal(28))
+    hard_first[:5] = 2.9 * np.array([1.12, 0.97, 1.03, 0.95, 1.01])
+    hard_first[-5:] = 2.9 * np.array([0.98, 1.01, 0.99, 1.00, 1.02])
+    f = only(gradprobe.analyze(_short_csv(tmp_path / "hard_first.csv", hard_first)), "GP505")
     assert "never decreased" in f.message
 
 
