@@ -74,6 +74,20 @@ class SaturatedActivations(Rule):
     initialisation, a too-high lr, weights grown without decay, or an exploding step that
     blew the weights up.
 
+    Severity: the harm of a saturated unit is the learning it stops (its gradient fades). Units
+    saturated from the first sampled step, before any update (raw features of scale 100, an
+    initialisation too large for tanh), stop it from the start: warning. Units that training
+    drove to their bounds (below half saturated at the first sampled step) stopped it only
+    if the loss was falling before they saturated (by ``LossCurve.significance``: 3 standard
+    errors and 10% of its start) and did not go on falling after (10% of its level and 3
+    standard errors, ``LIVE_UNITS_FALL``, as GP605 has it for units training killed): warning.
+    Otherwise info: a loss that went on falling learned through them (saturated units still
+    carry their sign forward, and an adaptive optimizer rescales the faded gradients of the
+    weights before them), and a loss that was not falling before they saturated was not
+    stopped by them (a critic regressing returns that grow as the policy improves saturates its
+    last tanh layer to reach them, while its loss follows the returns up). A loss centred on 0
+    (a policy surrogate) says nothing either way: warning.
+
     Confidence: 0.5 at the threshold, whole when nearly all (0.9) of the worst module's units
     are saturated.
     """
@@ -81,6 +95,12 @@ class SaturatedActivations(Rule):
     code = "GP604"
     slug = "saturated-activations"
     severity = "warning"
+    severities = {
+        "info": "training drove them to their bounds, and the loss went on falling after (it learned through them) "
+                "or was not falling before (they did not stop it)",
+        "warning": "saturated from the start, or driven there by training while the loss was falling, after which "
+                   "it stopped falling",
+    }
     title = "Sigmoid/tanh units are stuck at their bounds"
     requires = ("activations|gates",)
     confidence = Confidence(0.5, Ramp(0.5, "the worst module's saturated fraction", start=SATURATED,
@@ -118,7 +138,7 @@ class SaturatedActivations(Rule):
                 if sustained(v, SATURATED):
                     hits.append({"layer": str(name), "kind": "module", "fraction": float(np.median(v[v.size // 2:])),
                                  "first_step": int(g.loc[g["saturated_frac"] >= SATURATED, "step"].min()),
-                                 "samples": int(v.size)})
+                                 "samples": int(v.size), "at_start": float(v[0])})
         gates = sample_table(ctx, "gates")
         if not gates.empty:
             for name, g in gates.groupby("target", sort=False):
@@ -134,7 +154,8 @@ class SaturatedActivations(Rule):
                     steps = g["step"].to_numpy()
                     hits.append({"layer": str(name), "kind": "gate", "gate": gate,
                                  "fraction": float(np.median(v[v.size // 2:])),
-                                 "first_step": int(steps[np.argmax(v >= SATURATED)]), "samples": int(v.size)})
+                                 "first_step": int(steps[np.argmax(v >= SATURATED)]), "samples": int(v.size),
+                                 "at_start": float(v[0])})
         if not hits:
             return []
         worst = max(hits, key=lambda h: h["fraction"])
@@ -142,14 +163,62 @@ class SaturatedActivations(Rule):
         listed = ", ".join(f"{h['layer']} ({h['fraction']:.0%})" for h in sorted(hits, key=lambda h: -h["fraction"])[:6])
         msg = (f"Sigmoid/tanh outputs stay at their bounds through the run: {listed}. Units there pass less than 2% of "
                f"their gradient.")
+        sev = "warning"
+        if all(h["at_start"] < SATURATED for h in hits):  # training drove every one of them there
+            onset = min(h["first_step"] for h in hits)
+            fell = self._fell_past(ctx, onset)
+            before = self._fell_before(ctx, onset)
+            if fell is not None:
+                sev = "info"
+                msg += (f" Training drove them there (from step {onset}), and the loss fell {fell:.0%} after: it "
+                        f"learned through them.")
+            elif before is False:
+                sev = "info"
+                msg += (f" Training drove them there (from step {onset}) while the loss was not falling: they did not "
+                        f"stop it (a regression onto targets that grow, as a critic's returns do, saturates the last "
+                        f"hidden layer to reach them).")
         snippet = ("# keep the pre-activations O(1): standardised inputs, xavier init with the tanh gain,\n"
                    "# or a LayerNorm in front of the nonlinearity\n"
                    "nn.init.xavier_uniform_(linear.weight, gain=nn.init.calculate_gain(\"tanh\"))\n"
                    "block = nn.Sequential(nn.Linear(d_in, d), nn.LayerNorm(d), nn.Tanh())")
         ev = {"saturated": hits[:20], "threshold": SATURATED}
         return [self.finding(confidence=conf, message=msg, first_step=min(h["first_step"] for h in hits),
-                             layer=worst["layer"], evidence=ev,
+                             layer=worst["layer"], evidence=ev, severity=sev,
                              recommendations=[Recommendation.code("Bring the pre-activations back into range", snippet)])]
+
+
+    @staticmethod
+    def _fell_past(ctx: RunContext, step: int) -> float | None:
+        """How far the training loss ended below where it was before ``step`` (the lower of
+        its level over the window before and its smoothed level at the step: a loss that
+        spiked as the weights blew up and came only part of the way back did not go on
+        falling), when by ``LIVE_UNITS_FALL`` of that level and 3 standard errors of a window
+        median; None otherwise, or for a loss centred on 0."""
+        curve = loss_curve(ctx)
+        if curve.signed or curve.n < 2:
+            return None
+        k = curve.index_at(step)
+        if k >= curve.n - curve.window:
+            return None
+        before = curve.level_before(k)
+        then = min(float(curve.smooth[k]), before) if np.isfinite(before) else float(curve.smooth[k])
+        fall = then - curve.final
+        if then > 0 and fall >= LIVE_UNITS_FALL * then and fall > MEDIAN_SES * curve.median_se:
+            return fall / then
+        return None
+
+    @staticmethod
+    def _fell_before(ctx: RunContext, step: int) -> bool | None:
+        """Whether the training loss fell from its start to its level at ``step`` by more than
+        noise explains (``LossCurve.significance``); None for a loss centred on 0 (a policy
+        surrogate: its level says nothing) or one too short to tell."""
+        curve = loss_curve(ctx)
+        if curve.signed or curve.n < 2:
+            return None
+        k = curve.index_at(step)
+        if k < curve.window or k >= curve.n:
+            return None
+        return bool(curve.start - curve.level_before(k) > curve.significance)
 
 
 # ------------------------------------------------------------------------------------------

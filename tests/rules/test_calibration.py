@@ -424,6 +424,30 @@ def test_a_loss_that_levels_off_near_a_floor_is_not_on_it(tmp_path):
     assert all("probabilities" not in f.message for f in report.findings)
 
 
+def _critic_on_growing_returns(logdir: str, steps: int = 400) -> str:
+    """A tanh MLP regressing targets that grow 200x over the run, as a critic's returns grow
+    while its policy improves: its last hidden tanh saturates to reach them."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 4)
+    w = torch.randn(4)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with gradprobe.watch(model, opt, logdir=logdir):
+        for step in range(steps):
+            idx = torch.randint(0, 1024, (64,))
+            y = (1.0 + 199.0 * step / steps) * (torch.tanh(x[idx] @ w) + 0.3 * torch.randn(64))
+            opt.zero_grad()
+            F.mse_loss(model(x[idx]).squeeze(1), y).backward()
+            opt.step()
+    return logdir
+
+
+def test_saturation_a_regression_onto_growing_targets_drove_is_info(tmp_path):
+    f = gradprobe.analyze(_critic_on_growing_returns(str(tmp_path / "critic"))).finding("saturated-activations")
+    assert f is not None and f.severity == "info" and f.evidence["saturated"][0]["at_start"] < 0.5
+    assert "did not stop it" in f.message
+
+
 # ------------------------------------------------------ float16 overflows a saved log shows
 def _fp16_state(tmp_path, norms, losses, name="trainer_state.json") -> str:
     history = [{"epoch": (i + 1) / 10, "grad_norm": float(g), "learning_rate": 5e-5, "loss": float(v),

@@ -258,6 +258,29 @@ def test_gp604_saturation_only_at_init_or_below_half_is_quiet():
     quiet(gradprobe.analyze(build(_sat_samples("tanh", [0.2] * len(SAMPLED)))), "GP604")
 
 
+def test_gp604_saturation_training_produced_is_judged_by_the_learning_it_stopped():
+    # units below half saturated at the start, at 95% from step 22 on
+    n = 260
+    sat = _sat_samples("tanh", [0.0] * 8 + [0.95] * (len(SAMPLED) - 8))
+    rng = np.random.default_rng(0)
+    jitter = 1 + 0.01 * rng.standard_normal(n)
+    # the loss was falling, and stopped when they saturated: they stopped the learning
+    stopped = np.concatenate([np.linspace(2.0, 1.0, 23), np.full(n - 23, 1.0)]) * jitter
+    f = only(gradprobe.analyze(build(sat, n=n, loss=list(stopped))), "GP604")
+    assert f.severity == "warning"
+    # the loss went on falling after they saturated: it learned through them
+    on = np.linspace(2.0, 0.3, n) * jitter
+    f = only(gradprobe.analyze(build(sat, n=n, loss=list(on))), "GP604")
+    assert f.severity == "info" and "learned through them" in f.message
+    # the loss was not falling before they saturated (it follows targets that grow): they did not stop it
+    up = np.linspace(1.0, 3.0, n) * jitter
+    f = only(gradprobe.analyze(build(sat, n=n, loss=list(up))), "GP604")
+    assert f.severity == "info" and "did not stop it" in f.message
+    # saturated from the first sampled step, before any update: warning, whatever the loss does
+    f = only(gradprobe.analyze(build(_sat_samples("tanh", [0.95] * len(SAMPLED)), n=n, loss=list(on))), "GP604")
+    assert f.severity == "warning"
+
+
 def test_gp604_a_saturated_output_sigmoid_is_by_design():
     # the last module of the forward: confident predictions under BCE
     samples = []
