@@ -79,8 +79,10 @@ class SaturatedActivations(Rule):
     initialisation too large for tanh), stop it from the start: warning. Units that training
     drove to their bounds (below half saturated at the first sampled step) stopped it only
     if the loss was falling before they saturated (by ``LossCurve.significance``: 3 standard
-    errors and 10% of its start) and did not go on falling after (10% of its level and 3
-    standard errors, ``LIVE_UNITS_FALL``, as GP605 has it for units training killed): warning.
+    errors and 10% of its start) and did not go on falling past where it was before they
+    saturated (10% of that level and 3 standard errors, ``LIVE_UNITS_FALL``, as GP605 has it for
+    units training killed; a loss that spiked as the weights blew up and came back only part of
+    the way did not): warning.
     Otherwise info: a loss that went on falling learned through them (saturated units still
     carry their sign forward, and an adaptive optimizer rescales the faded gradients of the
     weights before them), and a loss that was not falling before they saturated was not
@@ -185,7 +187,6 @@ class SaturatedActivations(Rule):
         return [self.finding(confidence=conf, message=msg, first_step=min(h["first_step"] for h in hits),
                              layer=worst["layer"], evidence=ev, severity=sev,
                              recommendations=[Recommendation.code("Bring the pre-activations back into range", snippet)])]
-
 
     @staticmethod
     def _fell_past(ctx: RunContext, step: int) -> float | None:
