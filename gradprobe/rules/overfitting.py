@@ -41,15 +41,11 @@ OVERFIT_TRAIN_SE = 2.0
 #: GP506: 1.4826 x the median absolute difference between consecutive evaluations, / sqrt(2),
 #: is the standard deviation of one evaluation's scatter (for Gaussian noise).
 MAD_TO_SD = 1.4826
-
-
 #: GP506: the records from the minimum on climb as a trend when Kendall's S (pairs in rising
 #: order minus pairs in falling order) lies this many standard deviations above 0, the value
 #: evaluations in random order give (one-sided p <= 0.01, normal approximation with the
-#: continuity correction): 8 records need 22 of their 28 pairs in rising order.
+#: continuity correction): 8 records need 24 of their 28 pairs in rising order.
 OVERFIT_TREND_Z = 2.326
-#: GP506: training-loss window medians scatter by 1.25 x noise / sqrt(window) (Gaussian noise).
-MEDIAN_SE_FACTOR = 1.25
 
 
 @register
@@ -176,7 +172,7 @@ class Overfitting(Rule):
             return None
         t_at = float(np.median(seg))
         t_end = tr.final
-        se = MEDIAN_SE_FACTOR * tr.noise / math.sqrt(tr.window)
+        se = tr.median_se
         fall = (t_at - t_end) / abs(t_at) if t_at != 0 else 0.0
         if fall < OVERFIT_TRAIN_FALL or t_at - t_end <= OVERFIT_TRAIN_SE * se:
             return None
