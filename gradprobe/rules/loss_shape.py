@@ -86,9 +86,9 @@ TRIVIAL_RISE = 0.1
 #: for logits) do not vary with the input.
 CONSTANT_PREDICTION = 0.05
 #: GP505 without target statistics: the loss never moved when it ended less than 5% below
-#: where it started (``LossCurve.start``) and not 10% above its first window, with the plateau starting
-#: in the first tenth of the run; and not already this far below the loss of predictions
-#: unrelated to the targets (a model trained before it was watched).
+#: where it started (``LossCurve.start``) and not 10% above its first window, with the
+#: plateau starting in the first tenth of the run; and not already this far below the loss
+#: of predictions unrelated to the targets (a model trained before it was watched).
 NEVER_MOVED = 0.05
 PLATEAU_FROM_START = 0.1
 TRAINED_BEFORE = 1 / 3
@@ -385,10 +385,11 @@ class LossPlateau(Rule):
     end, and a young model's first steps are no plateau).
 
     Without target statistics (foreign logs, custom losses) it fires only when the loss never
-    moved at all: under 5% below where it started and not 10% above its first window (a divergence, GP501, as ``LossCurve.rose`` has it), with the plateau
-    starting in the first tenth of the run, and (where target statistics exist but their scale
-    does not match) not already 3x below the loss of predictions unrelated to the targets (a
-    model trained before it was watched). A run that learned and then flattened at a low level
+    moved at all: under 5% below where it started and not 10% above its first window (a
+    divergence, GP501, as ``LossCurve.rose`` has it), with the plateau starting in the first
+    tenth of the run, and (where target statistics exist but their scale does not match) not
+    already 3x below the loss of predictions unrelated to the targets (a model trained before
+    it was watched). A run that learned and then flattened at a low level
     (e.g. ReduceLROnPlateau at its floor) is not a finding, nor one whose loss fell early by 5%
     or more and then sat on a floor it cannot go below (a robust loss over gross outliers):
     without a trivial loss, a fall is a fall, however noisy the records around it. Where it
