@@ -397,6 +397,20 @@ def test_token_ids_are_recorded_as_integers_not_features(logdir):
     assert _sample(log, "target", "cross_entropy", "n_classes") == 2.0
 
 
+def test_ignored_targets_are_no_class(logdir):
+    # padding marked -100 (CrossEntropyLoss's default ignore_index) is not counted as class 0:
+    # the batch's classes are 1 and 2 in equal numbers, entropy ln 2
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradprobe.watch(model, opt, logdir=logdir, config=EVERY):
+        opt.zero_grad()
+        y = torch.tensor([1, 2, 1, 2, -100, -100, -100, -100])
+        nn.functional.cross_entropy(model(torch.randn(8, 4)), y).backward()
+        opt.step()
+    log = gradprobe.RunLog.load(logdir)
+    assert _sample(log, "target", "cross_entropy", "class_entropy") == pytest.approx(math.log(2), rel=1e-5)
+
+
 def test_step0_collapse_with_xavier_gain_0001(logdir):
     sizes = (32,) + (64,) * 6 + (1,)
     model = mlp(sizes, act=nn.Tanh)

@@ -531,7 +531,10 @@ class DeepProbes:
                 s = _int_stats(target)
                 if n_classes >= 2 and target.numel():
                     # entropy of the batch's class frequencies: the loss of predicting the class prior
-                    counts = torch.bincount(target.detach().reshape(-1).clamp(min=0).long(), minlength=int(n_classes)).float()
+                    # negative targets are ignore_index (-100 by default): no class, not class 0
+                    t = target.detach().reshape(-1).long()
+                    counts = torch.bincount(t.clamp(min=0), minlength=int(n_classes)).float()
+                    counts[0] -= (t < 0).sum()
                     p = counts / counts.sum().clamp(min=1)
                     extra[2] = -(p * torch.log(p.clamp(min=1e-12))).sum()
                 vals = torch.stack([s[0], s[1], s[2], s[3], s[3] * s[3], s[4], s[7], *extra])
