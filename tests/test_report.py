@@ -93,6 +93,20 @@ def test_html_is_self_contained_and_escapes_every_log_string():
     assert 'src="' not in page and 'href="http' not in page and "<link" not in page
 
 
+def test_html_plots_a_value_within_rounding_of_the_largest_double():
+    # 1.7975000000000001e308 rounded to 4 digits is 1.798e308, past the largest double: Inf,
+    # which JSON cannot carry (found by the analyze fuzzer)
+    n = 19
+    log = gradprobe.RunLog.build({"step": list(range(n)), "loss": list(np.linspace(2.0, 1.0, n))},
+                                 scalars=[(0, "val_loss", 1.7975000000000001e308), (9, "val_loss", 1.0)])
+    from gradprobe.render.html import figures
+
+    report = analyze_runlog(log)
+    assert "new uPlot(" in report.render("html")
+    ys = [v for f in figures(report) for s in f["series"] for v in s["y"] if v is not None]
+    assert max(ys) == 1.7975000000000001e308
+
+
 def test_catalog_every_rule_documented():
     rules = registry()
     for cls in rules:

@@ -155,8 +155,11 @@ def _vendored(name: str) -> str:
 
 
 def _round(v: float) -> float:
-    """4 significant digits: what a plot can show, at a third of the characters."""
-    return float(f"{v:.4g}")
+    """4 significant digits: what a plot can show, at a third of the characters. A value
+    within rounding of the largest double keeps its digits (rounding it up overflows to Inf,
+    which JSON cannot carry)."""
+    r = float(f"{v:.4g}")
+    return r if np.isfinite(r) else v
 
 
 def _series_values(y: np.ndarray, log: bool) -> list[Any]:
