@@ -107,6 +107,16 @@ def test_html_plots_a_value_within_rounding_of_the_largest_double():
     assert max(ys) == 1.7975000000000001e308
 
 
+def test_rounding_never_overflows_a_finite_number():
+    # a recommendation's 2 digits round 1.75e308 to 1.8e308, past the largest double (the
+    # report's 6 digits cannot: the largest double is 1.797693e308)
+    from gradprobe.analysis.numeric import nice
+    from gradprobe.report import clean_number
+
+    assert nice(1.75e308) == 1.75e308 and nice(-1.75e308) == -1.75e308 and nice(1.234e5) == 1.2e5
+    assert clean_number(1.7976931348623157e308) == 1.79769e308
+
+
 def test_catalog_every_rule_documented():
     rules = registry()
     for cls in rules:

@@ -32,7 +32,8 @@ def nice(x: float, digits: int = 2) -> float:
     """Rounds to ``digits`` significant digits (recommendations are read by people)."""
     if x == 0 or not math.isfinite(x):
         return x
-    return float(f"{x:.{digits}g}")
+    r = float(f"{x:.{digits}g}")
+    return r if math.isfinite(r) else x  # rounding up past the largest double would be Inf
 
 
 def log_ratio_confidence(value: float, threshold: float, decades_to_certain: float = 1.0) -> float:
