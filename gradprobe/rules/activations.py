@@ -10,6 +10,7 @@ grad-enabled forwards only, and recurrent gates recomputed from a slice of the b
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -168,7 +169,7 @@ class SaturatedActivations(Rule):
         sev = "warning"
         if all(h["at_start"] < SATURATED for h in hits):  # training drove every one of them there
             onset = min(h["first_step"] for h in hits)
-            fell = self._fell_past(ctx, onset)
+            fell = _loss_fell_after(ctx, onset, from_before=True)
             before = self._fell_before(ctx, onset)
             if fell is not None:
                 sev = "info"
@@ -187,26 +188,6 @@ class SaturatedActivations(Rule):
         return [self.finding(confidence=conf, message=msg, first_step=min(h["first_step"] for h in hits),
                              layer=worst["layer"], evidence=ev, severity=sev,
                              recommendations=[Recommendation.code("Bring the pre-activations back into range", snippet)])]
-
-    @staticmethod
-    def _fell_past(ctx: RunContext, step: int) -> float | None:
-        """How far the training loss ended below where it was before ``step`` (the lower of
-        its level over the window before and its smoothed level at the step: a loss that
-        spiked as the weights blew up and came only part of the way back did not go on
-        falling), when by ``LIVE_UNITS_FALL`` of that level and 3 standard errors of a window
-        median; None otherwise, or for a loss centred on 0."""
-        curve = loss_curve(ctx)
-        if curve.signed or curve.n < 2:
-            return None
-        k = curve.index_at(step)
-        if k >= curve.n - curve.window:
-            return None
-        before = curve.level_before(k)
-        then = min(float(curve.smooth[k]), before) if np.isfinite(before) else float(curve.smooth[k])
-        fall = then - curve.final
-        if then > 0 and fall >= LIVE_UNITS_FALL * then and fall > MEDIAN_SES * curve.median_se:
-            return fall / then
-        return None
 
     @staticmethod
     def _fell_before(ctx: RunContext, step: int) -> bool | None:
@@ -357,7 +338,7 @@ class DeadUnits(Rule):
         killed = [h for h in hits if h["at_start"] >= 1.0
                   or (h["fraction"] - h["at_start"]) / (1.0 - h["at_start"]) >= DEAD]
         sev = "error" if worst["fraction"] >= DEAD_ALL else "warning" if killed else "info"
-        fell = self._fell_after(ctx, min(h["first_step"] for h in killed)) if sev == "warning" else None
+        fell = _loss_fell_after(ctx, min(h["first_step"] for h in killed)) if sev == "warning" else None
         if fell is not None:
             sev = "info"
         conf = self.confidence(worst["fraction"])
@@ -381,24 +362,29 @@ class DeadUnits(Rule):
                              recommendations=[Recommendation.code("Revive the units", snippet)])]
 
     @staticmethod
-    def _fell_after(ctx: RunContext, step: int) -> float | None:
-        """How far the training loss fell from its level at ``step`` to the end, when by at
-        least ``LIVE_UNITS_FALL`` of that level and 3 standard errors of a window median; None
-        otherwise, or for a loss centred on 0 (a policy surrogate: its level says nothing)."""
-        curve = loss_curve(ctx)
-        if curve.signed or curve.n < 2:
-            return None
-        k = curve.index_at(step)
-        if k >= curve.n - curve.window:
-            return None
-        then = float(curve.smooth[k])
-        fall = then - curve.final
-        if then > 0 and fall >= LIVE_UNITS_FALL * then and fall > MEDIAN_SES * curve.median_se:
-            return fall / then
-        return None
-
-    @staticmethod
     def _hit(name: str, what: str, g: pd.DataFrame, v: np.ndarray) -> dict[str, Any]:
         steps = g["step"].to_numpy()
         return {"layer": name, "what": what, "fraction": float(np.median(v[v.size // 2:])),
                 "first_step": int(steps[np.argmax(v >= DEAD)]), "samples": int(v.size)}
+
+
+def _loss_fell_after(ctx: RunContext, step: int, *, from_before: bool = False) -> float | None:
+    """How far the training loss fell from its level at ``step`` to the end, when by at least
+    ``LIVE_UNITS_FALL`` of that level and 3 standard errors of a window median; None otherwise,
+    or for a loss centred on 0 (a policy surrogate: its level says nothing). ``from_before``:
+    from the lower of that level and the level over the window before ``step`` (a loss that
+    spiked as the weights blew up and came only part of the way back did not go on falling)."""
+    curve = loss_curve(ctx)
+    if curve.signed or curve.n < 2:
+        return None
+    k = curve.index_at(step)
+    if k >= curve.n - curve.window:
+        return None
+    then = float(curve.smooth[k])
+    before = curve.level_before(k) if from_before else math.nan
+    if np.isfinite(before):
+        then = min(then, before)
+    fall = then - curve.final
+    if then > 0 and fall >= LIVE_UNITS_FALL * then and fall > MEDIAN_SES * curve.median_se:
+        return fall / then
+    return None
