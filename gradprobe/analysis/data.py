@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from gradprobe.analysis.context import RunContext, quantity
+from gradprobe.analysis.loss import probability_floor
 from gradprobe.analysis.steps import sample_table
 
 #: A loss at this fraction of the trivial predictor's loss or above has learned (almost) nothing
@@ -150,7 +151,7 @@ def probabilities_into_cross_entropy(ctx: RunContext) -> tuple[int, float] | Non
         return None
     if not (g["pred_absmax"].to_numpy(dtype=np.float64) <= 1.0 + PROBABILITY_MEAN_RTOL).all():
         return None
-    return k, float(np.log(np.e + k - 1) - 1.0)
+    return k, probability_floor(k)
 
 
 #: Class-ordered batches: a batch of B examples drawn at random from classes of frequencies

@@ -772,11 +772,12 @@ def probability_floor(k: int) -> float:
     return float(np.log(np.e + k - 1) - 1.0)
 
 
-def on_probability_floor(c: LossCurve, min_fraction: float) -> tuple[int, float, int] | None:
-    """``(K, floor, index)`` when the loss sits on the floor of a cross-entropy fed
+def on_probability_floor(c: LossCurve, min_fraction: float) -> tuple[int, float, int, float] | None:
+    """``(K, floor, index, covered)`` when the loss sits on the floor of a cross-entropy fed
     probabilities over K classes (:data:`FLOOR_RTOL`, :data:`FLOOR_BAND`,
-    :data:`FLOOR_HUG`, :data:`FLOOR_SPACING`), from record ``index`` on, over at least
-    ``min_fraction`` of the steps the run covers; None otherwise (and for a signed loss)."""
+    :data:`FLOOR_HUG`, :data:`FLOOR_SPACING`), from record ``index`` on, over the fraction
+    ``covered`` (at least ``min_fraction``) of the steps the run covers; None otherwise (and
+    for a signed loss)."""
     if c.n < 2 or c.signed:
         return None
     v = c.values
@@ -793,6 +794,6 @@ def on_probability_floor(c: LossCurve, min_fraction: float) -> tuple[int, float,
             first = int(np.argmax(hug))
             covered = float(c.steps[-1] - c.steps[first]) / span if span > 0 else 0.0
             if float(hug[first:].mean()) >= FLOOR_HUG and covered >= min_fraction:
-                return k, f, first
+                return k, f, first, covered
             return None
         k += 1

@@ -577,10 +577,9 @@ class LossPlateau(Rule):
         found = on_probability_floor(c, PLATEAU_FRACTION)
         if found is None:
             return None
-        k, floor, i = found
+        k, floor, i, frac = found
         low = float(c.values.min())
         start = int(c.steps[i])
-        frac = float(c.steps[-1] - c.steps[i]) / max(float(c.steps[-1] - c.steps[0]), 1.0)
         ev = {"plateau_start_step": start, "plateau_level": c.final, "plateau_fraction": frac,
               "trivial_loss": floor, "records": int(c.n), "uniform_classes": k, "loss_initial": c.start}
         msg = (f"The training loss settled on {floor:.5g} = ln(e + {k} - 1) - 1 from step {start} on ({frac:.0%} of "
